@@ -1,0 +1,85 @@
+"""``qx.annotate``: set a layer's bits where the layer is defined.
+
+Example:
+    >>> import tf_keras as keras, keras_qx as qx
+    >>> inputs = keras.Input((8,))
+    >>> x = qx.annotate(keras.layers.Dense(16, activation="relu"), weight_bits=4)(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    >>> qat = qx.quantize(model)        # the first Dense trains at 4 bits, the rest at 8
+"""
+from __future__ import annotations
+
+from keras_qx._compat import keras, quantize_annotate
+from keras_qx.configs import (
+    ActivationQuantizeConfig,
+    KernelQuantizeConfig,
+    NoOpQuantizeConfig,
+    OutputQuantizeConfig,
+    kernel_kind,
+)
+from keras_qx.quantizers import ACTIVATION_BITS, check_bits
+
+__all__ = ["annotate", "annotation_fields"]
+
+
+def annotate(layer, weight_bits: int | None = None, activation_bits: int | None = None,
+             quantize: bool = True):
+    """Wrap ``layer`` so that ``qx.quantize`` gives it these bits.
+
+    Omitted bit widths come from the policy. ``quantize=False`` keeps the layer float.
+    The result is tfmot's ``QuantizeAnnotate`` holding a keras_qx config, so it also saves
+    with the float model and works with plain ``tfmot...quantize_apply``.
+
+    Raises:
+        TypeError/ValueError: for a non-layer, bits of the wrong type or range, or
+            ``weight_bits`` on a layer without kernels.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        raise TypeError(
+            f"annotate() takes a tf_keras layer, got {type(layer).__module__}.{type(layer).__name__}. "
+            "Build layers with `import tf_keras as keras`."
+        )
+    if isinstance(layer, quantize_annotate.QuantizeAnnotate):
+        raise ValueError(f"layer {layer.name!r} is already annotated; annotate the inner layer once.")
+    if not isinstance(quantize, bool):
+        raise TypeError(f"annotate(quantize=...) must be True or False, got {quantize!r}.")
+    pinned = []
+    if weight_bits is not None:
+        weight_bits = check_bits(weight_bits, f"annotate({layer.name}): weight_bits")
+        pinned.append("weight_bits")
+    if activation_bits is not None:
+        activation_bits = check_bits(activation_bits, f"annotate({layer.name}): activation_bits",
+                                     ACTIVATION_BITS)
+        pinned.append("activation_bits")
+    kind = kernel_kind(layer)
+    if not quantize:
+        config = NoOpQuantizeConfig(pinned=["quantize"])
+    elif kind is not None:
+        config = KernelQuantizeConfig(
+            list(kind.weight_attrs), weight_bits or 8, activation_bits or 8,
+            per_channel=kind.per_channel, channel_axis=kind.channel_axis, pinned=pinned,
+        )
+    elif weight_bits is not None:
+        raise ValueError(
+            f"layer {layer.name!r} ({type(layer).__name__}) has no kernels to quantize; "
+            "drop weight_bits or annotate a Dense/Conv layer."
+        )
+    else:
+        cls = ActivationQuantizeConfig if isinstance(layer, keras.layers.Activation) else OutputQuantizeConfig
+        config = cls(activation_bits or 8, pinned=pinned)
+    return quantize_annotate.QuantizeAnnotate(layer, quantize_config=config)
+
+
+def annotation_fields(config) -> dict:
+    """The policy fields a keras_qx annotation config pins (``{}`` for foreign configs)."""
+    pinned = getattr(config, "pinned", None)
+    if pinned is None:
+        return {}
+    fields = {}
+    if "quantize" in pinned:
+        fields["quantize"] = False
+    if "weight_bits" in pinned:
+        fields["weight_bits"] = config.weight_bits
+    if "activation_bits" in pinned:
+        fields["activation_bits"] = config.activation_bits
+    return fields

@@ -1,0 +1,266 @@
+"""keras_qx ``QuantizeConfig`` classes and the table of layer kinds that carry kernels.
+
+* :class:`KernelQuantizeConfig`: weights (any bit width 2..8) and activations of a layer
+  with kernels (Dense, Conv1D/2D/3D, DepthwiseConv2D, SeparableConv, Conv2DTranspose).
+* :class:`OutputQuantizeConfig`: quantize only the layer's output (Add, ReLU, pooling...).
+* :class:`ActivationQuantizeConfig`: a ``keras.layers.Activation`` layer.
+* :class:`NoOpQuantizeConfig`: leave the layer as it is.
+
+Every config is registered under the ``keras_qx`` package, round-trips through
+``get_config``/``from_config`` and compares with ``==``.
+
+Example:
+    >>> import keras_qx as qx
+    >>> cfg = qx.configs.KernelQuantizeConfig(["kernel"], weight_bits=4)
+    >>> qx.configs.KernelQuantizeConfig.from_config(cfg.get_config()) == cfg
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from keras_qx._compat import PACKAGE, keras, tfmot_quantize_config
+from keras_qx.quantizers import ActivationQuantizer, WeightQuantizer
+
+__all__ = [
+    "KernelKind",
+    "kernel_kind",
+    "KernelQuantizeConfig",
+    "OutputQuantizeConfig",
+    "ActivationQuantizeConfig",
+    "NoOpQuantizeConfig",
+    "ALL_CONFIGS",
+]
+
+_L = keras.layers
+
+
+@dataclass(frozen=True)
+class KernelKind:
+    """How a layer type's kernels are quantized and stored.
+
+    ``int4_export`` says whether the TFLite converter packs this layer's kernel as INT4
+    when its bits are <= 4 (measured on TF 2.21: FULLY_CONNECTED and CONV_2D only).
+    """
+
+    layer_type: type
+    weight_attrs: tuple[str, ...]
+    per_channel: bool
+    channel_axis: int = -1
+    int4_export: bool = False
+
+
+# Ordered: subclasses before their bases (DepthwiseConv2D and Conv2DTranspose are Conv2Ds).
+_KERNEL_KINDS = (
+    KernelKind(_L.DepthwiseConv2D, ("depthwise_kernel",), per_channel=True),
+    KernelKind(_L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False),
+    KernelKind(_L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False),
+    KernelKind(_L.Conv2DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
+    KernelKind(_L.Conv3DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
+    KernelKind(_L.Conv1DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
+    KernelKind(_L.Conv2D, ("kernel",), per_channel=True, int4_export=True),
+    KernelKind(_L.Conv1D, ("kernel",), per_channel=True, int4_export=True),
+    KernelKind(_L.Conv3D, ("kernel",), per_channel=True),
+    KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True),
+)
+
+
+def kernel_kind(layer_or_type) -> KernelKind | None:
+    """The :class:`KernelKind` of a layer (by isinstance), or None if it has no kernels."""
+    cls = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
+    for kind in _KERNEL_KINDS:
+        if issubclass(cls, kind.layer_type):
+            return kind
+    return None
+
+
+class _Config(tfmot_quantize_config.QuantizeConfig):
+    """Shared plumbing: equality by config, nested quantizers (de)serialized."""
+
+    _quantizer_keys: tuple[str, ...] = ()
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in cls._quantizer_keys:
+            if isinstance(config.get(key), dict):
+                config[key] = keras.utils.deserialize_keras_object(config[key])
+        return cls(**config)
+
+    def _serialized(self, **quantizers):
+        return {k: keras.utils.serialize_keras_object(q) for k, q in quantizers.items()}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.get_config()})"
+
+    # Bits shown by summary(); None where the config does not quantize that part.
+    weight_bits = None
+    activation_bits = None
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class KernelQuantizeConfig(_Config):
+    """Quantize a layer's kernels and its activation.
+
+    Args:
+        weight_attrs: names of the kernel attributes (``["kernel"]``, ``["depthwise_kernel"]``).
+        weight_bits / activation_bits: bit widths; ignored where a quantizer is passed.
+        per_channel, channel_axis: see :class:`~keras_qx.quantizers.WeightQuantizer`.
+        quantize_activation: fake-quantize the layer's fused activation output.
+        weight_quantizer / activation_quantizer: explicit quantizers.
+        pinned: which of ``"weight_bits"``/``"activation_bits"`` were set by the user
+            (``qx.annotate``); a policy fills in the others.
+    """
+
+    _quantizer_keys = ("weight_quantizer", "activation_quantizer")
+
+    def __init__(
+        self,
+        weight_attrs: Sequence[str],
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        per_channel: bool = True,
+        channel_axis: int = -1,
+        quantize_activation: bool = True,
+        weight_quantizer: WeightQuantizer | None = None,
+        activation_quantizer: ActivationQuantizer | None = None,
+        pinned: Sequence[str] = (),
+    ):
+        self.weight_attrs = list(weight_attrs)
+        self.weight_quantizer = weight_quantizer or WeightQuantizer(weight_bits, per_channel, channel_axis)
+        self.activation_quantizer = activation_quantizer or ActivationQuantizer(activation_bits)
+        self.quantize_activation = bool(quantize_activation)
+        self.pinned = list(pinned)
+
+    @property
+    def weight_bits(self):
+        return self.weight_quantizer.bits
+
+    @property
+    def activation_bits(self):
+        return self.activation_quantizer.bits if self.quantize_activation else None
+
+    def get_weights_and_quantizers(self, layer):
+        return [(getattr(layer, attr), self.weight_quantizer) for attr in self.weight_attrs]
+
+    def get_activations_and_quantizers(self, layer):
+        if not self.quantize_activation or not hasattr(layer, "activation"):
+            return []
+        return [(layer.activation, self.activation_quantizer)]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        if len(quantize_weights) != len(self.weight_attrs):
+            raise ValueError(
+                f"Layer {layer.name!r} expects {len(self.weight_attrs)} quantized weights "
+                f"({self.weight_attrs}), got {len(quantize_weights)}."
+            )
+        for attr, weight in zip(self.weight_attrs, quantize_weights):
+            setattr(layer, attr, weight)
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        if quantize_activations:
+            layer.activation = quantize_activations[0]
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def get_config(self):
+        return {
+            "weight_attrs": list(self.weight_attrs),
+            "quantize_activation": self.quantize_activation,
+            "pinned": list(self.pinned),
+            **self._serialized(
+                weight_quantizer=self.weight_quantizer, activation_quantizer=self.activation_quantizer
+            ),
+        }
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class OutputQuantizeConfig(_Config):
+    """Quantize only the output of a layer (Add, Concatenate, ReLU, pooling, BatchNorm...)."""
+
+    _quantizer_keys = ("activation_quantizer",)
+
+    def __init__(self, activation_bits: int = 8, activation_quantizer: ActivationQuantizer | None = None,
+                 pinned: Sequence[str] = ()):
+        self.activation_quantizer = activation_quantizer or ActivationQuantizer(activation_bits)
+        self.pinned = list(pinned)
+
+    @property
+    def activation_bits(self):
+        return self.activation_quantizer.bits
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [self.activation_quantizer]
+
+    def get_config(self):
+        return {"pinned": list(self.pinned), **self._serialized(activation_quantizer=self.activation_quantizer)}
+
+
+# Activations TFLite fuses or runs on a fixed output range: quantize after them or not at all.
+_QUANTIZED_AFTER = {"relu", "relu6", "swish", "gelu", "elu", "selu", "softplus", "leaky_relu",
+                    "hard_sigmoid", "exponential", "mish", "silu"}
+_FIXED_RANGE = {"linear", "softmax", "sigmoid", "tanh"}
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class ActivationQuantizeConfig(OutputQuantizeConfig):
+    """A ``keras.layers.Activation`` layer: quantize its output unless TFLite fixes the range."""
+
+    def get_output_quantizers(self, layer):
+        name = getattr(layer.activation, "__name__", type(layer.activation).__name__)
+        if name in _FIXED_RANGE:
+            return []
+        return [self.activation_quantizer]
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class NoOpQuantizeConfig(_Config):
+    """Leave the layer untouched (its inputs/outputs stay as the neighbours make them)."""
+
+    def __init__(self, pinned: Sequence[str] = ()):
+        self.pinned = list(pinned)
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def get_config(self):
+        return {"pinned": list(self.pinned)}
+
+
+ALL_CONFIGS = (KernelQuantizeConfig, OutputQuantizeConfig, ActivationQuantizeConfig, NoOpQuantizeConfig)
+

@@ -1,0 +1,105 @@
+"""``qx.quantize``: a float tf_keras model -> a mixed-precision QAT model via tfmot.
+
+Example:
+    >>> import keras_qx as qx
+    >>> from keras_qx.data import digits_cnn
+    >>> qat = qx.quantize(digits_cnn(), {"rules": [{"type": "Dense", "weight_bits": 4}]})
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from keras_qx._compat import check_model, keras, quantize_annotate, tfmot
+from keras_qx.annotate import annotation_fields
+from keras_qx.configs import KernelQuantizeConfig
+from keras_qx.policy import LayerSpec, Policy, PolicyError
+from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
+from keras_qx.saving import quantize_scope
+
+__all__ = ["quantize", "resolve", "EXPORTABLE_ACTIVATION_BITS"]
+
+EXPORTABLE_ACTIVATION_BITS = (8,)
+
+
+def _inner(layer):
+    return layer.layer if isinstance(layer, quantize_annotate.QuantizeAnnotate) else layer
+
+
+def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
+    """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged."""
+    check_model(model)
+    policy = Policy.coerce(policy)
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    policy.check_against([_inner(l) for l in layers])
+    specs = {}
+    for layer in layers:
+        inner = _inner(layer)
+        if isinstance(inner, keras.Model):
+            raise PolicyError(
+                f"layer {inner.name!r} is a model nested inside the model; tfmot cannot quantize "
+                "nested models. Rebuild the outer model from the inner model's layers."
+            )
+        annotation = annotation_fields(layer.quantize_config) if inner is not layer else None
+        specs[inner.name] = policy.spec_for(inner, annotation)
+    return specs
+
+
+def quantize(model, policy: Any = None, *, simulate_only: bool = False):
+    """Return a QAT copy of ``model`` with per-layer bits from ``policy`` and ``qx.annotate``.
+
+    Args:
+        model: a built tf_keras Sequential or Functional model (weights are copied).
+        policy: a :class:`Policy`, its dict or JSON; None means uniform 8-bit.
+        simulate_only: allow settings the TFLite exporter cannot deliver (activations other
+            than 8 bits); the model then trains but ``export_tflite`` refuses it.
+
+    Raises:
+        PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
+        TypeError/ValueError: a Keras 3, subclassed or unbuilt model.
+    """
+    specs = resolve(model, policy)
+    unexportable = {n: s.activation_bits for n, s in specs.items()
+                    if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}
+    if unexportable and not simulate_only:
+        raise PolicyError(
+            f"activation bits {unexportable} cannot be exported: TFLite integer kernels take "
+            "8-bit activations (int16 activations are a post-training mode: qx.ptq(model, "
+            "'int16x8')). Use activation_bits=8, or pass simulate_only=True to train the "
+            "simulation anyway."
+        )
+    registry = PolicyQuantizeRegistry(specs, default=LayerSpec().updated(Policy.coerce(policy).default, "default"))
+
+    unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
+                   if _inner(l).name in specs and specs[_inner(l).name].quantize
+                   and not registry.supports(_inner(l))
+                   and not (l is not _inner(l) and not hasattr(l.quantize_config, "pinned"))]
+    if unsupported:
+        raise PolicyError(
+            f"keras_qx has no quantize config for layer(s) {unsupported}. Keep them float with "
+            "policy layers {name: {'quantize': false}}, or annotate them with a tfmot QuantizeConfig."
+        )
+
+    def wrap(layer):
+        inner = _inner(layer)
+        spec = specs.get(inner.name)
+        if spec is None:  # input layers
+            return layer
+        if inner is not layer and not hasattr(layer.quantize_config, "pinned"):
+            return layer  # the user's own tfmot QuantizeConfig: leave it in charge
+        if not spec.quantize:
+            return inner
+        return quantize_annotate.QuantizeAnnotate(inner)
+
+    annotated = keras.models.clone_model(model, clone_function=wrap)
+    if not any(isinstance(l, quantize_annotate.QuantizeAnnotate) for l in annotated.layers):
+        raise PolicyError("the policy keeps every layer float; nothing to quantize.")
+    with quantize_scope():
+        qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
+    qat._qx_simulate_only = bool(unexportable)  # read by export_tflite
+    return qat
+
+
+def kernel_configs(qat_model):
+    """``[(wrapper, KernelQuantizeConfig)]`` of a QAT model, in layer order."""
+    return [(l, l.quantize_config) for l in qat_model.layers
+            if isinstance(getattr(l, "quantize_config", None), KernelQuantizeConfig)]

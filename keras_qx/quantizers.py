@@ -1,0 +1,213 @@
+"""Fake-quantizers for weights and activations, on tfmot's ``Quantizer`` interface.
+
+Weights are quantized symmetrically with a narrow range (``2**(b-1) - 1`` levels each
+side of zero, the grid TFLite uses), per output channel where the op allows it.
+Activations are quantized asymmetrically over a moving-average range. Both use
+``tf.quantization.fake_quant_with_min_max_vars*`` through tfmot's ``quant_ops``, so the
+TFLite converter recognises them, and both pass gradients straight through inside the
+range.
+
+Example:
+    >>> import keras_qx as qx
+    >>> q = qx.quantizers.get("w4")
+    >>> q.bits, q.per_channel
+    (4, True)
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from keras_qx._compat import PACKAGE, keras, quant_ops, tf, tfmot_quantizers
+
+__all__ = [
+    "WEIGHT_BITS",
+    "ACTIVATION_BITS",
+    "WeightQuantizer",
+    "ActivationQuantizer",
+    "check_bits",
+    "get",
+    "serialize",
+    "deserialize",
+]
+
+WEIGHT_BITS = range(2, 9)
+ACTIVATION_BITS = range(2, 17)
+
+
+def check_bits(value: Any, what: str, allowed: range = WEIGHT_BITS) -> int:
+    """Return ``value`` as an int if it is an integer bit width in ``allowed``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{what} must be an integer number of bits in {allowed.start}..{allowed.stop - 1}, "
+            f"got {value!r} ({type(value).__name__})."
+        )
+    if int(value) not in allowed:
+        raise ValueError(
+            f"{what}={value} is out of range; use {allowed.start}..{allowed.stop - 1} bits."
+        )
+    return int(value)
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class WeightQuantizer(tfmot_quantizers.Quantizer):
+    """Symmetric, narrow-range weight quantizer of ``bits`` bits (2..8).
+
+    Args:
+        bits: bit width; 4 and below export as packed INT4 for Dense and Conv2D.
+        per_channel: one scale per output channel (``channel_axis``) instead of one per tensor.
+        channel_axis: axis of the output channels in the kernel (-1 for Dense/Conv,
+            -2 for Conv2DTranspose).
+
+    Example:
+        >>> q = WeightQuantizer(4)
+        >>> q.get_config()["bits"]
+        4
+    """
+
+    def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1):
+        self.bits = check_bits(bits, "weight bits")
+        self.per_channel = bool(per_channel)
+        self.channel_axis = int(channel_axis)
+
+    def build(self, tensor_shape, name, layer):
+        shape = (int(tensor_shape[self.channel_axis]),) if self.per_channel else ()
+        min_var = layer.add_weight(
+            name + "_min", shape=shape, initializer=keras.initializers.Constant(-6.0), trainable=False
+        )
+        max_var = layer.add_weight(
+            name + "_max", shape=shape, initializer=keras.initializers.Constant(6.0), trainable=False
+        )
+        return {"min_var": min_var, "max_var": max_var}
+
+    def _perm(self, rank: int):
+        axis = self.channel_axis % rank
+        if not self.per_channel or axis == rank - 1:
+            return None
+        perm = list(range(rank))
+        perm[axis], perm[-1] = perm[-1], perm[axis]
+        return perm
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        perm = self._perm(inputs.shape.rank)
+        x = tf.transpose(inputs, perm) if perm else inputs
+        x = quant_ops.LastValueQuantize(
+            x,
+            weights["min_var"],
+            weights["max_var"],
+            is_training=training,
+            num_bits=self.bits,
+            per_channel=self.per_channel,
+            symmetric=True,
+            narrow_range=True,
+        )
+        return tf.transpose(x, perm) if perm else x
+
+    def get_config(self):
+        return {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __repr__(self):
+        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class ActivationQuantizer(tfmot_quantizers.Quantizer):
+    """Asymmetric activation quantizer over a moving-average min/max range.
+
+    Args:
+        bits: bit width; TFLite integer kernels take 8 (16 only through ``qx.ptq``).
+        ema_decay: decay of the moving average of the observed range.
+
+    Example:
+        >>> ActivationQuantizer(8).bits
+        8
+    """
+
+    def __init__(self, bits: int = 8, ema_decay: float = 0.999):
+        self.bits = check_bits(bits, "activation bits", ACTIVATION_BITS)
+        self.ema_decay = float(ema_decay)
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}.")
+
+    def build(self, tensor_shape, name, layer):
+        min_var = layer.add_weight(
+            name + "_min", initializer=keras.initializers.Constant(-6.0), trainable=False
+        )
+        max_var = layer.add_weight(
+            name + "_max", initializer=keras.initializers.Constant(6.0), trainable=False
+        )
+        return {"min_var": min_var, "max_var": max_var}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return quant_ops.MovingAvgQuantize(
+            inputs,
+            weights["min_var"],
+            weights["max_var"],
+            ema_decay=self.ema_decay,
+            is_training=training,
+            num_bits=self.bits,
+            per_channel=False,
+            symmetric=False,
+            narrow_range=False,
+        )
+
+    def get_config(self):
+        return {"bits": self.bits, "ema_decay": self.ema_decay}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __repr__(self):
+        return f"ActivationQuantizer(bits={self.bits})"
+
+
+def _alias(name: str):
+    kind, _, rest = name.partition("_")
+    if kind[:1] in ("w", "a") and kind[1:].isdigit():
+        bits = int(kind[1:])
+        if kind[0] == "w":
+            return WeightQuantizer(bits, per_channel=rest != "per_tensor")
+        if not rest:
+            return ActivationQuantizer(bits)
+    return None
+
+
+def serialize(quantizer: tfmot_quantizers.Quantizer) -> dict:
+    """Keras-serialize a quantizer (``{"class_name": "keras_qx>...", "config": ...}``)."""
+    return keras.utils.serialize_keras_object(quantizer)
+
+
+def deserialize(config: dict, custom_objects: dict | None = None) -> tfmot_quantizers.Quantizer:
+    """Inverse of :func:`serialize`."""
+    return keras.utils.deserialize_keras_object(config, custom_objects=custom_objects)
+
+
+def get(identifier: Any):
+    """Return a quantizer from None, a quantizer, a config dict or an alias.
+
+    Aliases: ``"w2"``..``"w8"`` (per-channel weights), ``"w4_per_tensor"``, ``"a8"``, ``"a16"``.
+    """
+    if identifier is None or isinstance(identifier, tfmot_quantizers.Quantizer):
+        return identifier
+    if isinstance(identifier, dict):
+        return deserialize(identifier)
+    if isinstance(identifier, str):
+        quantizer = _alias(identifier)
+        if quantizer is not None:
+            return quantizer
+        raise ValueError(
+            f"Unknown quantizer alias {identifier!r}; use 'w2'..'w8', 'w4_per_tensor', 'a8' or 'a16'."
+        )
+    raise ValueError(
+        f"Could not interpret quantizer identifier {identifier!r}: pass None, a Quantizer, "
+        "a serialized dict or an alias string."
+    )

@@ -1,0 +1,255 @@
+"""The quantize registry and scheme that apply a resolved policy inside tfmot's ``quantize_apply``.
+
+:class:`PolicyQuantizeRegistry` answers tfmot's two questions for each layer,
+``supports(layer)`` and ``get_quantize_config(layer)``, from a table of
+:class:`~keras_qx.policy.LayerSpec` by layer name. :class:`PolicyQuantizeScheme` pairs it
+with tfmot's default layout transforms (Conv+BatchNorm+ReLU folding, input quantization,
+SeparableConv splitting), except those that would hard-code 8-bit configs or drop a
+kernel's quantizer; those are replaced here by policy-aware versions.
+
+Example:
+    >>> import keras_qx as qx
+    >>> reg = qx.registry.PolicyQuantizeRegistry({})
+    >>> reg.config_for("d", qx._compat.keras.layers.Dense).weight_bits
+    8
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from keras_qx._compat import (
+    default_8bit_quantize_configs,
+    default_8bit_quantize_layout_transform,
+    default_8bit_quantize_registry,
+    default_8bit_transforms as t8,
+    keras,
+    model_transformer,
+    quantize_layer,
+    tfmot_quantize_registry,
+    tfmot_quantize_scheme,
+)
+from keras_qx.configs import (
+    ActivationQuantizeConfig,
+    KernelQuantizeConfig,
+    NoOpQuantizeConfig,
+    OutputQuantizeConfig,
+    kernel_kind,
+)
+from keras_qx.policy import LayerSpec
+
+__all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
+
+_L = keras.layers
+DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split SeparableConv2D
+
+# Output-only layers beyond tfmot's registry whose TFLite kernels take quantized inputs.
+_EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L.Minimum, _L.Average)
+_TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
+
+
+def _tfmot_info(cls):
+    for base in cls.__mro__:
+        if base in _TFMOT_INFO:
+            return _TFMOT_INFO[base]
+    return None
+
+
+def _layer_class(class_name: str):
+    if class_name == "QuantizeLayer":
+        return quantize_layer.QuantizeLayer
+    cls = getattr(_L, class_name, None)
+    if cls is None:
+        cls = keras.utils.get_registered_object(class_name)
+    return cls if isinstance(cls, type) else None
+
+
+class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
+    """tfmot registry giving each layer the keras_qx config its :class:`LayerSpec` asks for.
+
+    Args:
+        specs: ``{layer_name: LayerSpec}``; names not in it get ``default``.
+        default: the spec for layers created during the transforms.
+    """
+
+    def __init__(self, specs: Mapping[str, LayerSpec], default: LayerSpec | None = None):
+        self.specs = dict(specs)
+        self.default = default or LayerSpec()
+
+    def spec(self, name: str) -> LayerSpec:
+        if name in self.specs:
+            return self.specs[name]
+        if name.endswith(DEPTHWISE_SUFFIX) and name[: -len(DEPTHWISE_SUFFIX)] in self.specs:
+            return self.specs[name[: -len(DEPTHWISE_SUFFIX)]]
+        return self.default
+
+    def supports_class(self, cls) -> bool:
+        return bool(
+            kernel_kind(cls)
+            or issubclass(cls, _L.Activation)
+            or issubclass(cls, _EXTRA_OUTPUT)
+            or _tfmot_info(cls) is not None
+        )
+
+    def config_for(self, name: str, cls, quantize_activation: bool = True):
+        """The config of layer ``name`` of class ``cls`` (``quantize_activation=False``:
+        its output is quantized further on, e.g. by a fused ReLU)."""
+        spec = self.spec(name)
+        kind = kernel_kind(cls)
+        if kind is not None:
+            return KernelQuantizeConfig(
+                list(kind.weight_attrs),
+                weight_bits=spec.weight_bits,
+                activation_bits=spec.activation_bits,
+                per_channel=kind.per_channel,
+                channel_axis=kind.channel_axis,
+                quantize_activation=quantize_activation,
+            )
+        if not quantize_activation:
+            return NoOpQuantizeConfig()
+        if issubclass(cls, _L.Activation):
+            return ActivationQuantizeConfig(spec.activation_bits)
+        if issubclass(cls, _EXTRA_OUTPUT):
+            return OutputQuantizeConfig(spec.activation_bits)
+        info = _tfmot_info(cls)
+        if info is not None and getattr(info, "quantize_output", False):
+            return OutputQuantizeConfig(spec.activation_bits)
+        return NoOpQuantizeConfig()
+
+    # tfmot's interface ---------------------------------------------------------------
+    def supports(self, layer) -> bool:
+        return self.supports_class(type(layer))
+
+    def get_quantize_config(self, layer):
+        if not self.supports(layer):
+            raise ValueError(
+                f"keras_qx has no quantize config for layer {layer.name!r} ({type(layer).__name__}). "
+                f"Keep it float with policy layers {{{layer.name!r}: {{'quantize': false}}}}."
+            )
+        return self.config_for(layer.name, type(layer))
+
+
+class _KernelReLU(t8.LayerReLUQuantize):
+    """Conv/Dense/Add followed by ReLU: keep the kernel's weight quantizer, drop only its
+    output quantizer (tfmot's version drops both, losing the layer's bit width)."""
+
+    def __init__(self, registry: PolicyQuantizeRegistry):
+        self.registry = registry
+
+    def replacement(self, match_layer):
+        node = match_layer.input_layers[0]
+        if node.metadata.get("quantize_config") is None:
+            cls = _layer_class(node.layer["class_name"])
+            node.metadata["quantize_config"] = (
+                self.registry.config_for(node.layer["config"]["name"], cls, quantize_activation=False)
+                if cls is not None
+                else default_8bit_quantize_configs.NoOpQuantizeConfig()
+            )
+        return match_layer
+
+
+class _KernelReLUActivation(_KernelReLU):
+    pattern = t8.LayerReluActivationQuantize.pattern
+
+
+def _concat(base):
+    class _Concat(base):
+        """Concatenate: quantize once after the concat, with configs from the policy."""
+
+        def __init__(self, registry: PolicyQuantizeRegistry):
+            self.registry = registry
+
+        def replacement(self, match_layer):
+            feed_configs = []
+            for feed in match_layer.input_layers:
+                config = feed.metadata.get("quantize_config")
+                if config is None:
+                    cls = _layer_class(feed.layer["class_name"])
+                    if cls is None:
+                        return match_layer
+                    if cls is quantize_layer.QuantizeLayer:
+                        feed.metadata["quantizer"] = None
+                        continue
+                    if issubclass(cls, _L.Concatenate):
+                        feed.metadata["quantize_config"] = NoOpQuantizeConfig()
+                        continue
+                    if not self.registry.supports_class(cls):
+                        return match_layer
+                    config = self.registry.config_for(feed.layer["config"]["name"], cls, False)
+                    feed.metadata["quantize_config"] = config
+                feed_configs.append(config)
+            for config in feed_configs:
+                if isinstance(config, KernelQuantizeConfig):
+                    config.quantize_activation = False
+                else:
+                    self._disable_output_quantize(config)
+            if match_layer.metadata.get("quantize_config") is None:
+                name = match_layer.layer["config"]["name"]
+                match_layer.metadata["quantize_config"] = OutputQuantizeConfig(
+                    self.registry.spec(name).activation_bits
+                )
+            return match_layer
+
+    _Concat.__name__ = "Policy" + base.__name__
+    return _Concat
+
+
+class _SeparableConv(t8.SeparableConvQuantize):
+    """Split SeparableConv2D as tfmot does, but name the halves after the original layer
+    (``<name>_depthwise`` and ``<name>``) so the policy and the summary still find them."""
+
+    def replacement(self, match_layer):
+        if t8._has_custom_quantize_config(match_layer):  # pylint: disable=protected-access
+            return match_layer
+        name = match_layer.layer["config"]["name"]
+        conv = super().replacement(match_layer)
+        conv.layer["config"]["name"] = conv.layer["name"] = name
+        dconv = conv.input_layers[0]
+        dconv.layer["config"]["name"] = dconv.layer["name"] = name + DEPTHWISE_SUFFIX
+        return conv
+
+
+class PolicyLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQuantizeLayoutTransform):
+    """tfmot's default transforms with the policy-aware replacements above."""
+
+    def __init__(self, registry: PolicyQuantizeRegistry):
+        self.registry = registry
+
+    def apply(self, model, layer_quantize_map):
+        r = self.registry
+        transforms = [
+            t8.InputLayerQuantize(),
+            t8.SeparableConv1DQuantize(),
+            _SeparableConv(),
+            t8.Conv2DReshapeBatchNormReLUQuantize(),
+            t8.Conv2DReshapeBatchNormActivationQuantize(),
+            t8.Conv2DBatchNormReLUQuantize(),
+            t8.Conv2DBatchNormActivationQuantize(),
+            t8.Conv2DReshapeBatchNormQuantize(),
+            t8.Conv2DBatchNormQuantize(),
+            _concat(t8.ConcatTransform6Inputs)(r),
+            _concat(t8.ConcatTransform5Inputs)(r),
+            _concat(t8.ConcatTransform4Inputs)(r),
+            _concat(t8.ConcatTransform3Inputs)(r),
+            _concat(t8.ConcatTransform)(r),
+            t8.DenseBatchNormQuantize(),
+            t8.DenseBatchNormReLUQuantize(),
+            t8.DenseBatchNormActivationQuantize(),
+            _KernelReLU(r),
+            _KernelReLUActivation(r),
+        ]
+        return model_transformer.ModelTransformer(
+            model, transforms, set(layer_quantize_map.keys()), layer_quantize_map
+        ).transform()
+
+
+class PolicyQuantizeScheme(tfmot_quantize_scheme.QuantizeScheme):
+    """A tfmot ``QuantizeScheme`` whose bit widths come from a resolved policy."""
+
+    def __init__(self, registry: PolicyQuantizeRegistry):
+        self.registry = registry
+
+    def get_layout_transformer(self):
+        return PolicyLayoutTransform(self.registry)
+
+    def get_quantize_registry(self):
+        return self.registry
