@@ -1,0 +1,81 @@
+"""The one cost model: bytes a layer's parameters take in the exported TFLite file.
+
+Shared by ``summary()``, the policy engine and the benchmarks. Kernels cost their bit
+width rounded up to what the exporter really stores: INT4 (two values a byte) for layer
+kinds the TFLite converter packs (Dense, Conv1D, Conv2D), otherwise a full int8 byte; a
+layer kept float costs 4 bytes a value. Biases are int32 (4 bytes) in an integer model.
+
+Example:
+    >>> from keras_qx.cost import kernel_bytes
+    >>> from keras_qx._compat import keras
+    >>> d = keras.layers.Dense(64); d.build((None, 256))
+    >>> kernel_bytes(d, 4), kernel_bytes(d, 8)
+    (8192, 16384)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from keras_qx.configs import kernel_kind
+
+__all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "LayerCost", "layer_cost"]
+
+FLOAT_BITS = 32
+
+
+def storage_bits(layer, weight_bits: int | None) -> int:
+    """Bits one kernel value of ``layer`` takes in the file at ``weight_bits`` (None: float)."""
+    if weight_bits is None:
+        return FLOAT_BITS
+    kind = kernel_kind(layer)
+    if kind is not None and kind.int4_export and weight_bits <= 4:
+        return 4
+    return 8
+
+
+def kernel_params(layer) -> int:
+    kind = kernel_kind(layer)
+    if kind is None:
+        return 0
+    return sum(int(getattr(layer, attr).shape.num_elements()) for attr in kind.weight_attrs)
+
+
+def bias_params(layer) -> int:
+    bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", False) else None
+    return int(bias.shape.num_elements()) if bias is not None else 0
+
+
+def kernel_bytes(layer, weight_bits: int | None) -> int:
+    return math.ceil(kernel_params(layer) * storage_bits(layer, weight_bits) / 8)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    type: str
+    weight_bits: int | None
+    params: int
+    kernel_bytes: int
+    bias_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.kernel_bytes + self.bias_bytes
+
+    @property
+    def float_bytes(self) -> int:
+        return 4 * self.params
+
+
+def layer_cost(layer, weight_bits: int | None) -> LayerCost:
+    """Cost of ``layer`` (a float layer, built) with kernels at ``weight_bits``."""
+    biases = bias_params(layer)
+    return LayerCost(
+        name=layer.name,
+        type=type(layer).__name__,
+        weight_bits=weight_bits,
+        params=kernel_params(layer) + biases,
+        kernel_bytes=kernel_bytes(layer, weight_bits),
+        bias_bytes=4 * biases,
+    )

@@ -1,0 +1,67 @@
+"""``qx.summary``: a per-layer table of bits, parameters and exported bytes.
+
+Example:
+    >>> qx.summary(qat_model)     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from keras_qx._compat import keras, quantize_wrapper
+from keras_qx.cost import LayerCost, layer_cost
+
+__all__ = ["summary", "layer_costs"]
+
+
+def layer_costs(qat_model) -> list[tuple[LayerCost, int | None]]:
+    """``[(LayerCost, activation_bits)]`` for each layer with parameters or quantized output."""
+    rows = []
+    for layer in qat_model.layers:
+        if isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            inner, config = layer.layer, layer.quantize_config
+            w_bits = getattr(config, "weight_bits", None)
+            if w_bits is None and config.get_weights_and_quantizers(inner):
+                w_bits = 8  # a foreign (tfmot) config with weights: 8-bit
+            a_bits = getattr(config, "activation_bits", None)
+            if a_bits is None and (config.get_output_quantizers(inner) or config.get_activations_and_quantizers(inner)):
+                a_bits = 8
+            cost = layer_cost(inner, w_bits)
+        elif isinstance(layer, keras.layers.InputLayer) or not layer.weights:
+            continue
+        else:  # kept float
+            cost, a_bits = layer_cost(layer, None), None
+            if cost.params == 0:
+                cost = None
+        if cost is not None and (cost.params or a_bits):
+            rows.append((cost, a_bits))
+    return rows
+
+
+def _fmt_bits(bits):
+    return "-" if bits is None else str(bits)
+
+
+def summary(qat_model, print_fn=print) -> str:
+    """Print (and return) the table: layer, type, weight bits, activation bits, params, bytes.
+
+    Bytes follow the shared cost model (:mod:`keras_qx.cost`): packed INT4 where the
+    exporter packs, int8 otherwise, int32 biases, float32 for float layers.
+    """
+    rows = layer_costs(qat_model)
+    header = ("Layer", "Type", "W bits", "A bits", "Params", "Bytes")
+    table = [(c.name, c.type, _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),
+              f"{c.params:,}", f"{c.bytes:,}") for c, a in rows]
+    params = sum(c.params for c, _ in rows)
+    total = sum(c.bytes for c, _ in rows)
+    float_total = sum(c.float_bytes for c, _ in rows)
+    widths = [max(len(str(r[i])) for r in [header] + table) for i in range(len(header))]
+    line = "  ".join("{:<%d}" % w if i < 2 else "{:>%d}" % w for i, w in enumerate(widths))
+    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    out = [f'Model: "{qat_model.name}"', sep, line.format(*header), sep]
+    out += [line.format(*r) for r in table]
+    ratio = float_total / total if total else float("nan")
+    out += [sep, f"Total params: {params:,}",
+            f"Quantized size: {total:,} bytes (float32: {float_total:,} bytes, {ratio:.2f}x smaller)", sep]
+    text = "\n".join(out)
+    if print_fn is not None:
+        for row in out:
+            print_fn(row)
+    return text
