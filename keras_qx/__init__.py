@@ -1,16 +1,45 @@
-"""keras_qx: mixed-precision quantization-aware training for tf_keras, exported to TFLite."""
+"""keras_qx: mixed-precision quantization-aware training for tf_keras, exported to TFLite.
+
+Example:
+    >>> import keras_qx as qx
+    >>> from keras_qx.data import digits_cnn, load_digits
+    >>> (x, y), _ = load_digits()
+    >>> qat = qx.quantize(digits_cnn(), {"rules": [{"type": "Dense", "weight_bits": 4}]})
+    >>> qx.summary(qat, print_fn=None).startswith('Model: "digits_cnn"')
+    True
+"""
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from keras_qx import configs, quantizers, registry
+from keras_qx import configs, cost, quantizers, registry
 from keras_qx.annotate import annotate
+from keras_qx.evaluate import evaluate_tflite
+from keras_qx.export import ExportError, export_tflite
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.quantize import quantize
-from keras_qx.saving import quantize_scope
+from keras_qx.saving import load_model, quantize_scope
+from keras_qx.summary import summary
+from keras_qx.tflite import inspect_tflite
 
 try:
     __version__ = _version("keras_qx")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["Policy", "LayerSpec", "PolicyError", "annotate", "quantize", "quantize_scope",
-           "configs", "quantizers", "registry"]
+__all__ = [
+    "Policy",
+    "LayerSpec",
+    "PolicyError",
+    "ExportError",
+    "annotate",
+    "quantize",
+    "export_tflite",
+    "evaluate_tflite",
+    "inspect_tflite",
+    "summary",
+    "quantize_scope",
+    "load_model",
+    "configs",
+    "cost",
+    "quantizers",
+    "registry",
+]
