@@ -1,0 +1,286 @@
+"""Benchmark keras_qx against tfmot's ``quantize_model`` on the digits CNN.
+
+Rows: the float model, tfmot default 8-bit QAT, keras_qx uniform 8-bit (``qx.quantize(model)``)
+and, for reference, a keras_qx mixed 4/8-bit policy. Columns: QAT step time (median wall time
+of one training step, batch 64, first epoch of every fit skipped as tracing), export time to an
+int8-I/O TFLite file, file size (raw / gzip -9), TFLite test accuracy and single-sample latency.
+
+Noise control: every variant's QAT fit is repeated ``--repeats`` times from a fresh QAT copy of
+the same float weights, with the variants interleaved (order reversed on alternate rounds);
+the step time reported is the median of the per-fit medians. Exports are interleaved the same
+way. TF's thread pools are fixed (``--threads``) before TensorFlow runs anything.
+
+Run:
+    cd /work/main && /work/venv/bin/python bench/vs_tfmot.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from keras_qx._compat import keras, tf, tfmot
+
+MIXED_POLICY = {
+    "rules": [{"type": "Dense", "weight_bits": 4}, {"type": "Conv2D", "weight_bits": 4}],
+    "layers": {"conv1": {"weight_bits": 8}, "logits": {"weight_bits": 8}},
+}
+BATCH = 64
+CALIB = 300
+TARGET_RATIO = 1.15
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vs_tfmot.md")
+
+
+def log(msg: str) -> None:
+    print(f"[vs_tfmot {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every training batch, per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[list[float]] = []
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append([])
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.epochs[-1].append(time.perf_counter() - self._t0)
+
+    def steady_steps(self) -> list[float]:
+        """Step times after the first epoch (which includes tf.function tracing)."""
+        return [t for epoch in self.epochs[1:] for t in epoch]
+
+
+def compile_model(model, lr: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def fresh_float(float_model):
+    """An independent copy of the trained float model (so no variant can touch another's weights)."""
+    copy = keras.models.clone_model(float_model)
+    copy.set_weights(float_model.get_weights())
+    return copy
+
+
+def make_qat(variant: str, float_model):
+    import keras_qx as qx
+
+    base = fresh_float(float_model)
+    if variant == "tfmot":
+        return tfmot.quantization.keras.quantize_model(base)
+    if variant == "qx8":
+        return qx.quantize(base)
+    if variant == "qxmix":
+        return qx.quantize(base, MIXED_POLICY)
+    raise ValueError(variant)
+
+
+def export_tfmot(qat, calib: np.ndarray) -> tuple[bytes, float, float]:
+    """(bytes, convert seconds, total seconds) with the same converter settings keras_qx uses."""
+    start = time.perf_counter()
+    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([s[None]] for s in calib)
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    t_conv = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = converter.convert()
+    end = time.perf_counter()
+    return data, end - t_conv, end - start
+
+
+def export_qx(qat, calib: np.ndarray) -> tuple[bytes, float, float]:
+    import keras_qx as qx
+
+    start = time.perf_counter()
+    tfl = qx.export_tflite(qat, calib)
+    total = time.perf_counter() - start
+    return bytes(tfl), tfl.report.convert_seconds, total
+
+
+def write_atomic_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".vs_tfmot-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=15, help="float training epochs (default 15)")
+    p.add_argument("--qat-epochs", type=int, default=3,
+                   help="QAT epochs per timed fit; the first is skipped as tracing (default 3, min 2)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed QAT fits per variant, interleaved across variants (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="TF intra-op threads for every variant (inter-op is 1; default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qat-lr", type=float, default=1e-4, help="Adam learning rate during QAT")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results/vs_tfmot.md")
+    args = p.parse_args(argv)
+    if args.qat_epochs < 2:
+        p.error("--qat-epochs must be >= 2 (the first epoch is skipped as tracing)")
+    if args.repeats < 1 or args.epochs < 1 or args.threads < 1:
+        p.error("--epochs, --repeats and --threads must be >= 1")
+
+    # Before TF executes anything: the thread pools cannot be changed afterwards.
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    import keras_qx as qx
+    from keras_qx.data import digits_cnn, load_digits
+
+    (x_train, y_train), (x_test, y_test) = load_digits(seed=args.seed)
+    calib = x_train[:CALIB]
+    log(f"data: {len(x_train)} train / {len(x_test)} test; threads intra={args.threads} inter=1")
+
+    # ---- float model -------------------------------------------------------------------
+    float_model = digits_cnn(seed=args.seed)  # seeds keras/tf/numpy
+    compile_model(float_model, 1e-3)
+    timer = StepTimer()
+    t0 = time.perf_counter()
+    float_model.fit(x_train, y_train, batch_size=BATCH, epochs=args.epochs, verbose=0,
+                    callbacks=[timer])
+    float_acc = float(float_model.evaluate(x_test, y_test, verbose=0)[1])
+    float_step = float(np.median(timer.steady_steps())) * 1e3 if args.epochs > 1 else None
+    log(f"float: trained {args.epochs} epochs in {time.perf_counter() - t0:.1f}s, "
+        f"test accuracy {float_acc:.4f}")
+
+    # ---- QAT fits, interleaved ---------------------------------------------------------
+    variants = ["tfmot", "qx8", "qxmix"]
+    labels = {
+        "tfmot": "tfmot `quantize_model` (8-bit)",
+        "qx8": "keras_qx `quantize(model)` (8-bit)",
+        "qxmix": "keras_qx mixed W4 (conv1, logits W8)",
+    }
+    step_medians: dict[str, list[float]] = {v: [] for v in variants}
+    trained: dict = {}
+    for r in range(args.repeats):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for v in order:
+            qat = make_qat(v, float_model)
+            compile_model(qat, args.qat_lr)
+            keras.utils.set_random_seed(args.seed + 1)  # same shuffling for every variant
+            timer = StepTimer()
+            t0 = time.perf_counter()
+            qat.fit(x_train, y_train, batch_size=BATCH, epochs=args.qat_epochs, verbose=0,
+                    callbacks=[timer])
+            med = float(np.median(timer.steady_steps())) * 1e3
+            step_medians[v].append(med)
+            trained[v] = qat  # the last fit's model is exported
+            log(f"round {r + 1}/{args.repeats} {v:6s}: fit {time.perf_counter() - t0:5.1f}s, "
+                f"first epoch {sum(timer.epochs[0]):.2f}s, median step {med:.2f} ms "
+                f"({len(timer.steady_steps())} steps)")
+
+    # ---- export, interleaved -----------------------------------------------------------
+    exports: dict[str, dict] = {v: {"convert": [], "total": []} for v in variants}
+    for r in range(args.repeats):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for v in order:
+            fn = export_tfmot if v == "tfmot" else export_qx
+            data, conv_s, total_s = fn(trained[v], calib)
+            exports[v]["convert"].append(conv_s)
+            exports[v]["total"].append(total_s)
+            exports[v]["bytes"] = data
+            log(f"export {r + 1}/{args.repeats} {v:6s}: convert {conv_s:.2f}s, total {total_s:.2f}s, "
+                f"{len(data):,} bytes")
+
+    # ---- evaluate ----------------------------------------------------------------------
+    rows = []
+    results: dict[str, dict] = {}
+    for v in variants:
+        ev = qx.evaluate_tflite(exports[v]["bytes"], x_test, y_test)
+        qat_acc = float(trained[v].evaluate(x_test, y_test, verbose=0)[1])
+        results[v] = ev
+        log(f"eval {v:6s}: QAT Keras acc {qat_acc:.4f}, TFLite acc {ev['accuracy']:.4f}, "
+            f"latency {ev['latency_ms']:.4f} ms")
+        results[v]["qat_acc"] = qat_acc
+
+    step = {v: float(np.median(step_medians[v])) for v in variants}
+    ratio = step["qx8"] / step["tfmot"]
+    ratio_mix = step["qxmix"] / step["tfmot"]
+
+    def fmt_steps(v):
+        spread = "" if len(step_medians[v]) < 2 else \
+            f" ({min(step_medians[v]):.2f}–{max(step_medians[v]):.2f})"
+        return f"{step[v]:.2f}{spread}"
+
+    header = ("| variant | QAT step ms (min–max) | vs tfmot | convert s | export total s | "
+              "bytes | gzip bytes | Keras acc | TFLite acc | latency ms |")
+    rows.append(header)
+    rows.append("|" + "---|" * 10)
+    rows.append(f"| float (Keras) | {float_step:.2f} | — | — | — | — | — | {float_acc:.4f} | — | — |"
+                if float_step is not None else
+                f"| float (Keras) | — | — | — | — | — | — | {float_acc:.4f} | — | — |")
+    for v in variants:
+        ev = results[v]
+        rows.append(
+            f"| {labels[v]} | {fmt_steps(v)} | {step[v] / step['tfmot']:.2f}x | "
+            f"{np.median(exports[v]['convert']):.2f} | {np.median(exports[v]['total']):.2f} | "
+            f"{ev['size_bytes']:,} | {ev['gzip_bytes']:,} | {ev['qat_acc']:.4f} | "
+            f"{ev['accuracy']:.4f} | {ev['latency_ms']:.4f} |"
+        )
+
+    import tf_keras
+
+    verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
+    cmd = "cd /work/main && /work/venv/bin/python bench/vs_tfmot.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    notes = [
+        "",
+        f"QAT step-time ratio keras_qx 8-bit / tfmot: **{ratio:.3f}x** "
+        f"(target <= {TARGET_RATIO}x: {verdict}); mixed policy / tfmot: {ratio_mix:.3f}x.",
+        "",
+        f"Step time: median wall time per training step (batch {BATCH}), epochs 2..{args.qat_epochs} "
+        f"of each {args.qat_epochs}-epoch fit, median over {args.repeats} interleaved fits "
+        f"(range in parentheses); same Adam(lr={args.qat_lr:g}) compile for all. Float row: "
+        f"steps of epochs 2..{args.epochs} of float training (Adam 1e-3). "
+        f"Convert s: `converter.convert()` only (keras_qx: `report.convert_seconds`); export total: "
+        f"converter construction + convert (+ keras_qx's verification against Keras). Both int8 I/O, "
+        f"Optimize.DEFAULT, {CALIB} representative samples; median of {args.repeats}. "
+        f"Accuracy on {len(x_test)} test images; latency: `qx.evaluate_tflite` median single-sample "
+        f"invoke, 1 TFLite thread.",
+        "",
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; TF {tf.__version__}, "
+        f"tf_keras {tf_keras.__version__}, tfmot {tfmot.__version__}, keras_qx {qx.__version__}; "
+        f"TF threads intra={args.threads} inter=1.",
+        "",
+        f"Rerun: `{cmd.strip()}`",
+    ]
+    text = "\n".join(rows + notes) + "\n"
+    print(text)
+    if not args.no_write:
+        write_atomic_text(RESULTS, "# keras_qx vs tfmot (digits CNN)\n\n" + text)
+        log(f"wrote {os.path.relpath(RESULTS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
