@@ -5,10 +5,12 @@ and, for reference, a keras_qx mixed 4/8-bit policy. Columns: QAT step time (med
 of one training step, batch 64, first epoch of every fit skipped as tracing), export time to an
 int8-I/O TFLite file, file size (raw / gzip -9), TFLite test accuracy and single-sample latency.
 
-Noise control: every variant's QAT fit is repeated ``--repeats`` times from a fresh QAT copy of
-the same float weights, with the variants interleaved (order reversed on alternate rounds);
-the step time reported is the median of the per-fit medians. Exports are interleaved the same
-way. TF's thread pools are fixed (``--threads``) before TensorFlow runs anything.
+Noise control (the machine has 2 cores and may be busy): each of ``--repeats`` rounds builds
+a fresh QAT copy of the same float weights for every variant, runs its first (tracing) epoch
+untimed, then runs the remaining epochs one at a time round-robin across the variants (order
+reversed on alternate epochs). The step time reported is the median of the per-round medians.
+Exports are interleaved the same way. TF's thread pools are fixed (``--threads``) before
+TensorFlow runs anything.
 
 Run:
     cd /work/main && /work/venv/bin/python bench/vs_tfmot.py
@@ -134,10 +136,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=15, help="float training epochs (default 15)")
-    p.add_argument("--qat-epochs", type=int, default=3,
-                   help="QAT epochs per timed fit; the first is skipped as tracing (default 3, min 2)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="timed QAT fits per variant, interleaved across variants (default 2)")
+    p.add_argument("--qat-epochs", type=int, default=4,
+                   help="QAT epochs per round; the first is untimed tracing (default 4, min 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of interleaved QAT timing (fresh QAT models each; default 3)")
     p.add_argument("--threads", type=int, default=2,
                    help="TF intra-op threads for every variant (inter-op is 1; default 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -172,7 +174,10 @@ def main(argv=None) -> int:
     log(f"float: trained {args.epochs} epochs in {time.perf_counter() - t0:.1f}s, "
         f"test accuracy {float_acc:.4f}")
 
-    # ---- QAT fits, interleaved ---------------------------------------------------------
+    # ---- QAT fits, interleaved epoch by epoch ---------------------------------------
+    # Each round builds a fresh QAT copy of every variant and runs its first (tracing) epoch
+    # untimed; the remaining epochs run one at a time, round-robin across the variants (order
+    # reversed on alternate epochs), so background load hits every variant alike.
     variants = ["tfmot", "qx8", "qxmix"]
     labels = {
         "tfmot": "tfmot `quantize_model` (8-bit)",
@@ -181,22 +186,31 @@ def main(argv=None) -> int:
     }
     step_medians: dict[str, list[float]] = {v: [] for v in variants}
     trained: dict = {}
+    n_timed = 0
     for r in range(args.repeats):
-        order = variants if r % 2 == 0 else variants[::-1]
-        for v in order:
-            qat = make_qat(v, float_model)
-            compile_model(qat, args.qat_lr)
-            keras.utils.set_random_seed(args.seed + 1)  # same shuffling for every variant
-            timer = StepTimer()
+        models, timers = {}, {}
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            models[v] = make_qat(v, float_model)
+            compile_model(models[v], args.qat_lr)
+            keras.utils.set_random_seed(args.seed + 1)
             t0 = time.perf_counter()
-            qat.fit(x_train, y_train, batch_size=BATCH, epochs=args.qat_epochs, verbose=0,
-                    callbacks=[timer])
-            med = float(np.median(timer.steady_steps())) * 1e3
-            step_medians[v].append(med)
-            trained[v] = qat  # the last fit's model is exported
-            log(f"round {r + 1}/{args.repeats} {v:6s}: fit {time.perf_counter() - t0:5.1f}s, "
-                f"first epoch {sum(timer.epochs[0]):.2f}s, median step {med:.2f} ms "
-                f"({len(timer.steady_steps())} steps)")
+            models[v].fit(x_train, y_train, batch_size=BATCH, epochs=1, verbose=0)
+            timers[v] = StepTimer()
+            log(f"round {r + 1}/{args.repeats} {v:6s}: built + first (tracing) epoch "
+                f"{time.perf_counter() - t0:.2f}s")
+        for e in range(1, args.qat_epochs):
+            for v in (variants if (r + e) % 2 == 0 else variants[::-1]):
+                keras.utils.set_random_seed(args.seed + 1 + e)  # same shuffling for every variant
+                models[v].fit(x_train, y_train, batch_size=BATCH, initial_epoch=e, epochs=e + 1,
+                              verbose=0, callbacks=[timers[v]])
+        for v in variants:
+            steps = [t for epoch in timers[v].epochs for t in epoch]
+            n_timed = len(steps)
+            step_medians[v].append(float(np.median(steps)) * 1e3)
+            trained[v] = models[v]  # the last round's models are exported
+        log(f"round {r + 1}/{args.repeats} median step ms: " +
+            ", ".join(f"{v} {step_medians[v][-1]:.2f}" for v in variants) +
+            f" ({n_timed} steps each)")
 
     # ---- export, interleaved -----------------------------------------------------------
     exports: dict[str, dict] = {v: {"convert": [], "total": []} for v in variants}
@@ -257,9 +271,11 @@ def main(argv=None) -> int:
         f"QAT step-time ratio keras_qx 8-bit / tfmot: **{ratio:.3f}x** "
         f"(target <= {TARGET_RATIO}x: {verdict}); mixed policy / tfmot: {ratio_mix:.3f}x.",
         "",
-        f"Step time: median wall time per training step (batch {BATCH}), epochs 2..{args.qat_epochs} "
-        f"of each {args.qat_epochs}-epoch fit, median over {args.repeats} interleaved fits "
-        f"(range in parentheses); same Adam(lr={args.qat_lr:g}) compile for all. Float row: "
+        f"Step time: median wall time per training step (batch {BATCH}, {n_timed} steps per round = "
+        f"epochs 2..{args.qat_epochs} of a fresh {args.qat_epochs}-epoch QAT; epoch 1 is tracing, "
+        f"untimed), variants interleaved epoch by epoch; median over {args.repeats} rounds "
+        f"(range of round medians in parentheses); same Adam(lr={args.qat_lr:g}) compile for all. "
+        f"Float row: "
         f"steps of epochs 2..{args.epochs} of float training (Adam 1e-3). "
         f"Convert s: `converter.convert()` only (keras_qx: `report.convert_seconds`); export total: "
         f"converter construction + convert (+ keras_qx's verification against Keras). Both int8 I/O, "

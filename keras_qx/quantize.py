@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from keras_qx._compat import check_model, keras, quantize_annotate, tfmot
+from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.annotate import annotation_fields
 from keras_qx.configs import KernelQuantizeConfig
+from keras_qx.quantizers import WeightQuantizer
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
 from keras_qx.saving import quantize_scope
@@ -95,8 +96,30 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         raise PolicyError("the policy keeps every layer float; nothing to quantize.")
     with quantize_scope():
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
+    _init_weight_ranges(qat)
     qat._qx_simulate_only = bool(unexportable)  # read by export_tflite
     return qat
+
+
+def _init_weight_ranges(qat_model) -> None:
+    """Set each weight quantizer's range from the current weights.
+
+    tfmot starts weight ranges at [-6, 6] and only updates them in training steps, so a QAT
+    model predicts (and exports) garbage until it has trained; this makes it usable at once.
+    """
+    for layer in qat_model.layers:
+        for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
+            if not isinstance(quantizer, WeightQuantizer) or not qvars:
+                continue
+            value = tf.convert_to_tensor(weight)
+            if quantizer.per_channel:
+                axis = quantizer.channel_axis % value.shape.rank
+                reduce = [i for i in range(value.shape.rank) if i != axis]
+                bound = tf.reduce_max(tf.abs(value), axis=reduce)
+            else:
+                bound = tf.reduce_max(tf.abs(value))
+            qvars["min_var"].assign(tf.reshape(-bound, qvars["min_var"].shape))
+            qvars["max_var"].assign(tf.reshape(bound, qvars["max_var"].shape))
 
 
 def kernel_configs(qat_model):
