@@ -145,8 +145,10 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     samples = check_samples(representative_data, qat_model.input_shape[1:])
     if path is not None:
         directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise PermissionError(f"cannot write {os.fspath(path)!r}: {directory!r} is missing or not writable.")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not exist.")
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"cannot write {os.fspath(path)!r}: directory {directory!r} is not writable.")
 
     converter = tf.lite.TFLiteConverter.from_keras_model(qat_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
