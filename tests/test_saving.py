@@ -1,0 +1,72 @@
+"""A QAT model saved as .keras, .h5 or SavedModel loads back with identical predictions."""
+import numpy as np
+import pytest
+
+import keras_qx as qx
+from keras_qx._compat import keras
+from tests.conftest import compile_classifier, tiny_model
+
+
+@pytest.fixture
+def trained_qat(rng):
+    policy = {"rules": [{"type": "Dense", "weight_bits": 4}], "layers": {"conv": {"weight_bits": 2}}}
+    qat = compile_classifier(qx.quantize(tiny_model(), policy))
+    x = rng.random((64, 8, 8, 1)).astype("float32")
+    qat.fit(x, rng.integers(0, 3, 64), epochs=1, verbose=0)
+    return qat, x
+
+
+@pytest.mark.parametrize("name", ["m.keras", "m.h5", "saved_model"])
+def test_round_trip_identical(trained_qat, tmp_path, name):
+    qat, x = trained_qat
+    path = tmp_path / name
+    qat.save(path)
+    loaded = qx.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))
+    if name != "saved_model":  # SavedModel restores layers as generic objects
+        bits = {l.layer.name: l.quantize_config.weight_bits for l in loaded.layers
+                if hasattr(l, "quantize_config") and hasattr(l.quantize_config, "weight_quantizer")}
+        assert bits == {"conv": 2, "fc": 4, "out": 4}
+
+
+def test_quantize_scope_reads_keras_format(trained_qat, tmp_path):
+    qat, x = trained_qat
+    qat.save(tmp_path / "m.keras")
+    with qx.quantize_scope():
+        loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))
+
+
+def test_loaded_model_keeps_training_and_exports(trained_qat, tmp_path):
+    qat, x = trained_qat
+    qat.save(tmp_path / "m.keras")
+    loaded = qx.load_model(tmp_path / "m.keras")
+    loaded.fit(x, np.zeros(64), epochs=1, verbose=0)
+    tfl = qx.export_tflite(loaded, x, verify=False)
+    assert len(tfl.report.info.int4_tensors) == 3  # fc, out (4-bit) and conv (2-bit, stored as INT4)
+
+
+def test_scope_restores_keras_methods():
+    from keras_qx._compat import quantize_layer, quantize_wrapper
+
+    before = (quantize_layer.QuantizeLayer.build_from_config, quantize_wrapper.QuantizeWrapper.load_own_variables)
+    with pytest.raises(RuntimeError):
+        with qx.quantize_scope():
+            raise RuntimeError("boom")
+    after = (quantize_layer.QuantizeLayer.build_from_config, quantize_wrapper.QuantizeWrapper.load_own_variables)
+    assert before == after
+
+
+def test_annotated_float_model_round_trips(tmp_path):
+    inputs = keras.Input((4,))
+    out = qx.annotate(keras.layers.Dense(2, name="d"), weight_bits=3)(inputs)
+    model = keras.Model(inputs, out)
+    model.save(tmp_path / "float.keras")
+    loaded = qx.load_model(tmp_path / "float.keras")
+    assert loaded.layers[1].quantize_config == model.layers[1].quantize_config
+    assert loaded.layers[1].quantize_config.weight_bits == 3
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="nope.keras"):
+        qx.load_model("nope.keras")
