@@ -41,7 +41,10 @@ class KernelKind:
     """How a layer type's kernels are quantized and stored.
 
     ``int4_export`` says whether the TFLite converter packs this layer's kernel as INT4
-    when its bits are <= 4 (measured on TF 2.21: FULLY_CONNECTED and CONV_2D only).
+    when its bits are <= 4 (measured on TF 2.21: FULLY_CONNECTED, CONV_2D, which Conv1D
+    becomes, and DEPTHWISE_CONV_2D; TRANSPOSE_CONV refuses INT4); ``integer_export`` is False where TFLite has no integer kernel (CONV_3D: the
+    converter keeps it float). Per-channel scales only where the converter accepts them
+    (Conv2D, DepthwiseConv2D; Conv1D/Conv3D conversion fails with them).
     """
 
     layer_type: type
@@ -49,19 +52,22 @@ class KernelKind:
     per_channel: bool
     channel_axis: int = -1
     int4_export: bool = False
+    integer_export: bool = True
 
 
-# Ordered: subclasses before their bases (DepthwiseConv2D and Conv2DTranspose are Conv2Ds).
+# Ordered: subclasses before their bases (all are Conv subclasses; Conv2DTranspose is a Conv2D).
 _KERNEL_KINDS = (
-    KernelKind(_L.DepthwiseConv2D, ("depthwise_kernel",), per_channel=True),
-    KernelKind(_L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False),
+    KernelKind(_L.DepthwiseConv2D, ("depthwise_kernel",), per_channel=True, int4_export=True),
+    # Split into DepthwiseConv2D + 1x1 Conv2D before quantization (registry.py); both pack.
+    KernelKind(_L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False,
+               int4_export=True),
     KernelKind(_L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False),
     KernelKind(_L.Conv2DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
     KernelKind(_L.Conv3DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
     KernelKind(_L.Conv1DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
     KernelKind(_L.Conv2D, ("kernel",), per_channel=True, int4_export=True),
-    KernelKind(_L.Conv1D, ("kernel",), per_channel=True, int4_export=True),
-    KernelKind(_L.Conv3D, ("kernel",), per_channel=True),
+    KernelKind(_L.Conv1D, ("kernel",), per_channel=False, int4_export=True),
+    KernelKind(_L.Conv3D, ("kernel",), per_channel=False, integer_export=False),
     KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True),
 )
 

@@ -3,7 +3,7 @@
 Shared by ``summary()``, the policy engine and the benchmarks. Kernels cost their bit
 width rounded up to what the exporter really stores: INT4 (two values a byte) for layer
 kinds the TFLite converter packs (Dense, Conv1D, Conv2D), otherwise a full int8 byte; a
-layer kept float costs 4 bytes a value. Biases are int32 (4 bytes) in an integer model.
+layer kept float, or one TFLite keeps float (Conv3D), costs 4 bytes a value. Biases are int32 (4 bytes) in an integer model.
 
 Example:
     >>> from keras_qx.cost import kernel_bytes
@@ -26,9 +26,9 @@ FLOAT_BITS = 32
 
 def storage_bits(layer, weight_bits: int | None) -> int:
     """Bits one kernel value of ``layer`` takes in the file at ``weight_bits`` (None: float)."""
-    if weight_bits is None:
-        return FLOAT_BITS
     kind = kernel_kind(layer)
+    if weight_bits is None or (kind is not None and not kind.integer_export):
+        return FLOAT_BITS
     if kind is not None and kind.int4_export and weight_bits <= 4:
         return 4
     return 8

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_qx._compat import check_model, keras, tf
-from keras_qx.configs import KernelQuantizeConfig
-from keras_qx.cost import storage_bits
 from keras_qx.tflite import TFLiteInfo, TFLiteRunner, inspect_tflite
 
 __all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "check_samples", "write_atomic"]
@@ -36,7 +34,6 @@ class ExportReport:
     mean_error_steps: float | None
     samples: int
     convert_seconds: float
-    fallbacks: list  # layers asked for <=4 bits whose kernels are stored as int8
 
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
@@ -44,8 +41,6 @@ class ExportReport:
         if self.agreement is not None:
             out.append(f"verified on {self.samples} samples: top-1 agreement {self.agreement:.1%}, "
                        f"output error mean {self.mean_error_steps:.2f} / max {self.max_error_steps:.1f} steps")
-        for name in self.fallbacks:
-            out.append(f"note: {name} asked for <=4-bit weights; the converter stores this layer kind as int8")
         return out
 
 
@@ -97,16 +92,6 @@ def write_atomic(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _fallbacks(qat_model) -> list[str]:
-    out = []
-    for layer in qat_model.layers:
-        config = getattr(layer, "quantize_config", None)
-        if isinstance(config, KernelQuantizeConfig) and config.weight_bits <= 4:
-            if storage_bits(layer.layer, config.weight_bits) != 4:
-                out.append(f"{layer.layer.name} ({type(layer.layer).__name__})")
-    return out
 
 
 def _all_quantized(qat_model) -> bool:
@@ -171,7 +156,7 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
         raise ExportError(f"TFLite conversion failed: {str(err).splitlines()[0][:500]}") from err
     seconds = time.perf_counter() - start
 
-    report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds, _fallbacks(qat_model))
+    report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds)
     if verify:
         x = samples[:verify_samples]
         runner = TFLiteRunner(data)

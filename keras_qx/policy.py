@@ -3,8 +3,9 @@
 Resolution order for a layer (later wins): ``default`` < each matching entry of ``rules``
 in order < ``qx.annotate(...)`` in the model definition < ``layers[name]``.
 
-A rule matches by ``type`` (the class name of the layer or of any base class, so
-``"Conv2D"`` also covers ``DepthwiseConv2D``) and/or ``match`` (a regex that must match the
+A rule matches by ``type`` (the class name of the layer or of any base class: ``"Conv"``
+covers every convolution, ``"Conv2D"`` covers Conv2D and Conv2DTranspose but not
+DepthwiseConv2D, which derives from ``DepthwiseConv``) and/or ``match`` (a regex that must match the
 whole ``layer.name``).
 
 Example:
@@ -138,7 +139,8 @@ class Policy:
         if unknown:
             raise PolicyError(f"unknown policy key(s) {unknown}; allowed: {list(_TOP_KEYS)}.")
         data = copy.deepcopy(dict(data))
-        default = {"weight_bits": 8, "activation_bits": 8, **(data.get("default") or {})}
+        default = _check_fields(data.get("default") or {}, "policy default", _FIELDS)
+        default = {"weight_bits": 8, "activation_bits": 8, **default}
         return cls(default=default, rules=data.get("rules", []), layers=data.get("layers", {}),
                    meta=data.get("meta", {}))
 

@@ -7,11 +7,12 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.annotate import annotation_fields
-from keras_qx.configs import KernelQuantizeConfig
+from keras_qx.configs import KernelQuantizeConfig, kernel_kind
 from keras_qx.quantizers import WeightQuantizer
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
@@ -68,6 +69,8 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
             "'int16x8')). Use activation_bits=8, or pass simulate_only=True to train the "
             "simulation anyway."
         )
+    if not simulate_only:
+        specs = _clamp_to_exportable(model, specs)
     registry = PolicyQuantizeRegistry(specs, default=LayerSpec().updated(Policy.coerce(policy).default, "default"))
 
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
@@ -99,6 +102,27 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     _init_weight_ranges(qat)
     qat._qx_simulate_only = bool(unexportable)  # read by export_tflite
     return qat
+
+
+def _clamp_to_exportable(model, specs):
+    """Layers whose kind TFLite cannot store below 8 bits (Conv2DTranspose, SeparableConv1D)
+    train at 8 bits, with a warning naming them: training at 4 and exporting at 8 would
+    make the file disagree with the QAT model (or fail to convert)."""
+    clamped = {}
+    for layer in model.layers:
+        inner = _inner(layer)
+        spec = specs.get(inner.name)
+        kind = kernel_kind(inner)
+        if spec and spec.quantize and kind and spec.weight_bits < 8 and not kind.int4_export:
+            specs[inner.name] = LayerSpec(8, spec.activation_bits, True, spec.source + ", int8: exporter")
+            clamped[inner.name] = type(inner).__name__
+    if clamped:
+        warnings.warn(
+            f"keras_qx: TFLite stores these layers' weights only as int8, so they train at 8 bits: "
+            f"{clamped}. Pass simulate_only=True to train them at the policy's bits anyway.",
+            stacklevel=3,
+        )
+    return specs
 
 
 def _init_weight_ranges(qat_model) -> None:

@@ -91,6 +91,9 @@ class WeightQuantizer(tfmot_quantizers.Quantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         perm = self._perm(inputs.shape.rank)
         x = tf.transpose(inputs, perm) if perm else inputs
+        shape = x.shape
+        if self.per_channel and shape.rank not in (2, 4):  # tfmot handles rank 2 and 4 only
+            x = tf.reshape(x, (1, 1, -1, shape[-1]))
         x = quant_ops.LastValueQuantize(
             x,
             weights["min_var"],
@@ -101,6 +104,8 @@ class WeightQuantizer(tfmot_quantizers.Quantizer):
             symmetric=True,
             narrow_range=True,
         )
+        if x.shape.rank != shape.rank:
+            x = tf.reshape(x, shape)
         return tf.transpose(x, perm) if perm else x
 
     def get_config(self):

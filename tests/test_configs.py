@@ -129,10 +129,10 @@ def test_bad_bits_rejected_by_configs():
     [
         (L.Dense(3), ("kernel",), False, -1, True),
         (L.Conv2D(3, 3), ("kernel",), True, -1, True),
-        (L.DepthwiseConv2D(3), ("depthwise_kernel",), True, -1, False),
+        (L.DepthwiseConv2D(3), ("depthwise_kernel",), True, -1, True),
         (L.Conv2DTranspose(3, 3), ("kernel",), False, -2, False),
-        (L.SeparableConv2D(3, 3), ("depthwise_kernel", "pointwise_kernel"), False, -1, False),
-        (L.Conv1D(3, 3), ("kernel",), True, -1, True),
+        (L.SeparableConv2D(3, 3), ("depthwise_kernel", "pointwise_kernel"), False, -1, True),
+        (L.Conv1D(3, 3), ("kernel",), False, -1, True),  # per-channel Conv1D does not convert
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, L.Layer) else None,
 )

@@ -322,16 +322,12 @@ def test_keras_serialization_round_trip(quantizer):
 
 
 def test_per_channel_rank3_kernel_is_quantized():
-    """Conv1D kernels are rank 3 (k, in, out), and configs.kernel_kind(Conv1D) asks for
-    per-channel quantization. tfmot's LastValueQuantize only defines its reduce axes for
-    rank 2 and rank 4, so this currently raises UnboundLocalError."""
+    """Rank-3 kernels (Conv1D: k, in, out) per channel: tfmot's LastValueQuantize only
+    handles rank 2 and 4, so WeightQuantizer reshapes around it."""
     shape = (3, 4, 6)
     w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     q = WeightQuantizer(4, per_channel=True)
     weights = _build(q, shape)
-    try:
-        out = _run(q, w, weights)
-    except UnboundLocalError:
-        pytest.xfail("keras_qx bug: per-channel WeightQuantizer crashes on rank-3 (Conv1D) kernels")
+    out = _run(q, w, weights)
     ref, scale = ref_weight_fq(w, 4, per_channel=True)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.max(scale))

@@ -1,0 +1,49 @@
+"""Every layer kind with kernels, at 4 bits: trains, exports, agrees with Keras, and its kernel
+bytes in the file are what the shared cost model says (INT4 where packed, else int8/float)."""
+import numpy as np
+import pytest
+
+import keras_qx as qx
+from keras_qx._compat import keras
+from keras_qx.cost import kernel_bytes
+
+pytestmark = pytest.mark.slow
+L = keras.layers
+
+KINDS = {
+    "Dense": ((12,), lambda: L.Dense(6, activation="relu")),
+    "Conv1D": ((16, 3), lambda: L.Conv1D(6, 3, activation="relu")),
+    "Conv2D": ((8, 8, 2), lambda: L.Conv2D(6, 3, activation="relu")),
+    "DepthwiseConv2D": ((8, 8, 4), lambda: L.DepthwiseConv2D(3, activation="relu")),
+    "SeparableConv2D": ((8, 8, 4), lambda: L.SeparableConv2D(6, 3, activation="relu")),
+    "Conv2DTranspose": ((4, 4, 3), lambda: L.Conv2DTranspose(4, 3, activation="relu")),
+    "Conv3D": ((4, 4, 4, 2), lambda: L.Conv3D(4, 3, activation="relu")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_kind_exports_at_4_bits(kind, rng):
+    shape, make = KINDS[kind]
+    inputs = keras.Input(shape)
+    layer = make()
+    x = layer(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(x)))
+    policy = {"default": {"weight_bits": 4}, "layers": {"head": {"weight_bits": 8}}}
+    if kind in ("Conv2DTranspose", "Conv3D"):  # stored as int8 / float: trained at 8 bits
+        with pytest.warns(UserWarning, match="train at 8 bits"):
+            qat = qx.quantize(model, policy)
+    else:
+        qat = qx.quantize(model, policy)
+    x_train = rng.random((96, *shape)).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(x_train, rng.random((96, 3)), epochs=2, verbose=0)
+    tfl = qx.export_tflite(qat, x_train, verify=True, min_agreement=0.8)
+    info = tfl.report.info
+    assert tfl.report.mean_error_steps < 1.5, tfl.report.lines()
+    # The kernel (not the 8-bit head) is stored as the cost model predicts.
+    head_bytes = kernel_bytes(model.get_layer("head"), 8)
+    file_kernels = sorted(w[3] for w in info.weights if len(w[2]) >= 2 and w[3] != head_bytes)
+    assert sum(file_kernels) == kernel_bytes(layer, 4), (kind, info.weights)
+    packed = {"Dense": 1, "Conv1D": 1, "Conv2D": 1, "DepthwiseConv2D": 1, "SeparableConv2D": 2}
+    assert len(info.int4_tensors) == packed.get(kind, 0)  # the 8-bit head is never INT4
+    assert info.fully_integer == (kind != "Conv3D")  # TFLite has no integer CONV_3D
