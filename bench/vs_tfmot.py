@@ -2,15 +2,16 @@
 
 Rows: the float model, tfmot default 8-bit QAT, keras_qx uniform 8-bit (``qx.quantize(model)``)
 and, for reference, a keras_qx mixed 4/8-bit policy. Columns: QAT step time (median wall time
-of one training step, batch 64, first epoch of every fit skipped as tracing), export time to an
+of one training step, batch 64, the first (tracing) epoch skipped), export time to an
 int8-I/O TFLite file, file size (raw / gzip -9), TFLite test accuracy and single-sample latency.
 
 Noise control (the machine has 2 cores and may be busy): each of ``--repeats`` rounds builds
-a fresh QAT copy of the same float weights for every variant, runs its first (tracing) epoch
-untimed, then runs the remaining epochs one at a time round-robin across the variants (order
-reversed on alternate epochs). The step time reported is the median of the per-round medians.
-Exports are interleaved the same way. TF's thread pools are fixed (``--threads``) before
-TensorFlow runs anything.
+a fresh QAT copy of the same float weights for every variant and runs its first (tracing)
+epoch untimed; the remaining epochs are cut into chunks of ``--chunk`` batches that every
+variant fits in turn (order reversed on alternate chunks), so background load hits all
+variants alike. Reported: the median over all timed steps, and a paired ratio (median of the
+per-chunk ratios). Exports are interleaved too. TF's thread pools are fixed (``--threads``)
+before TensorFlow runs anything.
 
 Run:
     cd /work/main && /work/venv/bin/python bench/vs_tfmot.py
@@ -60,6 +61,9 @@ class StepTimer(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.epochs[-1].append(time.perf_counter() - self._t0)
+
+    def steps(self) -> list[float]:
+        return [t for epoch in self.epochs for t in epoch]
 
     def steady_steps(self) -> list[float]:
         """Step times after the first epoch (which includes tf.function tracing)."""
@@ -140,6 +144,8 @@ def main(argv=None) -> int:
                    help="QAT epochs per round; the first is untimed tracing (default 4, min 2)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of interleaved QAT timing (fresh QAT models each; default 3)")
+    p.add_argument("--chunk", type=int, default=3,
+                   help="batches per interleaving chunk of the timed QAT epochs (default 3)")
     p.add_argument("--threads", type=int, default=2,
                    help="TF intra-op threads for every variant (inter-op is 1; default 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -148,8 +154,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.qat_epochs < 2:
         p.error("--qat-epochs must be >= 2 (the first epoch is skipped as tracing)")
-    if args.repeats < 1 or args.epochs < 1 or args.threads < 1:
-        p.error("--epochs, --repeats and --threads must be >= 1")
+    if min(args.repeats, args.epochs, args.threads, args.chunk) < 1:
+        p.error("--epochs, --repeats, --threads and --chunk must be >= 1")
 
     # Before TF executes anything: the thread pools cannot be changed afterwards.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -175,19 +181,23 @@ def main(argv=None) -> int:
     log(f"float: trained {args.epochs} epochs in {time.perf_counter() - t0:.1f}s, "
         f"test accuracy {float_acc:.4f}")
 
-    # ---- QAT fits, interleaved epoch by epoch ---------------------------------------
-    # Each round builds a fresh QAT copy of every variant and runs its first (tracing) epoch
-    # untimed; the remaining epochs run one at a time, round-robin across the variants (order
-    # reversed on alternate epochs), so background load hits every variant alike.
+    # ---- QAT fits, interleaved in chunks of a few batches ------------------------------
+    # Each round builds a fresh QAT copy of every variant and runs its first epoch (tf.function
+    # tracing) untimed. The remaining epochs are cut into chunks of --chunk full batches of
+    # one shared permutation per epoch; every chunk is fitted by each variant in turn (order
+    # reversed on alternate chunks), so bursts of background load hit every variant alike.
     variants = ["tfmot", "qx8", "qxmix"]
     labels = {
         "tfmot": "tfmot `quantize_model` (8-bit)",
         "qx8": "keras_qx `quantize(model)` (8-bit)",
         "qxmix": "keras_qx mixed W4 (conv1, logits W8)",
     }
-    step_medians: dict[str, list[float]] = {v: [] for v in variants}
+    n_full = len(x_train) // BATCH * BATCH  # timed epochs use full batches only
+    per_chunk = args.chunk * BATCH
+    steps: dict[str, list[float]] = {v: [] for v in variants}
+    round_medians: dict[str, list[float]] = {v: [] for v in variants}
+    chunk_ratios: dict[str, list[float]] = {v: [] for v in variants}  # paired: v / tfmot
     trained: dict = {}
-    n_timed = 0
     for r in range(args.repeats):
         models, timers = {}, {}
         for v in (variants if r % 2 == 0 else variants[::-1]):
@@ -199,19 +209,28 @@ def main(argv=None) -> int:
             timers[v] = StepTimer()
             log(f"round {r + 1}/{args.repeats} {v:6s}: built + first (tracing) epoch "
                 f"{time.perf_counter() - t0:.2f}s")
+        k = 0
         for e in range(1, args.qat_epochs):
-            for v in (variants if (r + e) % 2 == 0 else variants[::-1]):
-                keras.utils.set_random_seed(args.seed + 1 + e)  # same shuffling for every variant
-                models[v].fit(x_train, y_train, batch_size=BATCH, initial_epoch=e, epochs=e + 1,
-                              verbose=0, callbacks=[timers[v]])
+            perm = np.random.default_rng([args.seed, r, e]).permutation(len(x_train))[:n_full]
+            for start in range(0, n_full, per_chunk):
+                idx = perm[start:start + per_chunk]
+                xs, ys = x_train[idx], y_train[idx]
+                chunk_med = {}
+                for v in (variants if k % 2 == 0 else variants[::-1]):
+                    models[v].fit(xs, ys, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                                  callbacks=[timers[v]])
+                    chunk_med[v] = float(np.median(timers[v].epochs[-1]))
+                for v in variants:
+                    chunk_ratios[v].append(chunk_med[v] / chunk_med["tfmot"])
+                k += 1
+        n_timed = len(timers["tfmot"].steps())
         for v in variants:
-            steps = [t for epoch in timers[v].epochs for t in epoch]
-            n_timed = len(steps)
-            step_medians[v].append(float(np.median(steps)) * 1e3)
+            steps[v] += timers[v].steps()
+            round_medians[v].append(float(np.median(timers[v].steps())) * 1e3)
             trained[v] = models[v]  # the last round's models are exported
         log(f"round {r + 1}/{args.repeats} median step ms: " +
-            ", ".join(f"{v} {step_medians[v][-1]:.2f}" for v in variants) +
-            f" ({n_timed} steps each)")
+            ", ".join(f"{v} {round_medians[v][-1]:.2f}" for v in variants) +
+            f" ({n_timed} steps each, {k} interleaved chunks)")
 
     # ---- export, interleaved -----------------------------------------------------------
     exports: dict[str, dict] = {v: {"convert": [], "total": []} for v in variants}
@@ -237,27 +256,25 @@ def main(argv=None) -> int:
             f"latency {ev['latency_ms']:.4f} ms")
         results[v]["qat_acc"] = qat_acc
 
-    step = {v: float(np.median(step_medians[v])) for v in variants}
+    step = {v: float(np.median(steps[v])) * 1e3 for v in variants}
     ratio = step["qx8"] / step["tfmot"]
-    ratio_mix = step["qxmix"] / step["tfmot"]
-    best_ratio = min(step_medians["qx8"]) / min(step_medians["tfmot"])
+    paired = {v: float(np.median(chunk_ratios[v])) for v in variants}
 
     def fmt_steps(v):
-        spread = "" if len(step_medians[v]) < 2 else \
-            f" ({min(step_medians[v]):.2f}–{max(step_medians[v]):.2f})"
+        spread = "" if len(round_medians[v]) < 2 else \
+            f" ({min(round_medians[v]):.2f}–{max(round_medians[v]):.2f})"
         return f"{step[v]:.2f}{spread}"
 
-    header = ("| variant | QAT step ms (min–max) | vs tfmot | convert s | export total s | "
+    header = ("| variant | QAT step ms (rounds min–max) | vs tfmot | paired vs tfmot | convert s | export total s | "
               "bytes | gzip bytes | Keras acc | TFLite acc | latency ms |")
     rows.append(header)
-    rows.append("|" + "---|" * 10)
-    rows.append(f"| float (Keras) | {float_step:.2f} | — | — | — | — | — | {float_acc:.4f} | — | — |"
-                if float_step is not None else
-                f"| float (Keras) | — | — | — | — | — | — | {float_acc:.4f} | — | — |")
+    rows.append("|" + "---|" * 11)
+    float_cell = "—" if float_step is None else f"{float_step:.2f}"
+    rows.append(f"| float (Keras) | {float_cell} | — | — | — | — | — | — | {float_acc:.4f} | — | — |")
     for v in variants:
         ev = results[v]
         rows.append(
-            f"| {labels[v]} | {fmt_steps(v)} | {step[v] / step['tfmot']:.2f}x | "
+            f"| {labels[v]} | {fmt_steps(v)} | {step[v] / step['tfmot']:.3f}x | {paired[v]:.3f}x | "
             f"{np.median(exports[v]['convert']):.2f} | {np.median(exports[v]['total']):.2f} | "
             f"{ev['size_bytes']:,} | {ev['gzip_bytes']:,} | {ev['qat_acc']:.4f} | "
             f"{ev['accuracy']:.4f} | {ev['latency_ms']:.4f} |"
@@ -271,13 +288,15 @@ def main(argv=None) -> int:
     notes = [
         "",
         f"QAT step-time ratio keras_qx 8-bit / tfmot: **{ratio:.3f}x** "
-        f"(target <= {TARGET_RATIO}x: {verdict}); mixed policy / tfmot: {ratio_mix:.3f}x. "
-        f"Fastest rounds only (least disturbed by other load): {best_ratio:.3f}x.",
+        f"(target <= {TARGET_RATIO}x: {verdict}); paired estimate (median of per-chunk ratios): "
+        f"{paired['qx8']:.3f}x; mixed policy / tfmot: {step['qxmix'] / step['tfmot']:.3f}x.",
         "",
-        f"Step time: median wall time per training step (batch {BATCH}, {n_timed} steps per round = "
-        f"epochs 2..{args.qat_epochs} of a fresh {args.qat_epochs}-epoch QAT; epoch 1 is tracing, "
-        f"untimed), variants interleaved epoch by epoch; median over {args.repeats} rounds "
-        f"(range of round medians in parentheses); same Adam(lr={args.qat_lr:g}) compile for all. "
+        f"Step time: median wall time of a training step (batch {BATCH}) over {args.repeats} rounds x "
+        f"{n_timed} steps (epochs 2..{args.qat_epochs} of a fresh {args.qat_epochs}-epoch QAT, full "
+        f"batches; epoch 1 is tracing, untimed), variants interleaved every {args.chunk} batches; "
+        f"in parentheses the range of the per-round medians. Paired: median over the {len(chunk_ratios['qx8'])} "
+        f"chunks of (variant chunk median / tfmot chunk median), which cancels load shared by a chunk. "
+        f"Same Adam(lr={args.qat_lr:g}) compile for all. "
         f"Float row: "
         f"steps of epochs 2..{args.epochs} of float training (Adam 1e-3). "
         f"Convert s: `converter.convert()` only (keras_qx: `report.convert_seconds`); export total: "

@@ -15,6 +15,7 @@ from keras_qx.annotate import annotate
 from keras_qx.evaluate import evaluate_tflite
 from keras_qx.export import ExportError, export_tflite
 from keras_qx.policy import LayerSpec, Policy, PolicyError
+from keras_qx.ptq import ptq
 from keras_qx.quantize import quantize
 from keras_qx.saving import load_model, quantize_scope
 from keras_qx.summary import summary
@@ -34,6 +35,7 @@ __all__ = [
     "quantize",
     "export_tflite",
     "evaluate_tflite",
+    "ptq",
     "inspect_tflite",
     "summary",
     "quantize_scope",
