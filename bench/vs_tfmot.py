@@ -129,6 +129,7 @@ def write_atomic_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
         f"in parentheses the range of the per-round medians. Paired: median over the {len(chunk_ratios['qx8'])} "
         f"chunks of (variant chunk median / tfmot chunk median), which cancels load shared by a chunk. "
         f"Same Adam(lr={args.qat_lr:g}) compile for all. "
-        f"Float row: "
+        f"Float row (not interleaved, reference only): "
         f"steps of epochs 2..{args.epochs} of float training (Adam 1e-3). "
         f"Convert s: `converter.convert()` only (keras_qx: `report.convert_seconds`); export total: "
         f"converter construction + convert (+ keras_qx's verification against Keras). Both int8 I/O, "
