@@ -82,9 +82,25 @@ def kernel_kind(layer_or_type) -> KernelKind | None:
 
 
 class _Config(tfmot_quantize_config.QuantizeConfig):
-    """Shared plumbing: equality by config, nested quantizers (de)serialized."""
+    """Shared plumbing: equality by config, nested quantizers (de)serialized, and a
+    quantize-nothing default for each part of tfmot's interface."""
 
     _quantizer_keys: tuple[str, ...] = ()
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return []
 
     def get_config(self):
         return {}
@@ -206,18 +222,6 @@ class OutputQuantizeConfig(_Config):
     def activation_bits(self):
         return self.activation_quantizer.bits
 
-    def get_weights_and_quantizers(self, layer):
-        return []
-
-    def get_activations_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_weights(self, layer, quantize_weights):
-        pass
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
     def get_output_quantizers(self, layer):
         return [self.activation_quantizer]
 
@@ -225,9 +229,7 @@ class OutputQuantizeConfig(_Config):
         return {"pinned": list(self.pinned), **self._serialized(activation_quantizer=self.activation_quantizer)}
 
 
-# Activations TFLite fuses or runs on a fixed output range: quantize after them or not at all.
-_QUANTIZED_AFTER = {"relu", "relu6", "swish", "gelu", "elu", "selu", "softplus", "leaky_relu",
-                    "hard_sigmoid", "exponential", "mish", "silu"}
+# Activations whose TFLite kernels fix the output range themselves: no quantizer after them.
 _FIXED_RANGE = {"linear", "softmax", "sigmoid", "tanh"}
 
 
@@ -248,21 +250,6 @@ class NoOpQuantizeConfig(_Config):
 
     def __init__(self, pinned: Sequence[str] = ()):
         self.pinned = list(pinned)
-
-    def get_weights_and_quantizers(self, layer):
-        return []
-
-    def get_activations_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_weights(self, layer, quantize_weights):
-        pass
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
-    def get_output_quantizers(self, layer):
-        return []
 
     def get_config(self):
         return {"pinned": list(self.pinned)}

@@ -27,6 +27,11 @@ def _inner(layer):
     return layer.layer if isinstance(layer, quantize_annotate.QuantizeAnnotate) else layer
 
 
+def _foreign(layer) -> bool:
+    """Annotated by the user with a QuantizeConfig that is not keras_qx's."""
+    return layer is not _inner(layer) and not hasattr(layer.quantize_config, "pinned")
+
+
 def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
     """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged."""
     check_model(model)
@@ -59,6 +64,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
         TypeError/ValueError: a Keras 3, subclassed or unbuilt model.
     """
+    policy = Policy.coerce(policy)
     specs = resolve(model, policy)
     unexportable = {n: s.activation_bits for n, s in specs.items()
                     if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}
@@ -71,12 +77,11 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         )
     if not simulate_only:
         specs = _clamp_to_exportable(model, specs)
-    registry = PolicyQuantizeRegistry(specs, default=LayerSpec().updated(Policy.coerce(policy).default, "default"))
+    registry = PolicyQuantizeRegistry(specs, default=LayerSpec().updated(policy.default, "default"))
 
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
                    if _inner(l).name in specs and specs[_inner(l).name].quantize
-                   and not registry.supports(_inner(l))
-                   and not (l is not _inner(l) and not hasattr(l.quantize_config, "pinned"))]
+                   and not _foreign(l) and not registry.supports(_inner(l))]
     if unsupported:
         raise PolicyError(
             f"keras_qx has no quantize config for layer(s) {unsupported}. Keep them float with "
@@ -88,7 +93,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         spec = specs.get(inner.name)
         if spec is None:  # input layers
             return layer
-        if inner is not layer and not hasattr(layer.quantize_config, "pinned"):
+        if _foreign(layer):
             return layer  # the user's own tfmot QuantizeConfig: leave it in charge
         if not spec.quantize:
             return inner

@@ -49,8 +49,26 @@ def check_bits(value: Any, what: str, allowed: range = WEIGHT_BITS) -> int:
     return int(value)
 
 
+class _Quantizer(tfmot_quantizers.Quantizer):
+    """Equality by config, and the min/max range variables both quantizers keep."""
+
+    @staticmethod
+    def _range_vars(layer, name, shape=()):
+        return {
+            f"{end}_var": layer.add_weight(name + f"_{end}", shape=shape, trainable=False,
+                                           initializer=keras.initializers.Constant(sign * 6.0))
+            for end, sign in (("min", -1), ("max", 1))
+        }
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+
 @keras.utils.register_keras_serializable(package=PACKAGE)
-class WeightQuantizer(tfmot_quantizers.Quantizer):
+class WeightQuantizer(_Quantizer):
     """Symmetric, narrow-range weight quantizer of ``bits`` bits (2..8).
 
     Args:
@@ -72,13 +90,7 @@ class WeightQuantizer(tfmot_quantizers.Quantizer):
 
     def build(self, tensor_shape, name, layer):
         shape = (int(tensor_shape[self.channel_axis]),) if self.per_channel else ()
-        min_var = layer.add_weight(
-            name + "_min", shape=shape, initializer=keras.initializers.Constant(-6.0), trainable=False
-        )
-        max_var = layer.add_weight(
-            name + "_max", shape=shape, initializer=keras.initializers.Constant(6.0), trainable=False
-        )
-        return {"min_var": min_var, "max_var": max_var}
+        return self._range_vars(layer, name, shape)
 
     def _perm(self, rank: int):
         axis = self.channel_axis % rank
@@ -111,18 +123,12 @@ class WeightQuantizer(tfmot_quantizers.Quantizer):
     def get_config(self):
         return {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis}
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
     def __repr__(self):
         return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
-class ActivationQuantizer(tfmot_quantizers.Quantizer):
+class ActivationQuantizer(_Quantizer):
     """Asymmetric activation quantizer over a moving-average min/max range.
 
     Args:
@@ -141,13 +147,7 @@ class ActivationQuantizer(tfmot_quantizers.Quantizer):
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}.")
 
     def build(self, tensor_shape, name, layer):
-        min_var = layer.add_weight(
-            name + "_min", initializer=keras.initializers.Constant(-6.0), trainable=False
-        )
-        max_var = layer.add_weight(
-            name + "_max", initializer=keras.initializers.Constant(6.0), trainable=False
-        )
-        return {"min_var": min_var, "max_var": max_var}
+        return self._range_vars(layer, name)
 
     def __call__(self, inputs, training, weights, **kwargs):
         return quant_ops.MovingAvgQuantize(
@@ -164,12 +164,6 @@ class ActivationQuantizer(tfmot_quantizers.Quantizer):
 
     def get_config(self):
         return {"bits": self.bits, "ema_decay": self.ema_decay}
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits})"

@@ -141,3 +141,17 @@ def test_unsupported_layer_names_layer_and_fix():
         qx.quantize(model)
     qat = qx.quantize(model, {"layers": {"ln": {"quantize": False}}})
     assert any(isinstance(l, keras.layers.LayerNormalization) for l in qat.layers)
+
+
+def test_users_own_tfmot_config_is_left_in_charge():
+    from keras_qx._compat import default_8bit_quantize_registry, quantize_annotate
+
+    config = default_8bit_quantize_registry.Default8BitQuantizeConfig(["kernel"], ["activation"], False)
+    inputs = keras.Input((6,))
+    x = quantize_annotate.QuantizeAnnotate(keras.layers.Dense(4, name="mine"), quantize_config=config)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="ours")(x))
+    with qx.quantize_scope({"Default8BitQuantizeConfig": type(config)}):
+        qat = qx.quantize(model, qx.Policy.uniform(weight_bits=4))
+    configs = {l.layer.name: l.quantize_config for l in qat.layers if hasattr(l, "quantize_config")}
+    assert type(configs["mine"]) is type(config)
+    assert configs["ours"].weight_bits == 4
