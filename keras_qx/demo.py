@@ -10,7 +10,7 @@ import time
 
 from keras_qx._compat import keras
 from keras_qx.data import digits_cnn, load_digits
-from keras_qx.evaluate import evaluate_tflite, gzip_size
+from keras_qx.evaluate import evaluate_tflite
 from keras_qx.export import export_tflite, write_atomic
 from keras_qx.policy import Policy
 from keras_qx.quantize import quantize

@@ -12,7 +12,7 @@ from typing import Any
 
 from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.annotate import annotation_fields
-from keras_qx.configs import KernelQuantizeConfig, kernel_kind
+from keras_qx.configs import kernel_kind
 from keras_qx.quantizers import WeightQuantizer
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
@@ -150,8 +150,3 @@ def _init_weight_ranges(qat_model) -> None:
             qvars["min_var"].assign(tf.reshape(-bound, qvars["min_var"].shape))
             qvars["max_var"].assign(tf.reshape(bound, qvars["max_var"].shape))
 
-
-def kernel_configs(qat_model):
-    """``[(wrapper, KernelQuantizeConfig)]`` of a QAT model, in layer order."""
-    return [(l, l.quantize_config) for l in qat_model.layers
-            if isinstance(getattr(l, "quantize_config", None), KernelQuantizeConfig)]

@@ -1,6 +1,5 @@
 """Every layer kind with kernels, at 4 bits: trains, exports, agrees with Keras, and its kernel
 bytes in the file are what the shared cost model says (INT4 where packed, else int8/float)."""
-import numpy as np
 import pytest
 
 import keras_qx as qx
