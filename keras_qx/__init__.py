@@ -11,12 +11,14 @@ Example:
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from keras_qx import configs, cost, quantizers, registry
+from keras_qx.allocate import auto_policy
 from keras_qx.annotate import annotate
 from keras_qx.evaluate import evaluate_tflite
 from keras_qx.export import ExportError, export_tflite
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.ptq import ptq
 from keras_qx.quantize import quantize
+from keras_qx.sensitivity import SensitivityReport, sensitivity
 from keras_qx.saving import load_model, quantize_scope
 from keras_qx.summary import summary
 from keras_qx.tflite import inspect_tflite
@@ -32,6 +34,9 @@ __all__ = [
     "PolicyError",
     "ExportError",
     "annotate",
+    "auto_policy",
+    "sensitivity",
+    "SensitivityReport",
     "quantize",
     "export_tflite",
     "evaluate_tflite",

@@ -1,0 +1,200 @@
+"""Exact bit allocation under a size budget, and ``qx.auto_policy``.
+
+The allocation is a multiple-choice knapsack: pick one bit width per layer (or per group of
+tied layers) to minimise the summed sensitivity subject to the summed kernel bytes of the
+shared cost model staying within the budget. It is solved exactly by dynamic programming
+over layers on the Pareto frontier of (bytes, damage) partial solutions: a partial solution
+that costs more and damages more than another can never be part of an optimum, so pruning
+them loses nothing. (Past ``max_states`` frontier points, costs are bucketed and the result
+is optimal up to that bucket width, which the result reports.)
+
+Example:
+    >>> policy = qx.auto_policy(model, (x, y), compression=6)       # doctest: +SKIP
+    >>> policy.meta["auto_policy"]["predicted_kernel_bytes"]         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from keras_qx._compat import keras
+from keras_qx.configs import kernel_kind
+from keras_qx.cost import kernel_bytes, kernel_params
+from keras_qx.policy import Policy, PolicyError
+from keras_qx.sensitivity import SensitivityReport, quantizable_layers, sensitivity
+
+__all__ = ["Allocation", "allocate", "auto_policy", "find_ties", "budget_from"]
+
+
+@dataclass
+class Allocation:
+    bits: dict  # {layer: bits}
+    kernel_bytes: int
+    damage: float
+    budget_bytes: int
+    resolution_bytes: int = 0  # 0: exact; else optimal up to this cost bucket
+
+
+def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
+             ties: Iterable[Sequence[str]] = (), max_states: int = 100_000) -> Allocation:
+    """Choose one bit width per layer minimising damage with total bytes <= budget.
+
+    Args:
+        options: ``{layer: {bits: (bytes, damage)}}``.
+        ties: groups of layers that must share one bit width.
+    """
+    units, seen = [], set()
+    for group in ties:
+        group = [n for n in group if n in options and n not in seen]
+        if group:
+            units.append(group)
+            seen.update(group)
+    units += [[n] for n in options if n not in seen]
+    unit_options = []
+    for group in units:
+        common = set.intersection(*(set(options[n]) for n in group))
+        if not common:
+            raise PolicyError(f"tied layers {group} have no bit width in common.")
+        unit_options.append(sorted(
+            (sum(options[n][b][0] for n in group), sum(options[n][b][1] for n in group), b) for b in common))
+
+    resolution = 0
+    # frontier: list of (cost, damage, choices tuple), cost ascending, damage strictly descending
+    frontier = [(0, 0.0, ())]
+    for opts in unit_options:
+        merged = sorted((c + oc, d + od, ch + (b,)) for c, d, ch in frontier for oc, od, b in opts
+                        if c + oc <= budget_bytes)
+        frontier, best = [], math.inf
+        for point in merged:
+            if point[1] < best - 1e-15:
+                frontier.append(point)
+                best = point[1]
+        if len(frontier) > max_states:
+            resolution = max(resolution, math.ceil(budget_bytes / max_states))
+            bucketed = {}
+            for point in frontier:
+                bucketed.setdefault(point[0] // resolution, point)
+            frontier = list(bucketed.values())
+        if not frontier:
+            minimum = sum(min(o[0] for o in opts) for opts in unit_options)
+            raise PolicyError(
+                f"no allocation fits {budget_bytes:,} kernel bytes: the smallest possible at these "
+                f"candidates is {minimum:,} bytes (4-bit INT4 packing is the smallest the TFLite "
+                "exporter stores). Raise the budget, or keep fewer layers at 8 bits.")
+    cost, damage, choices = min(frontier, key=lambda p: (p[1], p[0]))
+    bits = {n: b for group, b in zip(units, choices) for n in group}
+    return Allocation({n: bits[n] for n in options}, cost, damage, budget_bytes, resolution)
+
+
+def _layer_options(layer, report: SensitivityReport, only: int | None = None) -> dict:
+    """``{bits: (kernel bytes, damage)}`` for one layer.
+
+    Damage is made monotone (fewer bits never damage less: a lower measurement is noise) and
+    non-negative, and a width is dropped when more bits cost no more bytes (2- and 3-bit
+    kernels are stored as INT4, so 4 bits dominates them; kinds the exporter cannot store
+    below 8 bits only keep 8).
+    """
+    measured = report.damage[layer.name]
+    bits_all = sorted({*report.candidates, 8} if only is None else {only})
+    damage, worst = {}, 0.0
+    for b in sorted(bits_all, reverse=True):
+        worst = max(worst, measured.get(b, 0.0))
+        damage[b] = worst
+    options = {}
+    for b in bits_all:
+        cost = kernel_bytes(layer, b)
+        if any(b2 > b and kernel_bytes(layer, b2) <= cost for b2 in bits_all):
+            continue
+        options[b] = (cost, damage[b])
+    return options
+
+
+def find_ties(model) -> list[list[str]]:
+    """Depthwise + pointwise pairs (DepthwiseConv2D -> [BN/ReLU/Activation] -> 1x1 Conv2D):
+    one separable convolution, given one bit width."""
+    passthrough = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation)
+    ties = []
+    for layer in model.layers:
+        if not (isinstance(layer, keras.layers.Conv2D) and kernel_kind(layer).layer_type is keras.layers.Conv2D
+                and tuple(layer.kernel_size) == (1, 1)):
+            continue
+        node = layer
+        while True:
+            inbound = node._inbound_nodes[0].inbound_layers if node._inbound_nodes else []
+            if isinstance(inbound, list):
+                if len(inbound) != 1:
+                    break
+                inbound = inbound[0]
+            if isinstance(inbound, keras.layers.DepthwiseConv2D):
+                ties.append([inbound.name, layer.name])
+                break
+            if not isinstance(inbound, passthrough):
+                break
+            node = inbound
+    return ties
+
+
+def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> int:
+    """Kernel-byte budget from exactly one of: bytes, compression vs float32, average bits."""
+    given = [k for k, v in (("budget_bytes", budget_bytes), ("compression", compression),
+                            ("avg_bits", avg_bits)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of budget_bytes, compression, avg_bits (got {given or 'none'}).")
+    params = sum(kernel_params(l) for l in layers)
+    if budget_bytes is not None:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}.")
+        return int(budget_bytes)
+    if compression is not None:
+        if not isinstance(compression, (int, float)) or compression < 1:
+            raise ValueError(f"compression must be >= 1 (float32 kernel bytes / budget), got {compression!r}.")
+        return int(4 * params / compression)
+    if not isinstance(avg_bits, (int, float)) or not 1 <= avg_bits <= 32:
+        raise ValueError(f"avg_bits must be in 1..32, got {avg_bits!r}.")
+    return int(params * avg_bits / 8)
+
+
+def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bits=None,
+                candidates=(2, 4, 8), keep: Sequence[str] = (), ties="auto", method: str = "loss",
+                report: SensitivityReport | None = None, verbose: bool = True, **sensitivity_kwargs) -> Policy:
+    """The per-layer weight bits that lose least (by ``qx.sensitivity``) within a size budget.
+
+    Args:
+        model: the float model; data: ``(x, y)`` for the sensitivity (not needed for "sqnr"
+            or when ``report`` is given).
+        budget_bytes / compression / avg_bits: exactly one; the budget is on kernel bytes in
+            the exported file (the shared cost model: INT4 packed where the exporter packs).
+        candidates: bit widths to choose from; keep: layer names held at 8 bits.
+        ties: "auto" (depthwise+pointwise pairs), or a list of name groups, or ().
+
+    Returns:
+        A :class:`Policy` with a ``layers`` entry per quantizable layer and the reasoning in
+        ``policy.meta["auto_policy"]``.
+    """
+    layers = quantizable_layers(model)
+    budget = budget_from(layers, budget_bytes, compression, avg_bits)
+    names = [l.name for l in layers]
+    unknown = [n for n in keep if n not in names]
+    if unknown:
+        raise PolicyError(f"keep names layer(s) {unknown} that are not quantizable layers of the model: {names}.")
+    if report is None:
+        report = sensitivity(model, data, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
+    missing = [n for n in names if n not in report.damage]
+    if missing:
+        raise ValueError(f"the sensitivity report lacks layer(s) {missing}; it was made for another model.")
+    options = {n: _layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
+    tie_groups = find_ties(model) if ties == "auto" else list(ties or [])
+    result = allocate(options, budget, tie_groups)
+    int8 = sum(kernel_bytes(l, 8) for l in layers)
+    meta = {
+        "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,
+        "predicted_kernel_bytes": result.kernel_bytes, "int8_kernel_bytes": int8,
+        "predicted_damage": result.damage, "resolution_bytes": result.resolution_bytes,
+        "ties": tie_groups, "keep": list(keep),
+        "layers": {n: {"bits": b, "kernel_bytes": options[n][b][0], "damage": report.damage[n].get(b)}
+                   for n, b in result.bits.items()},
+    }
+    return Policy(default={"weight_bits": 8, "activation_bits": 8},
+                  layers={n: {"weight_bits": b} for n, b in result.bits.items()},
+                  meta={"auto_policy": meta})

@@ -1,0 +1,270 @@
+"""``qx.sensitivity``: how much damage quantizing each layer alone to each bit width does.
+
+Three methods, cheapest first:
+
+* ``"sqnr"``: relative quantization noise of the kernel, ``||Q(w) - w||^2 / ||w||^2``.
+  Data-free; blind to how much the loss cares about the layer.
+* ``"hessian"`` (HAWQ-V2): ``mean(diag H) * ||Q(w) - w||^2`` with the Hessian trace of the
+  loss w.r.t. the kernel estimated by Hutchinson's method (Rademacher probes,
+  Hessian-vector products by double back-propagation). A second-order estimate of the
+  loss increase.
+* ``"loss"`` (default): the measured loss increase with that layer's kernel fake-quantized
+  (on the same grid as ``WeightQuantizer``) and every other layer float. Direct, and on
+  small models as cheap as the others; ``bench/sensitivity.py`` compares the three.
+
+Example:
+    >>> report = qx.sensitivity(model, (x, y), candidates=(2, 4, 8))   # doctest: +SKIP
+    >>> report.table(); report.plot("sensitivity.png")                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keras_qx._compat import check_model, keras, tf
+from keras_qx.configs import kernel_kind
+from keras_qx.cost import kernel_bytes, kernel_params
+from keras_qx.quantizers import WEIGHT_BITS, check_bits
+
+__all__ = ["sensitivity", "SensitivityReport", "fake_quantize", "quantizable_layers", "infer_loss",
+           "METHODS"]
+
+METHODS = ("loss", "hessian", "sqnr")
+
+
+def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1) -> np.ndarray:
+    """Numpy twin of :class:`~keras_qx.quantizers.WeightQuantizer`: symmetric, narrow range."""
+    levels = 2 ** (bits - 1) - 1
+    if per_channel:
+        axis = channel_axis % w.ndim
+        reduce = tuple(i for i in range(w.ndim) if i != axis)
+        bound = np.abs(w).max(axis=reduce, keepdims=True)
+    else:
+        bound = np.abs(w).max()
+    scale = np.where(bound > 0, bound / levels, 1.0)
+    return (np.clip(np.round(w / scale), -levels, levels) * scale).astype(w.dtype)
+
+
+def quantizable_layers(model) -> list:
+    """Layers whose kernels the policy can set (kinds TFLite stores as integers)."""
+    check_model(model)
+    return [l for l in model.layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
+
+
+def infer_loss(model, y):
+    """The model's compiled loss, else cross-entropy for labels (logits unless the last
+    layer ends in softmax), else MSE."""
+    if getattr(model, "compiled_loss", None) is not None and isinstance(model.loss, (str, keras.losses.Loss)):
+        return keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
+    y = np.asarray(y)
+    out_dim = int(model.output_shape[-1] or 1)
+    if np.issubdtype(y.dtype, np.integer) and out_dim > 1 and y.ndim == 1:
+        last = model.layers[-1]
+        from_logits = getattr(getattr(last, "activation", None), "__name__", "") != "softmax" and not isinstance(
+            last, keras.layers.Softmax)
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    return keras.losses.MeanSquaredError()
+
+
+def _kernels(layer):
+    kind = kernel_kind(layer)
+    return [getattr(layer, attr) for attr in kind.weight_attrs]
+
+
+@dataclass
+class SensitivityReport:
+    """Per layer and candidate bit width: the damage (see ``method``) and kernel bytes."""
+
+    method: str
+    candidates: tuple
+    damage: dict  # {layer: {bits: float}}
+    kernel_bytes: dict  # {layer: {bits: int}} from the shared cost model
+    params: dict  # {layer: kernel parameter count}
+    types: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    baseline_loss: float | None = None
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.damage)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "candidates": list(self.candidates), "seconds": self.seconds,
+                "baseline_loss": self.baseline_loss,
+                "layers": {n: {"type": self.types.get(n), "params": self.params[n],
+                               "damage": {str(b): v for b, v in self.damage[n].items()},
+                               "kernel_bytes": {str(b): v for b, v in self.kernel_bytes[n].items()}}
+                           for n in self.damage}}
+
+    def table(self, print_fn=print) -> str:
+        head = ["Layer", "Type", "Params"] + [f"{b}-bit" for b in self.candidates]
+        rows = [[n, self.types.get(n, ""), f"{self.params[n]:,}"] + [f"{self.damage[n][b]:.4g}" for b in self.candidates]
+                for n in self.damage]
+        widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+        fmt = "  ".join(("{:<%d}" if i < 2 else "{:>%d}") % w for i, w in enumerate(widths))
+        lines = [f"Sensitivity ({self.method}; damage if only that layer is quantized)", fmt.format(*head)]
+        lines += [fmt.format(*r) for r in rows]
+        if print_fn is not None:
+            for line in lines:
+                print_fn(line)
+        return "\n".join(lines)
+
+    def plot(self, path=None, ax=None):
+        """Grouped bars: one group per layer, one bar per bit width (log scale)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(self.damage)), 3.5))
+        names = self.layers
+        width = 0.8 / len(self.candidates)
+        for i, bits in enumerate(self.candidates):
+            values = [max(self.damage[n][bits], 1e-12) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, values, width, label=f"{bits}-bit")
+        ax.set_xticks(np.arange(len(names)) + width * (len(self.candidates) - 1) / 2)
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"damage ({self.method})")
+        ax.legend()
+        ax.set_title("Per-layer sensitivity")
+        if fig is not None:
+            fig.tight_layout()
+            if path is not None:
+                from keras_qx.export import write_atomic
+                import io
+
+                buf = io.BytesIO()
+                fig.savefig(buf, format="png", dpi=120)
+                write_atomic(path, buf.getvalue())
+            plt.close(fig)
+        return ax
+
+
+def _progress(total: int, verbose: bool):
+    bar = keras.utils.Progbar(total, unit_name="evaluation", stateful_metrics=None) if verbose else None
+
+    def step(i):
+        if bar is not None:
+            bar.update(i)
+    return step
+
+
+def _loss_evaluator(model, loss_fn, x, y, batch_size):
+    """A compiled mean-loss function over fixed batches (traced once, reused per evaluation)."""
+    batches = [(tf.constant(x[i:i + batch_size]), tf.constant(y[i:i + batch_size]))
+               for i in range(0, len(x), batch_size)]
+
+    @tf.function(reduce_retracing=True)
+    def batch_loss(xb, yb):
+        return loss_fn(yb, model(xb, training=False))
+
+    def mean_loss():
+        return sum(float(batch_loss(xb, yb)) * len(xb) for xb, yb in batches) / len(x)
+    return mean_loss
+
+
+def _hessian_traces(model, layers, loss_fn, x, y, probes: int, seed: int) -> dict:
+    """Hutchinson estimate of tr(H) of the loss w.r.t. each layer's kernels."""
+    kernels = [k for l in layers for k in _kernels(l)]
+    owner = [l.name for l in layers for _ in _kernels(l)]
+    rng = np.random.default_rng(seed)
+    traces = {l.name: 0.0 for l in layers}
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+
+    @tf.function
+    def v_hessian_v(vs):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = loss_fn(y, model(x, training=False))
+            grads = inner.gradient(loss, kernels)
+            gv = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vs)])
+        return [tf.reduce_sum(hv * v) for hv, v in zip(outer.gradient(gv, kernels), vs)]
+
+    for _ in range(probes):
+        vs = [tf.constant(rng.choice([-1.0, 1.0], size=k.shape).astype("float32")) for k in kernels]
+        for name, value in zip(owner, v_hessian_v(vs)):
+            traces[name] += float(value) / probes
+    return traces
+
+
+def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss=None,
+                max_samples: int | None = None, batch_size: int = 512, hessian_probes: int = 8,
+                seed: int = 0, verbose: bool = True) -> SensitivityReport:
+    """Per-layer, per-bit-width sensitivity of a float model.
+
+    Args:
+        model: a built tf_keras model (float; weights are restored afterwards).
+        data: ``(x, y)``; at most ``max_samples`` samples are used (default 1024 for
+            "loss", 256 for "hessian": each probe back-propagates twice).
+        candidates: bit widths to score (2..8).
+        method: ``"loss"``, ``"hessian"`` or ``"sqnr"`` (see the module docstring).
+        loss: a Keras loss; default: the compiled loss, else inferred from ``y``.
+        verbose: show a progress bar.
+    """
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no Dense/Conv layers to quantize.")
+    if method not in METHODS:
+        raise ValueError(f"unknown sensitivity method {method!r}; use one of {METHODS}.")
+    if isinstance(candidates, int) or not candidates:
+        raise ValueError(f"candidates must be a non-empty tuple of bit widths, got {candidates!r}.")
+    candidates = tuple(sorted({check_bits(b, "candidate bits", WEIGHT_BITS) for b in candidates}))
+    start = time.perf_counter()
+    x = y = loss_fn = None
+    if method != "sqnr":
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise TypeError("data must be a tuple (x, y) of samples and targets.")
+        from keras_qx.export import check_samples
+
+        if max_samples is None:
+            max_samples = 256 if method == "hessian" else 1024
+        x = check_samples(data[0], model.input_shape[1:], "x")[:max_samples]
+        y = np.asarray(data[1])[:max_samples]
+        if len(y) != len(x):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)} targets.")
+        loss_fn = loss or infer_loss(model, y)
+
+    damage = {l.name: {} for l in layers}
+    step = _progress(len(layers) * len(candidates), verbose and method == "loss")
+    baseline = None
+    if method == "loss":
+        mean_loss = _loss_evaluator(model, loss_fn, x, y, batch_size)
+        baseline = mean_loss()
+    traces = _hessian_traces(model, layers, loss_fn, x, y, hessian_probes, seed) if method == "hessian" else None
+    done = 0
+    for layer in layers:
+        kind = kernel_kind(layer)
+        originals = [k.numpy() for k in _kernels(layer)]
+        n = sum(w.size for w in originals)
+        try:
+            for bits in candidates:
+                quantized = [fake_quantize(w, bits, kind.per_channel, kind.channel_axis) for w in originals]
+                noise = sum(float(np.sum((q - w) ** 2)) for q, w in zip(quantized, originals))
+                if method == "sqnr":
+                    damage[layer.name][bits] = noise / max(sum(float(np.sum(w ** 2)) for w in originals), 1e-30)
+                elif method == "hessian":
+                    damage[layer.name][bits] = traces[layer.name] / n * noise
+                else:
+                    for var, q in zip(_kernels(layer), quantized):
+                        var.assign(q)
+                    damage[layer.name][bits] = mean_loss() - baseline
+                done += 1
+                step(done)
+        finally:
+            for var, w in zip(_kernels(layer), originals):
+                var.assign(w)
+    if verbose and method == "loss":
+        sys.stdout.flush()
+    return SensitivityReport(
+        method=method, candidates=candidates, damage=damage,
+        kernel_bytes={l.name: {b: kernel_bytes(l, b) for b in candidates} for l in layers},
+        params={l.name: kernel_params(l) for l in layers},
+        types={l.name: type(l).__name__ for l in layers},
+        seconds=time.perf_counter() - start, baseline_loss=baseline,
+    )
