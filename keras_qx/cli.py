@@ -1,15 +1,62 @@
 """``keras-qx`` command line.
 
-    keras-qx demo [--epochs 20] [--qat-epochs 4] [--out DIR]   the main job on the digits data
-    keras-qx inspect model.tflite                               ops, INT4 tensors, sizes
+    keras-qx demo [--budget 0.6x] [--epochs 20] [--qat-epochs 4] [--out DIR]
+        the main job on the digits data: float vs int8 vs auto mixed-precision TFLite
+    keras-qx analyze [--model M --data D.npz] [--method loss] [--out DIR]
+        per-layer sensitivity table, JSON and plot
+    keras-qx quantize --budget 0.6x [--model M --data D.npz] [--out DIR]
+        auto_policy under the budget, QAT, export: policy JSON, .tflite and a Markdown report
+    keras-qx inspect model.tflite
+        ops, INT4 tensors, sizes
+
+Without ``--model``, analyze and quantize train the digits CNN first. ``--data`` is an
+``.npz`` with ``x_train, y_train, x_test, y_test``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 __all__ = ["main"]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _model_and_data(args):
+    from keras_qx.demo import train_digits
+
+    if args.model is None:
+        if args.data is not None:
+            raise ValueError("--data needs --model (the digits data comes with the default model).")
+        return train_digits(args.epochs, print_fn=_say)
+    from keras_qx.saving import load_model
+
+    if args.data is None:
+        raise ValueError("--model needs --data: an .npz with x_train, y_train, x_test, y_test.")
+    import numpy as np
+
+    with np.load(args.data) as npz:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
+        if missing:
+            raise ValueError(f"--data {args.data!r} lacks array(s) {missing}; it has {npz.files}.")
+        data = (npz["x_train"], npz["y_train"]), (npz["x_test"], npz["y_test"])
+    return load_model(args.model), data
+
+
+def _candidates(text: str) -> tuple:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"candidates must look like 2,4,8, got {text!r}") from None
+
+
+def _out_path(args, name):
+    os.makedirs(args.out, exist_ok=True)
+    return os.path.join(args.out, name)
 
 
 def _demo(args) -> int:
@@ -18,9 +65,65 @@ def _demo(args) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     rows = run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, out_dir=args.out,
-                    policy=open(args.policy).read() if args.policy else None,
-                    print_fn=lambda s: print(s, file=sys.stderr, flush=True))
+                    policy=open(args.policy).read() if args.policy else None, budget=args.budget,
+                    print_fn=_say)
     print(format_table(rows))
+    return 0
+
+
+def _analyze(args) -> int:
+    from keras_qx.export import write_atomic
+    from keras_qx.sensitivity import sensitivity
+
+    model, ((x, y), _) = _model_and_data(args)
+    _say(f"sensitivity ({args.method}) of {model.name}...")
+    report = sensitivity(model, (x, y), args.candidates, method=args.method, verbose=True)
+    report.table(print_fn=print)
+    print(f"({report.seconds:.2f}s)")
+    if args.out:
+        write_atomic(_out_path(args, "sensitivity.json"), json.dumps(report.to_dict(), indent=2).encode())
+        report.plot(_out_path(args, "sensitivity.png"))
+        _say(f"wrote {args.out}/sensitivity.json and sensitivity.png")
+    return 0
+
+
+def _quantize(args) -> int:
+    from keras_qx._compat import keras
+    from keras_qx.allocate import auto_policy
+    from keras_qx.demo import parse_budget
+    from keras_qx.evaluate import evaluate_tflite
+    from keras_qx.export import export_tflite, write_atomic
+    from keras_qx.quantize import quantize
+    from keras_qx.sensitivity import infer_loss, sensitivity
+    from keras_qx.summary import summary
+
+    model, ((x, y), (xt, yt)) = _model_and_data(args)
+    budget = parse_budget(args.budget, model)
+    _say(f"sensitivity ({args.method})...")
+    report = sensitivity(model, (x, y), args.candidates, method=args.method, verbose=True)
+    policy = auto_policy(model, report=report, budget_bytes=budget, keep=args.keep)
+    meta = policy.meta["auto_policy"]
+    _say(f"allocation: {meta['predicted_kernel_bytes']:,} of {budget:,} kernel bytes; QAT {args.qat_epochs} epochs...")
+    qat = quantize(model, policy)
+    qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y), metrics=["accuracy"])
+    qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)
+    tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"), print_fn=_say)
+    result = evaluate_tflite(tfl, xt, yt)
+    file_kernels = sum(w[3] for w in tfl.report.info.weights if len(w[2]) >= 2)
+    lines = ["# keras_qx quantization report", "",
+             f"Budget: {budget:,} kernel bytes ({args.budget}); predicted {meta['predicted_kernel_bytes']:,}; "
+             f"in the file {file_kernels:,} (int8 would be {meta['int8_kernel_bytes']:,}).", "",
+             f"TFLite: accuracy {result['accuracy']:.2%}, {result['size_bytes']:,} bytes "
+             f"({result['gzip_bytes']:,} gzipped), median latency {result['latency_ms']:.3f} ms.", "",
+             "| layer | bits | kernel bytes | damage |", "|---|---|---|---|"]
+    lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['damage']:.4g} |" for n, v in meta["layers"].items()]
+    lines += ["", "```", summary(qat, print_fn=None), "```", "", report.table(print_fn=None).replace("\n", "  \n"),
+              "", "![sensitivity](sensitivity.png)", ""]
+    report.plot(_out_path(args, "sensitivity.png"))
+    write_atomic(_out_path(args, "policy.json"), policy.to_json().encode())
+    write_atomic(_out_path(args, "report.md"), "\n".join(lines).encode())
+    print("\n".join(lines[:5]))
+    _say(f"wrote {args.out}/policy.json, model.tflite, report.md, sensitivity.png")
     return 0
 
 
@@ -38,16 +141,37 @@ def _inspect(args) -> int:
     return 0
 
 
+def _model_options(parser):
+    parser.add_argument("--model", help="a float model (.keras, .h5, SavedModel); default: train the digits CNN")
+    parser.add_argument("--data", help=".npz with x_train, y_train, x_test, y_test (with --model)")
+    parser.add_argument("--epochs", type=int, default=20, help="float training epochs for the digits CNN")
+    parser.add_argument("--method", default="loss", choices=("loss", "hessian", "sqnr"), help="sensitivity method")
+    parser.add_argument("--candidates", type=_candidates, default=(2, 4, 8), help="bit widths, e.g. 2,4,8")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="keras-qx", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="keras-qx", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train, quantize (int8 and mixed 4/8-bit), export and compare on digits")
+    demo = sub.add_parser("demo", help="train, quantize (int8 and auto mixed-precision), export and compare on digits")
     demo.add_argument("--epochs", type=int, default=20, help="float training epochs")
     demo.add_argument("--qat-epochs", type=int, default=4, help="quantization-aware training epochs")
-    demo.add_argument("--policy", help="a policy JSON file for the mixed model (default: 4-bit Dense/Conv, "
-                                       "first conv and last dense 8-bit)")
+    demo.add_argument("--budget", default="0.6x", help="kernel bytes, or a fraction of int8's like 0.6x")
+    demo.add_argument("--policy", help="a policy JSON file for the mixed model instead of auto_policy")
     demo.add_argument("--out", help="directory for the .tflite files and the policy JSON")
     demo.set_defaults(func=_demo)
+    analyze = sub.add_parser("analyze", help="per-layer sensitivity report and plot")
+    _model_options(analyze)
+    analyze.add_argument("--out", help="directory for sensitivity.json and sensitivity.png")
+    analyze.set_defaults(func=_analyze)
+    quant = sub.add_parser("quantize", help="auto_policy under a budget, QAT, export and report")
+    _model_options(quant)
+    quant.add_argument("--budget", required=True, help="kernel bytes, or a fraction of int8's like 0.6x")
+    quant.add_argument("--keep", type=lambda s: [n for n in s.split(",") if n], default=[],
+                       help="layers kept at 8 bits, comma-separated")
+    quant.add_argument("--qat-epochs", type=int, default=2)
+    quant.add_argument("--out", default="keras_qx_out", help="output directory (default keras_qx_out)")
+    quant.set_defaults(func=_quantize)
     inspect = sub.add_parser("inspect", help="show what a .tflite file holds")
     inspect.add_argument("path")
     inspect.add_argument("--top", type=int, default=20, help="largest constant tensors to list")

@@ -1,4 +1,7 @@
-"""The main job on the embedded default: digits CNN -> float / uniform int8 / mixed 4-8 bit TFLite.
+"""The main job on the embedded default: digits CNN -> float / uniform int8 / auto mixed TFLite.
+
+The mixed model's bits come from ``qx.auto_policy`` under a kernel-byte budget (default 0.6x
+the uniform-int8 kernels), unless a policy is given.
 
 Example:
     >>> rows = run_demo(epochs=2, qat_epochs=1, print_fn=print)   # doctest: +SKIP
@@ -16,7 +19,7 @@ from keras_qx.policy import Policy
 from keras_qx.quantize import quantize
 from keras_qx.summary import summary
 
-__all__ = ["MIXED_POLICY", "run_demo", "format_table"]
+__all__ = ["MIXED_POLICY", "run_demo", "format_table", "train_digits", "parse_budget"]
 
 # 4-bit Dense/Conv, first conv and last dense kept at 8 bits.
 MIXED_POLICY = Policy.from_dict({
@@ -38,20 +41,58 @@ def _float_tflite(model) -> bytes:
     return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
-def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, policy=None,
-             seed: int = 0, print_fn=print) -> list[dict]:
-    """Train, quantize (uniform 8-bit and ``policy``), QAT, export, evaluate; return the rows."""
-    policy = MIXED_POLICY if policy is None else Policy.coerce(policy)
+def parse_budget(text: str, model) -> int:
+    """``"60000"`` (kernel bytes) or ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes)."""
+    from keras_qx.cost import kernel_bytes
+    from keras_qx.sensitivity import quantizable_layers
+
+    text = str(text).strip()
+    try:
+        if text.endswith("x"):
+            fraction = float(text[:-1])
+            if not 0 < fraction <= 4:
+                raise ValueError
+            return int(fraction * sum(kernel_bytes(l, 8) for l in quantizable_layers(model)))
+        value = int(text)
+        if value <= 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ValueError(f"budget {text!r}: give kernel bytes (e.g. 60000) or a fraction of the "
+                         "int8 kernel bytes (e.g. 0.6x).") from None
+
+
+def train_digits(epochs: int = 20, seed: int = 0, print_fn=print):
+    """The float digits CNN trained on the embedded data: ``model, (train, test)``."""
     say = print_fn or (lambda *_: None)
     (x_train, y_train), (x_test, y_test) = load_digits(seed=seed)
-    say(f"[1/4] training the float digits CNN ({len(x_train)} images, {epochs} epochs)...")
+    say(f"training the float digits CNN ({len(x_train)} images, {epochs} epochs)...")
     start = time.perf_counter()
     model = _compile(digits_cnn(seed=seed))
     model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
     say(f"      done in {time.perf_counter() - start:.1f}s")
+    return model, ((x_train, y_train), (x_test, y_test))
+
+
+def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, policy=None,
+             budget: str = "0.6x", seed: int = 0, print_fn=print) -> list[dict]:
+    """Train, quantize (uniform 8-bit and ``policy`` or auto_policy under ``budget``), QAT,
+    export, evaluate; return the rows."""
+    from keras_qx.allocate import auto_policy
+
+    say = print_fn or (lambda *_: None)
+    model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say("[1/4] " + s))
+    if policy is None:
+        budget_bytes = parse_budget(budget, model)
+        say(f"      auto_policy: sensitivity + exact allocation under {budget_bytes:,} kernel bytes ({budget})")
+        policy = auto_policy(model, (x_train, y_train), budget_bytes=budget_bytes, verbose=False)
+        chosen = ", ".join(f"{n}={f['weight_bits']}" for n, f in policy.layers.items())
+        say(f"      chosen weight bits: {chosen}")
+    else:
+        policy = Policy.coerce(policy)
     float_bytes = _float_tflite(model)
     rows = [{"model": "float32", **evaluate_tflite(float_bytes, x_test, y_test)}]
-    for step, (name, pol) in enumerate([("int8 (uniform)", Policy.uniform()), ("mixed 4/8-bit", policy)], 2):
+    for step, (name, pol) in enumerate([("int8 (uniform)", Policy.uniform()), ("mixed (auto)", policy)], 2):
         say(f"[{step}/4] {name}: QAT {qat_epochs} epochs, export, verify...")
         start = time.perf_counter()
         qat = _compile(quantize(model, pol), lr=1e-4)

@@ -147,11 +147,15 @@ class SensitivityReport:
 
 
 def _progress(total: int, verbose: bool):
-    bar = keras.utils.Progbar(total, unit_name="evaluation", stateful_metrics=None) if verbose else None
+    """A one-line progress bar on stderr (stdout stays for results)."""
+    start = time.perf_counter()
 
     def step(i):
-        if bar is not None:
-            bar.update(i)
+        if verbose:
+            done = int(30 * i / total)
+            sys.stderr.write(f"\rsensitivity [{'=' * done}{'.' * (30 - done)}] {i}/{total} "
+                             f"{time.perf_counter() - start:.1f}s" + ("\n" if i == total else ""))
+            sys.stderr.flush()
     return step
 
 
@@ -231,7 +235,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         loss_fn = loss or infer_loss(model, y)
 
     damage = {l.name: {} for l in layers}
-    step = _progress(len(layers) * len(candidates), verbose and method == "loss")
+    step = _progress(len(layers) * len(candidates), verbose)
     baseline = None
     if method == "loss":
         mean_loss = _loss_evaluator(model, loss_fn, x, y, batch_size)
@@ -259,8 +263,6 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         finally:
             for var, w in zip(_kernels(layer), originals):
                 var.assign(w)
-    if verbose and method == "loss":
-        sys.stdout.flush()
     return SensitivityReport(
         method=method, candidates=candidates, damage=damage,
         kernel_bytes={l.name: {b: kernel_bytes(l, b) for b in candidates} for l in layers},
