@@ -100,7 +100,9 @@ def _layer_options(layer, report: SensitivityReport, only: int | None = None) ->
     damage, worst = {}, 0.0
     for b in sorted(bits_all, reverse=True):
         worst = max(worst, measured.get(b, 0.0))
-        damage[b] = worst
+        # A measured difference of zero says "below the noise", not "free": on ties, the
+        # 1e-9 per missing bit makes the allocation spend budget it has on more bits.
+        damage[b] = worst + 1e-9 * (8 - b)
     options = {}
     for b in bits_all:
         cost = kernel_bytes(layer, b)

@@ -204,7 +204,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
 
     Args:
         model: a built tf_keras model (float; weights are restored afterwards).
-        data: ``(x, y)``; at most ``max_samples`` samples are used (default 1024 for
+        data: ``(x, y)``; at most ``max_samples`` samples are used (default 512 for
             "loss", 256 for "hessian": each probe back-propagates twice).
         candidates: bit widths to score (2..8).
         method: ``"loss"``, ``"hessian"`` or ``"sqnr"`` (see the module docstring).
@@ -227,7 +227,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         from keras_qx.export import check_samples
 
         if max_samples is None:
-            max_samples = 256 if method == "hessian" else 1024
+            max_samples = 256 if method == "hessian" else 512
         x = check_samples(data[0], model.input_shape[1:], "x")[:max_samples]
         y = np.asarray(data[1])[:max_samples]
         if len(y) != len(x):
