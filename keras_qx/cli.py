@@ -97,6 +97,7 @@ def _quantize(args) -> int:
     from keras_qx.sensitivity import infer_loss, sensitivity
     from keras_qx.summary import summary
 
+    parse_budget(args.budget)
     model, ((x, y), (xt, yt)) = _model_and_data(args)
     budget = parse_budget(args.budget, model)
     _say(f"sensitivity ({args.method})...")

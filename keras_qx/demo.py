@@ -41,8 +41,9 @@ def _float_tflite(model) -> bytes:
     return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
-def parse_budget(text: str, model) -> int:
-    """``"60000"`` (kernel bytes) or ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes)."""
+def parse_budget(text: str, model=None) -> int | None:
+    """``"60000"`` (kernel bytes) or ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes);
+    with ``model=None`` only the syntax is checked (fail before training, not after)."""
     from keras_qx.cost import kernel_bytes
     from keras_qx.sensitivity import quantizable_layers
 
@@ -52,6 +53,8 @@ def parse_budget(text: str, model) -> int:
             fraction = float(text[:-1])
             if not 0 < fraction <= 4:
                 raise ValueError
+            if model is None:
+                return None
             return int(fraction * sum(kernel_bytes(l, 8) for l in quantizable_layers(model)))
         value = int(text)
         if value <= 0:
@@ -81,6 +84,8 @@ def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, 
     from keras_qx.allocate import auto_policy
 
     say = print_fn or (lambda *_: None)
+    if policy is None:
+        parse_budget(budget)
     model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say("[1/4] " + s))
     if policy is None:
         budget_bytes = parse_budget(budget, model)
