@@ -11,12 +11,13 @@ Example:
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from keras_qx import configs, cost, quantizers, registry
-from keras_qx.allocate import auto_policy
+from keras_qx.allocate import InfeasibleBudget, auto_policy
 from keras_qx.annotate import annotate
 from keras_qx.evaluate import evaluate_tflite
 from keras_qx.export import ExportError, export_tflite
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.ptq import ptq
+from keras_qx.pareto import ParetoResult, pareto
 from keras_qx.quantize import quantize
 from keras_qx.sensitivity import SensitivityReport, sensitivity
 from keras_qx.saving import load_model, quantize_scope
@@ -35,6 +36,9 @@ __all__ = [
     "ExportError",
     "annotate",
     "auto_policy",
+    "InfeasibleBudget",
+    "pareto",
+    "ParetoResult",
     "sensitivity",
     "SensitivityReport",
     "quantize",

@@ -5,8 +5,9 @@ tied layers) to minimise the summed sensitivity subject to the summed kernel byt
 shared cost model staying within the budget. It is solved exactly by dynamic programming
 over layers on the Pareto frontier of (bytes, damage) partial solutions: a partial solution
 that costs more and damages more than another can never be part of an optimum, so pruning
-them loses nothing. (Past ``max_states`` frontier points, costs are bucketed and the result
-is optimal up to that bucket width, which the result reports.)
+them loses nothing. (Past ``max_states`` frontier points, the frontier is thinned to the
+best point per cost bucket; the result is then approximate, and says so in
+``resolution_bytes``. Models of up to a few hundred layers stay exact.)
 
 Example:
     >>> policy = qx.auto_policy(model, (x, y), compression=6)       # doctest: +SKIP
@@ -24,7 +25,16 @@ from keras_qx.cost import kernel_bytes, kernel_params
 from keras_qx.policy import Policy, PolicyError
 from keras_qx.sensitivity import SensitivityReport, quantizable_layers, sensitivity
 
-__all__ = ["Allocation", "allocate", "auto_policy", "find_ties", "budget_from"]
+__all__ = ["Allocation", "InfeasibleBudget", "allocate", "auto_policy", "find_ties", "budget_from",
+           "layer_options"]
+
+
+class InfeasibleBudget(PolicyError):
+    """No assignment of the candidate bit widths fits the budget; ``minimum_bytes`` would."""
+
+    def __init__(self, message: str, budget_bytes: int, minimum_bytes: int):
+        super().__init__(message)
+        self.budget_bytes, self.minimum_bytes = budget_bytes, minimum_bytes
 
 
 @dataclass
@@ -72,22 +82,25 @@ def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
                 best = point[1]
         if len(frontier) > max_states:
             resolution = max(resolution, math.ceil(budget_bytes / max_states))
-            bucketed = {}
+            # Keep each bucket's cheapest point (feasibility) and its least damaging (quality).
+            ends = {}
             for point in frontier:
-                bucketed.setdefault(point[0] // resolution, point)
-            frontier = list(bucketed.values())
+                key = point[0] // resolution
+                ends[key] = (ends.get(key, (point,))[0], point)
+            frontier = sorted({p for pair in ends.values() for p in pair})
         if not frontier:
             minimum = sum(min(o[0] for o in opts) for opts in unit_options)
-            raise PolicyError(
+            raise InfeasibleBudget(
                 f"no allocation fits {budget_bytes:,} kernel bytes: the smallest possible at these "
                 f"candidates is {minimum:,} bytes (4-bit INT4 packing is the smallest the TFLite "
-                "exporter stores). Raise the budget, or keep fewer layers at 8 bits.")
+                "exporter stores). Raise the budget, or keep fewer layers at 8 bits.",
+                budget_bytes, minimum)
     cost, damage, choices = min(frontier, key=lambda p: (p[1], p[0]))
     bits = {n: b for group, b in zip(units, choices) for n in group}
     return Allocation({n: bits[n] for n in options}, cost, damage, budget_bytes, resolution)
 
 
-def _layer_options(layer, report: SensitivityReport, only: int | None = None) -> dict:
+def layer_options(layer, report: SensitivityReport, only: int | None = None) -> dict:
     """``{bits: (kernel bytes, damage)}`` for one layer.
 
     Damage is made monotone (fewer bits never damage less: a lower measurement is noise) and
@@ -144,17 +157,18 @@ def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> i
     if len(given) != 1:
         raise ValueError(f"give exactly one of budget_bytes, compression, avg_bits (got {given or 'none'}).")
     params = sum(kernel_params(l) for l in layers)
+
+    def number(value, name, low, high, what):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"{name} must be {what}, got {value!r}.")
+        return value
+
     if budget_bytes is not None:
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or budget_bytes <= 0:
-            raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}.")
-        return int(budget_bytes)
+        return int(number(budget_bytes, "budget_bytes", 1, 2**53, "a positive number of bytes"))
     if compression is not None:
-        if not isinstance(compression, (int, float)) or compression < 1:
-            raise ValueError(f"compression must be >= 1 (float32 kernel bytes / budget), got {compression!r}.")
-        return int(4 * params / compression)
-    if not isinstance(avg_bits, (int, float)) or not 1 <= avg_bits <= 32:
-        raise ValueError(f"avg_bits must be in 1..32, got {avg_bits!r}.")
-    return int(params * avg_bits / 8)
+        return int(4 * params / number(compression, "compression", 1, 1e6,
+                                       "a ratio >= 1 (float32 kernel bytes / budget)"))
+    return int(params * number(avg_bits, "avg_bits", 1, 32, "a number of bits in 1..32") / 8)
 
 
 def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bits=None,
@@ -185,7 +199,7 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
     missing = [n for n in names if n not in report.damage]
     if missing:
         raise ValueError(f"the sensitivity report lacks layer(s) {missing}; it was made for another model.")
-    options = {n: _layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
+    options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
     tie_groups = find_ties(model) if ties == "auto" else list(ties or [])
     result = allocate(options, budget, tie_groups)
     int8 = sum(kernel_bytes(l, 8) for l in layers)

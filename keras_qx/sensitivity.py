@@ -166,7 +166,7 @@ def _loss_evaluator(model, loss_fn, x, y, batch_size):
 
     @tf.function(reduce_retracing=True)
     def batch_loss(xb, yb):
-        return loss_fn(yb, model(xb, training=False))
+        return tf.reduce_mean(loss_fn(yb, model(xb, training=False)))  # loss functions give per-sample
 
     def mean_loss():
         return sum(float(batch_loss(xb, yb)) * len(xb) for xb, yb in batches) / len(x)
@@ -185,7 +185,7 @@ def _hessian_traces(model, layers, loss_fn, x, y, probes: int, seed: int) -> dic
     def v_hessian_v(vs):
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
-                loss = loss_fn(y, model(x, training=False))
+                loss = tf.reduce_mean(loss_fn(y, model(x, training=False)))
             grads = inner.gradient(loss, kernels)
             gv = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vs)])
         return [tf.reduce_sum(hv * v) for hv, v in zip(outer.gradient(gv, kernels), vs)]
@@ -228,11 +228,12 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
 
         if max_samples is None:
             max_samples = 256 if method == "hessian" else 512
-        x = check_samples(data[0], model.input_shape[1:], "x")[:max_samples]
-        y = np.asarray(data[1])[:max_samples]
+        x = check_samples(data[0], model.input_shape[1:], "x")
+        y = np.asarray(data[1])
         if len(y) != len(x):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)} targets.")
-        loss_fn = loss or infer_loss(model, y)
+        x, y = x[:max_samples], y[:max_samples]
+        loss_fn = keras.losses.get(loss) if loss is not None else infer_loss(model, y)
 
     damage = {l.name: {} for l in layers}
     step = _progress(len(layers) * len(candidates), verbose)

@@ -41,8 +41,6 @@ def test_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_quantize_verb_writes_policy_tflite_and_report(tmp_path, capsys):
-    import json
-
     import keras_qx as qx
     from keras_qx.tflite import inspect_tflite
 

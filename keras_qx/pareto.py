@@ -1,0 +1,332 @@
+"""``qx.pareto``: does ``auto_policy`` beat random bit mixes and uniform bits at the same size?
+
+One sensitivity report is computed and reused; for each size budget the auto policy and
+``random_mixes`` random per-layer assignments of the same (cost-model) size, plus each
+uniform weight width, are quantized, QAT-trained, exported to TFLite and evaluated. Every
+row records the kernel bytes really stored in the file next to the cost model's prediction.
+
+Example:
+    >>> result = qx.pareto(model, (x_train, y_train), (x_test, y_test))   # doctest: +SKIP
+    >>> result.table(); result.plot("pareto.png")                          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from keras_qx._compat import keras
+from keras_qx.allocate import InfeasibleBudget, auto_policy, find_ties, layer_options
+from keras_qx.cost import kernel_bytes
+from keras_qx.evaluate import evaluate_tflite
+from keras_qx.export import ExportError, export_tflite, write_atomic
+from keras_qx.policy import Policy
+from keras_qx.quantize import quantize
+from keras_qx.quantizers import WEIGHT_BITS, check_bits
+from keras_qx.sensitivity import SensitivityReport, infer_loss, quantizable_layers, sensitivity
+
+__all__ = ["pareto", "ParetoResult", "file_kernel_bytes"]
+
+WINDOW = 0.85  # random mixes aim for [WINDOW * budget, budget] kernel bytes
+MAX_TRIES = 2000  # rejection-sampling draws per random mix
+BATCH = 64
+LATENCY_RUNS = 20
+
+
+def file_kernel_bytes(tflite_model) -> int:
+    """Bytes of the kernel tensors (constant tensors of rank >= 2) in an exported file."""
+    return sum(w[3] for w in tflite_model.report.info.weights if len(w[2]) >= 2)
+
+
+def _budget_label(budget) -> str:
+    return f"{budget:.2f}x" if isinstance(budget, float) or budget == 1 else f"{budget:,} B"
+
+
+def _check_budgets(budgets) -> list:
+    if isinstance(budgets, (int, float)) or not isinstance(budgets, (tuple, list)) or not budgets:
+        raise ValueError(f"budgets must be a non-empty tuple of fractions of the int8 kernel bytes "
+                         f"(0 < f <= 1) or byte counts (ints > 1), got {budgets!r}.")
+    out = []
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)) or not math.isfinite(b):
+            raise ValueError(f"budget {b!r} is not a number; give fractions (0 < f <= 1) or byte counts (ints > 1).")
+        if isinstance(b, (int, np.integer)) and b > 1:
+            out.append(int(b))
+        elif 0 < b <= 1:
+            out.append(float(b))
+        else:
+            raise ValueError(f"budget {b!r} is out of range: a fraction of the int8 kernel bytes must be "
+                             "0 < f <= 1, and a byte budget must be an int > 1.")
+    dupes = sorted({b for b in out if out.count(b) > 1})
+    if dupes:
+        raise ValueError(f"budgets {dupes} are given more than once.")
+    return out
+
+
+def _check_data(data, what: str):
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError(f"{what} must be a tuple (x, y) of samples and labels, got {type(data).__name__}.")
+    x, y = np.asarray(data[0]), np.asarray(data[1])
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{what} has {len(x)} samples and {len(y)} labels; they must match and be > 0.")
+    return x, y
+
+
+@dataclass
+class ParetoResult:
+    """Rows (one per trained variant) and budgets that were skipped, with why."""
+
+    rows: list
+    skipped: list  # [(budget, reason)]
+    int8_kernel_bytes: int
+    method: str
+    seconds: float
+    report: SensitivityReport | None = field(default=None, repr=False)
+
+    def _by_budget(self):
+        budgets = []
+        for r in self.rows:
+            if r["kind"] != "uniform" and r["budget"] not in budgets:
+                budgets.append(r["budget"])
+        return budgets
+
+    def summary_lines(self) -> list[str]:
+        """Per budget: auto accuracy vs the random mixes and the uniform widths that fit."""
+        lines = []
+        uniform = [r for r in self.rows if r["kind"] == "uniform"]
+        for budget in self._by_budget():
+            rows = [r for r in self.rows if r["kind"] != "uniform" and r["budget"] == budget]
+            auto = next((r for r in rows if r["kind"] == "auto"), None)
+            cap = rows[0]["budget_bytes"]
+            parts = [f"**{_budget_label(budget)}** ({cap:,} B):"]
+            if auto is not None:
+                parts.append(f"auto {auto['accuracy']:.2%} ({auto['kernel_bytes']:,} B)")
+            rand = [r["accuracy"] for r in rows if r["kind"] == "random"]
+            if rand:
+                delta = f"; auto {auto['accuracy'] - np.mean(rand):+.2%} vs mean" if auto else ""
+                parts.append(f"| random (n={len(rand)}) mean {np.mean(rand):.2%}, min {min(rand):.2%}, "
+                             f"max {max(rand):.2%}{delta}")
+            fits = [r for r in uniform if r["kernel_bytes"] <= cap]
+            if fits:
+                parts.append("| uniform within budget: " + ", ".join(
+                    f"{r['label']} {r['accuracy']:.2%} ({r['kernel_bytes']:,} B)" for r in fits))
+            else:
+                parts.append("| no uniform width fits")
+            lines.append("- " + " ".join(parts))
+        for budget, reason in self.skipped:
+            where = "uniform" if budget is None else _budget_label(budget)
+            lines.append(f"- **{where}** skipped: {reason}")
+        return lines
+
+    def table(self, print_fn=print) -> str:
+        """Markdown table of the rows, then the per-budget summary."""
+        out = ["| variant | budget | kernel bytes | file bytes | gzip bytes | accuracy | bits |",
+               "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            budget = "—" if r["budget_bytes"] is None else f"{r['budget_bytes']:,}"
+            bits = " ".join(f"{n}:{b}" for n, b in r["bits"].items())
+            out.append(f"| {r['label']} | {budget} | {r['kernel_bytes']:,} | {r['size_bytes']:,} | "
+                       f"{r['gzip_bytes']:,} | {r['accuracy']:.2%} | {bits} |")
+        out += ["", f"Budgets are kernel bytes vs uniform int8 ({self.int8_kernel_bytes:,} B); "
+                    f"sensitivity method {self.method!r}; {self.seconds:.0f} s.", ""]
+        out += self.summary_lines()
+        text = "\n".join(out)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def to_dict(self) -> dict:
+        return {"rows": [dict(r, bits=dict(r["bits"])) for r in self.rows],
+                "skipped": [{"budget": b, "reason": reason} for b, reason in self.skipped],
+                "int8_kernel_bytes": self.int8_kernel_bytes, "method": self.method,
+                "seconds": self.seconds,
+                "sensitivity": self.report.to_dict() if self.report is not None else None}
+
+    def plot(self, path=None, ax=None):
+        """Accuracy vs kernel bytes: auto line, uniform squares, random grey dots, budget lines."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+        rand = [r for r in self.rows if r["kind"] == "random"]
+        if rand:
+            ax.scatter([r["kernel_bytes"] for r in rand], [100 * r["accuracy"] for r in rand], s=12,
+                       color="0.6", label="random mixes", zorder=2)
+        auto = sorted((r for r in self.rows if r["kind"] == "auto"), key=lambda r: r["kernel_bytes"])
+        if auto:
+            ax.plot([r["kernel_bytes"] for r in auto], [100 * r["accuracy"] for r in auto], "o-",
+                    color="C0", label="auto_policy", zorder=3)
+        uniform = [r for r in self.rows if r["kind"] == "uniform"]
+        if uniform:
+            ax.scatter([r["kernel_bytes"] for r in uniform], [100 * r["accuracy"] for r in uniform], marker="s",
+                       s=45, color="C3", label="uniform", zorder=4)
+            for r in uniform:
+                ax.annotate(r["label"], (r["kernel_bytes"], 100 * r["accuracy"]), textcoords="offset points",
+                            xytext=(5, 5), fontsize=8)
+        caps = sorted({r["budget_bytes"] for r in self.rows if r["budget_bytes"] is not None})
+        for i, cap in enumerate(caps):
+            ax.axvline(cap, linestyle="--", color="0.75", linewidth=1, zorder=1,
+                       label="budgets" if i == 0 else None)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xlabel("kernel bytes in the TFLite file")
+        ax.set_ylabel("TFLite test accuracy (%)")
+        ax.set_title(f"Accuracy vs size (int8 = {self.int8_kernel_bytes:,} kernel bytes)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        if fig is not None:
+            fig.tight_layout()
+            if path is not None:
+                buf = io.BytesIO()
+                fig.savefig(buf, format="png", dpi=120)
+                write_atomic(path, buf.getvalue())
+            plt.close(fig)
+        return ax
+
+
+def _random_mix(rng, units, options, budget: int, seen: set):
+    """One random assignment within ``budget``: uniformly per unit (a layer or a tied group)
+    from its non-dominated widths, rejection-sampled into [WINDOW * budget, budget].
+
+    Preference: a new assignment in the window, then one already drawn (``seen``) in the
+    window, then the largest new one below it, then the largest seen one.
+    Returns (bits, cost, in_window) or None if no draw fitted.
+    """
+    best = {}  # (in_window, new) -> (choice, cost)
+    for _ in range(MAX_TRIES):
+        choice = {}
+        for group, widths in units:
+            b = int(widths[rng.integers(len(widths))])
+            choice.update({n: b for n in group})
+        cost = sum(options[n][b][0] for n, b in choice.items())
+        if cost > budget:
+            continue
+        slot = (cost >= WINDOW * budget, tuple(sorted(choice.items())) not in seen)
+        if slot == (True, True):
+            return choice, cost, True
+        if slot not in best or cost > best[slot][1]:
+            best[slot] = (choice, cost)
+    for slot in ((True, False), (False, True), (False, False)):
+        if slot in best:
+            return (*best[slot], slot[0])
+    return None
+
+
+def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *,
+           candidates: Sequence[int] = (2, 4, 8), method: str = "loss", qat_epochs: int = 2,
+           random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), representative=None, seed: int = 0,
+           keep: Sequence[str] = (), print_fn=print, report: SensitivityReport | None = None) -> ParetoResult:
+    """Sweep size budgets: auto policy vs random mixes vs uniform bits, each QAT-trained and exported.
+
+    Args:
+        model: a trained float tf_keras model.
+        train_data / test_data: ``(x, y)``; QAT and the sensitivity use train, accuracy is
+            the TFLite model's on test.
+        budgets: fractions (0 < f <= 1) of the uniform-int8 kernel bytes, or ints > 1 as
+            kernel bytes. A budget below the smallest possible size is skipped, with the reason.
+        candidates / method: for ``qx.sensitivity`` (ignored when ``report`` is given).
+        qat_epochs: QAT epochs per variant (Adam 1e-4, batch 64).
+        random_mixes: random assignments per budget; uniform: weight widths of the uniform rows.
+        representative: export calibration samples (default ``x_train[:300]``).
+        keep: layer names held at 8 bits by auto and random variants.
+        print_fn: one progress line per variant; None is silent.
+
+    Returns:
+        :class:`ParetoResult`.
+    """
+    start = time.perf_counter()
+    budgets = _check_budgets(budgets)
+    x_train, y_train = _check_data(train_data, "train_data")
+    x_test, y_test = _check_data(test_data, "test_data")
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}.")
+    if isinstance(random_mixes, bool) or not isinstance(random_mixes, int) or random_mixes < 0:
+        raise ValueError(f"random_mixes must be an int >= 0, got {random_mixes!r}.")
+    if isinstance(uniform, int) or not isinstance(uniform, (tuple, list)):
+        raise ValueError(f"uniform must be a tuple of weight bit widths, got {uniform!r}.")
+    uniform = [check_bits(b, "uniform weight bits", WEIGHT_BITS) for b in uniform]
+    say = print_fn or (lambda *_: None)
+
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no Dense/Conv layers to quantize.")
+    names = [l.name for l in layers]
+    unknown = [n for n in keep if n not in names]
+    if unknown:
+        raise ValueError(f"keep names layer(s) {unknown} that are not quantizable layers of the model: {names}.")
+    int8 = sum(kernel_bytes(l, 8) for l in layers)
+    if report is None:
+        say(f"sensitivity ({method}) of {len(layers)} layers...")
+        report = sensitivity(model, (x_train, y_train), candidates, method=method, seed=seed, verbose=False)
+        say(f"      done in {report.seconds:.1f}s")
+
+    # Plan every variant first (cheap), so progress can count them.
+    plan, skipped = [], []  # plan: (kind, label, budget, budget_bytes, bits or Policy)
+    for b in uniform:
+        policy = Policy.uniform(weight_bits=b)
+        plan.append(("uniform", f"W{b}", None, None, {n: b for n in names}, policy))
+    options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
+    ties = [g for g in find_ties(model) if all(n in options for n in g)]
+    tied = {n for g in ties for n in g}
+    units = [(g, sorted(set.intersection(*(set(options[n]) for n in g)))) for g in ties]
+    units += [([n], sorted(options[n])) for n in names if n not in tied]
+    rng = np.random.default_rng(seed)
+    for budget in budgets:
+        cap = int(budget * int8) if isinstance(budget, float) else budget
+        label = _budget_label(budget)
+        try:
+            policy = auto_policy(model, report=report, budget_bytes=cap, keep=keep, verbose=False)
+        except InfeasibleBudget as err:
+            skipped.append((budget, str(err)))
+            say(f"skip {label} ({cap:,} kernel bytes): {err}")
+            continue
+        auto_bits = {n: s["weight_bits"] for n, s in policy.layers.items()}
+        plan.append(("auto", f"auto @ {label}", budget, cap, auto_bits, policy))
+        seen = set()
+        for i in range(random_mixes):
+            found = _random_mix(rng, units, options, cap, seen)
+            if found is None:
+                reason = f"random mix {i + 1}: no random assignment fits in {MAX_TRIES} draws"
+                skipped.append((budget, reason))
+                say(f"skip {label}: {reason}")
+                break
+            bits, cost, in_window = found
+            seen.add(tuple(sorted(bits.items())))
+            if not in_window:
+                say(f"note {label}: random mix {i + 1} is {cost:,} B, below {WINDOW:.0%} of the budget")
+            policy = Policy(default={"weight_bits": 8, "activation_bits": 8},
+                            layers={n: {"weight_bits": b} for n, b in bits.items()})
+            plan.append(("random", f"random {i + 1} @ {label}", budget, cap, bits, policy))
+
+    rows = []
+    by_name = dict(zip(names, layers))
+    for step, (kind, label, budget, cap, bits, policy) in enumerate(plan, 1):
+        keras.utils.set_random_seed(seed)
+        qat = quantize(model, policy)
+        qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
+        if qat_epochs:
+            qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
+        try:
+            tfl = export_tflite(qat, x_train[:300] if representative is None else representative)
+        except ExportError as err:
+            skipped.append((budget, f"{label}: {err}"))
+            say(f"[{step}/{len(plan)}] {label}: export failed: {err}")
+            continue
+        metrics = evaluate_tflite(tfl, x_test, y_test, latency_runs=LATENCY_RUNS)
+        row = {"kind": kind, "label": label, "budget": budget, "budget_bytes": cap,
+               "kernel_bytes": file_kernel_bytes(tfl),
+               "predicted_kernel_bytes": sum(kernel_bytes(by_name[n], b) for n, b in bits.items()),
+               "size_bytes": metrics["size_bytes"], "gzip_bytes": metrics["gzip_bytes"],
+               "accuracy": metrics["accuracy"], "bits": dict(bits)}
+        rows.append(row)
+        say(f"[{step}/{len(plan)}] {label}: acc {row['accuracy']:.1%}, {row['kernel_bytes']:,} kernel bytes")
+        del qat, tfl
+    return ParetoResult(rows, skipped, int8, report.method, time.perf_counter() - start, report)
