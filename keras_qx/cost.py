@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from keras_qx.configs import kernel_kind
 
-__all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "LayerCost", "layer_cost"]
+__all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "macs", "bops", "LayerCost",
+           "layer_cost"]
 
 FLOAT_BITS = 32
 
@@ -48,6 +49,23 @@ def bias_params(layer) -> int:
 
 def kernel_bytes(layer, weight_bits: int | None) -> int:
     return math.ceil(kernel_params(layer) * storage_bits(layer, weight_bits) / 8)
+
+
+def macs(layer) -> int:
+    """Multiply-accumulates per sample: each kernel value is used once per output position
+    (Dense: once; Conv: once per output pixel; depthwise: the same)."""
+    if kernel_kind(layer) is None:
+        return 0
+    shape = layer.output_shape
+    positions = 1
+    for dim in (shape[1:-1] if len(shape) > 2 else ()):
+        positions *= int(dim or 1)
+    return kernel_params(layer) * positions
+
+
+def bops(layer, weight_bits: int, activation_bits: int = 8) -> int:
+    """Bit operations per sample (HAWQ-V3's BOPs): MACs x weight bits x activation bits."""
+    return macs(layer) * weight_bits * activation_bits
 
 
 @dataclass(frozen=True)

@@ -421,3 +421,19 @@ def test_export_matches_predicted_bytes(trained_cnn, digits):
     assert total <= budget
     assert total == predicted
     assert len(tfl.report.info.int4_tensors) == sum(b == 4 for b in bits.values())
+
+
+def test_macs_and_bops_against_hand_counts():
+    from keras_qx.cost import bops, macs
+
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3, padding="same")
+    dw = keras.layers.DepthwiseConv2D(3)
+    dense = keras.layers.Dense(5)
+    x = dw(conv(inputs))
+    keras.Model(inputs, dense(keras.layers.Flatten()(x)))
+    assert macs(conv) == 8 * 8 * (3 * 3 * 3 * 4)
+    assert macs(dw) == 6 * 6 * (3 * 3 * 4)
+    assert macs(dense) == 6 * 6 * 4 * 5
+    assert bops(dense, 4, 8) == macs(dense) * 32
+    assert macs(keras.layers.ReLU()) == 0
