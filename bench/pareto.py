@@ -64,13 +64,15 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=_budgets, default=(0.75, 0.6, 0.5, 0.3),
                    help="comma-separated fractions of int8 kernel bytes, or byte counts (default 0.75,0.6,0.5,0.3)")
     p.add_argument("--random", type=int, default=5, help="random mixes per budget (default 5)")
+    p.add_argument("--seeds", type=int, default=3, help="QAT runs per variant, accuracy averaged (default 3)")
     p.add_argument("--method", default="loss", help="sensitivity method: loss, hessian or sqnr (default loss)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default bench/results)")
     args = p.parse_args(argv)
     if args.epochs <= 0:
         p.error(f"--epochs must be > 0, got {args.epochs}")
-    if not os.path.isdir(args.out):
-        p.error(f"--out directory {args.out!r} does not exist")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    os.makedirs(args.out, exist_ok=True)
 
     start = time.perf_counter()
     (x_train, y_train), (x_test, y_test) = load_digits(seed=0)
@@ -80,18 +82,19 @@ def main(argv=None) -> int:
     float_acc = float(model.evaluate(x_test, y_test, verbose=0)[1])
     print(f"      float Keras test accuracy {float_acc:.2%} ({time.perf_counter() - start:.0f}s)", flush=True)
     result = pareto(model, (x_train, y_train), (x_test, y_test), args.budgets, method=args.method,
-                    qat_epochs=args.qat_epochs, random_mixes=args.random, seed=0,
+                    qat_epochs=args.qat_epochs, random_mixes=args.random, seed=0, seeds=args.seeds,
                     print_fn=lambda s: print(s, flush=True))
     total = time.perf_counter() - start
 
-    rerun = "cd /work/main && /work/venv/bin/python bench/pareto.py" + "".join(
+    rerun = "python bench/pareto.py" + "".join(
         " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     machine = (f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} CPUs, Python {platform.python_version()}; TF {tf.__version__}, "
                f"tfmot {tfmot.__version__}; total {total:.0f} s (sweep {result.seconds:.0f} s).")
     setup = (f"Digits CNN, float {args.epochs:g} epochs (Keras test accuracy {float_acc:.2%}); each variant: "
              f"`qx.quantize` + {args.qat_epochs} QAT epochs (Adam 1e-4, batch 64) + `qx.export_tflite` "
-             f"(300 calibration samples) + `qx.evaluate_tflite` on {len(x_test)} test images. Random mixes: "
+             f"(300 calibration samples) + `qx.evaluate_tflite` on {len(x_test)} test images; accuracy is the "
+             f"mean of {args.seeds} QAT seeds (identical assignments run once). Random mixes: "
              f"per layer uniformly from its non-dominated widths, rejection-sampled into [0.85, 1] x budget "
              f"(cost model), else the largest found within it. Kernel bytes: rank>=2 constant tensors "
              f"in the file.")

@@ -223,7 +223,8 @@ def _random_mix(rng, units, options, budget: int, seen: set):
 def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *,
            candidates: Sequence[int] = (2, 4, 8), method: str = "loss", qat_epochs: int = 2,
            random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), representative=None, seed: int = 0,
-           keep: Sequence[str] = (), print_fn=print, report: SensitivityReport | None = None) -> ParetoResult:
+           keep: Sequence[str] = (), seeds: int = 1, print_fn=print,
+           report: SensitivityReport | None = None) -> ParetoResult:
     """Sweep size budgets: auto policy vs random mixes vs uniform bits, each QAT-trained and exported.
 
     Args:
@@ -237,6 +238,9 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
         random_mixes: random assignments per budget; uniform: weight widths of the uniform rows.
         representative: export calibration samples (default ``x_train[:300]``).
         keep: layer names held at 8 bits by auto and random variants.
+        seeds: QAT runs per variant (seeds ``seed .. seed + seeds - 1``); accuracy is their
+            mean. One run's accuracy on a small test set moves by a sample or two between
+            seeds, so compare variants with several. Identical bit assignments run once.
         print_fn: one progress line per variant; None is silent.
 
     Returns:
@@ -248,6 +252,8 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
     x_test, y_test = _check_data(test_data, "test_data")
     if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
         raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}.")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}.")
     if isinstance(random_mixes, bool) or not isinstance(random_mixes, int) or random_mixes < 0:
         raise ValueError(f"random_mixes must be an int >= 0, got {random_mixes!r}.")
     if isinstance(uniform, int) or not isinstance(uniform, (tuple, list)):
@@ -308,25 +314,36 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
 
     rows = []
     by_name = dict(zip(names, layers))
-    for step, (kind, label, budget, cap, bits, policy) in enumerate(plan, 1):
-        keras.utils.set_random_seed(seed)
-        qat = quantize(model, policy)
-        qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
-        if qat_epochs:
-            qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
-        try:
+    measured = {}  # bits -> (metrics, kernel bytes, accuracies): identical assignments run once
+
+    def run(policy):
+        accuracies, metrics, tfl = [], None, None
+        for s in range(seed, seed + seeds):
+            keras.utils.set_random_seed(s)
+            qat = quantize(model, policy)
+            qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
+            if qat_epochs:
+                qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
             tfl = export_tflite(qat, x_train[:300] if representative is None else representative)
-        except ExportError as err:
-            skipped.append((budget, f"{label}: {err}"))
-            say(f"[{step}/{len(plan)}] {label}: export failed: {err}")
-            continue
-        metrics = evaluate_tflite(tfl, x_test, y_test, latency_runs=LATENCY_RUNS)
+            metrics = evaluate_tflite(tfl, x_test, y_test, latency_runs=LATENCY_RUNS)
+            accuracies.append(metrics["accuracy"])
+        return metrics, file_kernel_bytes(tfl), accuracies
+
+    for step, (kind, label, budget, cap, bits, policy) in enumerate(plan, 1):
+        key = tuple(sorted(bits.items()))
+        if key not in measured:
+            try:
+                measured[key] = run(policy)
+            except ExportError as err:
+                skipped.append((budget, f"{label}: {err}"))
+                say(f"[{step}/{len(plan)}] {label}: export failed: {err}")
+                continue
+        metrics, file_kernels, accuracies = measured[key]
         row = {"kind": kind, "label": label, "budget": budget, "budget_bytes": cap,
-               "kernel_bytes": file_kernel_bytes(tfl),
+               "kernel_bytes": file_kernels,
                "predicted_kernel_bytes": sum(kernel_bytes(by_name[n], b) for n, b in bits.items()),
                "size_bytes": metrics["size_bytes"], "gzip_bytes": metrics["gzip_bytes"],
-               "accuracy": metrics["accuracy"], "bits": dict(bits)}
+               "accuracy": float(np.mean(accuracies)), "accuracies": accuracies, "bits": dict(bits)}
         rows.append(row)
-        say(f"[{step}/{len(plan)}] {label}: acc {row['accuracy']:.1%}, {row['kernel_bytes']:,} kernel bytes")
-        del qat, tfl
+        say(f"[{step}/{len(plan)}] {label}: acc {row['accuracy']:.2%}, {row['kernel_bytes']:,} kernel bytes")
     return ParetoResult(rows, skipped, int8, report.method, time.perf_counter() - start, report)
