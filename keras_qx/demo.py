@@ -86,7 +86,7 @@ def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, 
     say = print_fn or (lambda *_: None)
     if policy is None:
         parse_budget(budget)
-    model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say("[1/4] " + s))
+    model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say(s if s.startswith(" ") else "[1/4] " + s))
     if policy is None:
         budget_bytes = parse_budget(budget, model)
         say(f"      auto_policy: sensitivity + exact allocation under {budget_bytes:,} kernel bytes ({budget})")
