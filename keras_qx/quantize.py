@@ -13,6 +13,7 @@ from typing import Any
 from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.annotate import annotation_fields
 from keras_qx.configs import kernel_kind
+from keras_qx.flatten import flatten_nested
 from keras_qx.quantizers import WeightQuantizer
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
@@ -33,19 +34,16 @@ def _foreign(layer) -> bool:
 
 
 def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
-    """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged."""
+    """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged
+    (nested models are inlined first, as ``quantize`` does)."""
     check_model(model)
+    model = flatten_nested(model)
     policy = Policy.coerce(policy)
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     policy.check_against([_inner(l) for l in layers])
     specs = {}
     for layer in layers:
         inner = _inner(layer)
-        if isinstance(inner, keras.Model):
-            raise PolicyError(
-                f"layer {inner.name!r} is a model nested inside the model; tfmot cannot quantize "
-                "nested models. Rebuild the outer model from the inner model's layers."
-            )
         annotation = annotation_fields(layer.quantize_config) if inner is not layer else None
         specs[inner.name] = policy.spec_for(inner, annotation)
     return specs
@@ -65,6 +63,8 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         TypeError/ValueError: a Keras 3, subclassed or unbuilt model.
     """
     policy = Policy.coerce(policy)
+    check_model(model)
+    model = flatten_nested(model)
     specs = resolve(model, policy)
     unexportable = {n: s.activation_bits for n, s in specs.items()
                     if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}

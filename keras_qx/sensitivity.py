@@ -51,7 +51,9 @@ def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int
 def quantizable_layers(model) -> list:
     """Layers whose kernels the policy can set (kinds TFLite stores as integers)."""
     check_model(model)
-    return [l for l in model.layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
+    from keras_qx.flatten import flatten_nested
+
+    return [l for l in flatten_nested(model).layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
 
 
 def infer_loss(model, y):
