@@ -43,7 +43,9 @@ _L = keras.layers
 DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split SeparableConv2D
 
 # Output-only layers beyond tfmot's registry whose TFLite kernels take quantized inputs.
-_EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L.Minimum, _L.Average)
+# Measured: each converts to integer TFLite ops (MUL/ADD/SUB/MAXIMUM, LayerNorm's MEAN/RSQRT...).
+_EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L.Minimum, _L.Average,
+                 _L.Rescaling, _L.Normalization, _L.LayerNormalization, _L.UnitNormalization)
 _TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
 
 

@@ -46,3 +46,30 @@ def test_kind_exports_at_4_bits(kind, rng):
     packed = {"Dense": 1, "Conv1D": 1, "Conv2D": 1, "DepthwiseConv2D": 1, "SeparableConv2D": 2}
     assert len(info.int4_tensors) == packed.get(kind, 0)  # the 8-bit head is never INT4
     assert info.fully_integer == (kind != "Conv3D")  # TFLite has no integer CONV_3D
+
+
+OUTPUT_ONLY = {
+    "Rescaling": lambda x: L.Rescaling(1 / 255.0, offset=-0.5)(x),
+    "Normalization": lambda x: L.Normalization(mean=0.5, variance=0.1)(x),
+    "BatchNormalization (standalone)": lambda x: L.BatchNormalization()(L.ReLU()(x)),
+    "LayerNormalization": lambda x: L.LayerNormalization()(x),
+    "Multiply": lambda x: L.Multiply()([x, L.Conv2D(4, 1)(x)]),
+    "Subtract": lambda x: L.Subtract()([x, L.Conv2D(4, 1)(x)]),
+    "Maximum": lambda x: L.Maximum()([x, L.Conv2D(4, 1)(x)]),
+    "Minimum": lambda x: L.Minimum()([x, L.Conv2D(4, 1)(x)]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OUTPUT_ONLY))
+def test_output_only_layers_export_fully_integer(kind, rng):
+    """Layers tfmot's registry lacks: quantized at their output, every op integer in TFLite."""
+    inputs = keras.Input((8, 8, 4))
+    x = OUTPUT_ONLY[kind](L.Conv2D(4, 3, padding="same")(inputs))
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    qat = qx.quantize(model)
+    x_train = rng.random((64, 8, 8, 4)).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(x_train, rng.random((64, 3)), epochs=2, verbose=0)
+    tfl = qx.export_tflite(qat, x_train, min_agreement=0.8)
+    assert tfl.report.info.fully_integer, tfl.report.info.ops
+    assert tfl.report.mean_error_steps < 1.5 and tfl.report.max_error_steps <= 5
