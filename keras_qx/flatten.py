@@ -1,8 +1,12 @@
-"""Inline nested models: a Sequential/Functional model used as a layer becomes its layers.
+"""Rewrite a model into the layers tfmot can quantize, keeping names and weights.
 
-tfmot cannot quantize a model inside a model (ConvNeXt's stem and head, user backbones);
-``qx.quantize`` flattens them first. The layers (and their weights) are shared with the
-original model, not copied; the layer names are kept, so a policy can name inner layers.
+* Nested models (a Sequential/Functional model used as a layer: ConvNeXt's stem and head,
+  user backbones) are inlined: tfmot cannot quantize a model inside a model.
+* Raw TF calls recorded as ``TFOpLambda``/``SlicingOpLambda`` layers (``x + 3.0``,
+  ``tf.math.multiply``, slicing) become :class:`~keras_qx.tfop.TFOp` layers.
+
+``qx.quantize`` does this first. Layers (and weights) are shared with the original model, not
+copied, and keep their names, so a policy can name inner layers.
 
 Example:
     >>> flat = flatten_nested(model)      # doctest: +SKIP
@@ -19,8 +23,13 @@ def _is_graph(model) -> bool:
         getattr(model, "_is_graph_network", False) or isinstance(model, keras.Sequential))
 
 
+def _tf_op(layer) -> bool:
+    return type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda")
+
+
 def has_nested(model) -> bool:
-    return any(isinstance(layer, keras.Model) for layer in model.layers)
+    """True if ``model`` holds nested models or TF-op layers that need rewriting."""
+    return any(isinstance(layer, keras.Model) or _tf_op(layer) for layer in model.layers)
 
 
 def _apply(model, inputs):
@@ -52,6 +61,11 @@ def _call(layer, args, kwargs):
                             "Sequential or Functional models all the way down.")
         outputs = _apply(layer, tf.nest.flatten(args[0] if args else kwargs.get("inputs")))
         return outputs[0] if len(outputs) == 1 else outputs
+    if _tf_op(layer):
+        from keras_qx.tfop import from_tf_op_lambda
+
+        op, tensors = from_tf_op_lambda(layer, args, kwargs)
+        return op(tensors if len(tensors) > 1 else tensors[0])
     return layer(*args, **kwargs)
 
 

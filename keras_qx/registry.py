@@ -36,6 +36,7 @@ from keras_qx.configs import (
     kernel_kind,
 )
 from keras_qx.policy import LayerSpec
+from keras_qx.tfop import VALUE_PRESERVING, TFOp
 
 __all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
 
@@ -46,6 +47,10 @@ DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split Separab
 # Measured: each converts to integer TFLite ops (MUL/ADD/SUB/MAXIMUM, LayerNorm's MEAN/RSQRT...).
 _EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L.Minimum, _L.Average,
                  _L.Rescaling, _L.Normalization, _L.LayerNormalization, _L.UnitNormalization)
+# Layers of tf_keras.applications modules (not in keras.layers), by class name: True means
+# quantize the output (LayerScale: x * gamma), False leave alone (StochasticDepth: identity
+# at inference).
+_BY_NAME = {"LayerScale": True, "StochasticDepth": False}
 _TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
 
 
@@ -87,14 +92,16 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
     def supports_class(self, cls) -> bool:
         return bool(
             kernel_kind(cls)
+            or issubclass(cls, TFOp)
+            or cls.__name__ in _BY_NAME
             or issubclass(cls, _L.Activation)
             or issubclass(cls, _EXTRA_OUTPUT)
             or _tfmot_info(cls) is not None
         )
 
-    def config_for(self, name: str, cls, quantize_activation: bool = True):
+    def config_for(self, name: str, cls, quantize_activation: bool = True, symbol: str | None = None):
         """The config of layer ``name`` of class ``cls`` (``quantize_activation=False``:
-        its output is quantized further on, e.g. by a fused ReLU)."""
+        its output is quantized further on, e.g. by a fused ReLU; ``symbol``: a TFOp's op)."""
         spec = self.spec(name)
         kind = kernel_kind(cls)
         if kind is not None:
@@ -110,8 +117,12 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
             return NoOpQuantizeConfig()
         if issubclass(cls, _L.Activation):
             return ActivationQuantizeConfig(spec.activation_bits)
+        if cls.__name__ in _BY_NAME:
+            return OutputQuantizeConfig(spec.activation_bits) if _BY_NAME[cls.__name__] else NoOpQuantizeConfig()
         if issubclass(cls, _EXTRA_OUTPUT):
             return OutputQuantizeConfig(spec.activation_bits)
+        if issubclass(cls, TFOp):
+            return NoOpQuantizeConfig() if symbol in VALUE_PRESERVING else OutputQuantizeConfig(spec.activation_bits)
         info = _tfmot_info(cls)
         if info is not None and getattr(info, "quantize_output", False):
             return OutputQuantizeConfig(spec.activation_bits)
@@ -127,7 +138,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 f"keras_qx has no quantize config for layer {layer.name!r} ({type(layer).__name__}). "
                 f"Keep it float with policy layers {{{layer.name!r}: {{'quantize': false}}}}."
             )
-        return self.config_for(layer.name, type(layer))
+        return self.config_for(layer.name, type(layer), symbol=getattr(layer, "symbol", None))
 
 
 class _KernelReLU(t8.LayerReLUQuantize):
@@ -142,7 +153,8 @@ class _KernelReLU(t8.LayerReLUQuantize):
         if node.metadata.get("quantize_config") is None:
             cls = _layer_class(node.layer["class_name"])
             node.metadata["quantize_config"] = (
-                self.registry.config_for(node.layer["config"]["name"], cls, quantize_activation=False)
+                self.registry.config_for(node.layer["config"]["name"], cls, quantize_activation=False,
+                                         symbol=node.layer["config"].get("symbol"))
                 if cls is not None
                 else default_8bit_quantize_configs.NoOpQuantizeConfig()
             )
@@ -176,7 +188,8 @@ def _concat(base):
                         continue
                     if not self.registry.supports_class(cls):
                         return match_layer
-                    config = self.registry.config_for(feed.layer["config"]["name"], cls, False)
+                    config = self.registry.config_for(feed.layer["config"]["name"], cls, False,
+                                                      symbol=feed.layer["config"].get("symbol"))
                     feed.metadata["quantize_config"] = config
                 feed_configs.append(config)
             for config in feed_configs:
