@@ -102,7 +102,10 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     annotated = keras.models.clone_model(model, clone_function=wrap)
     if not any(isinstance(l, quantize_annotate.QuantizeAnnotate) for l in annotated.layers):
         raise PolicyError("the policy keeps every layer float; nothing to quantize.")
-    with quantize_scope():
+    # tfmot rebuilds the model from its config: make the model's own layer classes resolvable
+    # (custom layers need no registration).
+    own_classes = {type(_inner(l)).__name__: type(_inner(l)) for l in model.layers}
+    with quantize_scope(own_classes):
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
     _init_weight_ranges(qat)
     qat._qx_simulate_only = bool(unexportable)  # read by export_tflite
