@@ -30,7 +30,7 @@ def evaluate_tflite(model_bytes_or_path, x, y, *, latency_runs: int = 200, num_t
         latency_runs: single-sample invocations timed for the median latency (after warm-up).
 
     Returns:
-        ``{"accuracy", "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n"}``.
+        ``{"accuracy", "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n", "delegate"}``.
     """
     runner = TFLiteRunner(model_bytes_or_path, num_threads=num_threads)
     x = check_samples(x, runner.input_shape, "x")
@@ -54,4 +54,5 @@ def evaluate_tflite(model_bytes_or_path, x, y, *, latency_runs: int = 200, num_t
         "latency_ms": float(np.median(times) * 1e3),
         "latency_p90_ms": float(np.percentile(times, 90) * 1e3),
         "n": int(len(x)),
+        "delegate": runner.delegate,  # "xnnpack", or "builtin" where XNNPACK declined the graph
     }

@@ -108,11 +108,10 @@ class TFLiteRunner:
     """
 
     def __init__(self, model_or_path, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
-
         self.model = read_model(model_or_path)
-        self.interpreter = Interpreter(model_content=self.model, num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        self.num_threads = num_threads
+        self.delegate = "xnnpack"
+        self.interpreter = self._interpreter(with_xnnpack=True)
         inputs = self.interpreter.get_input_details()
         if len(inputs) != 1:
             raise ValueError(f"TFLiteRunner handles single-input models; this one has {len(inputs)} inputs.")
@@ -142,9 +141,28 @@ class TFLiteRunner:
         scale, zero = self.output["quantization"]
         return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
 
+    def _interpreter(self, with_xnnpack: bool):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        resolver = OpResolverType.AUTO if with_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        interpreter = Interpreter(model_content=self.model, num_threads=self.num_threads,
+                                  experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
+        return interpreter
+
     def invoke_one(self, sample) -> np.ndarray:
         self.interpreter.set_tensor(self.input["index"], self._quantize_input(sample[None]))
-        self.interpreter.invoke()
+        try:
+            self.interpreter.invoke()
+        except RuntimeError as err:
+            # XNNPACK declines some quantized graphs ("failed to create XNNPACK runtime");
+            # the built-in kernels run them. Latency then reflects the built-in kernels.
+            if self.delegate != "xnnpack" or "XNNPACK" not in str(err):
+                raise
+            self.delegate = "builtin"
+            self.interpreter = self._interpreter(with_xnnpack=False)
+            self.interpreter.set_tensor(self.input["index"], self._quantize_input(sample[None]))
+            self.interpreter.invoke()
         return self._dequantize_output(self.interpreter.get_tensor(self.output["index"]))[0]
 
     def predict(self, x) -> np.ndarray:
