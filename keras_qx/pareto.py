@@ -11,7 +11,6 @@ Example:
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from keras_qx._compat import keras
 from keras_qx.allocate import InfeasibleBudget, auto_policy, find_ties, layer_options
 from keras_qx.cost import kernel_bytes
 from keras_qx.evaluate import evaluate_tflite
-from keras_qx.export import ExportError, export_tflite, write_atomic
+from keras_qx.export import ExportError, export_tflite
 from keras_qx.policy import Policy
 from keras_qx.quantize import quantize
 from keras_qx.quantizers import WEIGHT_BITS, check_bits
@@ -148,15 +147,10 @@ class ParetoResult:
 
     def plot(self, path=None, ax=None):
         """Accuracy vs kernel bytes: auto line, uniform squares, random grey dots, budget lines."""
-        import matplotlib
+        from keras_qx.plotting import axes, finish
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig, ax = axes(ax, figsize=(7, 4.5))
         import matplotlib.ticker
-
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 4.5))
         rand = [r for r in self.rows if r["kind"] == "random"]
         if rand:
             ax.scatter([r["kernel_bytes"] for r in rand], [100 * r["accuracy"] for r in rand], s=12,
@@ -182,13 +176,7 @@ class ParetoResult:
         ax.set_title(f"Accuracy vs size (int8 = {self.int8_kernel_bytes:,} kernel bytes)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-        if fig is not None:
-            fig.tight_layout()
-            if path is not None:
-                buf = io.BytesIO()
-                fig.savefig(buf, format="png", dpi=120)
-                write_atomic(path, buf.getvalue())
-            plt.close(fig)
+        finish(fig, path)
         return ax
 
 

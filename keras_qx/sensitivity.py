@@ -116,14 +116,9 @@ class SensitivityReport:
 
     def plot(self, path=None, ax=None):
         """Grouped bars: one group per layer, one bar per bit width (log scale)."""
-        import matplotlib
+        from keras_qx.plotting import axes, finish
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(self.damage)), 3.5))
+        fig, ax = axes(ax, figsize=(max(5, 1.2 * len(self.damage)), 3.5))
         names = self.layers
         width = 0.8 / len(self.candidates)
         for i, bits in enumerate(self.candidates):
@@ -135,16 +130,7 @@ class SensitivityReport:
         ax.set_ylabel(f"damage ({self.method})")
         ax.legend()
         ax.set_title("Per-layer sensitivity")
-        if fig is not None:
-            fig.tight_layout()
-            if path is not None:
-                from keras_qx.export import write_atomic
-                import io
-
-                buf = io.BytesIO()
-                fig.savefig(buf, format="png", dpi=120)
-                write_atomic(path, buf.getvalue())
-            plt.close(fig)
+        finish(fig, path)
         return ax
 
 

@@ -1,0 +1,107 @@
+"""Coverage: one variant of every tf_keras.applications family, quantized by keras_qx and by
+tfmot's quantize_model, exported to int8 TFLite; fully integer? agreement with Keras? size.
+
+Run: python bench/coverage.py [FAMILY ...]   (all 16 take tens of minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def families():
+    from keras_qx._compat import keras
+
+    A = keras.applications
+    small = dict(weights=None, classes=10)
+    return {
+        "ConvNeXt": lambda: A.ConvNeXtTiny(input_shape=(32, 32, 3), **small),
+        "DenseNet": lambda: A.DenseNet121(input_shape=(32, 32, 3), **small),
+        "EfficientNet": lambda: A.EfficientNetB0(input_shape=(32, 32, 3), **small),
+        "EfficientNetV2": lambda: A.EfficientNetV2B0(input_shape=(32, 32, 3), **small),
+        "InceptionResNetV2": lambda: A.InceptionResNetV2(input_shape=(75, 75, 3), **small),
+        "InceptionV3": lambda: A.InceptionV3(input_shape=(75, 75, 3), **small),
+        "MobileNet": lambda: A.MobileNet(input_shape=(32, 32, 3), alpha=0.25, **small),
+        "MobileNetV2": lambda: A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, **small),
+        "MobileNetV3": lambda: A.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75, **small),
+        "NASNet": lambda: A.NASNetMobile(input_shape=(32, 32, 3), **small),
+        "RegNet": lambda: A.RegNetX002(input_shape=(32, 32, 3), **small),
+        "ResNet": lambda: A.ResNet50(input_shape=(32, 32, 3), **small),
+        "ResNetRS": lambda: A.ResNetRS50(input_shape=(32, 32, 3), **small),
+        "ResNetV2": lambda: A.ResNet50V2(input_shape=(32, 32, 3), **small),
+        "VGG": lambda: A.VGG16(input_shape=(32, 32, 3), **small),
+        "Xception": lambda: A.Xception(input_shape=(71, 71, 3), **small),
+    }
+
+
+def _one(family: str, tool: str, queue) -> None:
+    """Build, quantize (keras_qx or tfmot), one calibration step, export, verify."""
+    import numpy as np
+
+    import keras_qx as qx
+    from keras_qx._compat import tfmot
+
+    start = time.perf_counter()
+    try:
+        model = families()[family]()
+        x = np.random.default_rng(0).random((16, *model.input_shape[1:])).astype("float32")
+        qat = qx.quantize(model) if tool == "keras_qx" else tfmot.quantization.keras.quantize_model(model)
+        qat(x, training=True)  # set activation ranges (no training: weights are random)
+        tfl = qx.export_tflite(qat, x, min_agreement=0.0)
+        r = tfl.report
+        queue.put({"ok": True, "fully_integer": r.info.fully_integer, "float_ops": sorted(set(r.info.float_ops)),
+                   "mean_steps": r.mean_error_steps, "max_steps": r.max_error_steps,
+                   "bytes": len(tfl), "seconds": time.perf_counter() - start})
+    except Exception as err:  # report any failure as a row
+        queue.put({"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
+                   "seconds": time.perf_counter() - start})
+
+
+def run(family: str, tool: str, timeout: int = 900) -> dict:
+    """Each run in a fresh process: memory and Keras name state do not leak between models."""
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_one, args=(family, tool, queue))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        return {"ok": False, "error": f"timed out after {timeout}s"}
+    return queue.get() if not queue.empty() else {"ok": False, "error": f"crashed (exit {proc.exitcode})"}
+
+
+def _cell(r: dict) -> str:
+    if not r["ok"]:
+        return f"fails: {r['error']}"
+    integer = "yes" if r["fully_integer"] else "no (" + ", ".join(r["float_ops"]) + ")"
+    return f"{integer}; {r['mean_steps']:.2f} / {r['max_steps']:.0f} steps; {r['bytes']:,} B"
+
+
+def main(argv=None) -> int:
+    names = (argv if argv is not None else sys.argv[1:]) or list(families())
+    lines = ["| family | keras_qx: fully integer; output error mean / max (steps); file | tfmot quantize_model |",
+             "|---|---|---|"]
+    for name in names:
+        ours, theirs = run(name, "keras_qx"), run(name, "tfmot")
+        lines.append(f"| {name} | {_cell(ours)} | {_cell(theirs)} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    lines += ["", "Untrained models (weights=None) at small inputs; one training-mode pass on 16 random images "
+                  "sets the activation ranges; the error is TFLite vs the Keras QAT model on those images, in "
+                  "output quantization steps.",
+              f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py`"]
+    text = "\n".join(lines)
+    print(text)
+    if argv is None and not sys.argv[1:]:
+        from keras_qx.export import write_atomic
+
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        write_atomic(os.path.join(HERE, "results", "coverage.md"), ("# Coverage\n\n" + text + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
