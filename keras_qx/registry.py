@@ -48,9 +48,10 @@ DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split Separab
 _EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L.Minimum, _L.Average,
                  _L.Rescaling, _L.Normalization, _L.LayerNormalization, _L.UnitNormalization)
 # Layers of tf_keras.applications modules (not in keras.layers), by class name: True means
-# quantize the output (LayerScale: x * gamma), False leave alone (StochasticDepth: identity
-# at inference).
-_BY_NAME = {"LayerScale": True, "StochasticDepth": False}
+# quantize the output (LayerScale: x * gamma; CustomScaleLayer), False leave alone
+# (StochasticDepth: identity at inference).
+_BY_NAME = {"LayerScale": True, "StochasticDepth": False,
+            "CustomScaleLayer": True}  # InceptionResNetV2: a + b * scale
 _TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
 
 
