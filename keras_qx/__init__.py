@@ -19,6 +19,7 @@ from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.ptq import ptq
 from keras_qx.pareto import ParetoResult, pareto
 from keras_qx.quantize import quantize
+from keras_qx.registry import register_layer
 from keras_qx.sensitivity import SensitivityReport, sensitivity
 from keras_qx.saving import load_model, quantize_scope
 from keras_qx.summary import summary
@@ -42,6 +43,7 @@ __all__ = [
     "sensitivity",
     "SensitivityReport",
     "quantize",
+    "register_layer",
     "export_tflite",
     "evaluate_tflite",
     "ptq",

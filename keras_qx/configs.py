@@ -72,10 +72,13 @@ _KERNEL_KINDS = (
 )
 
 
+_CUSTOM_KINDS: list = []  # from keras_qx.registry.register_layer; checked first
+
+
 def kernel_kind(layer_or_type) -> KernelKind | None:
     """The :class:`KernelKind` of a layer (by isinstance), or None if it has no kernels."""
     cls = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
-    for kind in _KERNEL_KINDS:
+    for kind in (*_CUSTOM_KINDS, *_KERNEL_KINDS):
         if issubclass(cls, kind.layer_type):
             return kind
     return None

@@ -38,7 +38,7 @@ from keras_qx.configs import (
 from keras_qx.policy import LayerSpec
 from keras_qx.tfop import VALUE_PRESERVING, TFOp
 
-__all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
+__all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX", "register_layer"]
 
 _L = keras.layers
 DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split SeparableConv2D
@@ -53,6 +53,47 @@ _EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L
 _BY_NAME = {"LayerScale": True, "StochasticDepth": False,
             "CustomScaleLayer": True}  # InceptionResNetV2: a + b * scale
 _TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
+
+
+_CUSTOM_OUTPUT: dict = {}  # layer class -> quantize its output? (register_layer)
+
+
+def register_layer(layer_type: type, weight_attrs=(), quantize_output: bool = True,
+                   per_channel: bool = False, int4_export: bool = False) -> None:
+    """Teach keras_qx how to quantize your own layer class.
+
+    Args:
+        layer_type: the class (subclasses are covered too).
+        weight_attrs: attribute names of its kernels (e.g. ``["kernel"]``); they get the
+            policy's weight bits, and count in the cost model.
+        quantize_output: for a layer without kernels: quantize its output (arithmetic) or
+            leave it alone (value-preserving ops such as reshapes).
+        per_channel: per-output-channel kernel scales (last axis).
+        int4_export: whether the converter packs its 4-bit kernels as INT4 (check with
+            ``qx.inspect_tflite``); otherwise the cost model counts 8 bits.
+
+    Example:
+        >>> qx.register_layer(MyDense, weight_attrs=["kernel"])    # doctest: +SKIP
+        >>> qx.register_layer(MyScale)                              # doctest: +SKIP
+    """
+    from keras_qx.configs import _CUSTOM_KINDS, KernelKind
+
+    if not (isinstance(layer_type, type) and issubclass(layer_type, _L.Layer)):
+        raise TypeError(f"register_layer takes a tf_keras Layer class, got {layer_type!r}.")
+    weight_attrs = tuple(weight_attrs)
+    _CUSTOM_KINDS[:] = [k for k in _CUSTOM_KINDS if k.layer_type is not layer_type]
+    _CUSTOM_OUTPUT.pop(layer_type, None)
+    if weight_attrs:
+        _CUSTOM_KINDS.insert(0, KernelKind(layer_type, weight_attrs, per_channel, -1, int4_export))
+    else:
+        _CUSTOM_OUTPUT[layer_type] = bool(quantize_output)
+
+
+def _custom_output(cls):
+    for base in cls.__mro__:
+        if base in _CUSTOM_OUTPUT:
+            return _CUSTOM_OUTPUT[base]
+    return None
 
 
 def _tfmot_info(cls):
@@ -94,6 +135,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         return bool(
             kernel_kind(cls)
             or issubclass(cls, TFOp)
+            or _custom_output(cls) is not None
             or cls.__name__ in _BY_NAME
             or issubclass(cls, _L.Activation)
             or issubclass(cls, _EXTRA_OUTPUT)
@@ -118,6 +160,8 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
             return NoOpQuantizeConfig()
         if issubclass(cls, _L.Activation):
             return ActivationQuantizeConfig(spec.activation_bits)
+        if _custom_output(cls) is not None:
+            return OutputQuantizeConfig(spec.activation_bits) if _custom_output(cls) else NoOpQuantizeConfig()
         if cls.__name__ in _BY_NAME:
             return OutputQuantizeConfig(spec.activation_bits) if _BY_NAME[cls.__name__] else NoOpQuantizeConfig()
         if issubclass(cls, _EXTRA_OUTPUT):
