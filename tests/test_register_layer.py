@@ -1,5 +1,4 @@
 """Users register configs for their own layer types with qx.register_layer."""
-import numpy as np
 import pytest
 
 import keras_qx as qx
