@@ -40,6 +40,15 @@ def families():
 
 
 def _one(family: str, tool: str, queue) -> None:
+    """Run :func:`_measure` and hand the row over before TensorFlow's teardown (which can
+    abort the process and lose a queued result)."""
+    queue.put(_measure(family, tool))
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
+
+
+def _measure(family: str, tool: str) -> dict:
     """Build, quantize (keras_qx or tfmot), one calibration step, export, verify."""
     import numpy as np
 
@@ -54,11 +63,11 @@ def _one(family: str, tool: str, queue) -> None:
         qat(x, training=True)  # set activation ranges (no training: weights are random)
         tfl = qx.export_tflite(qat, x, min_agreement=0.0)
         r = tfl.report
-        queue.put({"ok": True, "fully_integer": r.info.fully_integer, "float_ops": sorted(set(r.info.float_ops)),
+        return ({"ok": True, "fully_integer": r.info.fully_integer, "float_ops": sorted(set(r.info.float_ops)),
                    "mean_steps": r.mean_error_steps, "max_steps": r.max_error_steps,
                    "bytes": len(tfl), "seconds": time.perf_counter() - start})
     except Exception as err:  # report any failure as a row
-        queue.put({"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
+        return ({"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
                    "seconds": time.perf_counter() - start})
 
 
@@ -67,11 +76,14 @@ def run(family: str, tool: str, timeout: int = 900) -> dict:
     queue = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=_one, args=(family, tool, queue))
     proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        return {"ok": False, "error": f"timed out after {timeout}s"}
-    return queue.get() if not queue.empty() else {"ok": False, "error": f"crashed (exit {proc.exitcode})"}
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:
+        return {"ok": False, "error": f"no result in {timeout}s (exit {proc.exitcode})"}
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _cell(r: dict) -> str:
