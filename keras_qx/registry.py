@@ -55,6 +55,9 @@ _BY_NAME = {"LayerScale": True, "StochasticDepth": False,
 _TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
 
 
+# TFLite's AVERAGE_POOL_2D requires the output scale to equal the input's: no quantizer of
+# their own (tfmot's registry gives them one, and DenseNet then fails to convert).
+_SAME_SCALE = (_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D)
 _CUSTOM_OUTPUT: dict = {}  # layer class -> quantize its output? (register_layer)
 
 
@@ -156,7 +159,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 channel_axis=kind.channel_axis,
                 quantize_activation=quantize_activation,
             )
-        if not quantize_activation:
+        if not quantize_activation or issubclass(cls, _SAME_SCALE):
             return NoOpQuantizeConfig()
         if issubclass(cls, _L.Activation):
             return ActivationQuantizeConfig(spec.activation_bits)

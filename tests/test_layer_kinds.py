@@ -73,3 +73,20 @@ def test_output_only_layers_export_fully_integer(kind, rng):
     tfl = qx.export_tflite(qat, x_train, min_agreement=0.8)
     assert tfl.report.info.fully_integer, tfl.report.info.ops
     assert tfl.report.mean_error_steps < 1.5 and tfl.report.max_error_steps <= 5
+
+
+def test_densenet_transition_average_pool_keeps_its_input_scale(rng):
+    """BN-ReLU-Conv-AveragePool into a Concatenate (DenseNet): TFLite's AVERAGE_POOL_2D needs
+    equal input/output scales; with a quantizer of its own the conversion fails."""
+    inputs = keras.Input((8, 8, 4))
+    x = L.Conv2D(4, 3, padding="same")(inputs)
+    x = L.AveragePooling2D(2)(L.Conv2D(4, 1, use_bias=False)(L.ReLU()(L.BatchNormalization()(x))))
+    x = L.Concatenate()([x, L.Conv2D(4, 3, padding="same")(L.ReLU()(L.BatchNormalization()(x)))])
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    qat = qx.quantize(model)
+    x_train = rng.random((64, 8, 8, 4)).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(x_train, rng.random((64, 3)), epochs=2, verbose=0)
+    tfl = qx.export_tflite(qat, x_train, min_agreement=0.0)
+    assert tfl.report.info.fully_integer
+    assert tfl.report.mean_error_steps < 1.5 and tfl.report.max_error_steps <= 5
