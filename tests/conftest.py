@@ -54,3 +54,14 @@ def tiny_model(name="tiny"):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def train_and_export(model, rng, min_agreement=0.8, samples=64, epochs=2):
+    """Quantize (uniform 8-bit), fit on random data (mse), export: ``(qat, tflite, x)``."""
+    import keras_qx as qx
+
+    qat = qx.quantize(model)
+    x = rng.random((samples, *model.input_shape[1:])).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(x, rng.random((samples, *model.output_shape[1:])), epochs=epochs, verbose=0)
+    return qat, qx.export_tflite(qat, x, min_agreement=min_agreement), x

@@ -5,6 +5,7 @@ import pytest
 import keras_qx as qx
 from keras_qx._compat import keras
 from keras_qx.cost import kernel_bytes
+from tests.conftest import train_and_export
 
 pytestmark = pytest.mark.slow
 L = keras.layers
@@ -66,11 +67,7 @@ def test_output_only_layers_export_fully_integer(kind, rng):
     inputs = keras.Input((8, 8, 4))
     x = OUTPUT_ONLY[kind](L.Conv2D(4, 3, padding="same")(inputs))
     model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
-    qat = qx.quantize(model)
-    x_train = rng.random((64, 8, 8, 4)).astype("float32")
-    qat.compile("adam", "mse")
-    qat.fit(x_train, rng.random((64, 3)), epochs=2, verbose=0)
-    tfl = qx.export_tflite(qat, x_train, min_agreement=0.8)
+    _, tfl, _ = train_and_export(model, rng, min_agreement=0.8)
     assert tfl.report.info.fully_integer, tfl.report.info.ops
     assert tfl.report.mean_error_steps < 1.5 and tfl.report.max_error_steps <= 5
 
@@ -83,10 +80,6 @@ def test_densenet_transition_average_pool_keeps_its_input_scale(rng):
     x = L.AveragePooling2D(2)(L.Conv2D(4, 1, use_bias=False)(L.ReLU()(L.BatchNormalization()(x))))
     x = L.Concatenate()([x, L.Conv2D(4, 3, padding="same")(L.ReLU()(L.BatchNormalization()(x)))])
     model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
-    qat = qx.quantize(model)
-    x_train = rng.random((64, 8, 8, 4)).astype("float32")
-    qat.compile("adam", "mse")
-    qat.fit(x_train, rng.random((64, 3)), epochs=2, verbose=0)
-    tfl = qx.export_tflite(qat, x_train, min_agreement=0.0)
+    _, tfl, _ = train_and_export(model, rng, min_agreement=0.0)
     assert tfl.report.info.fully_integer
     assert tfl.report.mean_error_steps < 1.5 and tfl.report.max_error_steps <= 5

@@ -8,6 +8,7 @@ import keras_qx as qx
 from keras_qx._compat import keras, tf
 from keras_qx.flatten import flatten_nested
 from keras_qx.tfop import TFOp
+from tests.conftest import train_and_export
 
 
 def _hard_swish_model():
@@ -34,20 +35,10 @@ def test_rewrite_same_outputs_and_serializable(rng):
 
 
 @pytest.mark.slow
-def test_tf_ops_quantize_and_export_fully_integer(rng):
-    model = _hard_swish_model()
-    qat = qx.quantize(model)
-    x = rng.random((64, 8, 8, 3)).astype("float32")
-    qat.compile("adam", "mse")
-    qat.fit(x, rng.random((64, 3)), epochs=2, verbose=0)
-    tfl = qx.export_tflite(qat, x, min_agreement=0.8)
+def test_tf_ops_quantize_and_export_fully_integer(rng, tmp_path):
+    qat, tfl, x = train_and_export(_hard_swish_model(), rng, min_agreement=0.8)
     assert tfl.report.info.fully_integer, tfl.report.info.ops
     assert tfl.report.mean_error_steps < 1.5
-    path = "qat_tfop.keras"
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.keras")
-        qat.save(path)
-        np.testing.assert_array_equal(qx.load_model(path).predict(x[:8], verbose=0), qat.predict(x[:8], verbose=0))
+    qat.save(tmp_path / "m.keras")  # TFOp layers round-trip through the .keras format
+    loaded = qx.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x[:8], verbose=0), qat.predict(x[:8], verbose=0))
