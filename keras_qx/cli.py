@@ -110,7 +110,7 @@ def _quantize(args) -> int:
     qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)
     tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"), print_fn=_say)
     result = evaluate_tflite(tfl, xt, yt)
-    file_kernels = sum(w[3] for w in tfl.report.info.weights if len(w[2]) >= 2)
+    file_kernels = tfl.report.info.kernel_bytes
     lines = ["# keras_qx quantization report", "",
              f"Budget: {budget:,} kernel bytes ({args.budget}); predicted {meta['predicted_kernel_bytes']:,}; "
              f"in the file {file_kernels:,} (int8 would be {meta['int8_kernel_bytes']:,}).", "",

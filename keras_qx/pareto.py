@@ -38,7 +38,7 @@ LATENCY_RUNS = 20
 
 def file_kernel_bytes(tflite_model) -> int:
     """Bytes of the kernel tensors (constant tensors of rank >= 2) in an exported file."""
-    return sum(w[3] for w in tflite_model.report.info.weights if len(w[2]) >= 2)
+    return tflite_model.report.info.kernel_bytes
 
 
 def _budget_label(budget) -> str:

@@ -69,6 +69,11 @@ class TFLiteInfo:
         return sum(w[3] for w in self.weights)
 
     @property
+    def kernel_bytes(self) -> int:
+        """Bytes of the kernel tensors (constants of rank >= 2; biases are rank 1)."""
+        return sum(w[3] for w in self.weights if len(w[2]) >= 2)
+
+    @property
     def fully_integer(self) -> bool:
         return not self.float_ops
 
