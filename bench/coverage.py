@@ -2,6 +2,7 @@
 tfmot's quantize_model, exported to int8 TFLite; fully integer? agreement with Keras? size.
 
 Run: python bench/coverage.py [FAMILY ...]   (all 16 take tens of minutes on 2 cores)
+     python bench/coverage.py --tiny           (the reduced variants the tests use)
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests.families: the tiny variants and calibrate()
+CALIBRATION_STEPS = 10
 
 
 def families():
@@ -39,28 +42,29 @@ def families():
     }
 
 
-def _one(family: str, tool: str, queue) -> None:
+def _one(family: str, tool: str, tiny: bool, queue) -> None:
     """Run :func:`_measure` and hand the row over before TensorFlow's teardown (which can
     abort the process and lose a queued result)."""
-    queue.put(_measure(family, tool))
+    queue.put(_measure(family, tool, tiny))
     queue.close()
     queue.join_thread()
     os._exit(0)
 
 
-def _measure(family: str, tool: str) -> dict:
-    """Build, quantize (keras_qx or tfmot), one calibration step, export, verify."""
+def _measure(family: str, tool: str, tiny: bool = False) -> dict:
+    """Build, quantize (keras_qx or tfmot), calibrate with a few steps, export, verify."""
     import numpy as np
 
     import keras_qx as qx
     from keras_qx._compat import tfmot
+    from tests.families import build, calibrate
 
     start = time.perf_counter()
     try:
-        model = families()[family]()
-        x = np.random.default_rng(0).random((16, *model.input_shape[1:])).astype("float32")
+        model = build(family) if tiny else families()[family]()
+        x = 255 * np.random.default_rng(0).random((16, *model.input_shape[1:])).astype("float32")
         qat = qx.quantize(model) if tool == "keras_qx" else tfmot.quantization.keras.quantize_model(model)
-        qat(x, training=True)  # set activation ranges (no training: weights are random)
+        calibrate(qat, x, steps=CALIBRATION_STEPS)
         tfl = qx.export_tflite(qat, x, min_agreement=0.0)
         r = tfl.report
         return ({"ok": True, "fully_integer": r.info.fully_integer, "float_ops": sorted(set(r.info.float_ops)),
@@ -71,10 +75,10 @@ def _measure(family: str, tool: str) -> dict:
                    "seconds": time.perf_counter() - start})
 
 
-def run(family: str, tool: str, timeout: int = 900) -> dict:
+def run(family: str, tool: str, tiny: bool = False, timeout: int = 900) -> dict:
     """Each run in a fresh process: memory and Keras name state do not leak between models."""
     queue = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_one, args=(family, tool, queue))
+    proc = mp.get_context("spawn").Process(target=_one, args=(family, tool, tiny, queue))
     proc.start()
     try:
         return queue.get(timeout=timeout)
@@ -94,24 +98,29 @@ def _cell(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    names = (argv if argv is not None else sys.argv[1:]) or list(families())
+    args = list(argv if argv is not None else sys.argv[1:])
+    tiny = "--tiny" in args
+    names = [a for a in args if a != "--tiny"] or list(families())
     lines = ["| family | keras_qx: fully integer; output error mean / max (steps); file | tfmot quantize_model |",
              "|---|---|---|"]
     for name in names:
-        ours, theirs = run(name, "keras_qx"), run(name, "tfmot")
+        ours, theirs = run(name, "keras_qx", tiny), run(name, "tfmot", tiny)
         lines.append(f"| {name} | {_cell(ours)} | {_cell(theirs)} |")
         print(lines[-1], file=sys.stderr, flush=True)
-    lines += ["", "Untrained models (weights=None) at small inputs; one training-mode pass on 16 random images "
-                  "sets the activation ranges; the error is TFLite vs the Keras QAT model on those images, in "
-                  "output quantization steps.",
+    lines += ["", f"Untrained models (weights=None) at small inputs{' (reduced variants: tests/families.py)' if tiny else ''}; "
+                  f"{CALIBRATION_STEPS} SGD steps on 16 random 0-255 images with random labels set the activation "
+                  "ranges and BatchNorm statistics (one forward pass leaves an untrained net ill-conditioned: "
+                  "zero-variance BatchNorm channels amplify 1-step rounding differences ~100x); the error is "
+                  "TFLite vs the Keras QAT model on those images, in output quantization steps.",
               f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py`"]
     text = "\n".join(lines)
     print(text)
-    if argv is None and not sys.argv[1:]:
+    if argv is None and not sys.argv[1:] or args == ["--tiny"]:
         from keras_qx.export import write_atomic
 
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        write_atomic(os.path.join(HERE, "results", "coverage.md"), ("# Coverage\n\n" + text + "\n").encode())
+        name = "coverage_tiny.md" if tiny else "coverage.md"
+        write_atomic(os.path.join(HERE, "results", name), ("# Coverage\n\n" + text + "\n").encode())
     return 0
 
 

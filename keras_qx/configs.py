@@ -69,6 +69,8 @@ _KERNEL_KINDS = (
     KernelKind(_L.Conv1D, ("kernel",), per_channel=False, int4_export=True),
     KernelKind(_L.Conv3D, ("kernel",), per_channel=False, integer_export=False),
     KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True),
+    KernelKind(_L.EinsumDense, ("kernel",), per_channel=False, int4_export=True),
+    KernelKind(_L.Embedding, ("embeddings",), per_channel=False, int4_export=False),
 )
 
 

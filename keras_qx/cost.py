@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from keras_qx._compat import keras
 from keras_qx.configs import kernel_kind
 
 __all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "macs", "bops", "LayerCost",
@@ -54,13 +55,17 @@ def kernel_bytes(layer, weight_bits: int | None) -> int:
 def macs(layer) -> int:
     """Multiply-accumulates per sample: each kernel value is used once per output position
     (Dense: once; Conv: once per output pixel; depthwise: the same)."""
-    if kernel_kind(layer) is None:
+    if kernel_kind(layer) is None or isinstance(layer, keras.layers.Embedding):  # a lookup: no MACs
         return 0
     shape = layer.output_shape
     positions = 1
-    for dim in (shape[1:-1] if len(shape) > 2 else ()):
+    for dim in shape[1:]:
         positions *= int(dim or 1)
-    return kernel_params(layer) * positions
+    if isinstance(layer, keras.layers.EinsumDense):  # out / the kernel's own output dims
+        kernel_spec, out_spec = layer.equation.split(",")[1].split("->")
+        own = [int(d) for c, d in zip(kernel_spec, layer.kernel.shape) if c in out_spec]
+        return kernel_params(layer) * positions // max(1, math.prod(own))
+    return kernel_params(layer) * positions // int(shape[-1] or 1)
 
 
 def bops(layer, weight_bits: int, activation_bits: int = 8) -> int:

@@ -4,18 +4,34 @@
   user backbones) are inlined: tfmot cannot quantize a model inside a model.
 * Raw TF calls recorded as ``TFOpLambda``/``SlicingOpLambda`` layers (``x + 3.0``,
   ``tf.math.multiply``, slicing) become :class:`~keras_qx.tfop.TFOp` layers.
+* ``MultiHeadAttention`` (without masks) becomes its parts: the four ``EinsumDense``
+  projections (``<name>_query``, ``_key``, ``_value``, ``_output``), the query scaling and the two
+  attention einsums as ``TFOp`` layers, and a ``Softmax``; each gets its own quantizer, so the
+  TFLite file runs attention on int8 (FULLY_CONNECTED, BATCH_MATMUL, SOFTMAX).
+* A ``Dense`` on inputs of rank > 2 (a transformer's feed-forward) becomes a
+  :class:`SequenceDense` (the same kernel as an ``EinsumDense``): the converter stores a
+  Dense-on-sequence kernel with a bias as int8 even at 4 bits (measured), an EinsumDense as INT4.
+  Policy rules of type ``"Dense"`` still match it.
+* A kernel layer with a fused activation other than ReLU/linear (``Dense(activation="gelu")``)
+  becomes the layer without it plus ``Activation`` (``<name>_activation``): tfmot only
+  quantizes a few fused activations, and TFLite needs the pre-activation quantized.
 
-``qx.quantize`` does this first. Layers (and weights) are shared with the original model, not
-copied, and keep their names, so a policy can name inner layers.
+``qx.quantize`` does this first. Layers keep their names, so a policy can name inner layers;
+they are shared with the original model, except the split and decomposed ones (copies with the
+same weights).
 
 Example:
     >>> flat = flatten_nested(model)      # doctest: +SKIP
 """
 from __future__ import annotations
 
-from keras_qx._compat import keras, tf
+import math
 
-__all__ = ["flatten_nested", "has_nested"]
+from keras_qx._compat import PACKAGE, keras, tf
+
+__all__ = ["flatten_nested", "has_nested", "SequenceDense"]
+
+_KEEP_FUSED = {"linear", "relu"}  # fused activations tfmot quantizes as TFLite fuses them
 
 
 def _is_graph(model) -> bool:
@@ -27,17 +43,116 @@ def _tf_op(layer) -> bool:
     return type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda")
 
 
-def has_nested(model) -> bool:
-    """True if ``model`` holds nested models or TF-op layers that need rewriting."""
-    return any(isinstance(layer, keras.Model) or _tf_op(layer) for layer in model.layers)
+def _activation_name(layer) -> str | None:
+    """The fused activation of a kernel layer that must be split off, else None."""
+    from keras_qx.configs import kernel_kind
+
+    fn = getattr(layer, "activation", None)
+    if fn is None or kernel_kind(layer) is None:
+        return None
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return None if name in _KEEP_FUSED else name
 
 
-def _apply(model, inputs):
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class SequenceDense(keras.layers.EinsumDense):
+    """A ``Dense`` applied to inputs of rank > 2, as the ``EinsumDense`` it computes.
+
+    Example:
+        >>> layer = SequenceDense("abc,cz->abz", output_shape=(6, 16), bias_axes="z")
+    """
+
+    policy_aliases = ("Dense",)
+
+
+def _sequence_dense(layer) -> bool:
+    return type(layer) is keras.layers.Dense and len(layer.input_shape) > 2
+
+
+def _copied(layer) -> bool:
+    """Rewritten into new layers with copied weights (the other rewrites share the layer)."""
+    return (_activation_name(layer) is not None or isinstance(layer, keras.layers.MultiHeadAttention)
+            or _sequence_dense(layer))
+
+
+def _rewrites(layer, copies: bool = True) -> bool:
+    return isinstance(layer, keras.Model) or _tf_op(layer) or (copies and _copied(layer))
+
+
+def has_nested(model, keep=frozenset(), copies: bool = True) -> bool:
+    """True if ``model`` holds layers that need rewriting (nested models, TF-op layers, and with
+    ``copies`` MultiHeadAttention, Dense on sequences, split activations) not named in ``keep``."""
+    return any(_rewrites(layer, copies) and layer.name not in keep for layer in model.layers)
+
+
+def _copy(layer, name: str, **overrides):
+    """A copy of built ``layer`` named ``name`` with config ``overrides``, same weights."""
+    config = {**layer.get_config(), "name": name, **overrides}
+    return type(layer).from_config(config)
+
+
+def _split_activation(layer, args, kwargs):
+    """``layer`` as a copy (a SequenceDense for a Dense on sequences) with its activation split
+    off when it is not one TFLite fuses."""
+    config = layer.get_config()
+    activation = config["activation"] if _activation_name(layer) is not None else None
+    if _sequence_dense(layer):
+        letters = "abcdefgh"[: len(layer.input_shape)]
+        new = SequenceDense(f"{letters},{letters[-1]}z->{letters[:-1]}z",
+                            output_shape=tuple(layer.output_shape[1:]), bias_axes="z" if layer.use_bias else None,
+                            activation=None if activation else config["activation"], name=layer.name,
+                            dtype=layer.dtype_policy)
+    else:
+        new = _copy(layer, layer.name, activation="linear")
+    x = new(*args, **kwargs)
+    new.set_weights(layer.get_weights())
+    return keras.layers.Activation(activation, name=f"{layer.name}_activation")(x) if activation else x
+
+
+def _attention(layer, args, kwargs):
+    """MultiHeadAttention as its parts (see the module docstring)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+    names = ["query", "value", "key", "attention_mask", "return_attention_scores", "training",
+             "use_causal_mask"]
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    masked = [k for k in ("attention_mask", "use_causal_mask", "return_attention_scores") if call.get(k)]
+    masked += [k for k in ("query", "value", "key") if getattr(call.get(k), "_keras_mask", None) is not None]
+    if masked:
+        raise ValueError(
+            f"keras_qx cannot quantize MultiHeadAttention {layer.name!r} with {masked}: a -1e9 mask "
+            f"added before an int8 softmax destroys its scale. Keep it float with policy layers "
+            f"{{{layer.name!r}: {{'quantize': false}}}} (qx.quantize then leaves it whole)."
+        )
+    query, value = call["query"], call["value"]
+    key = call.get("key")
+    key = value if key is None else key
+    from keras_qx.tfop import TFOp
+
+    def project(sub, x, part):
+        new = _copy(sub, f"{layer.name}_{part}")
+        y = new(x)
+        new.set_weights(sub.get_weights())
+        return y
+
+    t = lambda i: {"__tensor__": i}  # noqa: E731
+    q = project(layer._query_dense, query, "query")
+    k = project(layer._key_dense, key, "key")
+    v = project(layer._value_dense, value, "value")
+    q = TFOp("math.multiply", {"args": [t(0), 1.0 / math.sqrt(float(layer._key_dim))]},
+             name=f"{layer.name}_scale")(q)
+    scores = TFOp("einsum", {"args": [layer._dot_product_equation, t(0), t(1)]}, name=f"{layer.name}_scores")([k, q])
+    probs = keras.layers.Softmax(axis=layer._softmax.axis, name=f"{layer.name}_softmax")(scores)
+    out = TFOp("einsum", {"args": [layer._combine_equation, t(0), t(1)]}, name=f"{layer.name}_combine")([probs, v])
+    return project(layer._output_dense, out, "output")
+
+
+def _apply(model, inputs, keep, copies):
     """Re-run ``model``'s graph on ``inputs`` (a list), inlining nested models."""
     if isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
         x = inputs[0]
         for layer in model.layers:
-            x = _call(layer, (x,), {})
+            x = _call(layer, (x,), {}, keep, copies)
         return [x]
     usage = model._tensor_usage_count
     tensors = {}
@@ -48,19 +163,25 @@ def _apply(model, inputs):
             if node.is_input or any(t not in tensors for t in node.flat_input_ids):
                 continue
             args, kwargs = node.map_arguments(tensors)
-            outputs = _call(node.layer, args, kwargs)
+            outputs = _call(node.layer, args, kwargs, keep, copies)
             for ref_id, new in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
                 tensors[ref_id] = [new] * usage[ref_id]
     return [tensors[str(id(ref))].pop() for ref in model.outputs]
 
 
-def _call(layer, args, kwargs):
+def _call(layer, args, kwargs, keep, copies):
     if isinstance(layer, keras.Model):
         if not _is_graph(layer):
             raise TypeError(f"nested model {layer.name!r} is subclassed; keras_qx (like tfmot) needs "
                             "Sequential or Functional models all the way down.")
-        outputs = _apply(layer, tf.nest.flatten(args[0] if args else kwargs.get("inputs")))
+        outputs = _apply(layer, tf.nest.flatten(args[0] if args else kwargs.get("inputs")), keep, copies)
         return outputs[0] if len(outputs) == 1 else outputs
+    if layer.name in keep or (not copies and _copied(layer)):
+        return layer(*args, **kwargs)
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return _attention(layer, args, kwargs)
+    if _activation_name(layer) is not None or _sequence_dense(layer):
+        return _split_activation(layer, args, kwargs)
     if _tf_op(layer):
         from keras_qx.tfop import from_tf_op_lambda
 
@@ -69,11 +190,13 @@ def _call(layer, args, kwargs):
     return layer(*args, **kwargs)
 
 
-def flatten_nested(model):
-    """A functional model equal to ``model`` with every nested model inlined (``model`` itself
-    if it has none)."""
-    if not has_nested(model):
+def flatten_nested(model, keep=frozenset(), copies: bool = True):
+    """A functional model equal to ``model`` with the rewrites above done (``model`` itself if
+    none applies); layers named in ``keep`` (e.g. kept float by the policy) stay whole;
+    ``copies=False`` only does the rewrites that share the original layers (sensitivity
+    analysis perturbs the model's own kernels)."""
+    if not has_nested(model, keep, copies):
         return model
     inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
-    outputs = _apply(model, inputs)
+    outputs = _apply(model, inputs, frozenset(keep), copies)
     return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)

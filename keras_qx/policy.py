@@ -75,7 +75,9 @@ def _check_fields(entry: Mapping[str, Any], where: str, allowed: Iterable[str]) 
 
 
 def _class_names(layer) -> list[str]:
-    return [cls.__name__ for cls in type(layer).__mro__]
+    """Class names a rule's ``type`` matches: the class, its bases, and the type a rewritten
+    layer stands for (``policy_aliases``: a Dense on sequences runs as an EinsumDense)."""
+    return [cls.__name__ for cls in type(layer).__mro__] + list(getattr(type(layer), "policy_aliases", ()))
 
 
 @dataclass

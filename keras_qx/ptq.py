@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 from keras_qx._compat import check_model, tf
-from keras_qx.export import ExportError, check_samples
+from keras_qx.export import ExportError, check_samples, converter_for
 
 __all__ = ["ptq", "PTQ_MODES"]
 
@@ -30,7 +30,7 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False) -> by
     check_model(model)
     if mode not in PTQ_MODES:
         raise ValueError(f"unknown PTQ mode {mode!r}; use one of {PTQ_MODES}.")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = converter_for(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode in ("int8", "int16x8"):
         if representative_data is None:

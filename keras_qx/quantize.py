@@ -33,19 +33,31 @@ def _foreign(layer) -> bool:
     return layer is not _inner(layer) and not hasattr(layer.quantize_config, "pinned")
 
 
+def _annotation(layer):
+    inner = _inner(layer)
+    return annotation_fields(layer.quantize_config) if inner is not layer else None
+
+
+def _flatten(model, policy: Policy):
+    """``flatten_nested``, leaving whole the layers the policy keeps float (a masked
+    MultiHeadAttention named in ``layers``, say)."""
+    keep = {_inner(l).name for l in model.layers if not isinstance(_inner(l), keras.Model)
+            and not isinstance(l, keras.layers.InputLayer)
+            and not policy.spec_for(_inner(l), _annotation(l)).quantize}
+    return flatten_nested(model, keep)
+
+
 def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
     """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged
     (nested models are inlined first, as ``quantize`` does)."""
     check_model(model)
-    model = flatten_nested(model)
     policy = Policy.coerce(policy)
+    model = _flatten(model, policy)
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     policy.check_against([_inner(l) for l in layers])
     specs = {}
     for layer in layers:
-        inner = _inner(layer)
-        annotation = annotation_fields(layer.quantize_config) if inner is not layer else None
-        specs[inner.name] = policy.spec_for(inner, annotation)
+        specs[_inner(layer).name] = policy.spec_for(_inner(layer), _annotation(layer))
     return specs
 
 
@@ -64,7 +76,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     """
     policy = Policy.coerce(policy)
     check_model(model)
-    model = flatten_nested(model)
+    model = _flatten(model, policy)
     specs = resolve(model, policy)
     unexportable = {n: s.activation_bits for n, s in specs.items()
                     if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}

@@ -271,6 +271,17 @@ class _SeparableConv(t8.SeparableConvQuantize):
         return conv
 
 
+class _FloatInputQuantize(t8.InputLayerQuantize):
+    """Quantize model inputs, but only float ones: integer inputs (token ids feeding an
+    Embedding) pass through as they are."""
+
+    def replacement(self, match_layer):
+        dtype = match_layer.layer["config"].get("dtype") or "float32"
+        if not str(dtype).startswith(("float", "bfloat")):
+            return match_layer
+        return super().replacement(match_layer)
+
+
 class PolicyLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQuantizeLayoutTransform):
     """tfmot's default transforms with the policy-aware replacements above."""
 
@@ -280,7 +291,7 @@ class PolicyLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQu
     def apply(self, model, layer_quantize_map):
         r = self.registry
         transforms = [
-            t8.InputLayerQuantize(),
+            _FloatInputQuantize(),
             t8.SeparableConv1DQuantize(),
             _SeparableConv(),
             t8.Conv2DReshapeBatchNormReLUQuantize(),

@@ -53,7 +53,7 @@ def quantizable_layers(model) -> list:
     check_model(model)
     from keras_qx.flatten import flatten_nested
 
-    return [l for l in flatten_nested(model).layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
+    return [l for l in flatten_nested(model, copies=False).layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
 
 
 def infer_loss(model, y):

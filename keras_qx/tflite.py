@@ -15,12 +15,8 @@ import numpy as np
 
 __all__ = ["TFLiteInfo", "inspect_tflite", "TFLiteRunner", "read_model"]
 
-# Ops that do arithmetic on tensors; their inputs must be integer in a fully integer model.
-_COMPUTE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D",
-                "BATCH_MATMUL", "ADD", "SUB", "MUL", "AVERAGE_POOL_2D", "MEAN", "SOFTMAX",
-                "LOGISTIC", "TANH", "CONCATENATION", "MAX_POOL_2D", "HARD_SWISH", "RELU", "RELU6",
-                "LEAKY_RELU", "PAD", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "SUM",
-                "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE", "RSQRT", "GELU", "EMBEDDING_LOOKUP"}
+# In a fully integer model only these may touch float tensors (at the edges, or to requantize).
+_EDGE_OPS = {"QUANTIZE", "DEQUANTIZE"}
 _TENSOR_TYPE_NAMES = None
 _OP_NAMES = None
 
@@ -58,7 +54,7 @@ class TFLiteInfo:
     size_bytes: int
     ops: list = field(default_factory=list)
     weights: list = field(default_factory=list)  # (name, type, shape, bytes)
-    float_ops: list = field(default_factory=list)  # compute ops that take float inputs
+    float_ops: list = field(default_factory=list)  # ops computing on float tensors (not QUANTIZE/DEQUANTIZE)
 
     @property
     def int4_tensors(self):
@@ -76,6 +72,10 @@ class TFLiteInfo:
     @property
     def fully_integer(self) -> bool:
         return not self.float_ops
+
+
+def _constant(model, tensor) -> bool:
+    return tensor.buffer < len(model.buffers) and model.buffers[tensor.buffer].data is not None
 
 
 def inspect_tflite(model_or_path) -> TFLiteInfo:
@@ -97,10 +97,11 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
             code = model.operatorCodes[op.opcodeIndex]
             opname = _OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
             info.ops.append(opname)
-            if opname in _COMPUTE_OPS and op.inputs is not None:
-                first = [i for i in op.inputs if i >= 0][:1]
-                if first and _TENSOR_TYPE_NAMES.get(tensors[first[0]].type) in ("FLOAT32", "FLOAT16"):
-                    info.float_ops.append(opname)
+            if opname in _EDGE_OPS or op.inputs is None:
+                continue
+            if any(_TENSOR_TYPE_NAMES.get(tensors[i].type) in ("FLOAT32", "FLOAT16") and not _constant(model, tensors[i])
+                   for i in op.inputs if i >= 0):
+                info.float_ops.append(opname)
     return info
 
 
@@ -134,9 +135,9 @@ class TFLiteRunner:
 
     def _quantize_input(self, x):
         dtype = self.input["dtype"]
-        if dtype == np.float32:
-            return x.astype(np.float32)
         scale, zero = self.input["quantization"]
+        if dtype == np.float32 or not scale:  # float, or integer ids (not quantized values)
+            return x.astype(dtype)
         info = np.iinfo(dtype)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
@@ -171,7 +172,7 @@ class TFLiteRunner:
         return self._dequantize_output(self.interpreter.get_tensor(self.output["index"]))[0]
 
     def predict(self, x) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=np.float32 if self.input["quantization"][0] else self.input["dtype"])
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"input shape {x.shape[1:]} does not match the model's {self.input_shape}.")
         return np.stack([self.invoke_one(sample) for sample in x])
