@@ -99,7 +99,8 @@ def make_qat(variant: str, float_model):
 
 
 def export_tfmot(qat, calib: np.ndarray) -> tuple[bytes, float, float]:
-    """(bytes, convert seconds, total seconds) with the same converter settings keras_qx uses."""
+    """(bytes, convert seconds, total seconds): converted as a tfmot user would (from_keras_model),
+    with the settings keras_qx uses."""
     start = time.perf_counter()
     converter = tf.lite.TFLiteConverter.from_keras_model(qat)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

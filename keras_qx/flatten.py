@@ -29,7 +29,10 @@ import math
 
 from keras_qx._compat import PACKAGE, keras, tf
 
-__all__ = ["flatten_nested", "has_nested", "SequenceDense"]
+__all__ = ["flatten_nested", "has_nested", "SequenceDense", "ATTENTION_PARTS"]
+
+# A decomposed MultiHeadAttention's layers are named f"{name}_{part}".
+ATTENTION_PARTS = ("query", "key", "value", "scale", "scores", "softmax", "combine", "output")
 
 _KEEP_FUSED = {"linear", "relu"}  # fused activations tfmot quantizes as TFLite fuses them
 

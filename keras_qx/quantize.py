@@ -13,7 +13,7 @@ from typing import Any
 from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.annotate import annotation_fields
 from keras_qx.configs import kernel_kind
-from keras_qx.flatten import flatten_nested
+from keras_qx.flatten import ATTENTION_PARTS, flatten_nested
 from keras_qx.quantizers import WeightQuantizer
 from keras_qx.policy import LayerSpec, Policy, PolicyError
 from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
@@ -39,20 +39,30 @@ def _annotation(layer):
 
 
 def _flatten(model, policy: Policy):
-    """``flatten_nested``, leaving whole the layers the policy keeps float (a masked
-    MultiHeadAttention named in ``layers``, say)."""
+    """``(flatten_nested(model), policy)``, leaving whole the layers the policy keeps float (a
+    masked MultiHeadAttention, say); a policy entry naming a decomposed MultiHeadAttention
+    applies to each of its parts."""
     keep = {_inner(l).name for l in model.layers if not isinstance(_inner(l), keras.Model)
             and not isinstance(l, keras.layers.InputLayer)
             and not policy.spec_for(_inner(l), _annotation(l)).quantize}
-    return flatten_nested(model, keep)
+    flat = flatten_nested(model, keep)
+    split = [l.name for l in model.layers if isinstance(l, keras.layers.MultiHeadAttention)
+             and l.name not in keep and l.name in policy.layers]
+    if split:
+        data = policy.to_dict()
+        for name in split:
+            entry = data["layers"].pop(name)
+            for part in ATTENTION_PARTS:
+                data["layers"].setdefault(f"{name}_{part}", dict(entry))
+        policy = Policy.from_dict(data)
+    return flat, policy
 
 
 def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
     """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged
     (nested models are inlined first, as ``quantize`` does)."""
     check_model(model)
-    policy = Policy.coerce(policy)
-    model = _flatten(model, policy)
+    model, policy = _flatten(model, Policy.coerce(policy))
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     policy.check_against([_inner(l) for l in layers])
     specs = {}
@@ -76,7 +86,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     """
     policy = Policy.coerce(policy)
     check_model(model)
-    model = _flatten(model, policy)
+    model, policy = _flatten(model, policy)
     specs = resolve(model, policy)
     unexportable = {n: s.activation_bits for n, s in specs.items()
                     if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}

@@ -6,8 +6,8 @@ import pytest
 import keras_qx as qx
 from keras_qx._compat import keras
 from keras_qx.cost import kernel_bytes
-from keras_qx.flatten import flatten_nested
-from keras_qx.policy import PolicyError
+from keras_qx.flatten import ATTENTION_PARTS, flatten_nested
+from keras_qx.quantize import resolve
 
 pytestmark = pytest.mark.slow
 L = keras.layers
@@ -27,9 +27,7 @@ def test_attention_decomposition_computes_the_same(rng):
     model = encoder()
     flat = flatten_nested(model)
     names = [l.name for l in flat.layers]
-    for part in ("mha_query", "mha_key", "mha_value", "mha_scale", "mha_scores", "mha_softmax", "mha_combine",
-                 "mha_output", "ff", "ff_activation"):
-        assert part in names
+    assert {f"mha_{p}" for p in ATTENTION_PARTS} | {"ff", "ff_activation"} <= set(names)
     x = rng.normal(size=(8, 6, 16)).astype("float32")
     np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
 
@@ -54,6 +52,12 @@ def test_attention_exports_fully_integer_with_int4_projections(rng, tmp_path):
     qat.save(tmp_path / "enc.keras")
     loaded = qx.load_model(tmp_path / "enc.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), qat.predict(x, verbose=0), atol=1e-6)
+
+
+def test_policy_entry_for_attention_applies_to_its_parts():
+    specs = resolve(encoder(), {"layers": {"mha": {"weight_bits": 4}}})
+    assert {n: specs[n].weight_bits for n in specs if n.startswith("mha_")} == {f"mha_{p}": 4 for p in ATTENTION_PARTS}
+    assert specs["ff"].weight_bits == 8
 
 
 def test_masked_attention_is_refused_clearly_and_can_stay_float(rng):
