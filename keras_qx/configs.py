@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from keras_qx._compat import PACKAGE, keras, tfmot_quantize_config
-from keras_qx.quantizers import ActivationQuantizer, WeightQuantizer
+from keras_qx.quantizers import ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer
 
 __all__ = [
     "KernelKind",
@@ -234,18 +234,25 @@ class OutputQuantizeConfig(_Config):
         return {"pinned": list(self.pinned), **self._serialized(activation_quantizer=self.activation_quantizer)}
 
 
-# Activations whose TFLite kernels fix the output range themselves: no quantizer after them.
-_FIXED_RANGE = {"linear", "softmax", "sigmoid", "tanh"}
+# Activations whose TFLite int8 kernels have a fixed output grid: simulate exactly that grid
+# (sigmoid/softmax: scale 1/256 from 0; tanh: 1/128 from -1); linear needs nothing.
+FIXED_RANGES = {"sigmoid": (0.0, 255 / 256), "softmax": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
 class ActivationQuantizeConfig(OutputQuantizeConfig):
-    """A ``keras.layers.Activation`` layer: quantize its output unless TFLite fixes the range."""
+    """A ``keras.layers.Activation`` (or ``Softmax``) layer: quantize its output on the learnt range, or on the
+    fixed grid TFLite uses for sigmoid, softmax and tanh; linear is left alone."""
 
     def get_output_quantizers(self, layer):
-        name = getattr(layer.activation, "__name__", type(layer.activation).__name__)
-        if name in _FIXED_RANGE:
+        if isinstance(layer, _L.Softmax):
+            name = "softmax"
+        else:
+            name = getattr(layer.activation, "__name__", type(layer.activation).__name__)
+        if name == "linear":
             return []
+        if name in FIXED_RANGES:
+            return [FixedRangeQuantizer(*FIXED_RANGES[name])]
         return [self.activation_quantizer]
 
 

@@ -15,6 +15,9 @@
 * A kernel layer with a fused activation other than ReLU/linear (``Dense(activation="gelu")``)
   becomes the layer without it plus ``Activation`` (``<name>_activation``): tfmot only
   quantizes a few fused activations, and TFLite needs the pre-activation quantized.
+* Swish (``x * sigmoid(x)``; TFLite runs LOGISTIC then MUL) becomes ``Activation("sigmoid")``
+  (``<name>_sigmoid``) and ``Multiply`` (``<name>``), so training sees the 1/256 grid of TFLite's
+  int8 sigmoid (EfficientNet's gates and activations).
 
 ``qx.quantize`` does this first. Layers keep their names, so a policy can name inner layers;
 they are shared with the original model, except the split and decomposed ones (copies with the
@@ -75,7 +78,21 @@ def _sequence_dense(layer) -> bool:
 def _copied(layer) -> bool:
     """Rewritten into new layers with copied weights (the other rewrites share the layer)."""
     return (_activation_name(layer) is not None or isinstance(layer, keras.layers.MultiHeadAttention)
-            or _sequence_dense(layer))
+            or _sequence_dense(layer) or _swish(layer))
+
+
+def _swish(layer) -> bool:
+    fn = getattr(layer, "activation", None)
+    return type(layer) is keras.layers.Activation and getattr(fn, "__name__", "") in ("swish", "silu")
+
+
+def _activation(x, activation, name: str):
+    """``Activation(activation)`` applied to ``x``, with swish as sigmoid and Multiply."""
+    fn = keras.activations.get(activation)
+    if getattr(fn, "__name__", "") in ("swish", "silu"):
+        gate = keras.layers.Activation("sigmoid", name=f"{name}_sigmoid")(x)
+        return keras.layers.Multiply(name=name)([x, gate])
+    return keras.layers.Activation(activation, name=name)(x)
 
 
 def _rewrites(layer, copies: bool = True) -> bool:
@@ -109,7 +126,7 @@ def _split_activation(layer, args, kwargs):
         new = _copy(layer, layer.name, activation="linear")
     x = new(*args, **kwargs)
     new.set_weights(layer.get_weights())
-    return keras.layers.Activation(activation, name=f"{layer.name}_activation")(x) if activation else x
+    return _activation(x, activation, f"{layer.name}_activation") if activation else x
 
 
 def _attention(layer, args, kwargs):
@@ -183,6 +200,8 @@ def _call(layer, args, kwargs, keep, copies):
         return layer(*args, **kwargs)
     if isinstance(layer, keras.layers.MultiHeadAttention):
         return _attention(layer, args, kwargs)
+    if _swish(layer):
+        return _activation(args[0] if args else kwargs["inputs"], "swish", layer.name)
     if _activation_name(layer) is not None or _sequence_dense(layer):
         return _split_activation(layer, args, kwargs)
     if _tf_op(layer):

@@ -25,6 +25,7 @@ __all__ = [
     "ACTIVATION_BITS",
     "WeightQuantizer",
     "ActivationQuantizer",
+    "FixedRangeQuantizer",
     "check_bits",
     "get",
     "serialize",
@@ -125,6 +126,41 @@ class WeightQuantizer(_Quantizer):
 
     def __repr__(self):
         return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class FixedRangeQuantizer(_Quantizer):
+    """8-bit fake quantization over a fixed range: the output of sigmoid/softmax ([0, 1)) and
+    tanh ([-1, 1)), whose TFLite int8 kernels use fixed scales (1/256, 1/128). Simulating the
+    same grid in training keeps Keras and the TFLite file in step.
+
+    Example:
+        >>> FixedRangeQuantizer(0.0, 255 / 256).step
+        0.00390625
+    """
+
+    bits = 8
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = float(low), float(high)
+        if not self.low < self.high:
+            raise ValueError(f"FixedRangeQuantizer needs low < high, got {low!r}, {high!r}.")
+
+    @property
+    def step(self) -> float:
+        return (self.high - self.low) / 255
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return quant_ops.FixedQuantize(inputs, self.low, self.high, narrow_range=False)
+
+    def get_config(self):
+        return {"low": self.low, "high": self.high}
+
+    def __repr__(self):
+        return f"FixedRangeQuantizer({self.low}, {self.high})"
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)

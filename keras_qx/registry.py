@@ -140,7 +140,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
             or issubclass(cls, TFOp)
             or _custom_output(cls) is not None
             or cls.__name__ in _BY_NAME
-            or issubclass(cls, _L.Activation)
+            or issubclass(cls, (_L.Activation, _L.Softmax))
             or issubclass(cls, _EXTRA_OUTPUT)
             or _tfmot_info(cls) is not None
         )
@@ -161,7 +161,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
             )
         if not quantize_activation or issubclass(cls, _SAME_SCALE):
             return NoOpQuantizeConfig()
-        if issubclass(cls, _L.Activation):
+        if issubclass(cls, (_L.Activation, _L.Softmax)):
             return ActivationQuantizeConfig(spec.activation_bits)
         if _custom_output(cls) is not None:
             return OutputQuantizeConfig(spec.activation_bits) if _custom_output(cls) else NoOpQuantizeConfig()

@@ -262,10 +262,31 @@ def test_set_quantize_weights_checks_count():
         cfg.set_quantize_weights(layer, [layer.depthwise_kernel])
 
 
-def test_activation_config_skips_fixed_range_activations():
+def test_activation_config_uses_tflite_fixed_grids():
+    from keras_qx.quantizers import FixedRangeQuantizer
+
     cfg = ActivationQuantizeConfig(8)
-    assert cfg.get_output_quantizers(L.Activation("softmax")) == []
-    assert cfg.get_output_quantizers(L.Activation("sigmoid")) == []
+    assert cfg.get_output_quantizers(L.Activation("softmax")) == [FixedRangeQuantizer(0.0, 255 / 256)]
+    assert cfg.get_output_quantizers(L.Softmax()) == [FixedRangeQuantizer(0.0, 255 / 256)]
+    assert cfg.get_output_quantizers(L.Activation("sigmoid")) == [FixedRangeQuantizer(0.0, 255 / 256)]
+    assert cfg.get_output_quantizers(L.Activation("tanh")) == [FixedRangeQuantizer(-1.0, 127 / 128)]
+    assert cfg.get_output_quantizers(L.Activation("linear")) == []
     assert cfg.get_output_quantizers(L.Activation("relu")) == [cfg.activation_quantizer]
+
+
+def test_fixed_range_quantizer_matches_tflite_sigmoid_grid(rng):
+    """Numpy reference: TFLite's int8 LOGISTIC output is q/256 for q in 0..255 (scale 1/256,
+    zero point -128); the quantizer rounds onto exactly that grid and round-trips."""
+    from keras_qx.quantizers import FixedRangeQuantizer
+
+    q = FixedRangeQuantizer(0.0, 255 / 256)
+    x = rng.random(1000).astype("float32")
+    out = q(tf.constant(x), training=False, weights={}).numpy()
+    ref = np.clip(np.round(x * 256), 0, 255) / 256
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert q.step == 1 / 256
+    assert keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(q)) == q
+    with pytest.raises(ValueError, match="low < high"):
+        FixedRangeQuantizer(1.0, 0.0)
     assert OutputQuantizeConfig(8).get_output_quantizers(L.Add()) == [ActivationQuantizer(8)]
     assert NoOpQuantizeConfig().get_output_quantizers(L.Add()) == []
