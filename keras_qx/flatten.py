@@ -72,7 +72,12 @@ class SequenceDense(keras.layers.EinsumDense):
 
 
 def _sequence_dense(layer) -> bool:
-    return type(layer) is keras.layers.Dense and len(layer.input_shape) > 2
+    if type(layer) is not keras.layers.Dense:
+        return False
+    try:
+        return len(layer.input_shape) > 2
+    except AttributeError:  # shared on inputs of different shapes: left as it is
+        return False
 
 
 def _copied(layer) -> bool:
@@ -106,7 +111,8 @@ def has_nested(model, keep=frozenset(), copies: bool = True) -> bool:
 
 
 def _copy(layer, name: str, **overrides):
-    """A copy of built ``layer`` named ``name`` with config ``overrides``, same weights."""
+    """A new layer like ``layer``, named ``name``, with config ``overrides`` (the caller copies
+    the weights once it is built)."""
     config = {**layer.get_config(), "name": name, **overrides}
     return type(layer).from_config(config)
 

@@ -9,6 +9,8 @@ from keras_qx._compat import keras, tfmot
 from tests.families import FAMILIES, build, calibrate
 
 pytestmark = pytest.mark.slow
+# Full-size fixed architectures (no reduced builder): fewer calibration steps keep CI short.
+FEW_STEPS = {"InceptionV3": 4, "Xception": 4, "VGG": 4}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -16,7 +18,7 @@ def test_family_quantizes_and_exports_fully_integer(family):
     model = build(family)
     x = 255 * np.random.default_rng(0).random((16, *model.input_shape[1:])).astype("float32")
     qat = qx.quantize(model)
-    calibrate(qat, x, steps=10)
+    calibrate(qat, x, steps=FEW_STEPS.get(family, 10))
     tfl = qx.export_tflite(qat, x, min_agreement=0.0)
     info, report = tfl.report.info, tfl.report
     assert info.fully_integer, sorted(set(info.float_ops))
