@@ -62,13 +62,14 @@ def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
     """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged
     (nested models are inlined first, as ``quantize`` does)."""
     check_model(model)
-    model, policy = _flatten(model, Policy.coerce(policy))
-    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    return _specs(*_flatten(model, Policy.coerce(policy)))
+
+
+def _specs(flat, policy: Policy) -> dict[str, LayerSpec]:
+    """``resolve`` on a model already flattened, with the policy ``_flatten`` returned."""
+    layers = [l for l in flat.layers if not isinstance(l, keras.layers.InputLayer)]
     policy.check_against([_inner(l) for l in layers])
-    specs = {}
-    for layer in layers:
-        specs[_inner(layer).name] = policy.spec_for(_inner(layer), _annotation(layer))
-    return specs
+    return {_inner(l).name: policy.spec_for(_inner(l), _annotation(l)) for l in layers}
 
 
 def quantize(model, policy: Any = None, *, simulate_only: bool = False):
@@ -87,7 +88,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     policy = Policy.coerce(policy)
     check_model(model)
     model, policy = _flatten(model, policy)
-    specs = resolve(model, policy)
+    specs = _specs(model, policy)
     unexportable = {n: s.activation_bits for n, s in specs.items()
                     if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}
     if unexportable and not simulate_only:
