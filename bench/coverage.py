@@ -57,7 +57,7 @@ def _measure(family: str, tool: str, tiny: bool = False) -> dict:
 
     import keras_qx as qx
     from keras_qx._compat import tfmot
-    from keras_qx.tflite import TFLiteRunner
+    from keras_qx.lite.inspect import TFLiteRunner
     from tests.families import build, calibrate
 
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if argv is None and not sys.argv[1:] or args == ["--tiny"]:
-        from keras_qx.export import write_atomic
+        from keras_qx._io import write_atomic
 
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         name = "coverage_tiny.md" if tiny else "coverage.md"

@@ -1,5 +1,5 @@
 """Export speed: TFLiteConverter.from_keras_model (a Keras SavedModel export that traces every
-layer) vs keras_qx.export.converter_for (one traced tf.function), on the same QAT models, with
+layer) vs keras_qx.lite.export.converter_for (one traced tf.function), on the same QAT models, with
 the same converter settings. Same flatbuffer content? (op list and kernel bytes compared.)
 
 Run: python bench/export_speed.py
@@ -36,8 +36,8 @@ def main() -> int:
 
     import keras_qx as qx
     from keras_qx.data import digits_cnn
-    from keras_qx.export import converter_for
-    from keras_qx.tflite import inspect_tflite
+    from keras_qx.lite.export import converter_for
+    from keras_qx.lite.inspect import inspect_tflite
     from tests.families import build, calibrate
 
     models = {"digits CNN": digits_cnn, "MobileNetV2 (tiny)": lambda: build("MobileNetV2"),
@@ -58,7 +58,7 @@ def main() -> int:
     lines += ["", f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/export_speed.py`"]
     text = "\n".join(lines)
     print(text)
-    from keras_qx.export import write_atomic
+    from keras_qx._io import write_atomic
 
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     write_atomic(os.path.join(HERE, "results", "export_speed.md"), ("# Export speed\n\n" + text + "\n").encode())

@@ -1,7 +1,7 @@
 """Pareto sweep on the digits CNN: auto_policy vs random bit mixes vs uniform bits at equal size.
 
 Trains ``digits_cnn()`` on ``load_digits()`` (Adam 1e-3, from-logits cross-entropy, batch
-64, seed 0), then ``keras_qx.pareto.pareto``: one sensitivity report, and per kernel-byte
+64, seed 0), then ``keras_qx.engine.pareto.pareto``: one sensitivity report, and per kernel-byte
 budget (fractions of uniform int8) the auto policy and ``--random`` random per-layer mixes of
 about the same size, plus uniform W8/W4/W2; each QAT-trained ``--qat-epochs``, exported to
 TFLite and evaluated on the test split. Writes ``pareto.md`` and ``pareto.png`` to ``--out``.
@@ -25,8 +25,8 @@ import numpy as np
 
 from keras_qx._compat import keras, tf, tfmot
 from keras_qx.data import digits_cnn, load_digits
-from keras_qx.export import write_atomic
-from keras_qx.pareto import pareto
+from keras_qx._io import write_atomic
+from keras_qx.engine.pareto import pareto
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -15,10 +15,10 @@ import numpy as np
 
 from keras_qx._compat import keras, tf, tfmot
 import keras_qx as qx
-from keras_qx.allocate import auto_policy, budget_from
+from keras_qx.engine.allocate import auto_policy, budget_from
 from keras_qx.data import digits_cnn, load_digits
-from keras_qx.export import write_atomic
-from keras_qx.sensitivity import METHODS, quantizable_layers, sensitivity
+from keras_qx._io import write_atomic
+from keras_qx.engine.sensitivity import METHODS, quantizable_layers, sensitivity
 
 
 def _compile(model, lr):

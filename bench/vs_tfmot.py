@@ -23,13 +23,13 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 
 import numpy as np
 
 from keras_qx._compat import keras, tf, tfmot
+from keras_qx._io import write_atomic
 
 MIXED_POLICY = {
     "rules": [{"type": "Dense", "weight_bits": 4}, {"type": "Conv2D", "weight_bits": 4}],
@@ -122,20 +122,6 @@ def export_qx(qat, calib: np.ndarray) -> tuple[bytes, float, float]:
     tfl = qx.export_tflite(qat, calib)
     total = time.perf_counter() - start
     return bytes(tfl), tfl.report.convert_seconds, total
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".vs_tfmot-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -319,7 +305,8 @@ def main(argv=None) -> int:
     text = "\n".join(rows + notes) + "\n"
     print(text)
     if not args.no_write:
-        write_atomic_text(RESULTS, "# keras_qx vs tfmot (digits CNN)\n\n" + text)
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        write_atomic(RESULTS, ("# keras_qx vs tfmot (digits CNN)\n\n" + text).encode())
         log(f"wrote {os.path.relpath(RESULTS)}")
     return 0
 

@@ -1,5 +1,11 @@
 """keras_qx: mixed-precision quantization-aware training for tf_keras, exported to TFLite.
 
+The package follows the data path: ``rewrite/`` (make a model quantizable) -> ``quant/`` (the
+vocabulary: quantizers, configs, layer kinds, the policy, the cost model) -> ``qat/`` (model ->
+QAT model) -> ``lite/`` (TFLite export, inspection, evaluation, post-training modes), with
+``engine/`` (sensitivity, allocation, sweeps) choosing bits beside it. This module only
+gathers the public API.
+
 Example:
     >>> import keras_qx as qx
     >>> from keras_qx.data import digits_cnn, load_digits
@@ -10,20 +16,20 @@ Example:
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from keras_qx import configs, cost, quantizers, registry
-from keras_qx.allocate import InfeasibleBudget, auto_policy
-from keras_qx.annotate import annotate
-from keras_qx.evaluate import evaluate_tflite
-from keras_qx.export import ExportError, export_tflite
-from keras_qx.policy import LayerSpec, Policy, PolicyError
-from keras_qx.ptq import ptq
-from keras_qx.pareto import ParetoResult, pareto
-from keras_qx.quantize import quantize
-from keras_qx.registry import register_layer
-from keras_qx.sensitivity import SensitivityReport, sensitivity
-from keras_qx.saving import load_model, quantize_scope
-from keras_qx.summary import summary
-from keras_qx.tflite import inspect_tflite
+from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
+from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
+from keras_qx.lite.evaluate import evaluate_tflite
+from keras_qx.lite.export import ExportError, export_tflite
+from keras_qx.lite.inspect import inspect_tflite
+from keras_qx.lite.ptq import ptq
+from keras_qx.qat import registry
+from keras_qx.qat.annotate import annotate
+from keras_qx.qat.quantize import quantize
+from keras_qx.qat.saving import load_model, quantize_scope
+from keras_qx.qat.summary import summary
+from keras_qx.quant import configs, cost, quantizers
+from keras_qx.quant.kinds import register_layer
+from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
 
 try:
     __version__ = _version("keras_qx")
@@ -38,8 +44,6 @@ __all__ = [
     "annotate",
     "auto_policy",
     "InfeasibleBudget",
-    "pareto",
-    "ParetoResult",
     "sensitivity",
     "SensitivityReport",
     "quantize",

@@ -53,6 +53,18 @@ __all__ = [
     "model_transformer",
     "keras_tuner",
     "check_model",
+    "has_graph",
+    "is_graph_model",
+    "is_quantized_layer",
+    "inbound_layers",
+    "graph_nodes",
+    "attention_parts",
+    "tfmot_layer_quantize_map",
+    "has_custom_quantize_config",
+    "own_variables",
+    "tflite_schema",
+    "litert_interpreter",
+    "tf_symbol",
 ]
 
 PACKAGE = "keras_qx"
@@ -68,7 +80,7 @@ def keras_tuner():
 def check_model(model, what: str = "model") -> None:
     """Raise a clear error unless ``model`` is a built tf_keras Sequential/Functional model."""
     if isinstance(model, keras.Model):
-        if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        if not isinstance(model, keras.Sequential) and not has_graph(model):
             raise TypeError(
                 f"{what} {model.name!r} is a subclassed tf_keras model ({type(model).__name__}); "
                 "keras_qx (like tfmot) needs a Sequential or Functional model. Rebuild it with "
@@ -88,3 +100,78 @@ def check_model(model, what: str = "model") -> None:
             "`import keras`)."
         )
     raise TypeError(f"{what} must be a tf_keras Model, got {type(model).__name__}.")
+
+
+# Private internals of tf_keras, tfmot and TF, reached only here (they move between versions).
+
+
+def has_graph(model) -> bool:
+    """The model keeps a layer graph (Functional, or a Sequential built from an input)."""
+    return bool(getattr(model, "_is_graph_network", False))
+
+
+def is_graph_model(model) -> bool:
+    """A Sequential or Functional tf_keras model (not subclassed)."""
+    return isinstance(model, keras.Model) and (has_graph(model) or isinstance(model, keras.Sequential))
+
+
+def is_quantized_layer(layer) -> bool:
+    """A tfmot ``QuantizeLayer`` or ``QuantizeWrapper`` (a layer of a QAT model that is not float)."""
+    return isinstance(layer, (quantize_layer.QuantizeLayer, quantize_wrapper.QuantizeWrapper))
+
+
+def inbound_layers(layer) -> list:
+    """The layers feeding ``layer``'s first call (empty for an input)."""
+    nodes = layer._inbound_nodes
+    inbound = nodes[0].inbound_layers if nodes else []
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
+def graph_nodes(model):
+    """``(nodes by depth, deepest first; tensor usage counts)`` of a functional model."""
+    by_depth = model._nodes_by_depth
+    return [by_depth[d] for d in sorted(by_depth, reverse=True)], model._tensor_usage_count
+
+
+def attention_parts(layer) -> dict:
+    """A built ``MultiHeadAttention``'s sublayers and equations."""
+    return {"query": layer._query_dense, "key": layer._key_dense, "value": layer._value_dense,
+            "output": layer._output_dense, "key_dim": layer._key_dim,
+            "dot_product_equation": layer._dot_product_equation,
+            "combine_equation": layer._combine_equation, "softmax_axis": layer._softmax.axis}
+
+
+def tfmot_layer_quantize_map() -> dict:
+    """tfmot's default 8-bit registry table: layer class -> its quantize info."""
+    return default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
+
+
+def has_custom_quantize_config(match_layer) -> bool:
+    return default_8bit_transforms._has_custom_quantize_config(match_layer)
+
+
+def own_variables(layer) -> list:
+    """A layer's variables in the order its ``.keras`` file stores them."""
+    layer._update_trackables()
+    return layer._trainable_weights + layer._non_trainable_weights
+
+
+def tflite_schema():
+    """TensorFlow's generated flatbuffer schema module for ``.tflite`` files."""
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def litert_interpreter():
+    """``(Interpreter, OpResolverType)`` of the LiteRT runtime (ai_edge_litert)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    return Interpreter, OpResolverType
+
+
+def tf_symbol(name: str):
+    """The TF API symbol named ``name`` (``"math.multiply"``), or None."""
+    from tensorflow.python.util.tf_export import get_symbol_from_name
+
+    return get_symbol_from_name(name)

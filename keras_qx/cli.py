@@ -33,7 +33,7 @@ def _model_and_data(args):
         if args.data is not None:
             raise ValueError("--data needs --model (the digits data comes with the default model).")
         return train_digits(args.epochs, print_fn=_say)
-    from keras_qx.saving import load_model
+    from keras_qx.qat.saving import load_model
 
     if args.data is None:
         raise ValueError("--model needs --data: an .npz with x_train, y_train, x_test, y_test.")
@@ -72,8 +72,8 @@ def _demo(args) -> int:
 
 
 def _analyze(args) -> int:
-    from keras_qx.export import write_atomic
-    from keras_qx.sensitivity import sensitivity
+    from keras_qx._io import write_atomic
+    from keras_qx.engine.sensitivity import sensitivity
 
     model, ((x, y), _) = _model_and_data(args)
     _say(f"sensitivity ({args.method}) of {model.name}...")
@@ -89,17 +89,17 @@ def _analyze(args) -> int:
 
 def _quantize(args) -> int:
     from keras_qx._compat import keras
-    from keras_qx.allocate import auto_policy
-    from keras_qx.demo import parse_budget
-    from keras_qx.evaluate import evaluate_tflite
-    from keras_qx.export import export_tflite, write_atomic
-    from keras_qx.quantize import quantize
-    from keras_qx.sensitivity import infer_loss, sensitivity
-    from keras_qx.summary import summary
+    from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
+    from keras_qx.lite.evaluate import evaluate_tflite
+    from keras_qx._io import write_atomic
+    from keras_qx.lite.export import export_tflite
+    from keras_qx.qat.quantize import quantize
+    from keras_qx.engine.sensitivity import infer_loss, quantizable_layers, sensitivity
+    from keras_qx.qat.summary import summary
 
     parse_budget(args.budget)
     model, ((x, y), (xt, yt)) = _model_and_data(args)
-    budget = parse_budget(args.budget, model)
+    budget = budget_from(quantizable_layers(model), budget_bytes=args.budget)
     _say(f"sensitivity ({args.method})...")
     report = sensitivity(model, (x, y), args.candidates, method=args.method, verbose=True)
     policy = auto_policy(model, report=report, budget_bytes=budget, keep=args.keep)
@@ -129,8 +129,8 @@ def _quantize(args) -> int:
 
 
 def _inspect(args) -> int:
-    from keras_qx.evaluate import gzip_size
-    from keras_qx.tflite import inspect_tflite, read_model
+    from keras_qx.lite.evaluate import gzip_size
+    from keras_qx.lite.inspect import inspect_tflite, read_model
 
     data = read_model(args.path)
     info = inspect_tflite(data)

@@ -13,13 +13,17 @@ import time
 
 from keras_qx._compat import keras
 from keras_qx.data import digits_cnn, load_digits
-from keras_qx.evaluate import evaluate_tflite
-from keras_qx.export import export_tflite, write_atomic
-from keras_qx.policy import Policy
-from keras_qx.quantize import quantize
-from keras_qx.summary import summary
+from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
+from keras_qx.engine.sensitivity import quantizable_layers
+from keras_qx.lite.convert import convert, converter_for
+from keras_qx.lite.evaluate import evaluate_tflite
+from keras_qx._io import write_atomic
+from keras_qx.lite.export import export_tflite
+from keras_qx.quant.policy import Policy
+from keras_qx.qat.quantize import quantize
+from keras_qx.qat.summary import summary
 
-__all__ = ["MIXED_POLICY", "run_demo", "format_table", "train_digits", "parse_budget"]
+__all__ = ["MIXED_POLICY", "run_demo", "format_table", "train_digits"]
 
 # 4-bit Dense/Conv, first conv and last dense kept at 8 bits.
 MIXED_POLICY = Policy.from_dict({
@@ -36,33 +40,7 @@ def _compile(model, lr=1e-3):
 
 
 def _float_tflite(model) -> bytes:
-    from keras_qx._compat import tf
-
-    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
-
-
-def parse_budget(text: str, model=None) -> int | None:
-    """``"60000"`` (kernel bytes) or ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes);
-    with ``model=None`` only the syntax is checked (fail before training, not after)."""
-    from keras_qx.cost import kernel_bytes
-    from keras_qx.sensitivity import quantizable_layers
-
-    text = str(text).strip()
-    try:
-        if text.endswith("x"):
-            fraction = float(text[:-1])
-            if not 0 < fraction <= 4:
-                raise ValueError
-            if model is None:
-                return None
-            return int(fraction * sum(kernel_bytes(l, 8) for l in quantizable_layers(model)))
-        value = int(text)
-        if value <= 0:
-            raise ValueError
-        return value
-    except ValueError:
-        raise ValueError(f"budget {text!r}: give kernel bytes (e.g. 60000) or a fraction of the "
-                         "int8 kernel bytes (e.g. 0.6x).") from None
+    return convert(converter_for(model))[0]
 
 
 def train_digits(epochs: int = 20, seed: int = 0, print_fn=print):
@@ -81,14 +59,12 @@ def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, 
              budget: str = "0.6x", seed: int = 0, print_fn=print) -> list[dict]:
     """Train, quantize (uniform 8-bit and ``policy`` or auto_policy under ``budget``), QAT,
     export, evaluate; return the rows."""
-    from keras_qx.allocate import auto_policy
-
     say = print_fn or (lambda *_: None)
     if policy is None:
-        parse_budget(budget)
+        parse_budget(budget)  # a bad budget fails before training
     model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say(s if s.startswith(" ") else "[1/4] " + s))
     if policy is None:
-        budget_bytes = parse_budget(budget, model)
+        budget_bytes = budget_from(quantizable_layers(model), budget_bytes=budget)
         say(f"      auto_policy: sensitivity + exact allocation under {budget_bytes:,} kernel bytes ({budget})")
         policy = auto_policy(model, (x_train, y_train), budget_bytes=budget_bytes, verbose=False)
         chosen = ", ".join(f"{n}={f['weight_bits']}" for n, f in policy.layers.items())

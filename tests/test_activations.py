@@ -8,7 +8,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.flatten import flatten_nested
+from keras_qx.rewrite.flatten import flatten_nested
 
 pytestmark = pytest.mark.slow
 L = keras.layers

@@ -4,16 +4,16 @@ import inspect
 import numpy as np
 import pytest
 
-from keras_qx import configs
+from keras_qx.quant import configs
 from keras_qx._compat import keras, quantize_wrapper, tf
-from keras_qx.configs import (
+from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
-    kernel_kind,
 )
-from keras_qx.quantizers import ActivationQuantizer, WeightQuantizer
+from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 L = keras.layers
 
@@ -263,7 +263,7 @@ def test_set_quantize_weights_checks_count():
 
 
 def test_activation_config_uses_tflite_fixed_grids():
-    from keras_qx.quantizers import FixedRangeQuantizer
+    from keras_qx.quant.quantizers import FixedRangeQuantizer
 
     cfg = ActivationQuantizeConfig(8)
     assert cfg.get_output_quantizers(L.Activation("softmax")) == [FixedRangeQuantizer(0.0, 255 / 256)]
@@ -277,7 +277,7 @@ def test_activation_config_uses_tflite_fixed_grids():
 def test_fixed_range_quantizer_matches_tflite_sigmoid_grid(rng):
     """Numpy reference: TFLite's int8 LOGISTIC output is q/256 for q in 0..255 (scale 1/256,
     zero point -128); the quantizer rounds onto exactly that grid and round-trips."""
-    from keras_qx.quantizers import FixedRangeQuantizer
+    from keras_qx.quant.quantizers import FixedRangeQuantizer
 
     q = FixedRangeQuantizer(0.0, 255 / 256)
     x = rng.random(1000).astype("float32")

@@ -49,7 +49,7 @@ def test_mixed_policy_packs_int4_and_is_small(exported, digits):
 
 def test_tflite_matches_keras_within_steps(exported, digits):
     """Every output of the TFLite model within a few output quantization steps of Keras."""
-    from keras_qx.tflite import TFLiteRunner
+    from keras_qx.lite.inspect import TFLiteRunner
 
     _, (xt, _) = digits
     for qat, tfl in exported[1].values():
@@ -61,7 +61,7 @@ def test_tflite_matches_keras_within_steps(exported, digits):
 def test_kernel_bytes_match_cost_model(exported):
     """The shared cost model predicts the bytes of each kernel tensor in the file exactly."""
     qat, tfl = exported[1]["mixed"]
-    from keras_qx.summary import layer_costs
+    from keras_qx.qat.summary import layer_costs
 
     file_kernels = sorted(w[3] for w in tfl.report.info.weights if len(w[2]) in (2, 4))
     predicted = sorted(c.kernel_bytes for c, _ in layer_costs(qat) if c.kernel_bytes)
@@ -118,7 +118,7 @@ def test_verification_failure_writes_nothing(exported, digits, tmp_path, monkeyp
     """If the TFLite model disagrees with Keras, export raises and leaves no file."""
     (x, _), _ = digits
     qat = exported[1]["int8"][0]
-    from keras_qx import tflite
+    from keras_qx.lite import inspect as tflite
 
     monkeypatch.setattr(tflite.TFLiteRunner, "predict", lambda self, xs: -qat.predict(xs, verbose=0))
     with pytest.raises(qx.ExportError, match="disagrees"):

@@ -3,7 +3,7 @@ import numpy as np
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.flatten import flatten_nested, has_nested
+from keras_qx.rewrite.flatten import flatten_nested, has_nested
 
 
 def _nested_model():

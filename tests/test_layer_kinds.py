@@ -4,7 +4,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.cost import kernel_bytes
+from keras_qx.quant.cost import kernel_bytes
 from tests.conftest import train_and_export
 
 pytestmark = pytest.mark.slow

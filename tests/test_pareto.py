@@ -1,13 +1,13 @@
-"""``keras_qx.pareto``: the sweep's rows, skipped budgets, table, JSON and plot; input checks."""
+"""``keras_qx.engine.pareto``: the sweep's rows, skipped budgets, table, JSON and plot; input checks."""
 import json
 import re
 
 import numpy as np
 import pytest
 
-from keras_qx.cost import kernel_bytes
-from keras_qx.pareto import _check_budgets, pareto
-from keras_qx.sensitivity import quantizable_layers
+from keras_qx.quant.cost import kernel_bytes
+from keras_qx.engine.pareto import _check_budgets, pareto
+from keras_qx.engine.sensitivity import quantizable_layers
 from tests.conftest import tiny_model
 
 

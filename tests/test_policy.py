@@ -5,8 +5,8 @@ import pytest
 
 from keras_qx import LayerSpec, Policy, PolicyError, annotate
 from keras_qx._compat import keras, quantize_annotate
-from keras_qx.annotate import annotation_fields
-from keras_qx.configs import ActivationQuantizeConfig, KernelQuantizeConfig, NoOpQuantizeConfig, OutputQuantizeConfig
+from keras_qx.qat.annotate import annotation_fields
+from keras_qx.quant.configs import ActivationQuantizeConfig, KernelQuantizeConfig, NoOpQuantizeConfig, OutputQuantizeConfig
 
 L = keras.layers
 

@@ -4,7 +4,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.configs import KernelQuantizeConfig
+from keras_qx.quant.configs import KernelQuantizeConfig
 from tests.conftest import tiny_model
 
 

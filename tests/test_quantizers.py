@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from keras_qx import quantizers
+from keras_qx.quant import quantizers
 from keras_qx._compat import keras, tf
-from keras_qx.quantizers import ActivationQuantizer, WeightQuantizer
+from keras_qx.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 
 # ---- numpy references ---------------------------------------------------------------------

@@ -3,7 +3,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras, tf
-from keras_qx.configs import kernel_kind
+from keras_qx.quant.kinds import kernel_kind
 
 
 class MyDense(keras.layers.Layer):
@@ -28,13 +28,13 @@ class MyScale(keras.layers.Layer):
 
 @pytest.fixture
 def registered():
-    from keras_qx import configs, registry
+    from keras_qx.quant.kinds import unregister_layer
 
     qx.register_layer(MyDense, weight_attrs=["kernel"])
     qx.register_layer(MyScale)
     yield
-    configs._CUSTOM_KINDS.clear()
-    registry._CUSTOM_OUTPUT.clear()
+    unregister_layer(MyDense)
+    unregister_layer(MyScale)
 
 
 def _model():
@@ -64,7 +64,7 @@ def test_registered_layers_quantize_and_export(registered, rng):
     tfl = qx.export_tflite(qat, x, min_agreement=0.8)
     assert tfl.report.info.fully_integer, tfl.report.info.ops
     assert tfl.report.mean_error_steps < 1.5
-    from keras_qx.cost import kernel_bytes
+    from keras_qx.quant.cost import kernel_bytes
 
     kernel = [w for w in tfl.report.info.weights if w[2] == (8, 12)]  # tf.matmul -> FULLY_CONNECTED
     assert kernel and kernel[0][1] == "INT8" and kernel[0][3] == kernel_bytes(model.get_layer("mine"), 4)

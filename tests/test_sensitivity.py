@@ -9,14 +9,14 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras, tf
-from keras_qx.configs import kernel_kind
-from keras_qx.cost import kernel_bytes, kernel_params
-from keras_qx.quantizers import WeightQuantizer
-from keras_qx.sensitivity import fake_quantize, quantizable_layers
+from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.cost import kernel_bytes, kernel_params
+from keras_qx.quant.quantizers import WeightQuantizer
+from keras_qx.engine.sensitivity import fake_quantize, quantizable_layers
 from tests.conftest import tiny_model
 
-# the module (keras_qx.sensitivity, the attribute, is the function qx.sensitivity)
-sens = importlib.import_module("keras_qx.sensitivity")
+# the module (keras_qx.engine.sensitivity, the attribute, is the function qx.sensitivity)
+sens = importlib.import_module("keras_qx.engine.sensitivity")
 CNN_LAYERS = ["conv1", "conv2", "fc1", "logits"]
 
 

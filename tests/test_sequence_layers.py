@@ -5,9 +5,9 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.cost import kernel_bytes
-from keras_qx.flatten import ATTENTION_PARTS, flatten_nested
-from keras_qx.quantize import resolve
+from keras_qx.quant.cost import kernel_bytes
+from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
+from keras_qx.qat.quantize import resolve
 
 pytestmark = pytest.mark.slow
 L = keras.layers
@@ -88,7 +88,7 @@ def test_einsum_dense_4_bit_packs_and_matches_numpy_reference(rng):
     assert tfl.report.info.fully_integer
     assert [w[3] for w in tfl.report.info.int4_tensors] == [kernel_bytes(layer, 4)] == [12 * 8 // 2]
     # the TFLite INT4 kernel holds the same 4-bit grid values as the QAT simulation
-    from keras_qx.tflite import TFLiteRunner
+    from keras_qx.lite.inspect import TFLiteRunner
 
     interp = TFLiteRunner(bytes(tfl)).interpreter
     stored = [d for d in interp.get_tensor_details() if d["name"] == tfl.report.info.int4_tensors[0][0]][0]

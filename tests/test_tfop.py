@@ -6,8 +6,8 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras, tf
-from keras_qx.flatten import flatten_nested
-from keras_qx.tfop import TFOp
+from keras_qx.rewrite.flatten import flatten_nested
+from keras_qx.rewrite.tfop import TFOp
 from tests.conftest import train_and_export
 
 

@@ -2,7 +2,7 @@
 
 :class:`PolicyQuantizeRegistry` answers tfmot's two questions for each layer,
 ``supports(layer)`` and ``get_quantize_config(layer)``, from a table of
-:class:`~keras_qx.policy.LayerSpec` by layer name. :class:`PolicyQuantizeScheme` pairs it
+:class:`~keras_qx.quant.policy.LayerSpec` by layer name. :class:`PolicyQuantizeScheme` pairs it
 with tfmot's default layout transforms (Conv+BatchNorm+ReLU folding, input quantization,
 SeparableConv splitting), except those that would hard-code 8-bit configs or drop a
 kernel's quantizer; those are replaced here by policy-aware versions.
@@ -20,25 +20,26 @@ from typing import Mapping
 from keras_qx._compat import (
     default_8bit_quantize_configs,
     default_8bit_quantize_layout_transform,
-    default_8bit_quantize_registry,
     default_8bit_transforms as t8,
     keras,
     model_transformer,
     quantize_layer,
     tfmot_quantize_registry,
     tfmot_quantize_scheme,
+    tfmot_layer_quantize_map,
+    has_custom_quantize_config,
 )
-from keras_qx.configs import (
+from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
-    kernel_kind,
 )
-from keras_qx.policy import LayerSpec
-from keras_qx.tfop import VALUE_PRESERVING, TFOp
+from keras_qx.quant.kinds import custom_output, kernel_kind
+from keras_qx.quant.policy import LayerSpec
+from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp
 
-__all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX", "register_layer"]
+__all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
 
 _L = keras.layers
 DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split SeparableConv2D
@@ -52,53 +53,12 @@ _EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L
 # (StochasticDepth: identity at inference).
 _BY_NAME = {"LayerScale": True, "StochasticDepth": False,
             "CustomScaleLayer": True}  # InceptionResNetV2: a + b * scale
-_TFMOT_INFO = default_8bit_quantize_registry.Default8BitQuantizeRegistry()._layer_quantize_map
+_TFMOT_INFO = tfmot_layer_quantize_map()
 
 
 # TFLite's AVERAGE_POOL_2D requires the output scale to equal the input's: no quantizer of
 # their own (tfmot's registry gives them one, and DenseNet then fails to convert).
 _SAME_SCALE = (_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D)
-_CUSTOM_OUTPUT: dict = {}  # layer class -> quantize its output? (register_layer)
-
-
-def register_layer(layer_type: type, weight_attrs=(), quantize_output: bool = True,
-                   per_channel: bool = False, int4_export: bool = False) -> None:
-    """Teach keras_qx how to quantize your own layer class.
-
-    Args:
-        layer_type: the class (subclasses are covered too).
-        weight_attrs: attribute names of its kernels (e.g. ``["kernel"]``); they get the
-            policy's weight bits, and count in the cost model.
-        quantize_output: for a layer without kernels: quantize its output (arithmetic) or
-            leave it alone (value-preserving ops such as reshapes).
-        per_channel: per-output-channel kernel scales (last axis).
-        int4_export: whether the converter packs its 4-bit kernels as INT4 (check with
-            ``qx.inspect_tflite``); otherwise the cost model counts 8 bits.
-
-    Example:
-        >>> qx.register_layer(MyDense, weight_attrs=["kernel"])    # doctest: +SKIP
-        >>> qx.register_layer(MyScale)                              # doctest: +SKIP
-    """
-    from keras_qx.configs import _CUSTOM_KINDS, KernelKind
-
-    if not (isinstance(layer_type, type) and issubclass(layer_type, _L.Layer)):
-        raise TypeError(f"register_layer takes a tf_keras Layer class, got {layer_type!r}.")
-    weight_attrs = tuple(weight_attrs)
-    _CUSTOM_KINDS[:] = [k for k in _CUSTOM_KINDS if k.layer_type is not layer_type]
-    _CUSTOM_OUTPUT.pop(layer_type, None)
-    if weight_attrs:
-        _CUSTOM_KINDS.insert(0, KernelKind(layer_type, weight_attrs, per_channel, -1, int4_export))
-    else:
-        _CUSTOM_OUTPUT[layer_type] = bool(quantize_output)
-
-
-def _custom_output(cls):
-    for base in cls.__mro__:
-        if base in _CUSTOM_OUTPUT:
-            return _CUSTOM_OUTPUT[base]
-    return None
-
-
 def _tfmot_info(cls):
     for base in cls.__mro__:
         if base in _TFMOT_INFO:
@@ -138,7 +98,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         return bool(
             kernel_kind(cls)
             or issubclass(cls, TFOp)
-            or _custom_output(cls) is not None
+            or custom_output(cls) is not None
             or cls.__name__ in _BY_NAME
             or issubclass(cls, (_L.Activation, _L.Softmax))
             or issubclass(cls, _EXTRA_OUTPUT)
@@ -163,8 +123,8 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
             return NoOpQuantizeConfig()
         if issubclass(cls, (_L.Activation, _L.Softmax)):
             return ActivationQuantizeConfig(spec.activation_bits)
-        if _custom_output(cls) is not None:
-            return OutputQuantizeConfig(spec.activation_bits) if _custom_output(cls) else NoOpQuantizeConfig()
+        if custom_output(cls) is not None:
+            return OutputQuantizeConfig(spec.activation_bits) if custom_output(cls) else NoOpQuantizeConfig()
         if cls.__name__ in _BY_NAME:
             return OutputQuantizeConfig(spec.activation_bits) if _BY_NAME[cls.__name__] else NoOpQuantizeConfig()
         if issubclass(cls, _EXTRA_OUTPUT):
@@ -261,7 +221,7 @@ class _SeparableConv(t8.SeparableConvQuantize):
     (``<name>_depthwise`` and ``<name>``) so the policy and the summary still find them."""
 
     def replacement(self, match_layer):
-        if t8._has_custom_quantize_config(match_layer):  # pylint: disable=protected-access
+        if has_custom_quantize_config(match_layer):
             return match_layer
         name = match_layer.layer["config"]["name"]
         conv = super().replacement(match_layer)

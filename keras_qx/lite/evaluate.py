@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from keras_qx.export import check_samples
-from keras_qx.tflite import TFLiteRunner
+from keras_qx._io import check_samples
+from keras_qx.lite.inspect import TFLiteRunner
 
 __all__ = ["evaluate_tflite", "gzip_size"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from keras_qx._compat import PACKAGE, keras, tfmot
+from keras_qx._compat import PACKAGE, keras, own_variables, quantize_layer, quantize_wrapper, tfmot
 
 __all__ = ["quantize_scope", "custom_objects", "load_model"]
 
@@ -42,8 +42,7 @@ def _load_wrapper_variables(layer, store):
     the inner layer's trainable weights twice, so the file holds more entries than a freshly
     loaded wrapper has; the extra entries are the leading ones. Drop them, check shapes.
     """
-    layer._update_trackables()
-    variables = layer._trainable_weights + layer._non_trainable_weights
+    variables = own_variables(layer)
     saved = [store[str(i)] for i in range(len(store.keys()))]
     extra = len(saved) - len(variables)
     if extra < 0:
@@ -60,8 +59,6 @@ def _load_wrapper_variables(layer, store):
 def _keras_format_fixes():
     """tfmot layers in tf_keras 2.21's ``.keras`` loader: build once (at call time), and
     match the wrapper's saved variable list (see :func:`_load_wrapper_variables`)."""
-    from keras_qx._compat import quantize_layer, quantize_wrapper
-
     patched = [
         (quantize_layer.QuantizeLayer, "build_from_config", lambda self, config: None),
         (quantize_wrapper.QuantizeWrapper, "build_from_config", lambda self, config: None),

@@ -11,13 +11,13 @@ import warnings
 from typing import Any
 
 from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
-from keras_qx.annotate import annotation_fields
-from keras_qx.configs import kernel_kind
-from keras_qx.flatten import ATTENTION_PARTS, flatten_nested
-from keras_qx.quantizers import WeightQuantizer
-from keras_qx.policy import LayerSpec, Policy, PolicyError
-from keras_qx.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
-from keras_qx.saving import quantize_scope
+from keras_qx.qat.annotate import annotation_fields
+from keras_qx.quant.kinds import kernel_kind
+from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
+from keras_qx.quant.quantizers import WeightQuantizer
+from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
+from keras_qx.qat.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
+from keras_qx.qat.saving import quantize_scope
 
 __all__ = ["quantize", "resolve", "EXPORTABLE_ACTIVATION_BITS"]
 

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from keras_qx.quantizers import ACTIVATION_BITS, WEIGHT_BITS, check_bits
+from keras_qx.quant.quantizers import ACTIVATION_BITS, WEIGHT_BITS, check_bits
 
 __all__ = ["Policy", "LayerSpec", "PolicyError"]
 

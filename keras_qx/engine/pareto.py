@@ -1,4 +1,4 @@
-"""``qx.pareto``: does ``auto_policy`` beat random bit mixes and uniform bits at the same size?
+"""The benchmark sweep (`bench/pareto.py`): does ``auto_policy`` beat random bit mixes and uniform bits at the same size?
 
 One sensitivity report is computed and reused; for each size budget the auto policy and
 ``random_mixes`` random per-layer assignments of the same (cost-model) size, plus each
@@ -6,7 +6,8 @@ uniform weight width, are quantized, QAT-trained, exported to TFLite and evaluat
 row records the kernel bytes really stored in the file next to the cost model's prediction.
 
 Example:
-    >>> result = qx.pareto(model, (x_train, y_train), (x_test, y_test))   # doctest: +SKIP
+    >>> from keras_qx.engine.pareto import pareto
+    >>> result = pareto(model, (x_train, y_train), (x_test, y_test))      # doctest: +SKIP
     >>> result.table(); result.plot("pareto.png")                          # doctest: +SKIP
 """
 from __future__ import annotations
@@ -19,26 +20,22 @@ from typing import Sequence
 import numpy as np
 
 from keras_qx._compat import keras
-from keras_qx.allocate import InfeasibleBudget, auto_policy, find_ties, layer_options
-from keras_qx.cost import kernel_bytes
-from keras_qx.evaluate import evaluate_tflite
-from keras_qx.export import ExportError, export_tflite
-from keras_qx.policy import Policy
-from keras_qx.quantize import quantize
-from keras_qx.quantizers import WEIGHT_BITS, check_bits
-from keras_qx.sensitivity import SensitivityReport, infer_loss, quantizable_layers, sensitivity
+from keras_qx._io import check_xy
+from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, check_keep, choice_units, find_ties, layer_options
+from keras_qx.quant.cost import kernel_bytes, total_kernel_bytes
+from keras_qx.lite.evaluate import evaluate_tflite
+from keras_qx.lite.export import ExportError, export_tflite
+from keras_qx.quant.policy import Policy
+from keras_qx.qat.quantize import quantize
+from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits
+from keras_qx.engine.sensitivity import SensitivityReport, infer_loss, quantizable_layers, sensitivity
 
-__all__ = ["pareto", "ParetoResult", "file_kernel_bytes"]
+__all__ = ["pareto", "ParetoResult"]
 
 WINDOW = 0.85  # random mixes aim for [WINDOW * budget, budget] kernel bytes
 MAX_TRIES = 2000  # rejection-sampling draws per random mix
 BATCH = 64
 LATENCY_RUNS = 20
-
-
-def file_kernel_bytes(tflite_model) -> int:
-    """Bytes of the kernel tensors (constant tensors of rank >= 2) in an exported file."""
-    return tflite_model.report.info.kernel_bytes
 
 
 def _budget_label(budget) -> str:
@@ -64,15 +61,6 @@ def _check_budgets(budgets) -> list:
     if dupes:
         raise ValueError(f"budgets {dupes} are given more than once.")
     return out
-
-
-def _check_data(data, what: str):
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{what} must be a tuple (x, y) of samples and labels, got {type(data).__name__}.")
-    x, y = np.asarray(data[0]), np.asarray(data[1])
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{what} has {len(x)} samples and {len(y)} labels; they must match and be > 0.")
-    return x, y
 
 
 @dataclass
@@ -147,7 +135,7 @@ class ParetoResult:
 
     def plot(self, path=None, ax=None):
         """Accuracy vs kernel bytes: auto line, uniform squares, random grey dots, budget lines."""
-        from keras_qx.plotting import axes, finish
+        from keras_qx._plot import axes, finish
 
         fig, ax = axes(ax, figsize=(7, 4.5))
         import matplotlib.ticker
@@ -208,6 +196,73 @@ def _random_mix(rng, units, options, budget: int, seen: set):
     return None
 
 
+def _check_options(qat_epochs, seeds, random_mixes, uniform) -> list[int]:
+    for name, value, low in (("qat_epochs", qat_epochs, 0), ("seeds", seeds, 1), ("random_mixes", random_mixes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    if isinstance(uniform, int) or not isinstance(uniform, (tuple, list)):
+        raise ValueError(f"uniform must be a tuple of weight bit widths, got {uniform!r}.")
+    return [check_bits(b, "uniform weight bits", WEIGHT_BITS) for b in uniform]
+
+
+def _bits_policy(bits: dict) -> Policy:
+    return Policy(default={"weight_bits": 8, "activation_bits": 8},
+                  layers={n: {"weight_bits": b} for n, b in bits.items()})
+
+
+def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say):
+    """Every variant to train, cheap to make: ``(plan, skipped)``; plan rows are
+    ``(kind, label, budget, budget bytes, bits, policy)``."""
+    names = [l.name for l in layers]
+    plan = [("uniform", f"W{b}", None, None, {n: b for n in names}, Policy.uniform(weight_bits=b)) for b in uniform]
+    skipped = []
+    options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
+    units = choice_units(options, find_ties(model))
+    int8 = total_kernel_bytes(layers, 8)
+    rng = np.random.default_rng(seed)
+    for budget in budgets:
+        cap = int(budget * int8) if isinstance(budget, float) else budget
+        label = _budget_label(budget)
+        try:
+            policy = auto_policy(model, report=report, budget_bytes=cap, keep=keep, verbose=False)
+        except InfeasibleBudget as err:
+            skipped.append((budget, str(err)))
+            say(f"skip {label} ({cap:,} kernel bytes): {err}")
+            continue
+        auto_bits = {n: s["weight_bits"] for n, s in policy.layers.items()}
+        plan.append(("auto", f"auto @ {label}", budget, cap, auto_bits, policy))
+        seen = set()
+        for i in range(random_mixes):
+            found = _random_mix(rng, units, options, cap, seen)
+            if found is None:
+                reason = f"random mix {i + 1}: no random assignment fits in {MAX_TRIES} draws"
+                skipped.append((budget, reason))
+                say(f"skip {label}: {reason}")
+                break
+            bits, cost, in_window = found
+            seen.add(tuple(sorted(bits.items())))
+            if not in_window:
+                say(f"note {label}: random mix {i + 1} is {cost:,} B, below {WINDOW:.0%} of the budget")
+            plan.append(("random", f"random {i + 1} @ {label}", budget, cap, bits, _bits_policy(bits)))
+    return plan, skipped
+
+
+def _train_and_score(model, policy, train, test, representative, qat_epochs, seeds):
+    """QAT ``seeds`` times, export, score in TFLite: ``(last metrics, file kernel bytes, accuracies)``."""
+    (x_train, y_train), (x_test, y_test) = train, test
+    accuracies, metrics, tfl = [], None, None
+    for s in seeds:
+        keras.utils.set_random_seed(s)
+        qat = quantize(model, policy)
+        qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
+        if qat_epochs:
+            qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
+        tfl = export_tflite(qat, x_train[:300] if representative is None else representative)
+        metrics = evaluate_tflite(tfl, x_test, y_test, latency_runs=LATENCY_RUNS)
+        accuracies.append(metrics["accuracy"])
+    return metrics, tfl.report.info.kernel_bytes, accuracies
+
+
 def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *,
            candidates: Sequence[int] = (2, 4, 8), method: str = "loss", qat_epochs: int = 2,
            random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), representative=None, seed: int = 0,
@@ -236,102 +291,37 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
     """
     start = time.perf_counter()
     budgets = _check_budgets(budgets)
-    x_train, y_train = _check_data(train_data, "train_data")
-    x_test, y_test = _check_data(test_data, "test_data")
-    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
-        raise ValueError(f"qat_epochs must be an int >= 0, got {qat_epochs!r}.")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}.")
-    if isinstance(random_mixes, bool) or not isinstance(random_mixes, int) or random_mixes < 0:
-        raise ValueError(f"random_mixes must be an int >= 0, got {random_mixes!r}.")
-    if isinstance(uniform, int) or not isinstance(uniform, (tuple, list)):
-        raise ValueError(f"uniform must be a tuple of weight bit widths, got {uniform!r}.")
-    uniform = [check_bits(b, "uniform weight bits", WEIGHT_BITS) for b in uniform]
+    train, test = check_xy(train_data, "train_data"), check_xy(test_data, "test_data")
+    uniform = _check_options(qat_epochs, seeds, random_mixes, uniform)
     say = print_fn or (lambda *_: None)
-
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense/Conv layers to quantize.")
-    names = [l.name for l in layers]
-    unknown = [n for n in keep if n not in names]
-    if unknown:
-        raise ValueError(f"keep names layer(s) {unknown} that are not quantizable layers of the model: {names}.")
-    int8 = sum(kernel_bytes(l, 8) for l in layers)
+    keep = check_keep(layers, keep)
     if report is None:
         say(f"sensitivity ({method}) of {len(layers)} layers...")
-        report = sensitivity(model, (x_train, y_train), candidates, method=method, seed=seed, verbose=False)
+        report = sensitivity(model, train, candidates, method=method, seed=seed, verbose=False)
         say(f"      done in {report.seconds:.1f}s")
+    plan, skipped = _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say)
 
-    # Plan every variant first (cheap), so progress can count them.
-    plan, skipped = [], []  # plan: (kind, label, budget, budget_bytes, bits or Policy)
-    for b in uniform:
-        policy = Policy.uniform(weight_bits=b)
-        plan.append(("uniform", f"W{b}", None, None, {n: b for n in names}, policy))
-    options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
-    ties = [g for g in find_ties(model) if all(n in options for n in g)]
-    tied = {n for g in ties for n in g}
-    units = [(g, sorted(set.intersection(*(set(options[n]) for n in g)))) for g in ties]
-    units += [([n], sorted(options[n])) for n in names if n not in tied]
-    rng = np.random.default_rng(seed)
-    for budget in budgets:
-        cap = int(budget * int8) if isinstance(budget, float) else budget
-        label = _budget_label(budget)
-        try:
-            policy = auto_policy(model, report=report, budget_bytes=cap, keep=keep, verbose=False)
-        except InfeasibleBudget as err:
-            skipped.append((budget, str(err)))
-            say(f"skip {label} ({cap:,} kernel bytes): {err}")
-            continue
-        auto_bits = {n: s["weight_bits"] for n, s in policy.layers.items()}
-        plan.append(("auto", f"auto @ {label}", budget, cap, auto_bits, policy))
-        seen = set()
-        for i in range(random_mixes):
-            found = _random_mix(rng, units, options, cap, seen)
-            if found is None:
-                reason = f"random mix {i + 1}: no random assignment fits in {MAX_TRIES} draws"
-                skipped.append((budget, reason))
-                say(f"skip {label}: {reason}")
-                break
-            bits, cost, in_window = found
-            seen.add(tuple(sorted(bits.items())))
-            if not in_window:
-                say(f"note {label}: random mix {i + 1} is {cost:,} B, below {WINDOW:.0%} of the budget")
-            policy = Policy(default={"weight_bits": 8, "activation_bits": 8},
-                            layers={n: {"weight_bits": b} for n, b in bits.items()})
-            plan.append(("random", f"random {i + 1} @ {label}", budget, cap, bits, policy))
-
-    rows = []
-    by_name = dict(zip(names, layers))
+    rows, by_name = [], {l.name: l for l in layers}
     measured = {}  # bits -> (metrics, kernel bytes, accuracies): identical assignments run once
-
-    def run(policy):
-        accuracies, metrics, tfl = [], None, None
-        for s in range(seed, seed + seeds):
-            keras.utils.set_random_seed(s)
-            qat = quantize(model, policy)
-            qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
-            if qat_epochs:
-                qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
-            tfl = export_tflite(qat, x_train[:300] if representative is None else representative)
-            metrics = evaluate_tflite(tfl, x_test, y_test, latency_runs=LATENCY_RUNS)
-            accuracies.append(metrics["accuracy"])
-        return metrics, file_kernel_bytes(tfl), accuracies
-
     for step, (kind, label, budget, cap, bits, policy) in enumerate(plan, 1):
         key = tuple(sorted(bits.items()))
         if key not in measured:
             try:
-                measured[key] = run(policy)
+                measured[key] = _train_and_score(model, policy, train, test, representative, qat_epochs,
+                                                 range(seed, seed + seeds))
             except ExportError as err:
                 skipped.append((budget, f"{label}: {err}"))
                 say(f"[{step}/{len(plan)}] {label}: export failed: {err}")
                 continue
         metrics, file_kernels, accuracies = measured[key]
-        row = {"kind": kind, "label": label, "budget": budget, "budget_bytes": cap,
-               "kernel_bytes": file_kernels,
-               "predicted_kernel_bytes": sum(kernel_bytes(by_name[n], b) for n, b in bits.items()),
-               "size_bytes": metrics["size_bytes"], "gzip_bytes": metrics["gzip_bytes"],
-               "accuracy": float(np.mean(accuracies)), "accuracies": accuracies, "bits": dict(bits)}
-        rows.append(row)
-        say(f"[{step}/{len(plan)}] {label}: acc {row['accuracy']:.2%}, {row['kernel_bytes']:,} kernel bytes")
-    return ParetoResult(rows, skipped, int8, report.method, time.perf_counter() - start, report)
+        rows.append({"kind": kind, "label": label, "budget": budget, "budget_bytes": cap,
+                     "kernel_bytes": file_kernels,
+                     "predicted_kernel_bytes": sum(kernel_bytes(by_name[n], b) for n, b in bits.items()),
+                     "size_bytes": metrics["size_bytes"], "gzip_bytes": metrics["gzip_bytes"],
+                     "accuracy": float(np.mean(accuracies)), "accuracies": accuracies, "bits": dict(bits)})
+        say(f"[{step}/{len(plan)}] {label}: acc {rows[-1]['accuracy']:.2%}, {file_kernels:,} kernel bytes")
+    return ParetoResult(rows, skipped, total_kernel_bytes(layers, 8), report.method, time.perf_counter() - start,
+                        report)

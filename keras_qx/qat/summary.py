@@ -6,7 +6,7 @@ Example:
 from __future__ import annotations
 
 from keras_qx._compat import keras, quantize_wrapper
-from keras_qx.cost import LayerCost, layer_cost
+from keras_qx.quant.cost import LayerCost, layer_cost
 
 __all__ = ["summary", "layer_costs"]
 
@@ -42,7 +42,7 @@ def _fmt_bits(bits):
 def summary(qat_model, print_fn=print) -> str:
     """Print (and return) the table: layer, type, weight bits, activation bits, params, bytes.
 
-    Bytes follow the shared cost model (:mod:`keras_qx.cost`): packed INT4 where the
+    Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT4 where the
     exporter packs, int8 otherwise, int32 biases, float32 for float layers.
     """
     rows = layer_costs(qat_model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from keras_qx._compat import PACKAGE, keras, tf
+from keras_qx._compat import PACKAGE, keras, tf, tf_symbol
 
 __all__ = ["TFOp", "from_tf_op_lambda", "VALUE_PRESERVING"]
 
@@ -26,9 +26,7 @@ VALUE_PRESERVING = {"__operators__.getitem", "reshape", "transpose", "compat.v1.
 
 
 def _symbol(name: str):
-    from tensorflow.python.util.tf_export import get_symbol_from_name
-
-    fn = get_symbol_from_name(name)
+    fn = tf_symbol(name)
     if fn is None:
         raise ValueError(f"unknown TF symbol {name!r} in a TFOp layer.")
     return fn

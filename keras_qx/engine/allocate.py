@@ -19,14 +19,14 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from keras_qx._compat import keras
-from keras_qx.configs import kernel_kind
-from keras_qx.cost import kernel_bytes, kernel_params
-from keras_qx.policy import Policy, PolicyError
-from keras_qx.sensitivity import SensitivityReport, quantizable_layers, sensitivity
+from keras_qx._compat import inbound_layers, keras
+from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.cost import kernel_bytes, kernel_params, total_kernel_bytes
+from keras_qx.quant.policy import Policy, PolicyError
+from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, sensitivity
 
 __all__ = ["Allocation", "InfeasibleBudget", "allocate", "auto_policy", "find_ties", "budget_from",
-           "layer_options"]
+           "parse_budget", "layer_options", "choice_units", "check_keep"]
 
 
 class InfeasibleBudget(PolicyError):
@@ -46,6 +46,30 @@ class Allocation:
     resolution_bytes: int = 0  # 0: exact; else optimal up to this cost bucket
 
 
+def choice_units(options: Mapping[str, Mapping], ties: Iterable[Sequence[str]] = ()) -> list[tuple[list, list]]:
+    """The units one choice is made for: ``[(layer names, widths they share)]``, tied groups
+    first (names not in ``options`` dropped), then every other layer alone."""
+    units, seen = [], set()
+    for group in ties:
+        group = [n for n in group if n in options and n not in seen]
+        if group:
+            common = set.intersection(*(set(options[n]) for n in group))
+            if not common:
+                raise PolicyError(f"tied layers {group} have no bit width in common.")
+            units.append((group, sorted(common)))
+            seen.update(group)
+    return units + [([n], sorted(options[n])) for n in options if n not in seen]
+
+
+def check_keep(layers, keep: Sequence[str]) -> list[str]:
+    """``keep`` as a list, after checking it names quantizable layers of the model."""
+    names = [l.name for l in layers]
+    unknown = [n for n in keep if n not in names]
+    if unknown:
+        raise PolicyError(f"keep names layer(s) {unknown} that are not quantizable layers of the model: {names}.")
+    return list(keep)
+
+
 def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
              ties: Iterable[Sequence[str]] = (), max_states: int = 100_000) -> Allocation:
     """Choose one bit width per layer minimising damage with total bytes <= budget.
@@ -54,20 +78,9 @@ def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
         options: ``{layer: {bits: (bytes, damage)}}``.
         ties: groups of layers that must share one bit width.
     """
-    units, seen = [], set()
-    for group in ties:
-        group = [n for n in group if n in options and n not in seen]
-        if group:
-            units.append(group)
-            seen.update(group)
-    units += [[n] for n in options if n not in seen]
-    unit_options = []
-    for group in units:
-        common = set.intersection(*(set(options[n]) for n in group))
-        if not common:
-            raise PolicyError(f"tied layers {group} have no bit width in common.")
-        unit_options.append(sorted(
-            (sum(options[n][b][0] for n in group), sum(options[n][b][1] for n in group), b) for b in common))
+    units = choice_units(options, ties)
+    unit_options = [sorted((sum(options[n][b][0] for n in group), sum(options[n][b][1] for n in group), b)
+                           for b in widths) for group, widths in units]
 
     resolution = 0
     # frontier: list of (cost, damage, choices tuple), cost ascending, damage strictly descending
@@ -96,7 +109,7 @@ def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
                 "exporter stores). Raise the budget, or keep fewer layers at 8 bits.",
                 budget_bytes, minimum)
     cost, damage, choices = min(frontier, key=lambda p: (p[1], p[0]))
-    bits = {n: b for group, b in zip(units, choices) for n in group}
+    bits = {n: b for (group, _), b in zip(units, choices) for n in group}
     return Allocation({n: bits[n] for n in options}, cost, damage, budget_bytes, resolution)
 
 
@@ -136,11 +149,10 @@ def find_ties(model) -> list[list[str]]:
             continue
         node = layer
         while True:
-            inbound = node._inbound_nodes[0].inbound_layers if node._inbound_nodes else []
-            if isinstance(inbound, list):
-                if len(inbound) != 1:
-                    break
-                inbound = inbound[0]
+            inbound = inbound_layers(node)
+            if len(inbound) != 1:
+                break
+            inbound = inbound[0]
             if isinstance(inbound, keras.layers.DepthwiseConv2D):
                 ties.append([inbound.name, layer.name])
                 break
@@ -150,8 +162,31 @@ def find_ties(model) -> list[list[str]]:
     return ties
 
 
+def parse_budget(value, name: str = "budget") -> tuple[str, float]:
+    """``("bytes", n)`` or ``("int8", fraction)`` from a number of bytes (``60000``, ``"60000"``)
+    or ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes): checks the syntax before any
+    work is done."""
+    text = str(value).strip().lower()
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        if text.endswith("x"):
+            fraction = float(text[:-1])
+            if not 0 < fraction <= 4:
+                raise ValueError
+            return "int8", fraction
+        number = float(text)
+        if not 1 <= number <= 2**53:
+            raise ValueError
+        return "bytes", int(number)
+    except ValueError:
+        raise ValueError(f"{name} must be kernel bytes (e.g. 60000) or a fraction of the uniform-int8 "
+                         f"kernel bytes (e.g. \"0.6x\"), got {value!r}.") from None
+
+
 def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> int:
-    """Kernel-byte budget from exactly one of: bytes, compression vs float32, average bits."""
+    """Kernel-byte budget from exactly one of: bytes (an int, ``"60000"`` or ``"0.6x"`` of the
+    uniform-int8 kernel bytes), compression vs float32, average bits."""
     given = [k for k, v in (("budget_bytes", budget_bytes), ("compression", compression),
                             ("avg_bits", avg_bits)) if v is not None]
     if len(given) != 1:
@@ -164,7 +199,8 @@ def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> i
         return value
 
     if budget_bytes is not None:
-        return int(number(budget_bytes, "budget_bytes", 1, 2**53, "a positive number of bytes"))
+        unit, amount = parse_budget(budget_bytes, "budget_bytes")
+        return int(amount * total_kernel_bytes(layers, 8)) if unit == "int8" else int(amount)
     if compression is not None:
         return int(4 * params / number(compression, "compression", 1, 1e6,
                                        "a ratio >= 1 (float32 kernel bytes / budget)"))
@@ -190,10 +226,8 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
     """
     layers = quantizable_layers(model)
     budget = budget_from(layers, budget_bytes, compression, avg_bits)
+    keep = check_keep(layers, keep)
     names = [l.name for l in layers]
-    unknown = [n for n in keep if n not in names]
-    if unknown:
-        raise PolicyError(f"keep names layer(s) {unknown} that are not quantizable layers of the model: {names}.")
     if report is None:
         report = sensitivity(model, data, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
     missing = [n for n in names if n not in report.damage]
@@ -202,7 +236,7 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
     options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
     tie_groups = find_ties(model) if ties == "auto" else list(ties or [])
     result = allocate(options, budget, tie_groups)
-    int8 = sum(kernel_bytes(l, 8) for l in layers)
+    int8 = total_kernel_bytes(layers, 8)
     meta = {
         "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,
         "predicted_kernel_bytes": result.kernel_bytes, "int8_kernel_bytes": int8,

@@ -9,10 +9,9 @@ Example:
 """
 from __future__ import annotations
 
-import warnings
-
 from keras_qx._compat import check_model, tf
-from keras_qx.export import ExportError, check_samples, converter_for
+from keras_qx._io import check_samples
+from keras_qx.lite.convert import ExportError, convert, converter_for
 
 __all__ = ["ptq", "PTQ_MODES"]
 
@@ -48,8 +47,6 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False) -> by
     elif mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return converter.convert()
-    except Exception as err:
-        raise ExportError(f"TFLite conversion ({mode}) failed: {str(err).splitlines()[0][:500]}") from err
+        return convert(converter)[0]
+    except ExportError as err:
+        raise ExportError(f"({mode}) {err}") from err.__cause__

@@ -3,7 +3,7 @@
 * Nested models (a Sequential/Functional model used as a layer: ConvNeXt's stem and head,
   user backbones) are inlined: tfmot cannot quantize a model inside a model.
 * Raw TF calls recorded as ``TFOpLambda``/``SlicingOpLambda`` layers (``x + 3.0``,
-  ``tf.math.multiply``, slicing) become :class:`~keras_qx.tfop.TFOp` layers.
+  ``tf.math.multiply``, slicing) become :class:`~keras_qx.rewrite.tfop.TFOp` layers.
 * ``MultiHeadAttention`` (without masks) becomes its parts: the four ``EinsumDense``
   projections (``<name>_query``, ``_key``, ``_value``, ``_output``), the query scaling and the two
   attention einsums as ``TFOp`` layers, and a ``Softmax``; each gets its own quantizer, so the
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from keras_qx._compat import PACKAGE, keras, tf
+from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
 
 __all__ = ["flatten_nested", "has_nested", "SequenceDense", "ATTENTION_PARTS"]
 
@@ -40,18 +40,13 @@ ATTENTION_PARTS = ("query", "key", "value", "scale", "scores", "softmax", "combi
 _KEEP_FUSED = {"linear", "relu"}  # fused activations tfmot quantizes as TFLite fuses them
 
 
-def _is_graph(model) -> bool:
-    return isinstance(model, keras.Model) and (
-        getattr(model, "_is_graph_network", False) or isinstance(model, keras.Sequential))
-
-
 def _tf_op(layer) -> bool:
     return type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda")
 
 
 def _activation_name(layer) -> str | None:
     """The fused activation of a kernel layer that must be split off, else None."""
-    from keras_qx.configs import kernel_kind
+    from keras_qx.quant.kinds import kernel_kind
 
     fn = getattr(layer, "activation", None)
     if fn is None or kernel_kind(layer) is None:
@@ -153,7 +148,7 @@ def _attention(layer, args, kwargs):
     query, value = call["query"], call["value"]
     key = call.get("key")
     key = value if key is None else key
-    from keras_qx.tfop import TFOp
+    from keras_qx.rewrite.tfop import TFOp
 
     def project(sub, x, part):
         new = _copy(sub, f"{layer.name}_{part}")
@@ -162,30 +157,32 @@ def _attention(layer, args, kwargs):
         return y
 
     t = lambda i: {"__tensor__": i}  # noqa: E731
-    q = project(layer._query_dense, query, "query")
-    k = project(layer._key_dense, key, "key")
-    v = project(layer._value_dense, value, "value")
-    q = TFOp("math.multiply", {"args": [t(0), 1.0 / math.sqrt(float(layer._key_dim))]},
+    parts = attention_parts(layer)
+    q = project(parts["query"], query, "query")
+    k = project(parts["key"], key, "key")
+    v = project(parts["value"], value, "value")
+    q = TFOp("math.multiply", {"args": [t(0), 1.0 / math.sqrt(float(parts["key_dim"]))]},
              name=f"{layer.name}_scale")(q)
-    scores = TFOp("einsum", {"args": [layer._dot_product_equation, t(0), t(1)]}, name=f"{layer.name}_scores")([k, q])
-    probs = keras.layers.Softmax(axis=layer._softmax.axis, name=f"{layer.name}_softmax")(scores)
-    out = TFOp("einsum", {"args": [layer._combine_equation, t(0), t(1)]}, name=f"{layer.name}_combine")([probs, v])
-    return project(layer._output_dense, out, "output")
+    scores = TFOp("einsum", {"args": [parts["dot_product_equation"], t(0), t(1)]},
+                  name=f"{layer.name}_scores")([k, q])
+    probs = keras.layers.Softmax(axis=parts["softmax_axis"], name=f"{layer.name}_softmax")(scores)
+    out = TFOp("einsum", {"args": [parts["combine_equation"], t(0), t(1)]}, name=f"{layer.name}_combine")([probs, v])
+    return project(parts["output"], out, "output")
 
 
 def _apply(model, inputs, keep, copies):
     """Re-run ``model``'s graph on ``inputs`` (a list), inlining nested models."""
-    if isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+    if isinstance(model, keras.Sequential) and not has_graph(model):
         x = inputs[0]
         for layer in model.layers:
             x = _call(layer, (x,), {}, keep, copies)
         return [x]
-    usage = model._tensor_usage_count
+    levels, usage = graph_nodes(model)
     tensors = {}
     for ref, new in zip(model.inputs, inputs):
         tensors[str(id(ref))] = [new] * usage[str(id(ref))]
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
+    for level in levels:
+        for node in level:
             if node.is_input or any(t not in tensors for t in node.flat_input_ids):
                 continue
             args, kwargs = node.map_arguments(tensors)
@@ -197,7 +194,7 @@ def _apply(model, inputs, keep, copies):
 
 def _call(layer, args, kwargs, keep, copies):
     if isinstance(layer, keras.Model):
-        if not _is_graph(layer):
+        if not is_graph_model(layer):
             raise TypeError(f"nested model {layer.name!r} is subclassed; keras_qx (like tfmot) needs "
                             "Sequential or Functional models all the way down.")
         outputs = _apply(layer, tf.nest.flatten(args[0] if args else kwargs.get("inputs")), keep, copies)
@@ -211,7 +208,7 @@ def _call(layer, args, kwargs, keep, copies):
     if _activation_name(layer) is not None or _sequence_dense(layer):
         return _split_activation(layer, args, kwargs)
     if _tf_op(layer):
-        from keras_qx.tfop import from_tf_op_lambda
+        from keras_qx.rewrite.tfop import from_tf_op_lambda
 
         op, tensors = from_tf_op_lambda(layer, args, kwargs)
         return op(tensors if len(tensors) > 1 else tensors[0])

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from keras_qx._compat import litert_interpreter, tflite_schema
+
 __all__ = ["TFLiteInfo", "inspect_tflite", "TFLiteRunner", "read_model"]
 
 # In a fully integer model only these may touch float tensors (at the edges, or to requantize).
@@ -22,8 +24,7 @@ _OP_NAMES = None
 
 
 def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
-
+    schema = tflite_schema()
     global _TENSOR_TYPE_NAMES, _OP_NAMES
     if _TENSOR_TYPE_NAMES is None:
         _TENSOR_TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
@@ -148,8 +149,7 @@ class TFLiteRunner:
         return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
 
     def _interpreter(self, with_xnnpack: bool):
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
+        Interpreter, OpResolverType = litert_interpreter()
         resolver = OpResolverType.AUTO if with_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         interpreter = Interpreter(model_content=self.model, num_threads=self.num_threads,
                                   experimental_op_resolver_type=resolver)

@@ -10,14 +10,14 @@ Example:
 from __future__ import annotations
 
 from keras_qx._compat import keras, quantize_annotate
-from keras_qx.configs import (
+from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
-    kernel_kind,
 )
-from keras_qx.quantizers import ACTIVATION_BITS, check_bits
+from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.quantizers import ACTIVATION_BITS, check_bits
 
 __all__ = ["annotate", "annotation_fields"]
 

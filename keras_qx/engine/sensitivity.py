@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_qx._compat import check_model, keras, tf
-from keras_qx.configs import kernel_kind
-from keras_qx.cost import kernel_bytes, kernel_params
-from keras_qx.quantizers import WEIGHT_BITS, check_bits
+from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.cost import kernel_bytes, kernel_params
+from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits
 
 __all__ = ["sensitivity", "SensitivityReport", "fake_quantize", "quantizable_layers", "infer_loss",
            "METHODS"]
@@ -36,7 +36,7 @@ METHODS = ("loss", "hessian", "sqnr")
 
 
 def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1) -> np.ndarray:
-    """Numpy twin of :class:`~keras_qx.quantizers.WeightQuantizer`: symmetric, narrow range."""
+    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range."""
     levels = 2 ** (bits - 1) - 1
     if per_channel:
         axis = channel_axis % w.ndim
@@ -51,7 +51,7 @@ def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int
 def quantizable_layers(model) -> list:
     """Layers whose kernels the policy can set (kinds TFLite stores as integers)."""
     check_model(model)
-    from keras_qx.flatten import flatten_nested
+    from keras_qx.rewrite.flatten import flatten_nested
 
     return [l for l in flatten_nested(model, copies=False).layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
 
@@ -116,7 +116,7 @@ class SensitivityReport:
 
     def plot(self, path=None, ax=None):
         """Grouped bars: one group per layer, one bar per bit width (log scale)."""
-        from keras_qx.plotting import axes, finish
+        from keras_qx._plot import axes, finish
 
         fig, ax = axes(ax, figsize=(max(5, 1.2 * len(self.damage)), 3.5))
         names = self.layers
@@ -212,7 +212,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
     if method != "sqnr":
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
             raise TypeError("data must be a tuple (x, y) of samples and targets.")
-        from keras_qx.export import check_samples
+        from keras_qx._io import check_samples
 
         if max_samples is None:
             max_samples = 256 if method == "hessian" else 512

@@ -6,7 +6,7 @@ kinds the TFLite converter packs (Dense, Conv1D, Conv2D), otherwise a full int8 
 layer kept float, or one TFLite keeps float (Conv3D), costs 4 bytes a value. Biases are int32 (4 bytes) in an integer model.
 
 Example:
-    >>> from keras_qx.cost import kernel_bytes
+    >>> from keras_qx.quant.cost import kernel_bytes
     >>> from keras_qx._compat import keras
     >>> d = keras.layers.Dense(64); d.build((None, 256))
     >>> kernel_bytes(d, 4), kernel_bytes(d, 8)
@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from keras_qx._compat import keras
-from keras_qx.configs import kernel_kind
+from keras_qx.quant.kinds import kernel_kind
 
-__all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "macs", "bops", "LayerCost",
+__all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "total_kernel_bytes", "LayerCost",
            "layer_cost"]
 
 FLOAT_BITS = 32
@@ -52,25 +51,9 @@ def kernel_bytes(layer, weight_bits: int | None) -> int:
     return math.ceil(kernel_params(layer) * storage_bits(layer, weight_bits) / 8)
 
 
-def macs(layer) -> int:
-    """Multiply-accumulates per sample: each kernel value is used once per output position
-    (Dense: once; Conv: once per output pixel; depthwise: the same)."""
-    if kernel_kind(layer) is None or isinstance(layer, keras.layers.Embedding):  # a lookup: no MACs
-        return 0
-    shape = layer.output_shape
-    positions = 1
-    for dim in shape[1:]:
-        positions *= int(dim or 1)
-    if isinstance(layer, keras.layers.EinsumDense):  # out / the kernel's own output dims
-        kernel_spec, out_spec = layer.equation.split(",")[1].split("->")
-        own = [int(d) for c, d in zip(kernel_spec, layer.kernel.shape) if c in out_spec]
-        return kernel_params(layer) * positions // max(1, math.prod(own))
-    return kernel_params(layer) * positions // int(shape[-1] or 1)
-
-
-def bops(layer, weight_bits: int, activation_bits: int = 8) -> int:
-    """Bit operations per sample (HAWQ-V3's BOPs): MACs x weight bits x activation bits."""
-    return macs(layer) * weight_bits * activation_bits
+def total_kernel_bytes(layers, weight_bits: int | None = 8) -> int:
+    """Kernel bytes of ``layers`` all at ``weight_bits``: the uniform-int8 reference of budgets."""
+    return sum(kernel_bytes(layer, weight_bits) for layer in layers)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""keras_qx ``QuantizeConfig`` classes and the table of layer kinds that carry kernels.
+"""keras_qx ``QuantizeConfig`` classes (the table of layer kinds is :mod:`keras_qx.quant.kinds`).
 
 * :class:`KernelQuantizeConfig`: weights (any bit width 2..8) and activations of a layer
   with kernels (Dense, Conv1D/2D/3D, DepthwiseConv2D, SeparableConv, Conv2DTranspose).
@@ -17,15 +17,12 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from keras_qx._compat import PACKAGE, keras, tfmot_quantize_config
-from keras_qx.quantizers import ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer
+from keras_qx.quant.quantizers import ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer
 
 __all__ = [
-    "KernelKind",
-    "kernel_kind",
     "KernelQuantizeConfig",
     "OutputQuantizeConfig",
     "ActivationQuantizeConfig",
@@ -34,56 +31,6 @@ __all__ = [
 ]
 
 _L = keras.layers
-
-
-@dataclass(frozen=True)
-class KernelKind:
-    """How a layer type's kernels are quantized and stored.
-
-    ``int4_export`` says whether the TFLite converter packs this layer's kernel as INT4
-    when its bits are <= 4 (measured on TF 2.21: FULLY_CONNECTED, CONV_2D, which Conv1D
-    becomes, and DEPTHWISE_CONV_2D; TRANSPOSE_CONV refuses INT4); ``integer_export`` is False where TFLite has no integer kernel (CONV_3D: the
-    converter keeps it float). Per-channel scales only where the converter accepts them
-    (Conv2D, DepthwiseConv2D; Conv1D/Conv3D conversion fails with them).
-    """
-
-    layer_type: type
-    weight_attrs: tuple[str, ...]
-    per_channel: bool
-    channel_axis: int = -1
-    int4_export: bool = False
-    integer_export: bool = True
-
-
-# Ordered: subclasses before their bases (all are Conv subclasses; Conv2DTranspose is a Conv2D).
-_KERNEL_KINDS = (
-    KernelKind(_L.DepthwiseConv2D, ("depthwise_kernel",), per_channel=True, int4_export=True),
-    # Split into DepthwiseConv2D + 1x1 Conv2D before quantization (registry.py); both pack.
-    KernelKind(_L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False,
-               int4_export=True),
-    KernelKind(_L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False),
-    KernelKind(_L.Conv2DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
-    KernelKind(_L.Conv3DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
-    KernelKind(_L.Conv1DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
-    KernelKind(_L.Conv2D, ("kernel",), per_channel=True, int4_export=True),
-    KernelKind(_L.Conv1D, ("kernel",), per_channel=False, int4_export=True),
-    KernelKind(_L.Conv3D, ("kernel",), per_channel=False, integer_export=False),
-    KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True),
-    KernelKind(_L.EinsumDense, ("kernel",), per_channel=False, int4_export=True),
-    KernelKind(_L.Embedding, ("embeddings",), per_channel=False, int4_export=False),
-)
-
-
-_CUSTOM_KINDS: list = []  # from keras_qx.registry.register_layer; checked first
-
-
-def kernel_kind(layer_or_type) -> KernelKind | None:
-    """The :class:`KernelKind` of a layer (by isinstance), or None if it has no kernels."""
-    cls = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
-    for kind in (*_CUSTOM_KINDS, *_KERNEL_KINDS):
-        if issubclass(cls, kind.layer_type):
-            return kind
-    return None
 
 
 class _Config(tfmot_quantize_config.QuantizeConfig):
@@ -142,7 +89,7 @@ class KernelQuantizeConfig(_Config):
     Args:
         weight_attrs: names of the kernel attributes (``["kernel"]``, ``["depthwise_kernel"]``).
         weight_bits / activation_bits: bit widths; ignored where a quantizer is passed.
-        per_channel, channel_axis: see :class:`~keras_qx.quantizers.WeightQuantizer`.
+        per_channel, channel_axis: see :class:`~keras_qx.quant.quantizers.WeightQuantizer`.
         quantize_activation: fake-quantize the layer's fused activation output.
         weight_quantizer / activation_quantizer: explicit quantizers.
         pinned: which of ``"weight_bits"``/``"activation_bits"`` were set by the user

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 
+from keras_qx._io import write_atomic
+
 __all__ = ["axes", "finish"]
 
 
@@ -23,8 +25,6 @@ def finish(fig, path=None) -> None:
     if fig is None:
         return
     import matplotlib.pyplot as plt
-
-    from keras_qx.export import write_atomic
 
     fig.tight_layout()
     if path is not None:

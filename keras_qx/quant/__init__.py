@@ -1,0 +1,8 @@
+"""The vocabulary of quantization, with no model surgery in it.
+
+``quantizers`` (fake-quantizers), ``kinds`` (which layer types carry kernels and how the
+exporter stores them; ``register_layer``'s state), ``configs`` (tfmot QuantizeConfigs),
+``policy`` (bits per layer as plain data) and ``cost`` (the one cost model: bytes in the file).
+
+May import: ``keras_qx._compat``, ``keras_qx._io``, ``keras_qx._plot`` and modules of this folder.
+"""
