@@ -1,4 +1,5 @@
-"""The one place keras_qx imports TensorFlow, tf_keras, tfmot and keras_tuner.
+"""The one place keras_qx imports TensorFlow, tf_keras, tfmot and keras_tuner (the LiteRT runtime:
+``_runtime.py``, which also runs as a child process).
 
 tfmot only works with Keras 2 (``tf_keras``); TF 2.16+ ships Keras 3 as
 ``tf.keras``. Everything in keras_qx imports Keras from here so that a Keras 3
@@ -63,7 +64,6 @@ __all__ = [
     "has_custom_quantize_config",
     "own_variables",
     "tflite_schema",
-    "litert_interpreter",
     "tf_symbol",
 ]
 
@@ -161,13 +161,6 @@ def tflite_schema():
     from tensorflow.lite.python import schema_py_generated
 
     return schema_py_generated
-
-
-def litert_interpreter():
-    """``(Interpreter, OpResolverType)`` of the LiteRT runtime (ai_edge_litert)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    return Interpreter, OpResolverType
 
 
 def tf_symbol(name: str):

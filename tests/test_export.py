@@ -118,9 +118,16 @@ def test_verification_failure_writes_nothing(exported, digits, tmp_path, monkeyp
     """If the TFLite model disagrees with Keras, export raises and leaves no file."""
     (x, _), _ = digits
     qat = exported[1]["int8"][0]
-    from keras_qx.lite import inspect as tflite
+    from keras_qx._runtime import RunResult
+    from keras_qx.lite import verify
 
-    monkeypatch.setattr(tflite.TFLiteRunner, "predict", lambda self, xs: -qat.predict(xs, verbose=0))
+    real_run = verify.run
+
+    def flipped(model, xs, **kwargs):  # the file answers the opposite of the Keras model
+        result = real_run(model, xs, **kwargs)
+        return RunResult(-qat.predict(xs, verbose=0), result.output_step, result.delegate, result.times)
+
+    monkeypatch.setattr(verify, "run", flipped)
     with pytest.raises(qx.ExportError, match="disagrees"):
         qx.export_tflite(qat, x[:64], tmp_path / "bad.tflite")
     assert not list(tmp_path.iterdir())

@@ -7,12 +7,12 @@ Example:
 from __future__ import annotations
 
 import gzip
-import time
 
 import numpy as np
 
 from keras_qx._io import check_samples
-from keras_qx.lite.inspect import TFLiteRunner
+from keras_qx._runtime import run
+from keras_qx.lite.inspect import inspect_tflite, read_model
 
 __all__ = ["evaluate_tflite", "gzip_size"]
 
@@ -32,27 +32,27 @@ def evaluate_tflite(model_bytes_or_path, x, y, *, latency_runs: int = 200, num_t
     Returns:
         ``{"accuracy", "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n", "delegate"}``.
     """
-    runner = TFLiteRunner(model_bytes_or_path, num_threads=num_threads)
-    x = check_samples(x, runner.input_shape, "x")
+    model = read_model(model_bytes_or_path)
+    info = inspect_tflite(model)
+    if len(info.inputs) != 1:
+        raise ValueError(f"evaluate_tflite handles single-input models; this one has {len(info.inputs)} inputs.")
+    _, input_type, input_shape = info.inputs[0]
+    dtype = "int32" if input_type in ("INT32", "INT64") else "float32"  # token ids stay integers
+    x = check_samples(x, input_shape, "x", dtype=dtype)
     y = np.asarray(y)
     if y.ndim == 2:
         y = y.argmax(1)
     if len(y) != len(x):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels.")
-    pred = runner.predict(x).reshape(len(x), -1).argmax(1)
-    for sample in x[:10]:
-        runner.invoke_one(sample)
-    times = []
-    for i in range(latency_runs):
-        start = time.perf_counter()
-        runner.invoke_one(x[i % len(x)])
-        times.append(time.perf_counter() - start)
+    result = run(model, x, num_threads=num_threads, latency_runs=latency_runs)  # in a child process
+    pred = result.outputs.reshape(len(x), -1).argmax(1)
+    times = result.times or [float("nan")]
     return {
         "accuracy": float((pred == y).mean()),
-        "size_bytes": len(runner.model),
-        "gzip_bytes": gzip_size(runner.model),
+        "size_bytes": len(model),
+        "gzip_bytes": gzip_size(model),
         "latency_ms": float(np.median(times) * 1e3),
         "latency_p90_ms": float(np.percentile(times, 90) * 1e3),
         "n": int(len(x)),
-        "delegate": runner.delegate,  # "xnnpack", or "builtin" where XNNPACK declined the graph
+        "delegate": result.delegate,  # "xnnpack", or "builtin" where XNNPACK declined the graph
     }

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import litert_interpreter, tflite_schema
+from keras_qx._compat import tflite_schema
+from keras_qx._runtime import Runner
 
 __all__ = ["TFLiteInfo", "inspect_tflite", "TFLiteRunner", "read_model"]
 
@@ -56,6 +57,7 @@ class TFLiteInfo:
     ops: list = field(default_factory=list)
     weights: list = field(default_factory=list)  # (name, type, shape, bytes)
     float_ops: list = field(default_factory=list)  # ops computing on float tensors (not QUANTIZE/DEQUANTIZE)
+    inputs: list = field(default_factory=list)  # (name, type, shape without the batch dimension)
 
     @property
     def int4_tensors(self):
@@ -85,6 +87,11 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
     schema = _schema()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
     info = TFLiteInfo(size_bytes=len(data))
+    main = model.subgraphs[0]
+    for i in main.inputs:
+        t = main.tensors[i]
+        info.inputs.append((t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+                            _TENSOR_TYPE_NAMES.get(t.type, str(t.type)), tuple(int(d) for d in t.shape[1:])))
     for graph in model.subgraphs:
         tensors = graph.tensors
         for tensor in tensors:
@@ -106,8 +113,10 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
     return info
 
 
-class TFLiteRunner:
-    """Run a single-input TFLite model on float data, (de)quantizing int8 I/O as needed.
+class TFLiteRunner(Runner):
+    """Run a single-input TFLite model on float data in this process, (de)quantizing int8 I/O
+    as needed. ``keras_qx`` itself runs files in a child process (:func:`keras_qx._runtime.run`),
+    where a native abort in the runtime cannot take the caller down.
 
     Example:
         >>> runner = TFLiteRunner(model_bytes)      # doctest: +SKIP
@@ -115,64 +124,4 @@ class TFLiteRunner:
     """
 
     def __init__(self, model_or_path, num_threads: int = 1):
-        self.model = read_model(model_or_path)
-        self.num_threads = num_threads
-        self.delegate = "xnnpack"
-        self.interpreter = self._interpreter(with_xnnpack=True)
-        inputs = self.interpreter.get_input_details()
-        if len(inputs) != 1:
-            raise ValueError(f"TFLiteRunner handles single-input models; this one has {len(inputs)} inputs.")
-        self.input = inputs[0]
-        self.output = self.interpreter.get_output_details()[0]
-
-    @property
-    def input_shape(self):
-        return tuple(int(s) for s in self.input["shape"][1:])
-
-    @property
-    def output_step(self) -> float:
-        """One quantization step of the output (0 for a float output)."""
-        return float(self.output["quantization"][0]) if self.output["dtype"] != np.float32 else 0.0
-
-    def _quantize_input(self, x):
-        dtype = self.input["dtype"]
-        scale, zero = self.input["quantization"]
-        if dtype == np.float32 or not scale:  # float, or integer ids (not quantized values)
-            return x.astype(dtype)
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-
-    def _dequantize_output(self, y):
-        if self.output["dtype"] == np.float32:
-            return y.astype(np.float32)
-        scale, zero = self.output["quantization"]
-        return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
-
-    def _interpreter(self, with_xnnpack: bool):
-        Interpreter, OpResolverType = litert_interpreter()
-        resolver = OpResolverType.AUTO if with_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        interpreter = Interpreter(model_content=self.model, num_threads=self.num_threads,
-                                  experimental_op_resolver_type=resolver)
-        interpreter.allocate_tensors()
-        return interpreter
-
-    def invoke_one(self, sample) -> np.ndarray:
-        self.interpreter.set_tensor(self.input["index"], self._quantize_input(sample[None]))
-        try:
-            self.interpreter.invoke()
-        except RuntimeError as err:
-            # XNNPACK declines some quantized graphs ("failed to create XNNPACK runtime");
-            # the built-in kernels run them. Latency then reflects the built-in kernels.
-            if self.delegate != "xnnpack" or "XNNPACK" not in str(err):
-                raise
-            self.delegate = "builtin"
-            self.interpreter = self._interpreter(with_xnnpack=False)
-            self.interpreter.set_tensor(self.input["index"], self._quantize_input(sample[None]))
-            self.interpreter.invoke()
-        return self._dequantize_output(self.interpreter.get_tensor(self.output["index"]))[0]
-
-    def predict(self, x) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32 if self.input["quantization"][0] else self.input["dtype"])
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"input shape {x.shape[1:]} does not match the model's {self.input_shape}.")
-        return np.stack([self.invoke_one(sample) for sample in x])
+        super().__init__(read_model(model_or_path), num_threads)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_qx.lite.convert import ExportError
-from keras_qx.lite.inspect import TFLiteRunner
+from keras_qx._runtime import RuntimeCrash, run
 
 __all__ = ["Verification", "verify", "check_agreement"]
 
@@ -29,11 +29,17 @@ class Verification:
 
 
 def verify(model, tflite_bytes: bytes, x) -> Verification:
-    """Compare ``model`` (Keras) with the TFLite file on samples ``x``."""
-    runner = TFLiteRunner(tflite_bytes)
-    ours = runner.predict(x)
+    """Compare ``model`` (Keras) with the TFLite file on samples ``x``; the file runs in a child
+    process, so a runtime abort becomes an :class:`ExportError` instead of ending the caller."""
+    try:
+        result = run(tflite_bytes, x)
+    except RuntimeCrash as err:
+        raise ExportError(f"{err}. Nothing was written. Train or calibrate the QAT model first (its "
+                          "activation ranges are still tfmot's initial ones if it never trained), or "
+                          "keep the failing layer float by policy.") from None
+    ours = result.outputs
     ref = model.predict(x, verbose=0, batch_size=256)
-    step = runner.output_step or float(np.ptp(ref) / 255 or 1.0)
+    step = result.output_step or float(np.ptp(ref) / 255 or 1.0)
     err = np.abs(ours - ref.reshape(ours.shape)) / step
     flat_ours, flat_ref = ours.reshape(len(x), -1), ref.reshape(len(x), -1)
     agreement = float((flat_ours.argmax(1) == flat_ref.argmax(1)).mean())
