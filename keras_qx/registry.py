@@ -28,6 +28,7 @@ from keras_qx._compat import (
     tfmot_quantize_registry,
     tfmot_quantize_scheme,
 )
+from keras_qx.batchnorm import ScaleShiftBatchNormalization, exports_as_scale_shift
 from keras_qx.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
@@ -213,6 +214,40 @@ class _KernelReLUActivation(_KernelReLU):
     pattern = t8.LayerReluActivationQuantize.pattern
 
 
+_SCALE_SHIFT = "keras_qx>" + ScaleShiftBatchNormalization.__name__
+
+
+class _StandaloneBatchNorm(t8.transforms.Transform):
+    """A BatchNormalization that the Conv/Dense + BatchNorm transforms above did not fold (they
+    set its quantize_config; so does a user's annotation) becomes a
+    :class:`~keras_qx.batchnorm.ScaleShiftBatchNormalization`: one integer op in the file, with
+    the single output rounding the simulation has (batchnorm.py says why). The pattern has no
+    inputs: a feeding layer with other consumers (a residual Add) would prevent the match."""
+
+    def pattern(self):
+        return t8.LayerPattern("BatchNormalization")
+
+    def replacement(self, match_layer):
+        if match_layer.metadata.get("quantize_config") is None and exports_as_scale_shift(match_layer.layer["config"]):
+            match_layer.layer["class_name"] = _SCALE_SHIFT
+        return match_layer
+
+    def custom_objects(self):
+        return {_SCALE_SHIFT: ScaleShiftBatchNormalization}
+
+
+class _ScaleShiftReLU(_KernelReLU):
+    """ScaleShiftBatchNormalization + ReLU: one fused op in the file, so quantize only after the ReLU."""
+
+    def pattern(self):
+        return t8.LayerPattern("ReLU", inputs=[t8.LayerPattern(_SCALE_SHIFT)])
+
+
+class _ScaleShiftReLUActivation(_KernelReLU):
+    def pattern(self):
+        return t8.LayerPattern("Activation", config={"activation": "relu"}, inputs=[t8.LayerPattern(_SCALE_SHIFT)])
+
+
 def _concat(base):
     class _Concat(base):
         """Concatenate: quantize once after the concat, with configs from the policy."""
@@ -308,8 +343,11 @@ class PolicyLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQu
             t8.DenseBatchNormQuantize(),
             t8.DenseBatchNormReLUQuantize(),
             t8.DenseBatchNormActivationQuantize(),
+            _StandaloneBatchNorm(),
             _KernelReLU(r),
             _KernelReLUActivation(r),
+            _ScaleShiftReLU(r),
+            _ScaleShiftReLUActivation(r),
         ]
         return model_transformer.ModelTransformer(
             model, transforms, set(layer_quantize_map.keys()), layer_quantize_map
