@@ -28,7 +28,7 @@ from keras_qx._compat import (
     tfmot_quantize_registry,
     tfmot_quantize_scheme,
 )
-from keras_qx.batchnorm import ScaleShiftBatchNormalization, exports_as_scale_shift
+from keras_qx.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
@@ -214,26 +214,28 @@ class _KernelReLUActivation(_KernelReLU):
     pattern = t8.LayerReluActivationQuantize.pattern
 
 
-_SCALE_SHIFT = "keras_qx>" + ScaleShiftBatchNormalization.__name__
+_SCALE_SHIFT_CLASSES = {"BatchNormalization": ScaleShiftBatchNormalization, "Normalization": ScaleShiftNormalization}
+_SCALE_SHIFT_NAMES = {k: "keras_qx>" + c.__name__ for k, c in _SCALE_SHIFT_CLASSES.items()}
+_SCALE_SHIFT = _SCALE_SHIFT_NAMES["BatchNormalization"]
 
 
 class _StandaloneBatchNorm(t8.transforms.Transform):
     """A BatchNormalization that the Conv/Dense + BatchNorm transforms above did not fold (they
-    set its quantize_config; so does a user's annotation) becomes a
-    :class:`~keras_qx.batchnorm.ScaleShiftBatchNormalization`: one integer op in the file, with
-    the single output rounding the simulation has (batchnorm.py says why). The pattern has no
-    inputs: a feeding layer with other consumers (a residual Add) would prevent the match."""
+    set its quantize_config; so does a user's annotation), or a Normalization, becomes its
+    :mod:`~keras_qx.scale_shift` subclass: one integer op in the file, with the single output
+    rounding the simulation has (scale_shift.py says why). The pattern has no inputs: a
+    feeding layer with other consumers (a residual Add) would prevent the match."""
 
     def pattern(self):
-        return t8.LayerPattern("BatchNormalization")
+        return t8.LayerPattern("BatchNormalization|Normalization")
 
     def replacement(self, match_layer):
         if match_layer.metadata.get("quantize_config") is None and exports_as_scale_shift(match_layer.layer["config"]):
-            match_layer.layer["class_name"] = _SCALE_SHIFT
+            match_layer.layer["class_name"] = _SCALE_SHIFT_NAMES[match_layer.layer["class_name"]]
         return match_layer
 
     def custom_objects(self):
-        return {_SCALE_SHIFT: ScaleShiftBatchNormalization}
+        return {_SCALE_SHIFT_NAMES[k]: c for k, c in _SCALE_SHIFT_CLASSES.items()}
 
 
 class _ScaleShiftReLU(_KernelReLU):
