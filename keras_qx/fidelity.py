@@ -85,6 +85,15 @@ def _tensor_layers(tensor_name: str, known: dict) -> list:
     return found
 
 
+def _output_in(model, layer):
+    """The layer's output tensor in ``model`` (tfmot may call a layer in an older graph too)."""
+    nodes = getattr(model, "_network_nodes", set())
+    for i in range(len(layer._inbound_nodes) - 1, -1, -1):  # pylint: disable=protected-access
+        if f"{layer.name}_ib-{i}" in nodes:
+            return layer.get_output_at(i)
+    return layer.output
+
+
 def _interpreter(model_bytes):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -121,62 +130,106 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
     data = read_model(tflite_model)
     interpreter = _interpreter(data)
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    layers = [l for l in qat_model.layers if not isinstance(l, keras.layers.InputLayer)]
     order = {layer.name: i for i, layer in enumerate(qat_model.layers)}
-    # Each op output tensor -> the latest Keras layer named in it (a fused op is named after all
-    # the TF ops folded into it; its result is that of the last one).
-    produced = {}  # keras layer name -> [(op index, op name, tensor index)]
-    fused = set()  # layers whose result is computed inside an op named after a later layer
-    outputs = {int(d["index"]): qat_model.outputs[i].node.layer.name if hasattr(qat_model.outputs[i], "node")
-               else None for i, d in enumerate(interpreter.get_output_details())}
-    for op in interpreter._get_ops_details():  # pylint: disable=protected-access
+    outputs = {int(d["index"]): qat_model.outputs[i].node.layer.name
+               for i, d in enumerate(interpreter.get_output_details()) if i < len(qat_model.outputs)}
+    ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+    consumers = {}
+    for op in ops:
+        for t in op["inputs"]:
+            consumers.setdefault(int(t), []).append(op)
+    tensors = []  # (op index, op name, tensor index, layer names in the tensor's name)
+    for op in ops:
         for t in op["outputs"]:
             d = details.get(int(t))
             if d is None or d["dtype"] == np.int32 or not d["quantization"][0]:
                 continue
-            names = _tensor_layers(d["name"], order)
-            if outputs.get(int(t)):  # graph outputs are named after the signature, not the layer
-                names.append(outputs[int(t)])
+            names = _tensor_layers(d["name"], order) + ([outputs[int(t)]] if int(t) in outputs else [])
             if names:
-                layer = max(names, key=order.get)
-                fused.update(n for n in names if n != layer)
-                produced.setdefault(layer, []).append((op["index"], op["op_name"], int(t)))
-    # A fused layer's own tensors are intermediates of the op that finishes its computation
-    # (a BatchNorm's MUL before the ADD fused with the next ReLU): list them under that layer.
-    for name in sorted(fused & set(produced), key=order.get, reverse=True):
-        later = [n for n in produced if order[n] > order[name] and any(
-            name in _tensor_layers(details[t]["name"], order) for _, _, t in produced[n])]
-        if later:
-            produced[min(later, key=order.get)].extend((-1, f"{op}:{name[len(_QUANT_PREFIX):] if name.startswith(_QUANT_PREFIX) else name}", t) for _, op, t in produced.pop(name))
+                tensors.append((op["index"], op["op_name"], int(t), names))
 
+    # Keras side: every layer's output; TFLite side: every tensor above, sample by sample.
     x = np.asarray(x, dtype=np.float32)
-    layers = [l for l in qat_model.layers if any(e[0] >= 0 for e in produced.get(l.name, ()))]
-    probe = keras.Model(qat_model.inputs, [l.output for l in layers])
+    probe = keras.Model(qat_model.inputs, [_output_in(qat_model, l) for l in layers])
     ref = probe.predict(x, verbose=0, batch_size=64)
-    ref = ref if isinstance(ref, list) else [ref]
+    ref = dict(zip([l.name for l in layers], ref if isinstance(ref, list) else [ref]))
     inp = interpreter.get_input_details()[0]
-    chosen = {l.name: max(e for e in produced[l.name] if e[0] >= 0)[2] for l in layers}
-    got = {t: [] for t in chosen.values()}
+    got = {t: [] for _, _, t, _ in tensors}
     for sample in x:
         interpreter.set_tensor(inp["index"], _quantize_input(sample[None], inp))
         interpreter.invoke()
         for t in got:
             got[t].append(interpreter.get_tensor(t)[0])
 
-    results, unmatched = [], [_layer_name(l) for l in qat_model.layers
-                              if l.name not in produced and not isinstance(l, keras.layers.InputLayer)]
-    for layer, keras_out in zip(layers, ref):
-        own = sorted(e for e in produced[layer.name] if e[0] >= 0)
-        op_index, op_name, t = own[-1]
-        entries = sorted(e for e in produced[layer.name] if e[2] != t)
-        d = details[t]
-        scale, zero = d["quantization"]
+    def error(layer_name, t):
+        scale, zero = details[t]["quantization"]
         tfl = (np.stack(got[t]).astype(np.float32) - zero) * scale
-        keras_out = np.asarray(keras_out)
+        keras_out = np.asarray(ref[layer_name])
         if keras_out.size != tfl.size:
-            unmatched.append(_layer_name(layer))
+            return None
+        return np.abs(tfl.reshape(-1) - keras_out.reshape(-1)) / scale
+
+    def chain(name, steps=4):
+        """The layer and its single-consumer successors: a fused op's name often lists only the
+        first TF op (conv) though its result is the last one's (BN, ReLU)."""
+        out, layer = [name], qat_model.get_layer(name)
+        for _ in range(steps):
+            nxt = {n.outbound_layer.name for n in layer._outbound_nodes}  # pylint: disable=protected-access
+            if len(nxt) != 1:
+                break
+            layer = qat_model.get_layer(nxt.pop())
+            if len(layer._inbound_nodes) != 1 or len(layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+                                                      if isinstance(layer._inbound_nodes[0].inbound_layers, list) else [1]) != 1:
+                break
+            out.append(layer.name)
+        return out
+
+    chosen = {}  # tensor -> (layer, errors)
+    for _, _, t, names in tensors:
+        best = None
+        for cand in chain(max(names, key=order.get)):
+            err = error(cand, t)
+            if err is not None and (best is None or err.mean() < best[1].mean() - 1e-9):
+                best = (cand, err)
+        if best is not None:
+            chosen[t] = best
+    # A tensor whose only consumer finishes the same layer's computation at another scale (the
+    # MUL half of a BatchNorm before its ADD) is an intermediate of the consumer's layer.
+    owner = {}
+    for _, _, t, names in tensors:
+        if t not in chosen:
             continue
-        err = np.abs(tfl.reshape(-1) - keras_out.reshape(-1)) / scale
-        inter = [(name, float(details[i]["quantization"][0])) for _, name, i in entries]
-        results.append(LayerError(_layer_name(layer), op_name, d["name"], float(scale), float(err.mean()),
-                                  float(err.max()), inter))
+        users = consumers.get(t, [])
+        if len(users) == 1:
+            u = [int(o) for o in users[0]["outputs"] if int(o) in chosen]
+            if u and details[u[0]]["quantization"][0] != details[t]["quantization"][0] and (
+                    set(names) & set(_tensor_layers(details[u[0]]["name"], order)) or chosen[t][0] == chosen[u[0]][0]):
+                owner[t] = u[0]
+
+    def final(t):
+        while t in owner:
+            t = owner[t]
+        return t
+
+    per_layer = {}
+    for op_index, op_name, t, _ in tensors:
+        if t in chosen:
+            layer = chosen[final(t)][0]
+            per_layer.setdefault(layer, []).append((op_index, op_name, t, t in owner))
+    results = []
+    for layer in layers:
+        entries = per_layer.get(layer.name)
+        own = [e for e in entries or [] if not e[3]]
+        if not own:
+            continue
+        op_index, op_name, t, _ = max(own)
+        err = chosen[t][1]
+        d = details[t]
+        inter = [(f"{name}:{_layer_name(qat_model.get_layer(chosen[i][0]))}" if i in owner else name,
+                  float(details[i]["quantization"][0])) for _, name, i, _ in sorted(entries) if i != t]
+        results.append(LayerError(_layer_name(layer), op_name, d["name"], float(d["quantization"][0]),
+                                  float(err.mean()), float(err.max()), inter))
+    matched = {e.layer for e in results}
+    unmatched = [_layer_name(l) for l in layers if _layer_name(l) not in matched]
     return LayerComparison(results, threshold, unmatched, mean_threshold)
