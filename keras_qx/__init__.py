@@ -20,6 +20,7 @@ from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
 from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
+from keras_qx.lite.fidelity import compare_layers
 from keras_qx.lite.inspect import inspect_tflite
 from keras_qx.lite.ptq import ptq
 from keras_qx.qat import registry
@@ -49,6 +50,7 @@ __all__ = [
     "quantize",
     "register_layer",
     "export_tflite",
+    "compare_layers",
     "evaluate_tflite",
     "ptq",
     "inspect_tflite",

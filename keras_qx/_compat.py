@@ -59,6 +59,10 @@ __all__ = [
     "is_quantized_layer",
     "inbound_layers",
     "graph_nodes",
+    "smart_cond",
+    "outbound_layers",
+    "call_count",
+    "output_in",
     "attention_parts",
     "tfmot_layer_quantize_map",
     "has_custom_quantize_config",
@@ -125,6 +129,32 @@ def inbound_layers(layer) -> list:
     nodes = layer._inbound_nodes
     inbound = nodes[0].inbound_layers if nodes else []
     return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
+def smart_cond(pred, true_fn, false_fn):
+    """tf_keras's ``smart_cond``: a Python branch for a constant ``pred``, else ``tf.cond``."""
+    from tf_keras.src.utils import control_flow_util
+
+    return control_flow_util.smart_cond(pred, true_fn, false_fn)
+
+
+def outbound_layers(layer) -> list:
+    """The layers that take ``layer``'s output."""
+    return [node.outbound_layer for node in layer._outbound_nodes]
+
+
+def call_count(layer) -> int:
+    """How many times ``layer`` was called in any graph."""
+    return len(layer._inbound_nodes)
+
+
+def output_in(model, layer):
+    """The layer's output tensor in ``model`` (tfmot may call a layer in an older graph too)."""
+    nodes = getattr(model, "_network_nodes", set())
+    for i in range(len(layer._inbound_nodes) - 1, -1, -1):
+        if f"{layer.name}_ib-{i}" in nodes:
+            return layer.get_output_at(i)
+    return layer.output
 
 
 def graph_nodes(model):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Runner", "RunResult", "RuntimeCrash", "run"]
+__all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "debug_interpreter", "ops_details"]
 
 TIMEOUT_S = 600
 
@@ -107,6 +107,21 @@ class Runner:
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"input shape {x.shape[1:]} does not match the model's {self.input_shape}.")
         return np.stack([self.invoke_one(sample) for sample in x])
+
+
+def debug_interpreter(model: bytes):
+    """An in-process interpreter that keeps every intermediate tensor (built-in kernels)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=bytes(model), experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def ops_details(interpreter) -> list:
+    """Each op of the main graph: ``{"op_name", "inputs", "outputs", ...}``."""
+    return interpreter._get_ops_details()
 
 
 def _child(workdir: str) -> None:

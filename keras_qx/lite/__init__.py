@@ -2,7 +2,8 @@
 
 ``convert`` (the converter set-up), ``verify`` (TFLite vs Keras), ``export`` (the front door
 ``export_tflite``), ``inspect`` (reading and running flatbuffers), ``ptq`` (post-training
-modes) and ``evaluate`` (accuracy, size, latency).
+modes), ``evaluate`` (accuracy, size, latency) and ``fidelity`` (``compare_layers``: where a
+file and its QAT model part, layer by layer).
 
 May import: the helpers, ``keras_qx.quant``, ``keras_qx.rewrite``, ``keras_qx.qat`` and this folder.
 """

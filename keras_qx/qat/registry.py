@@ -37,6 +37,7 @@ from keras_qx.quant.configs import (
 )
 from keras_qx.quant.kinds import custom_output, kernel_kind
 from keras_qx.quant.policy import LayerSpec
+from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp
 
 __all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
@@ -173,6 +174,42 @@ class _KernelReLUActivation(_KernelReLU):
     pattern = t8.LayerReluActivationQuantize.pattern
 
 
+_SCALE_SHIFT_CLASSES = {"BatchNormalization": ScaleShiftBatchNormalization, "Normalization": ScaleShiftNormalization}
+_SCALE_SHIFT_NAMES = {k: "keras_qx>" + c.__name__ for k, c in _SCALE_SHIFT_CLASSES.items()}
+_SCALE_SHIFT = _SCALE_SHIFT_NAMES["BatchNormalization"]
+
+
+class _StandaloneBatchNorm(t8.transforms.Transform):
+    """A BatchNormalization that the Conv/Dense + BatchNorm transforms above did not fold (they
+    set its quantize_config; so does a user's annotation), or a Normalization, becomes its
+    :mod:`~keras_qx.rewrite.scale_shift` subclass: one integer op in the file, with the single output
+    rounding the simulation has (scale_shift.py says why). The pattern has no inputs: a
+    feeding layer with other consumers (a residual Add) would prevent the match."""
+
+    def pattern(self):
+        return t8.LayerPattern("BatchNormalization|Normalization")
+
+    def replacement(self, match_layer):
+        if match_layer.metadata.get("quantize_config") is None and exports_as_scale_shift(match_layer.layer["config"]):
+            match_layer.layer["class_name"] = _SCALE_SHIFT_NAMES[match_layer.layer["class_name"]]
+        return match_layer
+
+    def custom_objects(self):
+        return {_SCALE_SHIFT_NAMES[k]: c for k, c in _SCALE_SHIFT_CLASSES.items()}
+
+
+class _ScaleShiftReLU(_KernelReLU):
+    """ScaleShiftBatchNormalization + ReLU: one fused op in the file, so quantize only after the ReLU."""
+
+    def pattern(self):
+        return t8.LayerPattern("ReLU", inputs=[t8.LayerPattern(_SCALE_SHIFT)])
+
+
+class _ScaleShiftReLUActivation(_KernelReLU):
+    def pattern(self):
+        return t8.LayerPattern("Activation", config={"activation": "relu"}, inputs=[t8.LayerPattern(_SCALE_SHIFT)])
+
+
 def _concat(base):
     class _Concat(base):
         """Concatenate: quantize once after the concat, with configs from the policy."""
@@ -268,8 +305,11 @@ class PolicyLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQu
             t8.DenseBatchNormQuantize(),
             t8.DenseBatchNormReLUQuantize(),
             t8.DenseBatchNormActivationQuantize(),
+            _StandaloneBatchNorm(),
             _KernelReLU(r),
             _KernelReLUActivation(r),
+            _ScaleShiftReLU(r),
+            _ScaleShiftReLUActivation(r),
         ]
         return model_transformer.ModelTransformer(
             model, transforms, set(layer_quantize_map.keys()), layer_quantize_map

@@ -1,0 +1,217 @@
+"""Layer-by-layer comparison of a QAT model with its TFLite file: where do they part?
+
+``compare_layers`` runs the TFLite file with every intermediate tensor preserved, maps each
+TFLite tensor to the Keras layer that produced it (by the layer names the converter keeps in
+tensor names), and measures the difference in steps of that tensor's own quantization scale.
+The first layer whose error exceeds ``threshold`` steps is where the simulation and the file
+stop agreeing; later layers inherit its error.
+
+Example:
+    >>> from keras_qx.lite.fidelity import compare_layers                 # doctest: +SKIP
+    >>> cmp = compare_layers(qat, bytes(tfl), x[:16])                 # doctest: +SKIP
+    >>> cmp.first_divergent, print("\\n".join(cmp.lines()))          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keras_qx._compat import call_count, inbound_layers, keras, outbound_layers, output_in
+from keras_qx._runtime import debug_interpreter, ops_details
+from keras_qx.lite.inspect import read_model
+
+__all__ = ["LayerError", "LayerComparison", "compare_layers"]
+
+_QUANT_PREFIX = "quant_"  # tfmot's QuantizeWrapper name: quant_<layer name>
+
+
+@dataclass
+class LayerError:
+    """One Keras layer output against the TFLite tensor that holds it."""
+
+    layer: str  # Keras layer name (without tfmot's ``quant_`` prefix)
+    op: str  # the TFLite op producing the tensor
+    tensor: str  # TFLite tensor name
+    scale: float  # the TFLite tensor's quantization step
+    mean_steps: float
+    max_steps: float
+    intermediates: list = field(default_factory=list)  # (op, scale) of earlier tensors of the same layer
+
+
+@dataclass
+class LayerComparison:
+    """Per-layer errors, in Keras topological order, and the first layer above the threshold."""
+
+    layers: list
+    threshold: float
+    unmatched: list  # Keras layers with no TFLite tensor of their own (fused or value-preserving)
+    mean_threshold: float = 0.1
+
+    @property
+    def first_divergent(self) -> str | None:
+        """The first layer whose max error exceeds ``threshold`` steps or whose mean error exceeds
+        ``mean_threshold`` steps (a rounding the simulation lacks shows as a mean of 0.2-0.5
+        steps with a max of 1; tie-breaking differences stay near 0 on average)."""
+        return next((e.layer for e in self.layers if e.max_steps > self.threshold + 1e-3
+                     or e.mean_steps > self.mean_threshold), None)
+
+    def __getitem__(self, name: str) -> LayerError:
+        for e in self.layers:
+            if e.layer == name:
+                return e
+        raise KeyError(name)
+
+    def lines(self) -> list[str]:
+        out = [f"{'layer':40s} {'op':18s} {'mean':>7s} {'max':>7s}  (steps of each tensor's scale)"]
+        for e in self.layers:
+            mark = " <" if e.layer == self.first_divergent else ""
+            extra = "".join(f" [{op} step {s:.3g}]" for op, s in e.intermediates)
+            out.append(f"{e.layer[:40]:40s} {e.op[:18]:18s} {e.mean_steps:7.2f} {e.max_steps:7.1f}{mark}{extra}")
+        return out
+
+
+def _layer_name(layer) -> str:
+    name = layer.name
+    return name[len(_QUANT_PREFIX):] if name.startswith(_QUANT_PREFIX) and hasattr(layer, "layer") else name
+
+
+def _tensor_layers(tensor_name: str, known: dict) -> list:
+    """Keras layer names (wrapper names, as in the graph) mentioned in a TFLite tensor name."""
+    found = []
+    for part in tensor_name.split(";"):
+        for piece in part.split("/"):
+            if piece in known:
+                found.append(piece)
+    return found
+
+
+def _quantize_input(x, detail):
+    scale, zero = detail["quantization"]
+    if detail["dtype"] == np.float32 or not scale:
+        return x.astype(detail["dtype"])
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+
+
+def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_threshold: float = 0.1) -> LayerComparison:
+    """Compare every quantized intermediate tensor of ``tflite_model`` with the output of the
+    Keras layer of ``qat_model`` that it stands for, on samples ``x``.
+
+    Args:
+        qat_model: the model from ``qx.quantize`` that was exported.
+        tflite_model: the TFLite bytes (or a path) exported from it.
+        x: float samples (n, *input_shape); each is run through the interpreter once.
+        threshold, mean_threshold: max and mean error (in steps) above which a layer counts as
+            divergent.
+
+    Returns:
+        :class:`LayerComparison`: one :class:`LayerError` per Keras layer with a quantized TFLite
+        tensor of its own (the last tensor the layer's ops produce; earlier ones, such as the MUL
+        half of a BatchNorm, are listed as ``intermediates``), in the Keras layers' order.
+    """
+    data = read_model(tflite_model)
+    interpreter = debug_interpreter(data)
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    layers = [l for l in qat_model.layers if not isinstance(l, keras.layers.InputLayer)]
+    order = {layer.name: i for i, layer in enumerate(qat_model.layers)}
+    outputs = {int(d["index"]): qat_model.outputs[i].node.layer.name
+               for i, d in enumerate(interpreter.get_output_details()) if i < len(qat_model.outputs)}
+    ops = ops_details(interpreter)
+    consumers = {}
+    for op in ops:
+        for t in op["inputs"]:
+            consumers.setdefault(int(t), []).append(op)
+    tensors = []  # (op index, op name, tensor index, layer names in the tensor's name)
+    for op in ops:
+        for t in op["outputs"]:
+            d = details.get(int(t))
+            if d is None or d["dtype"] == np.int32 or not d["quantization"][0]:
+                continue
+            names = _tensor_layers(d["name"], order) + ([outputs[int(t)]] if int(t) in outputs else [])
+            if names:
+                tensors.append((op["index"], op["op_name"], int(t), names))
+
+    # Keras side: every layer's output; TFLite side: every tensor above, sample by sample.
+    x = np.asarray(x, dtype=np.float32)
+    probe = keras.Model(qat_model.inputs, [output_in(qat_model, l) for l in layers])
+    ref = probe.predict(x, verbose=0, batch_size=64)
+    ref = dict(zip([l.name for l in layers], ref if isinstance(ref, list) else [ref]))
+    inp = interpreter.get_input_details()[0]
+    got = {t: [] for _, _, t, _ in tensors}
+    for sample in x:
+        interpreter.set_tensor(inp["index"], _quantize_input(sample[None], inp))
+        interpreter.invoke()
+        for t in got:
+            got[t].append(interpreter.get_tensor(t)[0])
+
+    def error(layer_name, t):
+        scale, zero = details[t]["quantization"]
+        tfl = (np.stack(got[t]).astype(np.float32) - zero) * scale
+        keras_out = np.asarray(ref[layer_name])
+        if keras_out.size != tfl.size:
+            return None
+        return np.abs(tfl.reshape(-1) - keras_out.reshape(-1)) / scale
+
+    def chain(name, steps=4):
+        """The layer and its single-consumer successors: a fused op's name often lists only the
+        first TF op (conv) though its result is the last one's (BN, ReLU)."""
+        out, layer = [name], qat_model.get_layer(name)
+        for _ in range(steps):
+            nxt = {l.name for l in outbound_layers(layer)}
+            if len(nxt) != 1:
+                break
+            layer = qat_model.get_layer(nxt.pop())
+            if call_count(layer) != 1 or len(inbound_layers(layer)) != 1:
+                break
+            out.append(layer.name)
+        return out
+
+    chosen = {}  # tensor -> (layer, errors)
+    for _, _, t, names in tensors:
+        best = None
+        for cand in chain(max(names, key=order.get)):
+            err = error(cand, t)
+            if err is not None and (best is None or err.mean() < best[1].mean() - 1e-9):
+                best = (cand, err)
+        if best is not None:
+            chosen[t] = best
+    # A tensor whose only consumer finishes the same layer's computation at another scale (the
+    # MUL half of a BatchNorm before its ADD) is an intermediate of the consumer's layer.
+    owner = {}
+    for _, _, t, names in tensors:
+        if t not in chosen:
+            continue
+        users = consumers.get(t, [])
+        if len(users) == 1:
+            u = [int(o) for o in users[0]["outputs"] if int(o) in chosen]
+            if u and details[u[0]]["quantization"][0] != details[t]["quantization"][0] and (
+                    set(names) & set(_tensor_layers(details[u[0]]["name"], order)) or chosen[t][0] == chosen[u[0]][0]):
+                owner[t] = u[0]
+
+    def final(t):
+        while t in owner:
+            t = owner[t]
+        return t
+
+    per_layer = {}
+    for op_index, op_name, t, _ in tensors:
+        if t in chosen:
+            layer = chosen[final(t)][0]
+            per_layer.setdefault(layer, []).append((op_index, op_name, t, t in owner))
+    results = []
+    for layer in layers:
+        entries = per_layer.get(layer.name)
+        own = [e for e in entries or [] if not e[3]]
+        if not own:
+            continue
+        op_index, op_name, t, _ = max(own)
+        err = chosen[t][1]
+        d = details[t]
+        inter = [(f"{name}:{_layer_name(qat_model.get_layer(chosen[i][0]))}" if i in owner else name,
+                  float(details[i]["quantization"][0])) for _, name, i, _ in sorted(entries) if i != t]
+        results.append(LayerError(_layer_name(layer), op_name, d["name"], float(d["quantization"][0]),
+                                  float(err.mean()), float(err.max()), inter))
+    matched = {e.layer for e in results}
+    unmatched = [_layer_name(l) for l in layers if _layer_name(l) not in matched]
+    return LayerComparison(results, threshold, unmatched, mean_threshold)
