@@ -27,8 +27,14 @@ def test_ptq_modes(trained_cnn, digits, float_size, mode, max_drop, max_ratio):
         assert info.fully_integer
     if mode == "float16":
         assert any(w[1] == "FLOAT16" for w in info.weights)
-    if mode == "int16x8":
-        assert "INT16" in {w[1] for w in info.weights} or info.fully_integer
+    if mode == "dynamic":  # int8 weights, float compute
+        assert "INT8" in {w[1] for w in info.weights} and "FULLY_CONNECTED" in info.float_ops
+        assert set(info.activation_types) == {"FLOAT32"}, info.activation_types
+    if mode == "int16x8":  # int16 activations between the ops, int8 kernels
+        assert info.activation_types.get("INT16", 0) >= 5, info.activation_types
+        assert "INT8" not in info.activation_types, info.activation_types  # float only at the edges
+        kernels = {w[1] for w in info.weights if len(w[2]) >= 2}
+        assert kernels == {"INT8"}, kernels
 
 
 def test_ptq_errors(trained_cnn):

@@ -58,6 +58,7 @@ class TFLiteInfo:
     weights: list = field(default_factory=list)  # (name, type, shape, bytes)
     float_ops: list = field(default_factory=list)  # ops computing on float tensors (not QUANTIZE/DEQUANTIZE)
     inputs: list = field(default_factory=list)  # (name, type, shape without the batch dimension)
+    activation_types: dict = field(default_factory=dict)  # type -> count of non-constant tensors
 
     @property
     def int4_tensors(self):
@@ -97,6 +98,9 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
         for tensor in tensors:
             buf = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
             nbytes = len(buf) if buf is not None else int(getattr(model.buffers[tensor.buffer], "size", 0) or 0)
+            if not nbytes:
+                kind = _TENSOR_TYPE_NAMES.get(tensor.type, str(tensor.type))
+                info.activation_types[kind] = info.activation_types.get(kind, 0) + 1
             if nbytes:
                 name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
                 info.weights.append((name, _TENSOR_TYPE_NAMES.get(tensor.type, str(tensor.type)),
