@@ -804,7 +804,12 @@ class BitWidthTuner:
                 raise RuntimeError("no trial has completed yet; run search() first.")
             return None
         sign = 1 if self.objective.direction == "max" else -1
-        return max(completed, key=lambda t: (sign * t.score, -int(t.trial_id)))
+
+        def size(t):
+            return t.metrics.get_last_value("kernel_bytes") if t.metrics.exists("kernel_bytes") else 0
+
+        # ties (common on small validation sets) go to the smaller model, then the earlier trial
+        return max(completed, key=lambda t: (sign * t.score, -size(t), -int(t.trial_id)))
 
     def _trial_policy(self, trial) -> Policy:
         path = os.path.join(self._ensure_tuner().get_trial_dir(trial.trial_id), POLICY_FILE)

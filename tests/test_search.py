@@ -140,7 +140,7 @@ def test_search_fits_budget_warm_starts_and_round_trips(tiny_trained, tmp_path):
     assert meta["predicted_kernel_bytes"] <= tuner.budget_bytes
     assert Policy.from_json(policy.to_json()) == policy
     assert policy.layers["fc"] == {"weight_bits": 4}
-    best = max(rows, key=lambda r: (r["score"], -int(r["trial_id"])))
+    best = max(rows, key=lambda r: (r["score"], -r["kernel_bytes"], -int(r["trial_id"])))
     assert meta["trial_id"] == best["trial_id"] and meta["value"] == pytest.approx(best["metric"])
     qat = tuner.best_model()
     assert qat.evaluate(x[:64], y[:64], verbose=0)[1] == pytest.approx(best["metric"], abs=1e-6)
@@ -279,3 +279,24 @@ def test_distributed_chief_and_two_workers_share_one_search(tmp_path):
     assert all(t["status"] == "COMPLETED" for t in trials.values())
     values = [json.dumps(t["hyperparameters"]["values"], sort_keys=True) for t in trials.values()]
     assert len(set(values)) == 4  # every assignment recorded and run once
+
+
+@pytest.mark.slow
+def test_cli_search_writes_policy_model_tables_and_plot(tmp_path):
+    from keras_qx.cli import main
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_qx.cli", "search", "--budget", "0.6x", "--trials", "2", "--epochs", "2",
+         "--qat-epochs", "1", "--oracle", "random", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"policy.json", "model.tflite", "results.csv", "results.md", "search.png"} <= {p.name for p in tmp_path.iterdir()}
+    policy = Policy.from_json((tmp_path / "policy.json").read_text())
+    budget = int(0.6 * 151072)  # the digits CNN's uniform-int8 kernel bytes
+    assert policy.meta["search"]["predicted_kernel_bytes"] <= budget
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("trial_id,status,conv1,conv2,fc1,logits,kernel_bytes") and len(csv_rows) == 3
+    assert "in the file" in proc.stdout and "(warm)" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["search", "--budget", "0.6x", "--trials", "0"])
+    assert main(["search", "--budget", "lots", "--out", str(tmp_path / "x")]) == 2
