@@ -10,8 +10,9 @@ Keras 3 models, so the tuner here builds, trains and scores the tf_keras QAT mod
 * **Hard budget.** With ``budget_bytes``, an assignment whose kernel bytes (the shared cost
   model, :func:`keras_qx.cost.kernel_bytes`) exceed the budget is never trained and does not
   use up ``max_trials``: the oracle's proposal is checked before the trial is created; an
-  over-budget proposal is redrawn (up to 8 times), then repaired (random layers moved one
-  candidate down until it fits). Rejections are counted in ``tuner.stats``.
+  over-budget proposal is redrawn (a random oracle, up to 8 times), then repaired (random
+  groups moved one candidate cheaper until it fits; a repaired point that was already tried
+  is replaced by a random within-budget one). Rejections are counted in ``tuner.stats``.
 * **Warm start.** The first trial is ``qx.auto_policy``'s allocation at the same budget, so
   the search can only improve on the engine.
 * **Soft objective** (``size_penalty``, AutoQKeras's "forgiving factor"): the score is
@@ -299,9 +300,10 @@ def _objective(objective, kt):
 class _BudgetGuard:
     """Checks, redraws and repairs the oracle's proposals; injects the warm start."""
 
-    def __init__(self, cost_fn, budget, seed):
+    def __init__(self, cost_fn, budget, seed, redraws=_REDRAWS):
         self.cost_fn = cost_fn  # values -> (kernel bytes, units) or (None, None) if unbuildable
         self.budget = budget
+        self.redraws = redraws
         self.rng = random.Random(seed)
         self.warm = None  # {hp: value}
 
@@ -341,12 +343,20 @@ class _BudgetGuard:
             if self.fits(candidate):
                 stats["warm_trial_id"] = trial_id
                 return {**response, "values": candidate}
-        can_redraw = not any(k.startswith("tuner/") for k in values)
-        for attempt in range(_REDRAWS + 1):
+        # Redraw only where a draw is cheap and differs: a random oracle. A model-based oracle
+        # (Bayesian: a GP fit + 50 optimizer restarts a call) would propose the same point
+        # again at full cost, and Hyperband has already booked the trial in a bracket.
+        plain = not any(k.startswith("tuner/") for k in values)  # not booked by Hyperband
+        can_redraw = self.redraws > 0 and plain
+        for attempt in range(self.redraws + 1):
             if self.fits(values):
-                return {**response, "values": values}
+                if not (plain and oracle._duplicate(values)):
+                    return {**response, "values": values}
+                # a model-based oracle may propose a point already trained: replace it
+                stats["duplicates"] = stats.get("duplicates", 0) + 1
+                break
             stats["rejected"] += 1
-            if not can_redraw or attempt == _REDRAWS:
+            if not can_redraw or attempt == self.redraws:
                 break
             response = redraw()
             if response.get("status") != "RUNNING" or not response.get("values"):
@@ -355,9 +365,9 @@ class _BudgetGuard:
         repaired = self.lower(values)
         for _ in range(50):
             if repaired is not None and (not fresh or not oracle._duplicate(repaired)):
-                stats["repaired"] += 1
+                stats["repaired"] += repaired != values
                 return {**response, "values": repaired}
-            sample = oracle._random_values() if can_redraw else None
+            sample = oracle._random_values() if plain else None
             if sample is None:
                 break
             repaired = self.lower({**values, **sample})
@@ -384,7 +394,7 @@ class _BudgetedOracle:
 
 
 def _fresh_stats():
-    return {"rejected": 0, "repaired": 0, "warm_trial_id": None}
+    return {"rejected": 0, "repaired": 0, "duplicates": 0, "warm_trial_id": None}
 
 
 _BUDGETED_CLASSES = {}
@@ -591,7 +601,8 @@ class BitWidthTuner:
             return self._tuner
         kt = _keras_tuner()
         oracle = self._make_oracle(epochs)
-        guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed)
+        redraws = _REDRAWS if isinstance(oracle, kt.oracles.RandomSearchOracle) else 0
+        guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws)
         _budgeted(oracle, guard)
         self._guard = guard
         if self.units is not None:  # declare the space up front (hypermodel mode builds it)
@@ -828,8 +839,8 @@ class BitWidthTuner:
         row = self._row(trial)
         policy.meta = {**policy.meta, "search": {
             "trial_id": trial.trial_id, "objective": self.objective.name, "metric": self.metric.name,
-            "value": row["metric"],
-            "score": trial.score, "predicted_kernel_bytes": row["kernel_bytes"], "budget_bytes": self.budget_bytes,
+            "value": None if row["metric"] is None else float(row["metric"]),
+            "score": None if trial.score is None else float(trial.score), "predicted_kernel_bytes": row["kernel_bytes"], "budget_bytes": self.budget_bytes,
             "int8_kernel_bytes": self.int8_bytes,
             "hyperparameters": {k: v for k, v in trial.hyperparameters.values.items()
                                 if not k.startswith((HP_PREFIX, "tuner/"))}}}
@@ -882,27 +893,31 @@ class BitWidthTuner:
 
 def format_results(rows, objective="metric", direction="max", *, budget_bytes=None, stats=None, fmt="markdown") -> str:
     """Trials as a Markdown table (best first) or CSV (``fmt="csv"``, trial order)."""
-    groups = []
+    groups, hps = [], []
     for r in rows:
         groups += [g for g in r["bits"] if g not in groups]
+        hps += [h for h in r.get("hyperparameters", {}) if h not in hps]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["trial_id", "status", *groups, "kernel_bytes", objective, "score", "warm_start"])
+        writer.writerow(["trial_id", "status", *hps, *groups, "kernel_bytes", objective, "score", "warm_start"])
         for r in rows:
-            writer.writerow([r["trial_id"], r["status"], *[r["bits"].get(g, "") for g in groups], r["kernel_bytes"],
+            writer.writerow([r["trial_id"], r["status"], *[r["hyperparameters"].get(h, "") for h in hps],
+                             *[r["bits"].get(g, "") for g in groups], r["kernel_bytes"],
                              r["metric"], r["score"], int(r["warm_start"])])
         return buf.getvalue()
     sign = -1 if direction == "max" else 1
     ordered = sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial_id"]))
-    lines = [f"| trial | status | {' | '.join(groups)} | kernel bytes | {objective} | score |",
-             "|" + "---|" * (len(groups) + 5)]
+    cols = hps + groups
+    lines = [f"| trial | status | {' | '.join(cols)} | kernel bytes | {objective} | score |",
+             "|" + "---|" * (len(cols) + 5)]
     for r in ordered:
         tag = " (warm)" if r["warm_start"] else ""
         metric = f"{r['metric']:.4f}" if r["metric"] is not None else "-"
         score = f"{r['score']:.4f}" if r["score"] is not None else "-"
         size = f"{r['kernel_bytes']:,}" if r["kernel_bytes"] is not None else "-"
-        lines.append(f"| {r['trial_id']}{tag} | {r['status']} | {' | '.join(str(r['bits'].get(g, '')) for g in groups)} "
+        cells = [str(r.get("hyperparameters", {}).get(h, "")) for h in hps] + [str(r["bits"].get(g, "")) for g in groups]
+        lines.append(f"| {r['trial_id']}{tag} | {r['status']} | {' | '.join(cells)} "
                      f"| {size} | {metric} | {score} |")
     if budget_bytes is not None or stats:
         notes = []

@@ -170,7 +170,7 @@ def test_over_budget_proposals_are_never_trained(tiny_trained, tmp_path):
     assert all(line.split(" ", 1)[1] != "[8]" for line in fits.read_text().splitlines())
     assert len(fits.read_text().splitlines()) == 3
     stats = tuner.stats
-    assert stats["rejected"] >= 3 * 9 and stats["repaired"] == 3
+    assert stats["rejected"] == 3 * 9 and stats["repaired"] == 3  # 1 proposal + 8 redraws each
 
 
 _SCRIPT = textwrap.dedent("""
@@ -300,3 +300,28 @@ def test_cli_search_writes_policy_model_tables_and_plot(tmp_path):
     with pytest.raises(SystemExit):
         main(["search", "--budget", "0.6x", "--trials", "0"])
     assert main(["search", "--budget", "lots", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_hypermodel_searches_model_hyperparameters_and_bits(tmp_path):
+    x, y = _data(128)
+
+    def build(hp):
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(hp.Choice("filters", [2, 4]), 3, name="conv")(inputs)
+        h = keras.layers.Dense(8, activation="relu", name="fc")(keras.layers.Flatten(name="flat")(h))
+        return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+
+    fits = tmp_path / "fits.txt"
+    tuner = BitWidthTuner(hypermodel=build, budget_bytes=500, oracle="random", max_trials=2, objective="accuracy",
+                          allow_float=["out"], directory=tmp_path, seed=0, print_fn=None)
+    tuner.search(x, y, epochs=1, float_epochs=1, callbacks=[FitLog(fits)])
+    rows = tuner.results()
+    assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
+    assert all(r["kernel_bytes"] <= 500 for r in rows)
+    assert all(r["hyperparameters"]["filters"] in (2, 4) and r["bits"]["out"] in (4, 8, "float") for r in rows)
+    assert len(fits.read_text().splitlines()) == 4  # float + QAT fit per trial
+    policy = tuner.best_policy()
+    assert policy.meta["search"]["hyperparameters"]["filters"] in (2, 4)
+    qat = tuner.best_model()
+    assert qat.get_layer("quant_conv").layer.filters == policy.meta["search"]["hyperparameters"]["filters"]
