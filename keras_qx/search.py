@@ -161,7 +161,9 @@ class SearchSpace:
             if self.allow_float and all(any(_matches(a, m) for a in self.allow_float) for m in members):
                 choices.append(FLOAT)
             costs = {c: sum(kernel_bytes(by_name[m], None if c == FLOAT else c) for m in members) for c in choices}
-            units.append(_Unit(HP_PREFIX + label, tuple(members), tuple(choices), costs))
+            # a width is dropped where more bits cost no more (2/3-bit kernels are stored as INT4)
+            kept = [c for c in choices if not any(c2 > c and costs[c2] <= costs[c] for c2 in choices)]
+            units.append(_Unit(HP_PREFIX + label, tuple(members), tuple(kept), {c: costs[c] for c in kept}))
         return units
 
 
@@ -318,7 +320,7 @@ class _BudgetGuard:
             total, units = self.cost_fn(values)
             if total is None:
                 return None
-            if total <= self.budget:
+            if self.budget is None or total <= self.budget:
                 return values
             movable = []
             for u in units:
@@ -717,6 +719,7 @@ class BitWidthTuner:
             raise kt.errors.FailedTrialError(f"assignment takes {size:,} kernel bytes, over the budget "
                                              f"{self.budget_bytes:,}; not trained.")
         policy = _policy(units, values)
+        qat_start = time.perf_counter()
         qat = quantize(float_model, policy)
         qat.compile(self.training.optimizer(), fit["loss"], metrics=self._metrics())
         epochs, initial = fit["epochs"], 0
@@ -728,6 +731,7 @@ class BitWidthTuner:
         history = qat.fit(fit["x"], fit["y"], epochs=epochs, initial_epoch=initial, batch_size=fit["batch_size"],
                           validation_data=fit["validation_data"], validation_split=fit["validation_split"],
                           callbacks=self._trial_callbacks(trial), verbose=0, **fit["fit_kwargs"])
+        qat_seconds = time.perf_counter() - qat_start  # quantize + compile + fit, as a plain user would
         logs = history.history
         if self.metric.name not in logs:
             raise kt.errors.FatalValueError(
@@ -739,7 +743,8 @@ class BitWidthTuner:
         qat.save_weights(tmp)
         os.replace(tmp, os.path.join(trial_dir, WEIGHTS_FILE))
         write_atomic(os.path.join(trial_dir, POLICY_FILE), policy.to_json().encode())
-        results = {self.metric.name: metric, "kernel_bytes": float(size)}
+        results = {self.metric.name: metric, "kernel_bytes": float(size), "qat_seconds": qat_seconds,
+                   "trial_seconds": time.perf_counter() - start}
         if self.penalty is not None:
             results["score"] = self.penalty.score(metric, size, self.reference_bytes)
         self._last = {"trial_id": trial.trial_id, "digest": _digest(units, values), "bytes": size,

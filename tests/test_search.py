@@ -109,6 +109,8 @@ def test_search_space_groups_ties_and_float_costs():
     assert units["bits/type=Dense"].layers == ("fc", "out")
     assert units["bits/type=Dense"].costs == {4: 576 + 12, 8: 1152 + 24}
     assert units["bits/conv"].choices == (4, 8, 32) and units["bits/conv"].costs[32] == 36 * 4
+    # 2-bit kernels cost what 4-bit ones do (INT4): the dominated width is not searched
+    assert [u.choices for u in SearchSpace((2, 4, 8)).units(model)] == [(4, 8)] * 3
     # a depthwise + pointwise pair is one choice even when no group says so
     inputs = keras.Input((8, 8, 3))
     h = keras.layers.DepthwiseConv2D(3, name="dw")(inputs)
@@ -126,7 +128,9 @@ def test_search_fits_budget_warm_starts_and_round_trips(tiny_trained, tmp_path):
     lines = []
     tuner = BitWidthTuner(model, candidates=(4, 8), budget_bytes="0.6x", oracle="random", max_trials=3,
                           directory=tmp_path, seed=3, print_fn=lines.append)
-    tuner.search(x, y, validation_data=(x[:64], y[:64]), epochs=1, callbacks=[FitLog(fits)])
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb"))
+    tuner.search(x, y, validation_data=(x[:64], y[:64]), epochs=1, callbacks=[FitLog(fits), board])
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["trial_0", "trial_1", "trial_2"]
     assert tuner.budget_bytes == int(0.6 * 1212)
     rows = tuner.results()
     assert [r["status"] for r in rows] == ["COMPLETED"] * 3
@@ -325,3 +329,33 @@ def test_hypermodel_searches_model_hyperparameters_and_bits(tmp_path):
     assert policy.meta["search"]["hyperparameters"]["filters"] in (2, 4)
     qat = tuner.best_model()
     assert qat.get_layer("quant_conv").layer.filters == policy.meta["search"]["hyperparameters"]["filters"]
+
+
+def test_size_penalty_is_autoqkeras_forgiving_factor():
+    from keras_qx.search import SizePenalty
+
+    penalty = SizePenalty.coerce(8)
+    assert penalty.score(0.9, 500, 1000) == pytest.approx(0.9 * 1.08)  # half the bytes: +8%
+    assert penalty.score(0.9, 250, 1000) == pytest.approx(0.9 * 1.16)  # a quarter: +16%
+    assert penalty.score(0.9, 2000, 1000) == pytest.approx(0.9 * 0.92)  # double: -8%
+    asym = SizePenalty.coerce({"delta_p": 4, "delta_n": 10, "rate": 4})
+    assert asym.score(1.0, 250, 1000) == pytest.approx(1.04)
+    assert asym.score(1.0, 4000, 1000) == pytest.approx(0.90)
+    with pytest.raises(ValueError, match="rate"):
+        SizePenalty.coerce({"rate": 1})
+    with pytest.raises(ValueError, match="unknown"):
+        SizePenalty.coerce({"delta": 3})
+
+
+@pytest.mark.slow
+def test_size_penalty_search_ranks_by_score(tiny_trained, tmp_path):
+    model, (x, y) = tiny_trained
+    tuner = BitWidthTuner(model, size_penalty=8, objective="accuracy", oracle="random", max_trials=2,
+                          directory=tmp_path, seed=0, print_fn=None)
+    tuner.search(x, y, epochs=1)
+    rows = tuner.results()
+    assert tuner.objective.name == "score" and len(rows) == 2
+    for r in rows:
+        expected = r["metric"] * (1 + 0.08 * np.log(1212 / r["kernel_bytes"]) / np.log(2))
+        assert r["score"] == pytest.approx(expected, rel=1e-6)
+    assert tuner.best_policy().meta["search"]["score"] == pytest.approx(max(r["score"] for r in rows))
