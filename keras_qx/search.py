@@ -41,6 +41,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -369,7 +370,7 @@ class _BudgetGuard:
             if repaired is not None and (not fresh or not oracle._duplicate(repaired)):
                 stats["repaired"] += repaired != values
                 return {**response, "values": repaired}
-            sample = oracle._random_values() if plain else None
+            sample = oracle._random_values() if fresh else None  # the bits only; Hyperband's keys stay
             if sample is None:
                 break
             repaired = self.lower({**values, **sample})
@@ -382,10 +383,13 @@ class _BudgetedOracle:
     _qx_guard = None
 
     def populate_space(self, trial_id):
-        response = super().populate_space(trial_id)
-        if self._qx_guard is None:
-            return response
-        return self._qx_guard.filter(self, trial_id, response, lambda: super(_BudgetedOracle, self).populate_space(trial_id))
+        with warnings.catch_warnings():  # the Bayesian oracle's GP fit warns on flat scores
+            warnings.filterwarnings("ignore", message=".*close to the specified (upper|lower) bound")
+            response = super().populate_space(trial_id)
+            if self._qx_guard is None:
+                return response
+            return self._qx_guard.filter(self, trial_id, response,
+                                         lambda: super(_BudgetedOracle, self).populate_space(trial_id))
 
     def get_state(self):
         return {**super().get_state(), "keras_qx": dict(self._qx_stats)}
@@ -771,7 +775,7 @@ class BitWidthTuner:
     def _report(self, tuner, trial):
         last, self._last = self._last, None
         n = int(trial.trial_id) + 1
-        total = getattr(tuner.oracle, "max_trials", None) or self.max_trials
+        total = getattr(tuner.oracle, "max_trials", None) or ("?" if self.oracle_spec == "hyperband" else self.max_trials)
         elapsed = time.perf_counter() - (self._elapsed0 or time.perf_counter())
         if last is None or last["trial_id"] != trial.trial_id or trial.status != "COMPLETED":
             reason = (trial.message or "").strip().splitlines()[-1:] or [""]
