@@ -630,8 +630,9 @@ class BitWidthTuner:
 
         Args:
             x, y, validation_data, validation_split, batch_size, fit_kwargs: as for ``fit``.
-            epochs: QAT epochs per trial. callbacks: tf_keras callbacks, deep-copied per trial
-                (a TensorBoard callback gets a ``trial_<id>`` log subdirectory per trial).
+            epochs: QAT epochs per trial. callbacks: tf_keras callbacks for each trial's QAT
+                fit (not the float fit), deep-copied per trial (a TensorBoard callback gets a
+                ``trial_<id>`` log subdirectory per trial).
             float_epochs: float training before quantizing (hypermodel mode).
 
         Returns:
