@@ -74,15 +74,14 @@ def run_seed(seed, args, say):
         rows = tuner.results()
         trained = [r for r in rows if r["status"] == "COMPLETED"]
         per_trial = (end - marks.get("trials_start", start)) / max(1, len(trained))
-        inner = [t.metrics.get_last_value("qat_seconds") for t in tuner._trials().values() if t.status == "COMPLETED"]
+        inner = [r["qat_seconds"] for r in trained]
         best = tuner.best_policy().meta["search"]
         best_tfl = export_tflite(tuner.best_model(), xs[:300], print_fn=None)
         best_acc = evaluate_tflite(best_tfl, xt, yt)["accuracy"]
         file_bytes = []
-        for trial in tuner._trials().values():
-            if trial.status == "COMPLETED":
-                tfl = export_tflite(tuner._load_trial_model(trial), xs[:300], verify=False)
-                file_bytes.append(tfl.report.info.kernel_bytes)
+        for r in trained:
+            tfl = export_tflite(tuner.trial_model(r["trial_id"]), xs[:300], verify=False)
+            file_bytes.append(tfl.report.info.kernel_bytes)
         stats = tuner.stats
 
     plain = []

@@ -865,6 +865,14 @@ class BitWidthTuner:
             qat.compile(self.training.optimizer(), self._fit["loss"], metrics=self._metrics())
         return qat
 
+    def trial_model(self, trial_id):
+        """The trained QAT model of trial ``trial_id`` (a completed one)."""
+        trial = self._trials().get(str(trial_id))
+        if trial is None or trial.status != "COMPLETED":
+            raise ValueError(f"trial {trial_id!r} has not completed; completed trials: "
+                             f"{[t for t, tr in self._trials().items() if tr.status == 'COMPLETED']}.")
+        return self._load_trial_model(trial)
+
     def best_model(self):
         """The best trial's trained QAT model (rebuilt with its policy, its weights loaded;
         compiled like the trials when search() ran in this process)."""
@@ -876,17 +884,20 @@ class BitWidthTuner:
         metrics = trial.metrics
         metric = metrics.get_last_value(self.metric.name) if metrics.exists(self.metric.name) else None
         size = metrics.get_last_value("kernel_bytes") if metrics.exists("kernel_bytes") else None
+        seconds = {k: float(metrics.get_last_value(k)) for k in ("trial_seconds", "qat_seconds") if metrics.exists(k)}
         if size is None and self.units is not None:
             size = _cost(self.units, values)
         return {"trial_id": trial.trial_id, "status": trial.status, "bits": bits,
                 "kernel_bytes": int(size) if size is not None else None, "metric": metric,
                 "score": trial.score, "warm_start": trial.trial_id == warm_id,
-                "hyperparameters": {k: v for k, v in values.items() if not k.startswith((HP_PREFIX, "tuner/"))}}
+                "hyperparameters": {k: v for k, v in values.items() if not k.startswith((HP_PREFIX, "tuner/"))},
+                **seconds}
 
     def results(self) -> list[dict]:
         """One row per trial, in trial order: trial_id, status, bits ({group: bits or
         "float"}), kernel_bytes (predicted by the cost model), metric, score, warm_start,
-        hyperparameters (the non-bits ones)."""
+        hyperparameters (the non-bits ones), and for trained trials trial_seconds and
+        qat_seconds (the quantize + compile + fit part)."""
         warm = self.stats.get("warm_trial_id")
         return [self._row(t, warm) for _, t in sorted(self._trials().items(), key=lambda kv: int(kv[0]))]
 

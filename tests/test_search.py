@@ -13,6 +13,7 @@ import pytest
 from conftest import compile_classifier, tiny_model
 from keras_qx._compat import keras, keras_tuner
 from keras_qx.allocate import InfeasibleBudget
+from keras_qx.export import export_tflite
 from keras_qx.policy import Policy
 from keras_qx.search import BitWidthTuner, SearchSpace
 
@@ -148,6 +149,12 @@ def test_search_fits_budget_warm_starts_and_round_trips(tiny_trained, tmp_path):
     assert meta["trial_id"] == best["trial_id"] and meta["value"] == pytest.approx(best["metric"])
     qat = tuner.best_model()
     assert qat.evaluate(x[:64], y[:64], verbose=0)[1] == pytest.approx(best["metric"], abs=1e-6)
+    tfl = export_tflite(qat, x[:64], verify=False)
+    assert tfl.report.info.kernel_bytes <= tuner.budget_bytes  # the file, not only the prediction
+    assert all(r["qat_seconds"] > 0 and r["trial_seconds"] >= r["qat_seconds"] for r in rows)
+    assert tuner.trial_model("1").count_params() == qat.count_params()
+    with pytest.raises(ValueError, match="not completed"):
+        tuner.trial_model("7")
     table = tuner.results_summary(print_fn=None)
     assert table.splitlines()[0].startswith("| trial | status | conv | fc | out |") and "(warm)" in table
 
