@@ -458,7 +458,8 @@ class BitWidthTuner:
         hypermodel: ``build(hp) -> float tf_keras model``; each trial builds, trains float
             ``float_epochs`` (compiled by ``build`` or with Adam 1e-3), then quantizes.
         candidates: weight bit widths to choose from per layer/group.
-        budget_bytes: kernel-byte budget (int), or ``"0.6x"`` of the uniform-int8 kernel bytes.
+        budget_bytes: kernel-byte budget (int), or ``"0.6x"`` of the uniform-int8 kernel bytes
+            (with ``hypermodel``: of the model built with default hyperparameters).
         objective: metric name (``"val_accuracy"``) or a ``keras_tuner.Objective``.
         oracle: ``"bayesian"``, ``"random"``, ``"hyperband"`` or a ``keras_tuner.Oracle``
             (its own ``max_trials`` then counts).
@@ -469,7 +470,8 @@ class BitWidthTuner:
         groups, allow_float: see :class:`SearchSpace`.
         size_penalty: None, a percentage, a dict or :class:`SizePenalty`: the objective
             becomes ``score`` (module docstring); needs an objective to maximise.
-        warm_start: make the first trial ``auto_policy``'s allocation at the budget.
+        warm_start: make the first trial ``auto_policy``'s allocation at the budget (model
+            mode with a budget; a hypermodel has no trained float model to analyse).
         qat_lr: Adam learning rate, or a factory returning an optimizer; loss: None infers
             it from the model/labels; metrics: None compiles the objective's metric.
         print_fn: progress lines (one per trial); None is silent.
@@ -551,6 +553,9 @@ class BitWidthTuner:
             return parse_budget(budget, reference)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"budget_bytes must be kernel bytes (int) or a fraction of int8 like '0.6x', got {budget!r}.")
+        if 0 < budget < 1:
+            raise ValueError(f"budget_bytes={budget!r} is in bytes; for a fraction of the int8 kernel bytes "
+                             f"write budget_bytes='{budget}x'.")
         return budget_from(quantizable_layers(reference), budget_bytes=budget)
 
     def _build(self, hp):

@@ -64,6 +64,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         BitWidthTuner(model, budget_bytes="lots")
     with pytest.raises(ValueError, match="budget_bytes"):
         BitWidthTuner(model, budget_bytes=-5)
+    with pytest.raises(ValueError, match="0.6x"):
+        BitWidthTuner(model, budget_bytes=0.6)
     with pytest.raises(InfeasibleBudget, match="606"):
         BitWidthTuner(model, budget_bytes=100)
     with pytest.raises(ValueError, match="Objective"):
