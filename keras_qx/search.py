@@ -418,6 +418,45 @@ def _budgeted(oracle, guard):
     return oracle
 
 
+# ---- a Bayesian oracle for bit assignments --------------------------------------------------
+_POOL_LIMIT = 20_000  # assignments enumerated; beyond, a random within-budget sample
+_BAYES_CLASS = None
+
+
+def _bits_bayesian_class():
+    """keras-tuner's Gaussian process + UCB, with the acquisition maximised over the
+    within-budget, untried assignments instead of 50 L-BFGS restarts on the continuous
+    relaxation: the bits space is small and discrete, so this is exact, far cheaper (seconds
+    a trial saved), and never proposes an over-budget point."""
+    global _BAYES_CLASS
+    if _BAYES_CLASS is None:
+        import numpy as np
+
+        base = _keras_tuner().oracles.BayesianOptimizationOracle
+
+        class BitsBayesianOracle(base):
+            _qx_pool = None  # () -> list of within-budget assignments (set by BitWidthTuner)
+
+            def populate_space(self, trial_id):
+                completed = [t for t in self.trials.values() if t.status == "COMPLETED"]
+                first = self.num_initial_points or max(3 * len(self.hyperparameters.space), 3)
+                if self._qx_pool is None or len(completed) < first:
+                    return super().populate_space(trial_id)
+                pool = [v for v in self._qx_pool() if not self._duplicate(v)]
+                if not pool:
+                    return {"status": "STOPPED", "values": None}
+                x, y = self._vectorize_trials()
+                self.gpr.fit(np.nan_to_num(x, posinf=0, neginf=0), np.nan_to_num(y, posinf=0, neginf=0))
+                space = self._nonfixed_space()
+                grid = np.array([[hp.value_to_prob(v.get(hp.name, hp.default)) for hp in space] for v in pool])
+                mu, sigma = self.gpr.predict(grid, return_std=True)
+                best = int(np.argmin(np.asarray(mu).ravel() - self.beta * np.asarray(sigma).ravel()))
+                return {"status": "RUNNING", "values": dict(pool[best])}
+
+        _BAYES_CLASS = BitsBayesianOracle
+    return _BAYES_CLASS
+
+
 # ---- the keras-tuner Tuner, made on first use (keras_tuner imports Keras 3) ---------------
 _TUNER_CLASS = None
 
@@ -527,6 +566,7 @@ class BitWidthTuner:
         self._tuner = None
         self._fit = {}  # search() arguments, for run_trial
         self._units_cache = {}
+        self._pool_cache = None
         self._elapsed0 = None
         self._last = None
 
@@ -596,11 +636,37 @@ class BitWidthTuner:
         if spec == "random":
             return kt.oracles.RandomSearchOracle(self.objective, max_trials=self.max_trials, seed=self.seed)
         if spec == "bayesian":
-            return kt.oracles.BayesianOptimizationOracle(
-                self.objective, max_trials=self.max_trials, seed=self.seed,
-                num_initial_points=max(2, self.max_trials // 3))
+            cls = _bits_bayesian_class() if self.units is not None else kt.oracles.BayesianOptimizationOracle
+            oracle = cls(self.objective, max_trials=self.max_trials, seed=self.seed,
+                         num_initial_points=max(2, self.max_trials // 3))
+            if self.units is not None:
+                oracle._qx_pool = self._pool
+            return oracle
         return kt.oracles.HyperbandOracle(self.objective, max_epochs=max(1, epochs or 3), factor=3,
                                           hyperband_iterations=1, seed=self.seed)
+
+    def _pool(self):
+        """Every within-budget assignment (or a random sample of them, for big spaces)."""
+        if self._pool_cache is None:
+            import itertools
+
+            units = self.units
+            fits = (lambda v: self.budget_bytes is None or _cost(units, v) <= self.budget_bytes)
+            if math.prod(len(u.choices) for u in units) <= _POOL_LIMIT:
+                pool = [dict(zip((u.hp for u in units), combo)) for combo in itertools.product(*(u.choices for u in units))]
+                pool = [v for v in pool if fits(v)]
+            else:
+                rng, seen, pool = random.Random(self.seed), set(), []
+                guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed)
+                for _ in range(4 * _POOL_LIMIT // 10):
+                    v = guard.lower({u.hp: rng.choice(u.choices) for u in units}) if self.budget_bytes else \
+                        {u.hp: rng.choice(u.choices) for u in units}
+                    key = tuple(sorted(v.items())) if v else None
+                    if v and key not in seen:
+                        seen.add(key)
+                        pool.append(v)
+            self._pool_cache = pool
+        return self._pool_cache
 
     @property
     def tuner(self):

@@ -368,3 +368,44 @@ def test_size_penalty_search_ranks_by_score(tiny_trained, tmp_path):
         expected = r["metric"] * (1 + 0.08 * np.log(1212 / r["kernel_bytes"]) / np.log(2))
         assert r["score"] == pytest.approx(expected, rel=1e-6)
     assert tuner.best_policy().meta["search"]["score"] == pytest.approx(max(r["score"] for r in rows))
+
+
+def _simulate(tuner, n, score):
+    """Run the oracle's trial life cycle without training: create, report, end."""
+    oracle = tuner.tuner.oracle
+    proposals = []
+    for i in range(n):
+        trial = oracle.create_trial("t")
+        if trial.status != "RUNNING":
+            break
+        values = dict(trial.hyperparameters.values)
+        proposals.append(values)
+        oracle.update_trial(trial.trial_id, {tuner.objective.name: score(values), "kernel_bytes": 0.0})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    return proposals
+
+
+def test_bayesian_oracle_proposes_only_untried_within_budget_points(tmp_path):
+    model = tiny_model()
+    tuner = BitWidthTuner(model, budget_bytes=727, max_trials=6, directory=tmp_path, seed=0, print_fn=None)
+    costs = {u.hp: u.costs for u in tuner.units}
+    proposals = _simulate(tuner, 6, lambda v: 0.5 + 0.1 * (v["bits/conv"] == 8))
+    assert len(proposals) == 4  # all four within-budget points (fc at 4 bits), then STOPPED
+    assert len({tuple(sorted(p.items())) for p in proposals}) == 4
+    assert all(sum(costs[k][b] for k, b in p.items()) <= 727 for p in proposals)
+    assert tuner.stats["rejected"] <= 2  # only the random initial points can miss the budget
+
+
+def test_large_spaces_sample_a_within_budget_pool(tmp_path):
+    inputs = keras.Input((16,))
+    h = inputs
+    for i in range(16):  # 2**16 assignments: sampled, not enumerated
+        h = keras.layers.Dense(16, name=f"d{i}")(h)
+    model = keras.Model(inputs, h)
+    tuner = BitWidthTuner(model, budget_bytes="0.7x", max_trials=3, objective="loss", directory=tmp_path,
+                          print_fn=None)
+    pool = tuner._pool()
+    assert 100 < len(pool) <= 8000
+    assert len({tuple(sorted(p.items())) for p in pool}) == len(pool)
+    assert all(sum(u.costs[p[u.hp]] for u in tuner.units) <= tuner.budget_bytes for p in pool)
