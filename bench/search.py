@@ -4,7 +4,7 @@ Per seed: ``digits_cnn()`` trained 20 float epochs (Adam 1e-3, batch 64, as ``de
 the last fifth of the training split is the search's validation set. Then
 
 * auto_policy at the budget, QAT ``--qat-epochs`` (Adam 1e-4) on the other four fifths;
-* a ``--trials``-trial BitWidthTuner search (bayesian oracle, warm start = auto_policy) with the
+* a ``--trials``-trial BitWidthTuner search per ``--oracle`` (warm start = auto_policy) with the
   same QAT epochs per trial; its best trial's model.
 
 Both are exported to TFLite and scored on the test split. Every trained trial is exported too, to
@@ -47,7 +47,7 @@ def _qat(model, policy, x, y, val, epochs):
     return qat
 
 
-def run_seed(seed, args, say):
+def run_seed(seed, oracle, args, say):
     model, ((x, y), (xt, yt)) = train_digits(args.epochs, seed=seed, print_fn=None)
     n_val = len(x) // 5
     xs, ys, val = x[:-n_val], y[:-n_val], (x[-n_val:], y[-n_val:])
@@ -66,7 +66,7 @@ def run_seed(seed, args, say):
         say("    " + line)
 
     with tempfile.TemporaryDirectory() as tmp:
-        tuner = BitWidthTuner(model, candidates=(4, 8), budget_bytes=budget, oracle=args.oracle,
+        tuner = BitWidthTuner(model, candidates=(4, 8), budget_bytes=budget, oracle=oracle,
                               max_trials=args.trials, directory=tmp, seed=seed, print_fn=hook)
         start = time.perf_counter()
         tuner.search(xs, ys, validation_data=val, epochs=args.qat_epochs, batch_size=64)
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--budget", default="0.6x")
-    parser.add_argument("--oracle", default="bayesian")
+    parser.add_argument("--oracle", default="bayesian,random", help="comma-separated; one table each")
     parser.add_argument("--plain-runs", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -118,10 +118,30 @@ def main(argv=None) -> int:
     def say(text):
         print(text, file=sys.stderr, flush=True)
 
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        say(f"seed {seed}: float training, auto_policy QAT, {args.trials}-trial search...")
-        rows.append(run_seed(seed, args, say))
+    sections = []
+    for oracle in args.oracle.split(","):
+        rows = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            say(f"{oracle}, seed {seed}: float training, auto_policy QAT, {args.trials}-trial search...")
+            rows.append(run_seed(seed, oracle, args, say))
+        sections.append(f"## {oracle} oracle\n\n" + _table(rows))
+        print(sections[-1] + "\n", flush=True)
+    env = (f"Python {platform.python_version()}, TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; "
+           f"`{' '.join(shlex.quote(a) for a in ['bench/search.py', *(argv if argv is not None else sys.argv[1:])])}`")
+    text = ("# BitWidthTuner vs auto_policy (digits CNN, budget " + args.budget + " of int8 kernel bytes)\n\n"
+            + f"{args.trials} trials (first = auto_policy), {args.qat_epochs} QAT epochs per "
+            "trial and for auto_policy, TFLite accuracy on the test split (449 images). `overhead` = search "
+            "seconds per trial / a plain quantize+compile+fit of the same epochs (median of "
+            f"{args.plain_runs}, run after the search); `overhead (same moment)` = search seconds per trial / the "
+            "quantize+compile+fit seconds measured inside the same trials (robust to other load on the machine). "
+            "`all fit`: every trained trial exported, kernel bytes in the file <= budget.\n\n"
+            + "\n\n".join(sections) + "\n\n" + env + "\n")
+    os.makedirs(args.out, exist_ok=True)
+    write_atomic(os.path.join(args.out, "search.md"), text.encode())
+    return 0
+
+
+def _table(rows) -> str:
     head = ("| seed | budget B | auto_policy acc | search best acc | best trial | best kernel B (file) | "
             "trained | rejected | max trial file kernel B | all fit | s/trial | plain QAT s | overhead | "
             "in-trial QAT s | overhead (same moment) |")
@@ -136,21 +156,7 @@ def main(argv=None) -> int:
     lines.append(f"| mean | | {mean['auto_acc']:.2%} | {mean['search_acc']:.2%} | | | | | | "
                  f"{'yes' if all(r['all_fit'] for r in rows) else 'NO'} | {mean['per_trial_s']:.2f} | "
                  f"{mean['plain_s']:.2f} | {mean['overhead']:.2f}x | {mean['inner_s']:.2f} | {mean['inner_overhead']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    env = (f"Python {platform.python_version()}, TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; "
-           f"`{' '.join(shlex.quote(a) for a in ['bench/search.py', *(argv if argv is not None else sys.argv[1:])])}`")
-    text = ("# BitWidthTuner vs auto_policy (digits CNN, budget " + args.budget + " of int8 kernel bytes)\n\n"
-            + f"{args.trials} trials ({args.oracle} oracle, first = auto_policy), {args.qat_epochs} QAT epochs per "
-            "trial and for auto_policy, TFLite accuracy on the test split (450 images). `overhead` = search "
-            "seconds per trial / a plain quantize+compile+fit of the same epochs (median of "
-            f"{args.plain_runs}, run after the search); `overhead (same moment)` = search seconds per trial / the "
-            "quantize+compile+fit seconds measured inside the same trials (robust to other load on the machine). "
-            "`all fit`: every trained trial exported, kernel bytes in the file <= budget.\n\n"
-            + table + "\n\n" + env + "\n")
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "search.md"), text.encode())
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
