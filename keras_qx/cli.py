@@ -6,6 +6,9 @@
         per-layer sensitivity table, JSON and plot
     keras-qx quantize --budget 0.6x [--model M --data D.npz] [--out DIR]
         auto_policy under the budget, QAT, export: policy JSON, .tflite and a Markdown report
+    keras-qx search --budget 0.6x [--trials 10] [--oracle bayesian] [--model M --data D.npz] [--out DIR]
+        KerasTuner search of per-layer bits under the budget (first trial: auto_policy's),
+        then export the best: policy JSON, .tflite, results table (CSV, Markdown) and a plot
     keras-qx inspect model.tflite
         ops, INT4 tensors, sizes
 
@@ -128,6 +131,65 @@ def _quantize(args) -> int:
     return 0
 
 
+def _plot_search(rows, budget, path, metric):
+    from keras_qx.plotting import axes, finish
+
+    fig, ax = axes()
+    done = [r for r in rows if r["status"] == "COMPLETED" and r["metric"] is not None]
+    ax.scatter([r["kernel_bytes"] for r in done], [r["metric"] for r in done], label="trials", color="tab:blue")
+    warm = [r for r in done if r["warm_start"]]
+    if warm:
+        ax.scatter([r["kernel_bytes"] for r in warm], [r["metric"] for r in warm], marker="*", s=220,
+                   color="tab:orange", label="auto_policy (warm start)", zorder=3)
+    if budget is not None:
+        ax.axvline(budget, color="tab:red", linestyle="--", label=f"budget {budget:,} B")
+    ax.set_xlabel("predicted kernel bytes")
+    ax.set_ylabel(metric)
+    ax.set_title("bit-width search")
+    ax.legend(loc="best")
+    finish(fig, path)
+
+
+def _search(args) -> int:
+    from keras_qx.demo import parse_budget
+    from keras_qx.evaluate import evaluate_tflite
+    from keras_qx.export import export_tflite, write_atomic
+    from keras_qx.search import BitWidthTuner, format_results
+
+    parse_budget(args.budget)
+    model, ((x, y), (xt, yt)) = _model_and_data(args)
+    n_val = max(1, len(x) // 5)  # the last fifth of the training split scores the trials
+    tuner = BitWidthTuner(model, candidates=args.candidates, budget_bytes=args.budget, oracle=args.oracle,
+                          max_trials=args.trials, directory=args.out, project_name="search",
+                          overwrite=args.overwrite, seed=args.seed, print_fn=_say)
+    _say(f"search: {args.trials} trials ({args.oracle}), budget {tuner.budget_bytes:,} kernel bytes ({args.budget}), "
+         f"QAT {args.qat_epochs} epoch(s) each...")
+    tuner.search(x[:-n_val], y[:-n_val], validation_data=(x[-n_val:], y[-n_val:]), epochs=args.qat_epochs,
+                 batch_size=64)
+    policy = tuner.best_policy()
+    meta = policy.meta["search"]
+    qat = tuner.best_model()
+    tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"), print_fn=_say)
+    result = evaluate_tflite(tfl, xt, yt)
+    rows = tuner.results()
+    name = tuner.metric.name
+    write_atomic(_out_path(args, "policy.json"), policy.to_json().encode())
+    write_atomic(_out_path(args, "results.csv"), format_results(rows, name, fmt="csv").encode())
+    table = format_results(rows, name, tuner.objective.direction, budget_bytes=tuner.budget_bytes, stats=tuner.stats)
+    _plot_search(rows, tuner.budget_bytes, _out_path(args, "search.png"), name)
+    lines = ["# keras_qx bit-width search", "",
+             f"Budget: {tuner.budget_bytes:,} kernel bytes ({args.budget}); best trial {meta['trial_id']} predicted "
+             f"{meta['predicted_kernel_bytes']:,}, in the file {tfl.report.info.kernel_bytes:,} "
+             f"(int8 would be {tuner.int8_bytes:,}).", "",
+             f"TFLite (test split): accuracy {result['accuracy']:.2%}, {result['size_bytes']:,} bytes "
+             f"({result['gzip_bytes']:,} gzipped), median latency {result['latency_ms']:.3f} ms.", "",
+             table, "", "![search](search.png)", ""]
+    write_atomic(_out_path(args, "results.md"), "\n".join(lines).encode())
+    print("\n".join(lines[:5]))
+    _say(f"wrote {args.out}/policy.json, model.tflite, results.csv, results.md, search.png")
+    return 0
+
+
 def _inspect(args) -> int:
     from keras_qx.lite.evaluate import gzip_size
     from keras_qx.lite.inspect import inspect_tflite, read_model
@@ -173,12 +235,23 @@ def main(argv=None) -> int:
     quant.add_argument("--qat-epochs", type=int, default=2)
     quant.add_argument("--out", default="keras_qx_out", help="output directory (default keras_qx_out)")
     quant.set_defaults(func=_quantize)
+    search = sub.add_parser("search", help="KerasTuner search of per-layer bits under a budget, export the best")
+    _model_options(search)
+    search.set_defaults(candidates=(4, 8))
+    search.add_argument("--budget", required=True, help="kernel bytes, or a fraction of int8's like 0.6x")
+    search.add_argument("--trials", type=int, default=10, help="trained trials (over-budget ones are never trained)")
+    search.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs per trial")
+    search.add_argument("--oracle", default="bayesian", choices=("bayesian", "random", "hyperband"))
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming DIR/search")
+    search.add_argument("--out", default="keras_qx_search", help="output directory (default keras_qx_search)")
+    search.set_defaults(func=_search)
     inspect = sub.add_parser("inspect", help="show what a .tflite file holds")
     inspect.add_argument("path")
     inspect.add_argument("--top", type=int, default=20, help="largest constant tensors to list")
     inspect.set_defaults(func=_inspect)
     args = parser.parse_args(argv)
-    for name in ("epochs", "qat_epochs", "top"):
+    for name in ("epochs", "qat_epochs", "top", "trials"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "policy", None) and not os.path.isfile(args.policy):

@@ -1,0 +1,1026 @@
+"""``qx.BitWidthTuner``: a KerasTuner search over per-layer weight bits, under a size budget.
+
+Each trial quantizes the model with one bit width per layer (or per group of layers), runs
+quantization-aware training and scores the result. The search runs on keras-tuner's own
+machinery: its oracles (``"bayesian"``, ``"random"``, ``"hyperband"`` or any
+``keras_tuner.Oracle``), its trial storage (``directory/project_name/trial_*``), its resume
+and its distributed chief/worker mode. keras-tuner's default ``run_trial`` only takes
+Keras 3 models, so the tuner here builds, trains and scores the tf_keras QAT model itself.
+
+* **Hard budget.** With ``budget_bytes``, an assignment whose kernel bytes (the shared cost
+  model, :func:`keras_qx.cost.kernel_bytes`) exceed the budget is never trained and does not
+  use up ``max_trials``: the oracle's proposal is checked before the trial is created; an
+  over-budget proposal is redrawn (a random oracle, up to 8 times), then repaired (random
+  groups moved one candidate cheaper until it fits; a repaired point that was already tried
+  is replaced by a random within-budget one). Rejections are counted in ``tuner.stats``.
+* **Warm start.** The first trial is ``qx.auto_policy``'s allocation at the same budget, so
+  the search can only improve on the engine.
+* **Soft objective** (``size_penalty``, AutoQKeras's "forgiving factor"): the score is
+
+      score = metric * (1 + delta),
+      delta = d * ln(reference_bytes / kernel_bytes) / ln(rate),
+      d = delta_p / 100 if kernel_bytes < reference_bytes else delta_n / 100
+
+  with ``reference_bytes`` the uniform-int8 kernel bytes: each halving of the kernels
+  (``rate=2``) is worth ``delta_p`` percent of the metric.
+
+Example:
+    >>> tuner = qx.BitWidthTuner(model, candidates=(4, 8), budget_bytes="0.6x",
+    ...                          max_trials=10, directory="search")        # doctest: +SKIP
+    >>> tuner.search(x, y, validation_data=(xv, yv), epochs=2)            # doctest: +SKIP
+    >>> policy = tuner.best_policy(); qat = tuner.best_model()            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from keras_qx._compat import check_model, keras
+from keras_qx._compat import keras_tuner as _keras_tuner
+from keras_qx.allocate import InfeasibleBudget, auto_policy, budget_from, find_ties
+from keras_qx.cost import kernel_bytes
+from keras_qx.demo import parse_budget
+from keras_qx.export import write_atomic
+from keras_qx.policy import Policy
+from keras_qx.quantize import quantize
+from keras_qx.quantizers import WEIGHT_BITS
+from keras_qx.sensitivity import infer_loss, quantizable_layers
+
+__all__ = ["BitWidthTuner", "SearchSpace", "TrainOptions", "SizePenalty", "FLOAT", "format_results"]
+
+FLOAT = 32  # the choice value meaning "keep this layer float"
+HP_PREFIX = "bits/"
+ORACLES = ("bayesian", "random", "hyperband")
+WEIGHTS_FILE = "qat_weights.h5"  # legacy h5 (the ".weights.h5" suffix switches format)
+POLICY_FILE = "policy.json"
+_REDRAWS = 8  # oracle redraws of an over-budget proposal before it is repaired
+
+
+# ---- options ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search chooses from.
+
+    Args:
+        candidates: weight bit widths (2..8) every searched layer may take.
+        groups: entries ``{"type": "Dense"}``, ``{"match": regex}`` or a list of layer names;
+            the layers of one entry share one choice. Tied layers (``find_ties``: depthwise
+            + pointwise pairs) always share one.
+        allow_float: layer names or regexes (full match) that may also stay float
+            (choice ``FLOAT`` = 32, costing 4 bytes a value).
+    """
+
+    candidates: tuple = (4, 8)
+    groups: tuple = ()
+    allow_float: tuple = ()
+
+    def __post_init__(self):
+        cands = self.candidates
+        if isinstance(cands, (str, bytes)) or not isinstance(cands, Sequence) or not cands:
+            raise ValueError(f"candidates must be a non-empty sequence of bit widths like (4, 8), got {cands!r}.")
+        bad = [c for c in cands if isinstance(c, bool) or not isinstance(c, int) or c not in WEIGHT_BITS]
+        if bad:
+            raise ValueError(f"candidates {bad} are not weight bit widths: use integers in "
+                             f"{WEIGHT_BITS.start}..{WEIGHT_BITS.stop - 1}, e.g. candidates=(4, 8).")
+        if len(set(cands)) != len(cands):
+            raise ValueError(f"candidates {tuple(cands)} repeat a bit width.")
+        object.__setattr__(self, "candidates", tuple(sorted(cands)))
+        groups = self.groups
+        if groups is None:
+            groups = ()
+        if isinstance(groups, (str, dict)) or not isinstance(groups, Sequence):
+            raise ValueError("groups must be a list of {'type': ...}, {'match': ...} or lists of layer names, "
+                             f"got {groups!r}.")
+        for i, spec in enumerate(groups):
+            if isinstance(spec, dict):
+                keys = set(spec)
+                if len(keys) != 1 or not keys <= {"type", "match"} or not isinstance(next(iter(spec.values())), str):
+                    raise ValueError(f"groups[{i}] {spec!r}: give exactly one of {{'type': 'Dense'}} or "
+                                     "{'match': 'regex'}.")
+                if "match" in spec:
+                    _compile(spec["match"], f"groups[{i}]")
+            elif isinstance(spec, (list, tuple)) and spec and all(isinstance(n, str) for n in spec):
+                pass
+            else:
+                raise ValueError(f"groups[{i}] {spec!r}: give {{'type': ...}}, {{'match': ...}} or a list of names.")
+        object.__setattr__(self, "groups", tuple(tuple(s) if isinstance(s, list) else s for s in groups))
+        allow = self.allow_float or ()
+        if isinstance(allow, str):
+            allow = (allow,)
+        if not all(isinstance(a, str) for a in allow):
+            raise ValueError(f"allow_float must be layer names or regexes, got {self.allow_float!r}.")
+        for a in allow:
+            _compile(a, "allow_float")
+        object.__setattr__(self, "allow_float", tuple(allow))
+
+    def units(self, model) -> list["_Unit"]:
+        """One searched choice per group of layers of ``model``, in layer order."""
+        layers = quantizable_layers(model)
+        names = [l.name for l in layers]
+        by_name = dict(zip(names, layers))
+        parent = {n: n for n in names}
+
+        def root(n):
+            while parent[n] != n:
+                n = parent[n]
+            return n
+
+        def union(members):
+            members = [m for m in members if m in parent]
+            for m in members[1:]:
+                parent[root(m)] = root(members[0])
+
+        labels = {}
+        for i, spec in enumerate(self.groups):
+            members = _group_members(spec, layers)
+            if not members:
+                raise ValueError(f"groups[{i}] {spec!r} matches no quantizable layer; they are {names}.")
+            union(members)
+            labels.setdefault(root(members[0]), _group_label(spec))
+        for tie in find_ties(model):
+            union(tie)
+        for a in self.allow_float:
+            if not any(_matches(a, n) for n in names):
+                raise ValueError(f"allow_float entry {a!r} matches no quantizable layer; they are {names}.")
+        components = {}
+        for n in names:
+            components.setdefault(root(n), []).append(n)
+        units = []
+        for key, members in components.items():
+            label = labels.get(key) or "+".join(members)
+            choices = list(self.candidates)
+            if self.allow_float and all(any(_matches(a, m) for a in self.allow_float) for m in members):
+                choices.append(FLOAT)
+            costs = {c: sum(kernel_bytes(by_name[m], None if c == FLOAT else c) for m in members) for c in choices}
+            # a width is dropped where more bits cost no more (2/3-bit kernels are stored as INT4)
+            kept = [c for c in choices if not any(c2 > c and costs[c2] <= costs[c] for c2 in choices)]
+            units.append(_Unit(HP_PREFIX + label, tuple(members), tuple(kept), {c: costs[c] for c in kept}))
+        return units
+
+
+@dataclass(frozen=True)
+class SizePenalty:
+    """AutoQKeras's forgiving factor (see the module docstring for the formula)."""
+
+    delta_p: float = 8.0
+    delta_n: float = 8.0
+    rate: float = 2.0
+    reference_bytes: int | None = None  # None: the uniform-int8 kernel bytes
+
+    def __post_init__(self):
+        for name in ("delta_p", "delta_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"size_penalty {name} must be a percentage >= 0, got {value!r}.")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or self.rate <= 1:
+            raise ValueError(f"size_penalty rate must be a number > 1, got {self.rate!r}.")
+
+    @classmethod
+    def coerce(cls, value) -> "SizePenalty | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(delta_p=float(value), delta_n=float(value))
+        if isinstance(value, dict):
+            unknown = set(value) - {"delta_p", "delta_n", "rate", "reference_bytes"}
+            if unknown:
+                raise ValueError(f"size_penalty has unknown key(s) {sorted(unknown)}; use delta_p, delta_n, rate.")
+            return cls(**value)
+        raise TypeError(f"size_penalty must be None, a percentage, a dict or a SizePenalty, got {value!r}.")
+
+    def score(self, metric: float, size: float, reference: float) -> float:
+        d = (self.delta_p if size < reference else self.delta_n) / 100.0
+        return float(metric) * (1.0 + d * math.log(reference / max(size, 1)) / math.log(self.rate))
+
+
+@dataclass
+class TrainOptions:
+    """How each trial trains: optimizer (a learning rate for Adam, or a factory returning
+    a tf_keras optimizer), loss (None: ``infer_loss``), metrics (None: the objective's)."""
+
+    qat_lr: float | Callable = 1e-4
+    loss: Any = None
+    metrics: Any = None
+    warm_start: bool = True
+    seed: int | None = None
+
+    def optimizer(self):
+        if callable(self.qat_lr):
+            opt = self.qat_lr()
+            if not isinstance(opt, keras.optimizers.Optimizer):
+                raise TypeError(f"qat_lr factory returned {type(opt).__name__}; it must return a tf_keras "
+                                "optimizer, e.g. lambda: tf_keras.optimizers.Adam(1e-4).")
+            return opt
+        return keras.optimizers.Adam(self.qat_lr)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    hp: str  # hyperparameter name
+    layers: tuple
+    choices: tuple
+    costs: dict = field(compare=False)
+
+
+# ---- small helpers ------------------------------------------------------------------------
+def _compile(pattern, what):
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as err:
+        raise ValueError(f"{what}: {pattern!r} is not a valid regex ({err}).") from None
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return pattern == name or re.fullmatch(pattern, name) is not None
+
+
+def _group_members(spec, layers) -> list[str]:
+    if isinstance(spec, dict) and "type" in spec:
+        return [l.name for l in layers if spec["type"] in [c.__name__ for c in type(l).__mro__]]
+    if isinstance(spec, dict):
+        return [l.name for l in layers if re.fullmatch(spec["match"], l.name)]
+    names = [l.name for l in layers]
+    unknown = [n for n in spec if n not in names]
+    if unknown:
+        raise ValueError(f"groups entry {list(spec)} names {unknown}, not quantizable layers; they are {names}.")
+    return list(spec)
+
+
+def _group_label(spec) -> str:
+    if isinstance(spec, dict):
+        key, value = next(iter(spec.items()))
+        return f"{key}={value}"
+    return "+".join(spec)
+
+
+def _digest(units, values) -> str:
+    return ",".join("f" if values.get(u.hp) == FLOAT else str(values.get(u.hp, "?")) for u in units)
+
+
+def _policy(units, values, meta=None) -> Policy:
+    layers = {}
+    for u in units:
+        bits = values.get(u.hp, max(c for c in u.choices if c != FLOAT))
+        for name in u.layers:
+            layers[name] = {"quantize": False} if bits == FLOAT else {"weight_bits": int(bits)}
+    return Policy(default={"weight_bits": 8, "activation_bits": 8}, layers=layers, meta=meta or {})
+
+
+def _cost(units, values) -> int:
+    return int(sum(u.costs[values.get(u.hp, max(u.costs))] for u in units))
+
+
+def _is_worker() -> bool:
+    return bool(os.environ.get("KERASTUNER_ORACLE_IP")) and "chief" not in os.environ.get("KERASTUNER_TUNER_ID", "")
+
+
+def _objective(objective, kt):
+    if isinstance(objective, kt.Objective):
+        return objective
+    if not isinstance(objective, str) or not objective:
+        raise TypeError(f"objective must be a metric name like 'val_accuracy' or a keras_tuner.Objective, "
+                        f"got {objective!r}.")
+    base = objective[4:] if objective.startswith("val_") else objective
+    if "loss" in base or base.endswith("error") or base in ("mse", "mae"):
+        return kt.Objective(objective, "min")
+    if any(k in base for k in ("acc", "auc", "precision", "recall", "f1", "iou")):
+        return kt.Objective(objective, "max")
+    raise ValueError(f"objective {objective!r}: cannot tell whether to maximise or minimise it; pass "
+                     f"keras_tuner.Objective({objective!r}, direction='max' or 'min').")
+
+
+# ---- the budget guard on the oracle -------------------------------------------------------
+class _BudgetGuard:
+    """Checks, redraws and repairs the oracle's proposals; injects the warm start."""
+
+    def __init__(self, cost_fn, budget, seed, redraws=_REDRAWS):
+        self.cost_fn = cost_fn  # values -> (kernel bytes, units) or (None, None) if unbuildable
+        self.budget = budget
+        self.redraws = redraws
+        self.rng = random.Random(seed)
+        self.warm = None  # {hp: value}
+
+    def fits(self, values) -> bool:
+        total, _ = self.cost_fn(values)
+        return total is not None and (self.budget is None or total <= self.budget)
+
+    def lower(self, values):
+        """Move random groups one choice cheaper until ``values`` fit; None if they cannot."""
+        values = dict(values)
+        for _ in range(10_000):
+            total, units = self.cost_fn(values)
+            if total is None:
+                return None
+            if self.budget is None or total <= self.budget:
+                return values
+            movable = []
+            for u in units:
+                now = u.costs[values.get(u.hp, max(u.costs))]
+                cheaper = [c for c in u.choices if u.costs[c] < now]
+                if cheaper:
+                    movable.append((u.hp, max(cheaper, key=lambda c: u.costs[c])))
+            if not movable:
+                return None
+            hp, choice = self.rng.choice(movable)
+            values[hp] = choice
+        return None
+
+    def filter(self, oracle, trial_id, response, redraw):
+        stats = oracle._qx_stats
+        if response.get("status") != "RUNNING" or not response.get("values"):
+            return response
+        values = dict(response["values"])
+        fresh = "tuner/trial_id" not in values  # Hyperband's later rounds reuse trained values
+        if fresh and self.warm and stats.get("warm_trial_id") is None:
+            candidate = {**values, **self.warm}
+            if self.fits(candidate):
+                stats["warm_trial_id"] = trial_id
+                return {**response, "values": candidate}
+        # Redraw only where a draw is cheap and differs: a random oracle. A model-based oracle
+        # (Bayesian: a GP fit + 50 optimizer restarts a call) would propose the same point
+        # again at full cost, and Hyperband has already booked the trial in a bracket.
+        plain = not any(k.startswith("tuner/") for k in values)  # not booked by Hyperband
+        can_redraw = self.redraws > 0 and plain
+        for attempt in range(self.redraws + 1):
+            if self.fits(values):
+                if not (plain and oracle._duplicate(values)):
+                    return {**response, "values": values}
+                # a model-based oracle may propose a point already trained: replace it
+                stats["duplicates"] = stats.get("duplicates", 0) + 1
+                break
+            stats["rejected"] += 1
+            if not can_redraw or attempt == self.redraws:
+                break
+            response = redraw()
+            if response.get("status") != "RUNNING" or not response.get("values"):
+                return response
+            values = dict(response["values"])
+        repaired = self.lower(values)
+        for _ in range(50):
+            if repaired is not None and (not fresh or not oracle._duplicate(repaired)):
+                stats["repaired"] += repaired != values
+                return {**response, "values": repaired}
+            sample = oracle._random_values() if fresh else None  # the bits only; Hyperband's keys stay
+            if sample is None:
+                break
+            repaired = self.lower({**values, **sample})
+        return {"status": "STOPPED", "values": None}  # nothing untried fits the budget
+
+
+class _BudgetedOracle:
+    """Mixed in front of the user's oracle class: checks every proposal against the budget."""
+
+    _qx_guard = None
+
+    def populate_space(self, trial_id):
+        with warnings.catch_warnings():  # the Bayesian oracle's GP fit warns on flat scores
+            warnings.filterwarnings("ignore", message=".*close to the specified (upper|lower) bound")
+            response = super().populate_space(trial_id)
+            if self._qx_guard is None:
+                return response
+            return self._qx_guard.filter(self, trial_id, response,
+                                         lambda: super(_BudgetedOracle, self).populate_space(trial_id))
+
+    def get_state(self):
+        return {**super().get_state(), "keras_qx": dict(self._qx_stats)}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self._qx_stats = {**_fresh_stats(), **(state.get("keras_qx") or {})}
+
+
+def _fresh_stats():
+    return {"rejected": 0, "repaired": 0, "duplicates": 0, "warm_trial_id": None}
+
+
+_BUDGETED_CLASSES = {}
+
+
+def _budgeted(oracle, guard):
+    cls = type(oracle)
+    if not isinstance(oracle, _BudgetedOracle):
+        if cls not in _BUDGETED_CLASSES:
+            _BUDGETED_CLASSES[cls] = type(f"Budgeted{cls.__name__}", (_BudgetedOracle, cls), {})
+        oracle.__class__ = _BUDGETED_CLASSES[cls]
+    oracle._qx_guard = guard
+    if not hasattr(oracle, "_qx_stats"):
+        oracle._qx_stats = _fresh_stats()
+    return oracle
+
+
+# ---- a Bayesian oracle for bit assignments --------------------------------------------------
+_POOL_LIMIT = 20_000  # assignments enumerated; beyond, a random within-budget sample
+_BAYES_CLASS = None
+
+
+def _bits_bayesian_class():
+    """keras-tuner's Gaussian process + UCB, with the acquisition maximised over the
+    within-budget, untried assignments instead of 50 L-BFGS restarts on the continuous
+    relaxation: the bits space is small and discrete, so this is exact, far cheaper (seconds
+    a trial saved), and never proposes an over-budget point."""
+    global _BAYES_CLASS
+    if _BAYES_CLASS is None:
+        import numpy as np
+
+        base = _keras_tuner().oracles.BayesianOptimizationOracle
+
+        class BitsBayesianOracle(base):
+            _qx_pool = None  # () -> list of within-budget assignments (set by BitWidthTuner)
+
+            def _make_gpr(self):
+                gpr = super()._make_gpr()
+                gpr.n_restarts_optimizer = 3  # kernel fits on tens of points: 20 restarts cost 7x more
+                return gpr
+
+            def populate_space(self, trial_id):
+                completed = [t for t in self.trials.values() if t.status == "COMPLETED"]
+                first = self.num_initial_points or max(3 * len(self.hyperparameters.space), 3)
+                if self._qx_pool is None or len(completed) < first:
+                    return super().populate_space(trial_id)
+                pool = [v for v in self._qx_pool() if not self._duplicate(v)]
+                if not pool:
+                    return {"status": "STOPPED", "values": None}
+                x, y = self._vectorize_trials()
+                self.gpr.fit(np.nan_to_num(x, posinf=0, neginf=0), np.nan_to_num(y, posinf=0, neginf=0))
+                space = self._nonfixed_space()
+                grid = np.array([[hp.value_to_prob(v.get(hp.name, hp.default)) for hp in space] for v in pool])
+                mu, sigma = self.gpr.predict(grid, return_std=True)
+                best = int(np.argmin(np.asarray(mu).ravel() - self.beta * np.asarray(sigma).ravel()))
+                return {"status": "RUNNING", "values": dict(pool[best])}
+
+        _BAYES_CLASS = BitsBayesianOracle
+    return _BAYES_CLASS
+
+
+# ---- the keras-tuner Tuner, made on first use (keras_tuner imports Keras 3) ---------------
+_TUNER_CLASS = None
+
+
+def _tuner_class():
+    global _TUNER_CLASS
+    if _TUNER_CLASS is None:
+        kt = _keras_tuner()
+
+        class QXTuner(kt.Tuner):
+            """keras_tuner.Tuner whose trials are tf_keras QAT runs (see BitWidthTuner)."""
+
+            def __init__(self, owner, **kwargs):
+                self._qx = owner
+                super().__init__(**kwargs)
+
+            def run_trial(self, trial, *args, **kwargs):
+                return self._qx._run_trial(self, trial, *args, **kwargs)
+
+            def on_trial_end(self, trial):
+                super().on_trial_end(trial)
+                self._qx._report(self, trial)
+
+            def load_model(self, trial):
+                return self._qx._load_trial_model(trial)
+
+        _TUNER_CLASS = QXTuner
+    return _TUNER_CLASS
+
+
+# ---- the public class ---------------------------------------------------------------------
+class BitWidthTuner:
+    """Search per-layer weight bits (and, with ``hypermodel``, model hyperparameters) with
+    QAT trials on keras-tuner's oracles, under a hard kernel-byte budget or a soft size score.
+
+    Args:
+        model: a trained float tf_keras Sequential/Functional model (or give ``hypermodel``).
+        hypermodel: ``build(hp) -> float tf_keras model``; each trial builds, trains float
+            ``float_epochs`` (compiled by ``build`` or with Adam 1e-3), then quantizes.
+        candidates: weight bit widths to choose from per layer/group.
+        budget_bytes: kernel-byte budget (int), or ``"0.6x"`` of the uniform-int8 kernel bytes
+            (with ``hypermodel``: of the model built with default hyperparameters).
+        objective: metric name (``"val_accuracy"``) or a ``keras_tuner.Objective``.
+        oracle: ``"bayesian"``, ``"random"``, ``"hyperband"`` or a ``keras_tuner.Oracle``
+            (its own ``max_trials`` then counts).
+        max_trials: trained trials (over-budget proposals are not counted).
+        directory, project_name, overwrite: keras-tuner's trial storage; an existing project
+            is resumed unless ``overwrite``.
+        seed: oracle seed; also seeds each trial's weights (``seed + trial number``).
+        groups, allow_float: see :class:`SearchSpace`.
+        size_penalty: None, a percentage, a dict or :class:`SizePenalty`: the objective
+            becomes ``score`` (module docstring); needs an objective to maximise.
+        warm_start: make the first trial ``auto_policy``'s allocation at the budget (model
+            mode with a budget; a hypermodel has no trained float model to analyse).
+        qat_lr: Adam learning rate, or a factory returning an optimizer; loss: None infers
+            it from the model/labels; metrics: None compiles the objective's metric.
+        print_fn: progress lines (one per trial); None is silent.
+    """
+
+    def __init__(self, model=None, *, hypermodel=None, candidates=(4, 8), budget_bytes=None,
+                 objective="val_accuracy", oracle="bayesian", max_trials: int = 10, directory=None,
+                 project_name: str = "bitwidth_search", overwrite: bool = False, seed: int | None = None,
+                 groups=None, allow_float=(), size_penalty=None, warm_start: bool = True,
+                 qat_lr: float | Callable = 1e-4, loss=None, metrics=None, print_fn=print):
+        kt = _keras_tuner()
+        if (model is None) == (hypermodel is None):
+            raise ValueError("give exactly one of model (a trained float model) or hypermodel (build(hp) -> model).")
+        if model is not None:
+            check_model(model, "BitWidthTuner model")
+        if hypermodel is not None:
+            if hasattr(hypermodel, "build") and callable(hypermodel.build):
+                hypermodel = hypermodel.build
+            if not callable(hypermodel):
+                raise TypeError(f"hypermodel must be a function build(hp) -> tf_keras model, got {hypermodel!r}.")
+        if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+            raise ValueError(f"max_trials must be a positive integer, got {max_trials!r}.")
+        if not isinstance(project_name, str) or not project_name:
+            raise ValueError(f"project_name must be a non-empty string, got {project_name!r}.")
+        if isinstance(qat_lr, bool) or not (callable(qat_lr) or (isinstance(qat_lr, (int, float)) and qat_lr > 0)):
+            raise ValueError(f"qat_lr must be a positive learning rate or a factory returning an optimizer, got {qat_lr!r}.")
+        self.space = SearchSpace(tuple(candidates) if isinstance(candidates, list) else candidates,
+                                 tuple(groups or ()), allow_float)
+        self.training = TrainOptions(qat_lr, loss, metrics, bool(warm_start), seed)
+        self.metric = _objective(objective, kt)  # what trials measure
+        self.penalty = SizePenalty.coerce(size_penalty)
+        if self.penalty is not None and self.metric.direction != "max":
+            raise ValueError(f"size_penalty scales a metric to maximise; objective {self.metric.name!r} is "
+                             "minimised. Use e.g. objective='val_accuracy', or drop size_penalty.")
+        # what the oracle ranks: the metric, or the size-penalised score
+        self.objective = kt.Objective("score", "max") if self.penalty is not None else self.metric
+        if isinstance(oracle, str):
+            if oracle not in ORACLES:
+                raise ValueError(f"oracle {oracle!r} is unknown; use one of {ORACLES} or a keras_tuner.Oracle instance.")
+        elif isinstance(oracle, type):
+            raise TypeError(f"oracle must be an instance (e.g. {oracle.__name__}(...)), not the class.")
+        elif not isinstance(oracle, kt.Oracle):
+            raise TypeError(f"oracle must be one of {ORACLES} or a keras_tuner.Oracle, got {type(oracle).__name__}.")
+        elif getattr(oracle.objective, "name", None) != self.objective.name:
+            raise ValueError(f"the oracle's objective {getattr(oracle.objective, 'name', None)!r} differs from the "
+                             f"search's {self.objective.name!r}; create the oracle with "
+                             f"objective=keras_tuner.Objective({self.objective.name!r}, {self.objective.direction!r}).")
+        self.model, self.hypermodel = model, hypermodel
+        self.oracle_spec, self.max_trials, self.seed = oracle, max_trials, seed
+        self.directory = str(directory) if directory is not None else "."
+        self.project_name, self.overwrite = project_name, bool(overwrite)
+        self.print_fn = print_fn
+        self._tuner = None
+        self._fit = {}  # search() arguments, for run_trial
+        self._units_cache = {}
+        self._pool_cache = None
+        self._elapsed0 = None
+        self._last = None
+
+        reference = self.model if model is not None else self._build_default()
+        self.int8_bytes = sum(kernel_bytes(l, 8) for l in quantizable_layers(reference))
+        self.budget_bytes = self._resolve_budget(budget_bytes, reference)
+        if model is not None:
+            self.units = self.space.units(model)
+            minimum = sum(min(u.costs.values()) for u in self.units)
+            if self.budget_bytes is not None and minimum > self.budget_bytes:
+                raise InfeasibleBudget(
+                    f"budget_bytes {self.budget_bytes:,}: the smallest assignment of candidates "
+                    f"{self.space.candidates} takes {minimum:,} kernel bytes. Raise the budget or add "
+                    "smaller candidates.", self.budget_bytes, minimum)
+        else:
+            self.units = None
+        self.reference_bytes = (self.penalty.reference_bytes or self.int8_bytes) if self.penalty else None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _resolve_budget(self, budget, reference):
+        if budget is None:
+            return None
+        if isinstance(budget, str):
+            return parse_budget(budget, reference)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"budget_bytes must be kernel bytes (int) or a fraction of int8 like '0.6x', got {budget!r}.")
+        if 0 < budget < 1:
+            raise ValueError(f"budget_bytes={budget!r} is in bytes; for a fraction of the int8 kernel bytes "
+                             f"write budget_bytes='{budget}x'.")
+        return budget_from(quantizable_layers(reference), budget_bytes=budget)
+
+    def _build(self, hp):
+        """The hypermodel's float model, with one bits hyperparameter per searched group."""
+        keras.backend.clear_session()  # stable auto layer names, and no graph build-up
+        model = self.hypermodel(hp)
+        check_model(model, "the model hypermodel returned")
+        for u in self.space.units(model):
+            hp.Choice(u.hp, list(u.choices), default=max(c for c in u.choices if c != FLOAT))
+        return model
+
+    def _build_default(self):
+        kt = _keras_tuner()
+        return self._build(kt.HyperParameters())
+
+    def _units_for(self, values):
+        """(kernel bytes, units) of the assignment ``values``."""
+        if self.units is not None:
+            return _cost(self.units, values), self.units
+        key = json.dumps({k: v for k, v in sorted(values.items()) if not k.startswith(("tuner/", HP_PREFIX))})
+        if key not in self._units_cache:
+            kt = _keras_tuner()
+            hp = kt.HyperParameters()
+            hp.values.update({k: v for k, v in values.items() if not k.startswith(HP_PREFIX)})
+            try:
+                units = self.space.units(self._build(hp))
+            except Exception:  # noqa: BLE001 - an unbuildable combination cannot be costed
+                units = None
+            self._units_cache[key] = units
+        units = self._units_cache[key]
+        return (None, None) if units is None else (_cost(units, values), units)
+
+    def _make_oracle(self, epochs):
+        kt = _keras_tuner()
+        spec = self.oracle_spec
+        if not isinstance(spec, str):
+            return spec
+        if spec == "random":
+            return kt.oracles.RandomSearchOracle(self.objective, max_trials=self.max_trials, seed=self.seed)
+        if spec == "bayesian":
+            cls = _bits_bayesian_class() if self.units is not None else kt.oracles.BayesianOptimizationOracle
+            oracle = cls(self.objective, max_trials=self.max_trials, seed=self.seed,
+                         num_initial_points=max(2, self.max_trials // 3))
+            if self.units is not None:
+                oracle._qx_pool = self._pool
+            return oracle
+        return kt.oracles.HyperbandOracle(self.objective, max_epochs=max(1, epochs or 3), factor=3,
+                                          hyperband_iterations=1, seed=self.seed)
+
+    def _pool(self):
+        """Every within-budget assignment (or a random sample of them, for big spaces)."""
+        if self._pool_cache is None:
+            import itertools
+
+            units = self.units
+            fits = (lambda v: self.budget_bytes is None or _cost(units, v) <= self.budget_bytes)
+            if math.prod(len(u.choices) for u in units) <= _POOL_LIMIT:
+                pool = [dict(zip((u.hp for u in units), combo)) for combo in itertools.product(*(u.choices for u in units))]
+                pool = [v for v in pool if fits(v)]
+            else:
+                rng, seen, pool = random.Random(self.seed), set(), []
+                guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed)
+                for _ in range(4 * _POOL_LIMIT // 10):
+                    v = guard.lower({u.hp: rng.choice(u.choices) for u in units}) if self.budget_bytes else \
+                        {u.hp: rng.choice(u.choices) for u in units}
+                    key = tuple(sorted(v.items())) if v else None
+                    if v and key not in seen:
+                        seen.add(key)
+                        pool.append(v)
+            self._pool_cache = pool
+        return self._pool_cache
+
+    @property
+    def tuner(self):
+        """The keras-tuner ``Tuner`` doing the work (created on first use)."""
+        return self._ensure_tuner()
+
+    def _ensure_tuner(self, epochs=None):
+        if self._tuner is not None:
+            return self._tuner
+        kt = _keras_tuner()
+        oracle = self._make_oracle(epochs)
+        redraws = _REDRAWS if isinstance(oracle, kt.oracles.RandomSearchOracle) else 0
+        guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws)
+        _budgeted(oracle, guard)
+        self._guard = guard
+        if self.units is not None:  # declare the space up front (hypermodel mode builds it)
+            hp = kt.HyperParameters()
+            for u in self.units:
+                hp.Choice(u.hp, list(u.choices), default=max(c for c in u.choices if c != FLOAT))
+            oracle.update_space(hp)
+        oracle.verbose = 0  # our one line per trial replaces keras-tuner's display
+        self._tuner = _tuner_class()(
+            self, oracle=oracle, hypermodel=self._build if self.hypermodel is not None else None,
+            directory=self.directory, project_name=self.project_name,
+            overwrite=self.overwrite and not _is_worker())  # a worker never wipes the shared project
+        return self._tuner
+
+    # ---- search -------------------------------------------------------------------------
+    def search(self, x, y=None, *, validation_data=None, validation_split: float = 0.0, epochs: int = 1,
+               batch_size: int | None = 32, callbacks=None, float_epochs: int = 0, **fit_kwargs):
+        """Run trials until ``max_trials`` have trained (resuming a stored project).
+
+        Args:
+            x, y, validation_data, validation_split, batch_size, fit_kwargs: as for ``fit``.
+            epochs: QAT epochs per trial. callbacks: tf_keras callbacks for each trial's QAT
+                fit (not the float fit), deep-copied per trial (a TensorBoard callback gets a
+                ``trial_<id>`` log subdirectory per trial).
+            float_epochs: float training before quantizing (hypermodel mode).
+
+        Returns:
+            self.
+        """
+        for name, value in (("epochs", epochs), ("float_epochs", float_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "float_epochs" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'float_epochs' else 1}, got {value!r}.")
+        if self.metric.name.startswith("val_") and validation_data is None and not validation_split:
+            raise ValueError(f"objective {self.metric.name!r} needs validation_data (or validation_split); "
+                             f"or use objective={self.metric.name[4:]!r}.")
+        if float_epochs and self.hypermodel is None:
+            raise ValueError("float_epochs trains a hypermodel's float model; with model=... train it before the search.")
+        callbacks = list(callbacks or [])
+        try:
+            copy.deepcopy(callbacks)
+        except Exception as err:  # noqa: BLE001
+            raise TypeError(f"callbacks are copied for each trial and must be deep-copyable ({err}).") from None
+        loss = self.training.loss or infer_loss(self.model if self.model is not None else self._build_default(), y)
+        self._fit = dict(x=x, y=y, validation_data=validation_data, validation_split=validation_split,
+                         epochs=epochs, batch_size=batch_size, callbacks=callbacks, float_epochs=float_epochs,
+                         loss=loss, fit_kwargs=fit_kwargs)
+        tuner = self._ensure_tuner(epochs)
+        if not _is_worker():
+            done = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+            if done:
+                self._say(f"resuming {tuner.project_dir}: {len(done)} trial(s) done, not rerun")
+            if self._warm_needed(tuner.oracle):
+                self._guard.warm = self._warm_values(x, y)
+        self._elapsed0 = time.perf_counter()
+        tuner.search()
+        if not _is_worker():
+            stats = self.stats
+            best = self._best_trial(required=False)
+            self._say(f"search done: {len(self.results())} trial(s); {stats['rejected']} over-budget proposal(s) "
+                      f"rejected, {stats['repaired']} repaired"
+                      + (f"; best trial {best.trial_id}: {self.objective.name}={best.score:.4f}" if best else ""))
+        return self
+
+    def _warm_needed(self, oracle) -> bool:
+        return (self.training.warm_start and self.model is not None and self.budget_bytes is not None
+                and oracle._qx_stats.get("warm_trial_id") is None and len(oracle.trials) == 0)
+
+    def _warm_values(self, x, y):
+        """auto_policy's allocation at the budget, as values of the search's hyperparameters."""
+        ties = [list(u.layers) for u in self.units if len(u.layers) > 1]
+        start = time.perf_counter()
+        try:
+            policy = auto_policy(self.model, (x, y), budget_bytes=self.budget_bytes, candidates=self.space.candidates,
+                                 ties=ties, verbose=False)
+        except InfeasibleBudget as err:
+            self._say(f"warm start skipped: {err}")
+            return None
+        layers = {l.name: l for l in quantizable_layers(self.model)}
+        values = {}
+        for u in self.units:
+            bits = policy.layers[u.layers[0]].get("weight_bits", 8)
+            if bits not in u.choices:  # auto_policy always has 8; map to a candidate costing no more
+                cost = sum(kernel_bytes(layers[n], bits) for n in u.layers)
+                fitting = [c for c in u.choices if c != FLOAT and u.costs[c] <= cost]
+                if not fitting:
+                    self._say(f"warm start skipped: auto_policy chose {bits} bits for {u.layers}, not a candidate")
+                    return None
+                bits = max(fitting)
+            values[u.hp] = bits
+        self._say(f"warm start (auto_policy, {time.perf_counter() - start:.1f}s): bits {_digest(self.units, values)}, "
+                  f"{_cost(self.units, values):,} of {self.budget_bytes:,} kernel bytes")
+        return values
+
+    def _run_trial(self, tuner, trial, *_, **__):
+        kt = _keras_tuner()
+        fit = self._fit
+        hp = trial.hyperparameters
+        values = dict(hp.values)
+        start = time.perf_counter()
+        if self.hypermodel is not None:
+            float_model = self._build(hp)
+            if fit["float_epochs"]:
+                if not getattr(float_model, "_is_compiled", False):
+                    float_model.compile(keras.optimizers.Adam(1e-3), fit["loss"], metrics=self._metrics())
+                self._seed(trial)
+                float_model.fit(fit["x"], fit["y"], epochs=fit["float_epochs"], batch_size=fit["batch_size"], verbose=0)
+            units = self.space.units(float_model)
+        else:
+            keras.backend.clear_session()
+            float_model, units = self.model, self.units
+        size = _cost(units, values)
+        if self.budget_bytes is not None and size > self.budget_bytes:  # never train over budget
+            raise kt.errors.FailedTrialError(f"assignment takes {size:,} kernel bytes, over the budget "
+                                             f"{self.budget_bytes:,}; not trained.")
+        policy = _policy(units, values)
+        qat_start = time.perf_counter()
+        qat = quantize(float_model, policy)
+        qat.compile(self.training.optimizer(), fit["loss"], metrics=self._metrics())
+        epochs, initial = fit["epochs"], 0
+        if "tuner/epochs" in values:  # Hyperband
+            epochs, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
+            if values.get("tuner/trial_id") is not None:
+                qat.load_weights(os.path.join(tuner.get_trial_dir(values["tuner/trial_id"]), WEIGHTS_FILE))
+        self._seed(trial)
+        history = qat.fit(fit["x"], fit["y"], epochs=epochs, initial_epoch=initial, batch_size=fit["batch_size"],
+                          validation_data=fit["validation_data"], validation_split=fit["validation_split"],
+                          callbacks=self._trial_callbacks(trial), verbose=0, **fit["fit_kwargs"])
+        qat_seconds = time.perf_counter() - qat_start  # quantize + compile + fit, as a plain user would
+        logs = history.history
+        if self.metric.name not in logs:
+            raise kt.errors.FatalValueError(
+                f"objective {self.metric.name!r} is not among the training logs {sorted(logs)}; pass metrics=... "
+                "that produce it, or another objective.")
+        metric = float(logs[self.metric.name][-1])
+        trial_dir = tuner.get_trial_dir(trial.trial_id)
+        tmp = os.path.join(trial_dir, f".tmp-{os.getpid()}-{WEIGHTS_FILE}")
+        qat.save_weights(tmp)
+        os.replace(tmp, os.path.join(trial_dir, WEIGHTS_FILE))
+        write_atomic(os.path.join(trial_dir, POLICY_FILE), policy.to_json().encode())
+        results = {self.metric.name: metric, "kernel_bytes": float(size), "qat_seconds": qat_seconds,
+                   "trial_seconds": time.perf_counter() - start}
+        if self.penalty is not None:
+            results["score"] = self.penalty.score(metric, size, self.reference_bytes)
+        self._last = {"trial_id": trial.trial_id, "digest": _digest(units, values), "bytes": size,
+                      "metric": metric, "seconds": time.perf_counter() - start}
+        return results
+
+    def _metrics(self):
+        if self.training.metrics is not None:
+            return self.training.metrics
+        base = self.metric.name[4:] if self.metric.name.startswith("val_") else self.metric.name
+        return [] if base == "loss" else [base]
+
+    def _seed(self, trial):
+        if self.seed is not None:
+            keras.utils.set_random_seed(int(self.seed) + int(trial.trial_id))
+
+    def _trial_callbacks(self, trial):
+        callbacks = copy.deepcopy(self._fit["callbacks"])
+        for cb in callbacks:
+            if isinstance(cb, keras.callbacks.TensorBoard) or type(cb).__name__ == "TensorBoard":
+                cb.log_dir = os.path.join(str(cb.log_dir), f"trial_{trial.trial_id}")
+        return callbacks
+
+    def _report(self, tuner, trial):
+        last, self._last = self._last, None
+        n = int(trial.trial_id) + 1
+        total = getattr(tuner.oracle, "max_trials", None) or ("?" if self.oracle_spec == "hyperband" else self.max_trials)
+        elapsed = time.perf_counter() - (self._elapsed0 or time.perf_counter())
+        if last is None or last["trial_id"] != trial.trial_id or trial.status != "COMPLETED":
+            reason = (trial.message or "").strip().splitlines()[-1:] or [""]
+            self._say(f"[{n}/{total}] trial {trial.trial_id} {trial.status}: {reason[0][:200]}")
+            return
+        best = self._best_trial(required=False)
+        best_text = f"{best.score:.4f}" if best is not None and best.score is not None else "-"
+        warm = " (warm start: auto_policy)" if self._guard.warm and dict(
+            (k, v) for k, v in trial.hyperparameters.values.items() if k in self._guard.warm) == self._guard.warm else ""
+        self._say(f"[{n}/{total}] trial {trial.trial_id} bits {last['digest']} {last['bytes']:,} B "
+                  f"{self.metric.name}={last['metric']:.4f} best {self.objective.name}={best_text} "
+                  f"{last['seconds']:.1f}s (elapsed {elapsed:.0f}s){warm}")
+
+    def _say(self, text):
+        if self.print_fn is not None:
+            self.print_fn(text)
+
+    # ---- results ------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """``{"rejected", "repaired", "warm_trial_id"}``: over-budget proposals the oracle
+        made (never trained), those repaired into a budget-fitting trial, and the warm start's
+        trial (the chief's / local oracle only)."""
+        oracle = self._ensure_tuner().oracle
+        return dict(getattr(oracle, "_qx_stats", None) or _fresh_stats())
+
+    def _trials(self):
+        tuner = self._ensure_tuner()
+        trials = getattr(tuner.oracle, "trials", None)
+        if isinstance(trials, dict):
+            return dict(trials)
+        trial_module = _keras_tuner().engine.trial  # a worker: read the shared trial files
+
+        out = {}
+        for name in sorted(os.listdir(tuner.project_dir)):
+            path = os.path.join(tuner.project_dir, name, "trial.json")
+            if name.startswith("trial_") and os.path.exists(path):
+                t = trial_module.Trial.load(path)
+                out[t.trial_id] = t
+        return out
+
+    def _best_trial(self, required=True):
+        completed = [t for t in self._trials().values() if t.status == "COMPLETED" and t.score is not None]
+        if not completed:
+            if required:
+                raise RuntimeError("no trial has completed yet; run search() first.")
+            return None
+        sign = 1 if self.objective.direction == "max" else -1
+
+        def size(t):
+            return t.metrics.get_last_value("kernel_bytes") if t.metrics.exists("kernel_bytes") else 0
+
+        # ties (common on small validation sets) go to the smaller model, then the earlier trial
+        return max(completed, key=lambda t: (sign * t.score, -size(t), -int(t.trial_id)))
+
+    def _trial_policy(self, trial) -> Policy:
+        path = os.path.join(self._ensure_tuner().get_trial_dir(trial.trial_id), POLICY_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                return Policy.from_json(f.read())
+        values = trial.hyperparameters.values
+        units = self.units if self.units is not None else self._units_for(values)[1]
+        return _policy(units, values)
+
+    def best_policy(self) -> Policy:
+        """The best trial's bits as a :class:`Policy`; ``meta["search"]`` says trial id,
+        metric, score and predicted kernel bytes."""
+        trial = self._best_trial()
+        policy = self._trial_policy(trial)
+        row = self._row(trial)
+        policy.meta = {**policy.meta, "search": {
+            "trial_id": trial.trial_id, "objective": self.objective.name, "metric": self.metric.name,
+            "value": None if row["metric"] is None else float(row["metric"]),
+            "score": None if trial.score is None else float(trial.score), "predicted_kernel_bytes": row["kernel_bytes"], "budget_bytes": self.budget_bytes,
+            "int8_kernel_bytes": self.int8_bytes,
+            "hyperparameters": {k: v for k, v in trial.hyperparameters.values.items()
+                                if not k.startswith((HP_PREFIX, "tuner/"))}}}
+        return policy
+
+    def _load_trial_model(self, trial):
+        hp = trial.hyperparameters
+        float_model = self._build(hp.copy()) if self.hypermodel is not None else self.model
+        qat = quantize(float_model, self._trial_policy(trial))
+        qat.load_weights(os.path.join(self._ensure_tuner().get_trial_dir(trial.trial_id), WEIGHTS_FILE))
+        if self._fit.get("loss") is not None:
+            qat.compile(self.training.optimizer(), self._fit["loss"], metrics=self._metrics())
+        return qat
+
+    def trial_model(self, trial_id):
+        """The trained QAT model of trial ``trial_id`` (a completed one)."""
+        trial = self._trials().get(str(trial_id))
+        if trial is None or trial.status != "COMPLETED":
+            raise ValueError(f"trial {trial_id!r} has not completed; completed trials: "
+                             f"{[t for t, tr in self._trials().items() if tr.status == 'COMPLETED']}.")
+        return self._load_trial_model(trial)
+
+    def best_model(self):
+        """The best trial's trained QAT model (rebuilt with its policy, its weights loaded;
+        compiled like the trials when search() ran in this process)."""
+        return self._load_trial_model(self._best_trial())
+
+    def _row(self, trial, warm_id=None) -> dict:
+        values = trial.hyperparameters.values
+        bits = {k[len(HP_PREFIX):]: ("float" if v == FLOAT else v) for k, v in values.items() if k.startswith(HP_PREFIX)}
+        metrics = trial.metrics
+        metric = metrics.get_last_value(self.metric.name) if metrics.exists(self.metric.name) else None
+        size = metrics.get_last_value("kernel_bytes") if metrics.exists("kernel_bytes") else None
+        seconds = {k: float(metrics.get_last_value(k)) for k in ("trial_seconds", "qat_seconds") if metrics.exists(k)}
+        if size is None and self.units is not None:
+            size = _cost(self.units, values)
+        return {"trial_id": trial.trial_id, "status": trial.status, "bits": bits,
+                "kernel_bytes": int(size) if size is not None else None, "metric": metric,
+                "score": trial.score, "warm_start": trial.trial_id == warm_id,
+                "hyperparameters": {k: v for k, v in values.items() if not k.startswith((HP_PREFIX, "tuner/"))},
+                **seconds}
+
+    def results(self) -> list[dict]:
+        """One row per trial, in trial order: trial_id, status, bits ({group: bits or
+        "float"}), kernel_bytes (predicted by the cost model), metric, score, warm_start,
+        hyperparameters (the non-bits ones), and for trained trials trial_seconds and
+        qat_seconds (the quantize + compile + fit part)."""
+        warm = self.stats.get("warm_trial_id")
+        return [self._row(t, warm) for _, t in sorted(self._trials().items(), key=lambda kv: int(kv[0]))]
+
+    def results_summary(self, print_fn=None) -> str:
+        """A Markdown table of :meth:`results` (best first), printed with ``print_fn``
+        (default: the tuner's) and returned."""
+        text = format_results(self.results(), self.metric.name, self.objective.direction,
+                              budget_bytes=self.budget_bytes, stats=self.stats)
+        out = print_fn or self.print_fn
+        if out is not None:
+            out(text)
+        return text
+
+
+def format_results(rows, objective="metric", direction="max", *, budget_bytes=None, stats=None, fmt="markdown") -> str:
+    """Trials as a Markdown table (best first) or CSV (``fmt="csv"``, trial order)."""
+    groups, hps = [], []
+    for r in rows:
+        groups += [g for g in r["bits"] if g not in groups]
+        hps += [h for h in r.get("hyperparameters", {}) if h not in hps]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["trial_id", "status", *hps, *groups, "kernel_bytes", objective, "score", "warm_start"])
+        for r in rows:
+            writer.writerow([r["trial_id"], r["status"], *[r["hyperparameters"].get(h, "") for h in hps],
+                             *[r["bits"].get(g, "") for g in groups], r["kernel_bytes"],
+                             r["metric"], r["score"], int(r["warm_start"])])
+        return buf.getvalue()
+    sign = -1 if direction == "max" else 1
+    ordered = sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial_id"]))
+    cols = hps + groups
+    lines = [f"| trial | status | {' | '.join(cols)} | kernel bytes | {objective} | score |",
+             "|" + "---|" * (len(cols) + 5)]
+    for r in ordered:
+        tag = " (warm)" if r["warm_start"] else ""
+        metric = f"{r['metric']:.4f}" if r["metric"] is not None else "-"
+        score = f"{r['score']:.4f}" if r["score"] is not None else "-"
+        size = f"{r['kernel_bytes']:,}" if r["kernel_bytes"] is not None else "-"
+        cells = [str(r.get("hyperparameters", {}).get(h, "")) for h in hps] + [str(r["bits"].get(g, "")) for g in groups]
+        lines.append(f"| {r['trial_id']}{tag} | {r['status']} | {' | '.join(cells)} "
+                     f"| {size} | {metric} | {score} |")
+    if budget_bytes is not None or stats:
+        notes = []
+        if budget_bytes is not None:
+            notes.append(f"budget {budget_bytes:,} kernel bytes")
+        if stats:
+            notes.append(f"{stats.get('rejected', 0)} over-budget proposal(s) rejected, never trained")
+        lines += ["", "; ".join(notes) + "."]
+    return "\n".join(lines)
