@@ -29,12 +29,14 @@ import time
 import numpy as np
 
 from keras_qx._compat import keras, tf
-from keras_qx.allocate import auto_policy
-from keras_qx.demo import parse_budget, train_digits
-from keras_qx.evaluate import evaluate_tflite
-from keras_qx.export import export_tflite, write_atomic
-from keras_qx.quantize import quantize
-from keras_qx.search import BitWidthTuner
+from keras_qx.demo import train_digits
+from keras_qx.engine.allocate import auto_policy, budget_from
+from keras_qx.engine.sensitivity import quantizable_layers
+from keras_qx.lite.evaluate import evaluate_tflite
+from keras_qx._io import write_atomic
+from keras_qx.lite.export import export_tflite
+from keras_qx.qat.quantize import quantize
+from keras_qx.engine.search import BitWidthTuner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,7 +53,7 @@ def run_seed(seed, oracle, args, say):
     model, ((x, y), (xt, yt)) = train_digits(args.epochs, seed=seed, print_fn=None)
     n_val = len(x) // 5
     xs, ys, val = x[:-n_val], y[:-n_val], (x[-n_val:], y[-n_val:])
-    budget = parse_budget(args.budget, model)
+    budget = budget_from(quantizable_layers(model), budget_bytes=args.budget)
 
     keras.utils.set_random_seed(seed)
     auto = auto_policy(model, (xs, ys), budget_bytes=budget, candidates=(4, 8), verbose=False)

@@ -9,10 +9,10 @@ Run:
 """
 import argparse
 
+import tf_keras as keras
+
 import keras_qx as qx
 from keras_qx.data import digits_cnn, load_digits
-from keras_qx.search import BitWidthTuner  # the lead will also export it as qx.BitWidthTuner
-from keras_qx._compat import keras
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--trials", type=int, default=8)
@@ -29,8 +29,8 @@ model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossen
               metrics=["accuracy"])
 model.fit(x, y, epochs=10, batch_size=64, verbose=0)
 
-tuner = BitWidthTuner(model, candidates=(4, 8), budget_bytes=args.budget, max_trials=args.trials,
-                      directory="search_bits", overwrite=args.overwrite, seed=0)
+tuner = qx.BitWidthTuner(model, candidates=(4, 8), budget_bytes=args.budget, max_trials=args.trials,
+                         directory="search_bits", overwrite=args.overwrite, seed=0)
 tuner.search(x, y, validation_data=(x_val, y_val), epochs=2, batch_size=64)
 tuner.results_summary()
 

@@ -17,6 +17,7 @@ Example:
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
+from keras_qx.engine.search import BitWidthTuner
 from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
@@ -45,6 +46,7 @@ __all__ = [
     "annotate",
     "auto_policy",
     "InfeasibleBudget",
+    "BitWidthTuner",
     "sensitivity",
     "SensitivityReport",
     "quantize",

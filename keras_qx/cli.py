@@ -132,7 +132,7 @@ def _quantize(args) -> int:
 
 
 def _plot_search(rows, budget, path, metric):
-    from keras_qx.plotting import axes, finish
+    from keras_qx._plot import axes, finish
 
     fig, ax = axes()
     done = [r for r in rows if r["status"] == "COMPLETED" and r["metric"] is not None]
@@ -152,9 +152,9 @@ def _plot_search(rows, budget, path, metric):
 
 def _search(args) -> int:
     from keras_qx.demo import parse_budget
-    from keras_qx.evaluate import evaluate_tflite
-    from keras_qx.export import export_tflite, write_atomic
-    from keras_qx.search import BitWidthTuner, format_results
+    from keras_qx.lite.evaluate import evaluate_tflite
+    from keras_qx.lite.export import export_tflite, write_atomic
+    from keras_qx.engine.search import BitWidthTuner, format_results
 
     parse_budget(args.budget)
     model, ((x, y), (xt, yt)) = _model_and_data(args)

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import compile_classifier, tiny_model
 from keras_qx._compat import keras, keras_tuner
-from keras_qx.allocate import InfeasibleBudget
-from keras_qx.export import export_tflite
-from keras_qx.policy import Policy
-from keras_qx.search import BitWidthTuner, SearchSpace
+from keras_qx.engine.allocate import InfeasibleBudget
+from keras_qx.lite.export import export_tflite
+from keras_qx.quant.policy import Policy
+from keras_qx.engine.search import BitWidthTuner, SearchSpace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +192,7 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import compile_classifier, tiny_model
     from keras_qx._compat import keras
-    from keras_qx.search import BitWidthTuner
+    from keras_qx.engine.search import BitWidthTuner
 
     class Log(keras.callbacks.Callback):
         def __init__(self, path, tag):
@@ -341,7 +341,7 @@ def test_hypermodel_searches_model_hyperparameters_and_bits(tmp_path):
 
 
 def test_size_penalty_is_autoqkeras_forgiving_factor():
-    from keras_qx.search import SizePenalty
+    from keras_qx.engine.search import SizePenalty
 
     penalty = SizePenalty.coerce(8)
     assert penalty.score(0.9, 500, 1000) == pytest.approx(0.9 * 1.08)  # half the bytes: +8%

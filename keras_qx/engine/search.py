@@ -8,7 +8,7 @@ and its distributed chief/worker mode. keras-tuner's default ``run_trial`` only 
 Keras 3 models, so the tuner here builds, trains and scores the tf_keras QAT model itself.
 
 * **Hard budget.** With ``budget_bytes``, an assignment whose kernel bytes (the shared cost
-  model, :func:`keras_qx.cost.kernel_bytes`) exceed the budget is never trained and does not
+  model, :func:`keras_qx.quant.cost.kernel_bytes`) exceed the budget is never trained and does not
   use up ``max_trials``: the oracle's proposal is checked before the trial is created; an
   over-budget proposal is redrawn (a random oracle, up to 8 times), then repaired (random
   groups moved one candidate cheaper until it fits; a repaired point that was already tried
@@ -47,14 +47,13 @@ from typing import Any, Callable, Sequence
 
 from keras_qx._compat import check_model, keras
 from keras_qx._compat import keras_tuner as _keras_tuner
-from keras_qx.allocate import InfeasibleBudget, auto_policy, budget_from, find_ties
-from keras_qx.cost import kernel_bytes
-from keras_qx.demo import parse_budget
-from keras_qx.export import write_atomic
-from keras_qx.policy import Policy
-from keras_qx.quantize import quantize
-from keras_qx.quantizers import WEIGHT_BITS
-from keras_qx.sensitivity import infer_loss, quantizable_layers
+from keras_qx._io import write_atomic
+from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from, find_ties
+from keras_qx.quant.cost import kernel_bytes
+from keras_qx.quant.policy import Policy
+from keras_qx.qat.quantize import quantize
+from keras_qx.quant.quantizers import WEIGHT_BITS
+from keras_qx.engine.sensitivity import infer_loss, quantizable_layers
 
 __all__ = ["BitWidthTuner", "SearchSpace", "TrainOptions", "SizePenalty", "FLOAT", "format_results"]
 
@@ -595,7 +594,7 @@ class BitWidthTuner:
         if budget is None:
             return None
         if isinstance(budget, str):
-            return parse_budget(budget, reference)
+            return budget_from(quantizable_layers(reference), budget_bytes=budget)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"budget_bytes must be kernel bytes (int) or a fraction of int8 like '0.6x', got {budget!r}.")
         if 0 < budget < 1:
