@@ -39,426 +39,26 @@ import json
 import math
 import os
 import random
-import re
 import time
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 from keras_qx._compat import check_model, keras
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import write_atomic
-from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from, find_ties
+from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from
+from keras_qx.engine.sensitivity import infer_loss, quantizable_layers
+from keras_qx.qat.quantize import quantize
 from keras_qx.quant.cost import kernel_bytes
 from keras_qx.quant.policy import Policy
-from keras_qx.qat.quantize import quantize
-from keras_qx.quant.quantizers import WEIGHT_BITS
-from keras_qx.engine.sensitivity import infer_loss, quantizable_layers
+from keras_qx.engine.oracles import POOL_LIMIT, REDRAWS, BudgetGuard, bits_bayesian_class, budgeted, fresh_stats
+from keras_qx.engine.search_space import (FLOAT, HP_PREFIX, SearchSpace, SizePenalty, TrainOptions, assignment_cost,
+                                          assignment_policy, digest, is_worker, make_objective)
 
 __all__ = ["BitWidthTuner", "SearchSpace", "TrainOptions", "SizePenalty", "FLOAT", "format_results"]
 
-FLOAT = 32  # the choice value meaning "keep this layer float"
-HP_PREFIX = "bits/"
 ORACLES = ("bayesian", "random", "hyperband")
 WEIGHTS_FILE = "qat_weights.h5"  # legacy h5 (the ".weights.h5" suffix switches format)
 POLICY_FILE = "policy.json"
-_REDRAWS = 8  # oracle redraws of an over-budget proposal before it is repaired
-
-
-# ---- options ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SearchSpace:
-    """What the search chooses from.
-
-    Args:
-        candidates: weight bit widths (2..8) every searched layer may take.
-        groups: entries ``{"type": "Dense"}``, ``{"match": regex}`` or a list of layer names;
-            the layers of one entry share one choice. Tied layers (``find_ties``: depthwise
-            + pointwise pairs) always share one.
-        allow_float: layer names or regexes (full match) that may also stay float
-            (choice ``FLOAT`` = 32, costing 4 bytes a value).
-    """
-
-    candidates: tuple = (4, 8)
-    groups: tuple = ()
-    allow_float: tuple = ()
-
-    def __post_init__(self):
-        cands = self.candidates
-        if isinstance(cands, (str, bytes)) or not isinstance(cands, Sequence) or not cands:
-            raise ValueError(f"candidates must be a non-empty sequence of bit widths like (4, 8), got {cands!r}.")
-        bad = [c for c in cands if isinstance(c, bool) or not isinstance(c, int) or c not in WEIGHT_BITS]
-        if bad:
-            raise ValueError(f"candidates {bad} are not weight bit widths: use integers in "
-                             f"{WEIGHT_BITS.start}..{WEIGHT_BITS.stop - 1}, e.g. candidates=(4, 8).")
-        if len(set(cands)) != len(cands):
-            raise ValueError(f"candidates {tuple(cands)} repeat a bit width.")
-        object.__setattr__(self, "candidates", tuple(sorted(cands)))
-        groups = self.groups
-        if groups is None:
-            groups = ()
-        if isinstance(groups, (str, dict)) or not isinstance(groups, Sequence):
-            raise ValueError("groups must be a list of {'type': ...}, {'match': ...} or lists of layer names, "
-                             f"got {groups!r}.")
-        for i, spec in enumerate(groups):
-            if isinstance(spec, dict):
-                keys = set(spec)
-                if len(keys) != 1 or not keys <= {"type", "match"} or not isinstance(next(iter(spec.values())), str):
-                    raise ValueError(f"groups[{i}] {spec!r}: give exactly one of {{'type': 'Dense'}} or "
-                                     "{'match': 'regex'}.")
-                if "match" in spec:
-                    _compile(spec["match"], f"groups[{i}]")
-            elif isinstance(spec, (list, tuple)) and spec and all(isinstance(n, str) for n in spec):
-                pass
-            else:
-                raise ValueError(f"groups[{i}] {spec!r}: give {{'type': ...}}, {{'match': ...}} or a list of names.")
-        object.__setattr__(self, "groups", tuple(tuple(s) if isinstance(s, list) else s for s in groups))
-        allow = self.allow_float or ()
-        if isinstance(allow, str):
-            allow = (allow,)
-        if not all(isinstance(a, str) for a in allow):
-            raise ValueError(f"allow_float must be layer names or regexes, got {self.allow_float!r}.")
-        for a in allow:
-            _compile(a, "allow_float")
-        object.__setattr__(self, "allow_float", tuple(allow))
-
-    def units(self, model) -> list["_Unit"]:
-        """One searched choice per group of layers of ``model``, in layer order."""
-        layers = quantizable_layers(model)
-        names = [l.name for l in layers]
-        by_name = dict(zip(names, layers))
-        parent = {n: n for n in names}
-
-        def root(n):
-            while parent[n] != n:
-                n = parent[n]
-            return n
-
-        def union(members):
-            members = [m for m in members if m in parent]
-            for m in members[1:]:
-                parent[root(m)] = root(members[0])
-
-        labels = {}
-        for i, spec in enumerate(self.groups):
-            members = _group_members(spec, layers)
-            if not members:
-                raise ValueError(f"groups[{i}] {spec!r} matches no quantizable layer; they are {names}.")
-            union(members)
-            labels.setdefault(root(members[0]), _group_label(spec))
-        for tie in find_ties(model):
-            union(tie)
-        for a in self.allow_float:
-            if not any(_matches(a, n) for n in names):
-                raise ValueError(f"allow_float entry {a!r} matches no quantizable layer; they are {names}.")
-        components = {}
-        for n in names:
-            components.setdefault(root(n), []).append(n)
-        units = []
-        for key, members in components.items():
-            label = labels.get(key) or "+".join(members)
-            choices = list(self.candidates)
-            if self.allow_float and all(any(_matches(a, m) for a in self.allow_float) for m in members):
-                choices.append(FLOAT)
-            costs = {c: sum(kernel_bytes(by_name[m], None if c == FLOAT else c) for m in members) for c in choices}
-            # a width is dropped where more bits cost no more (2/3-bit kernels are stored as INT4)
-            kept = [c for c in choices if not any(c2 > c and costs[c2] <= costs[c] for c2 in choices)]
-            units.append(_Unit(HP_PREFIX + label, tuple(members), tuple(kept), {c: costs[c] for c in kept}))
-        return units
-
-
-@dataclass(frozen=True)
-class SizePenalty:
-    """AutoQKeras's forgiving factor (see the module docstring for the formula)."""
-
-    delta_p: float = 8.0
-    delta_n: float = 8.0
-    rate: float = 2.0
-    reference_bytes: int | None = None  # None: the uniform-int8 kernel bytes
-
-    def __post_init__(self):
-        for name in ("delta_p", "delta_n"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"size_penalty {name} must be a percentage >= 0, got {value!r}.")
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or self.rate <= 1:
-            raise ValueError(f"size_penalty rate must be a number > 1, got {self.rate!r}.")
-
-    @classmethod
-    def coerce(cls, value) -> "SizePenalty | None":
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return cls(delta_p=float(value), delta_n=float(value))
-        if isinstance(value, dict):
-            unknown = set(value) - {"delta_p", "delta_n", "rate", "reference_bytes"}
-            if unknown:
-                raise ValueError(f"size_penalty has unknown key(s) {sorted(unknown)}; use delta_p, delta_n, rate.")
-            return cls(**value)
-        raise TypeError(f"size_penalty must be None, a percentage, a dict or a SizePenalty, got {value!r}.")
-
-    def score(self, metric: float, size: float, reference: float) -> float:
-        d = (self.delta_p if size < reference else self.delta_n) / 100.0
-        return float(metric) * (1.0 + d * math.log(reference / max(size, 1)) / math.log(self.rate))
-
-
-@dataclass
-class TrainOptions:
-    """How each trial trains: optimizer (a learning rate for Adam, or a factory returning
-    a tf_keras optimizer), loss (None: ``infer_loss``), metrics (None: the objective's)."""
-
-    qat_lr: float | Callable = 1e-4
-    loss: Any = None
-    metrics: Any = None
-    warm_start: bool = True
-    seed: int | None = None
-
-    def optimizer(self):
-        if callable(self.qat_lr):
-            opt = self.qat_lr()
-            if not isinstance(opt, keras.optimizers.Optimizer):
-                raise TypeError(f"qat_lr factory returned {type(opt).__name__}; it must return a tf_keras "
-                                "optimizer, e.g. lambda: tf_keras.optimizers.Adam(1e-4).")
-            return opt
-        return keras.optimizers.Adam(self.qat_lr)
-
-
-@dataclass(frozen=True)
-class _Unit:
-    hp: str  # hyperparameter name
-    layers: tuple
-    choices: tuple
-    costs: dict = field(compare=False)
-
-
-# ---- small helpers ------------------------------------------------------------------------
-def _compile(pattern, what):
-    try:
-        return re.compile(pattern)
-    except (re.error, TypeError) as err:
-        raise ValueError(f"{what}: {pattern!r} is not a valid regex ({err}).") from None
-
-
-def _matches(pattern: str, name: str) -> bool:
-    return pattern == name or re.fullmatch(pattern, name) is not None
-
-
-def _group_members(spec, layers) -> list[str]:
-    if isinstance(spec, dict) and "type" in spec:
-        return [l.name for l in layers if spec["type"] in [c.__name__ for c in type(l).__mro__]]
-    if isinstance(spec, dict):
-        return [l.name for l in layers if re.fullmatch(spec["match"], l.name)]
-    names = [l.name for l in layers]
-    unknown = [n for n in spec if n not in names]
-    if unknown:
-        raise ValueError(f"groups entry {list(spec)} names {unknown}, not quantizable layers; they are {names}.")
-    return list(spec)
-
-
-def _group_label(spec) -> str:
-    if isinstance(spec, dict):
-        key, value = next(iter(spec.items()))
-        return f"{key}={value}"
-    return "+".join(spec)
-
-
-def _digest(units, values) -> str:
-    return ",".join("f" if values.get(u.hp) == FLOAT else str(values.get(u.hp, "?")) for u in units)
-
-
-def _policy(units, values, meta=None) -> Policy:
-    layers = {}
-    for u in units:
-        bits = values.get(u.hp, max(c for c in u.choices if c != FLOAT))
-        for name in u.layers:
-            layers[name] = {"quantize": False} if bits == FLOAT else {"weight_bits": int(bits)}
-    return Policy(default={"weight_bits": 8, "activation_bits": 8}, layers=layers, meta=meta or {})
-
-
-def _cost(units, values) -> int:
-    return int(sum(u.costs[values.get(u.hp, max(u.costs))] for u in units))
-
-
-def _is_worker() -> bool:
-    return bool(os.environ.get("KERASTUNER_ORACLE_IP")) and "chief" not in os.environ.get("KERASTUNER_TUNER_ID", "")
-
-
-def _objective(objective, kt):
-    if isinstance(objective, kt.Objective):
-        return objective
-    if not isinstance(objective, str) or not objective:
-        raise TypeError(f"objective must be a metric name like 'val_accuracy' or a keras_tuner.Objective, "
-                        f"got {objective!r}.")
-    base = objective[4:] if objective.startswith("val_") else objective
-    if "loss" in base or base.endswith("error") or base in ("mse", "mae"):
-        return kt.Objective(objective, "min")
-    if any(k in base for k in ("acc", "auc", "precision", "recall", "f1", "iou")):
-        return kt.Objective(objective, "max")
-    raise ValueError(f"objective {objective!r}: cannot tell whether to maximise or minimise it; pass "
-                     f"keras_tuner.Objective({objective!r}, direction='max' or 'min').")
-
-
-# ---- the budget guard on the oracle -------------------------------------------------------
-class _BudgetGuard:
-    """Checks, redraws and repairs the oracle's proposals; injects the warm start."""
-
-    def __init__(self, cost_fn, budget, seed, redraws=_REDRAWS):
-        self.cost_fn = cost_fn  # values -> (kernel bytes, units) or (None, None) if unbuildable
-        self.budget = budget
-        self.redraws = redraws
-        self.rng = random.Random(seed)
-        self.warm = None  # {hp: value}
-
-    def fits(self, values) -> bool:
-        total, _ = self.cost_fn(values)
-        return total is not None and (self.budget is None or total <= self.budget)
-
-    def lower(self, values):
-        """Move random groups one choice cheaper until ``values`` fit; None if they cannot."""
-        values = dict(values)
-        for _ in range(10_000):
-            total, units = self.cost_fn(values)
-            if total is None:
-                return None
-            if self.budget is None or total <= self.budget:
-                return values
-            movable = []
-            for u in units:
-                now = u.costs[values.get(u.hp, max(u.costs))]
-                cheaper = [c for c in u.choices if u.costs[c] < now]
-                if cheaper:
-                    movable.append((u.hp, max(cheaper, key=lambda c: u.costs[c])))
-            if not movable:
-                return None
-            hp, choice = self.rng.choice(movable)
-            values[hp] = choice
-        return None
-
-    def filter(self, oracle, trial_id, response, redraw):
-        stats = oracle._qx_stats
-        if response.get("status") != "RUNNING" or not response.get("values"):
-            return response
-        values = dict(response["values"])
-        fresh = "tuner/trial_id" not in values  # Hyperband's later rounds reuse trained values
-        if fresh and self.warm and stats.get("warm_trial_id") is None:
-            candidate = {**values, **self.warm}
-            if self.fits(candidate):
-                stats["warm_trial_id"] = trial_id
-                return {**response, "values": candidate}
-        # Redraw only where a draw is cheap and differs: a random oracle. A model-based oracle
-        # (Bayesian: a GP fit + 50 optimizer restarts a call) would propose the same point
-        # again at full cost, and Hyperband has already booked the trial in a bracket.
-        plain = not any(k.startswith("tuner/") for k in values)  # not booked by Hyperband
-        can_redraw = self.redraws > 0 and plain
-        for attempt in range(self.redraws + 1):
-            if self.fits(values):
-                if not (plain and oracle._duplicate(values)):
-                    return {**response, "values": values}
-                # a model-based oracle may propose a point already trained: replace it
-                stats["duplicates"] = stats.get("duplicates", 0) + 1
-                break
-            stats["rejected"] += 1
-            if not can_redraw or attempt == self.redraws:
-                break
-            response = redraw()
-            if response.get("status") != "RUNNING" or not response.get("values"):
-                return response
-            values = dict(response["values"])
-        repaired = self.lower(values)
-        for _ in range(50):
-            if repaired is not None and (not fresh or not oracle._duplicate(repaired)):
-                stats["repaired"] += repaired != values
-                return {**response, "values": repaired}
-            sample = oracle._random_values() if fresh else None  # the bits only; Hyperband's keys stay
-            if sample is None:
-                break
-            repaired = self.lower({**values, **sample})
-        return {"status": "STOPPED", "values": None}  # nothing untried fits the budget
-
-
-class _BudgetedOracle:
-    """Mixed in front of the user's oracle class: checks every proposal against the budget."""
-
-    _qx_guard = None
-
-    def populate_space(self, trial_id):
-        with warnings.catch_warnings():  # the Bayesian oracle's GP fit warns on flat scores
-            warnings.filterwarnings("ignore", message=".*close to the specified (upper|lower) bound")
-            response = super().populate_space(trial_id)
-            if self._qx_guard is None:
-                return response
-            return self._qx_guard.filter(self, trial_id, response,
-                                         lambda: super(_BudgetedOracle, self).populate_space(trial_id))
-
-    def get_state(self):
-        return {**super().get_state(), "keras_qx": dict(self._qx_stats)}
-
-    def set_state(self, state):
-        super().set_state(state)
-        self._qx_stats = {**_fresh_stats(), **(state.get("keras_qx") or {})}
-
-
-def _fresh_stats():
-    return {"rejected": 0, "repaired": 0, "duplicates": 0, "warm_trial_id": None}
-
-
-_BUDGETED_CLASSES = {}
-
-
-def _budgeted(oracle, guard):
-    cls = type(oracle)
-    if not isinstance(oracle, _BudgetedOracle):
-        if cls not in _BUDGETED_CLASSES:
-            _BUDGETED_CLASSES[cls] = type(f"Budgeted{cls.__name__}", (_BudgetedOracle, cls), {})
-        oracle.__class__ = _BUDGETED_CLASSES[cls]
-    oracle._qx_guard = guard
-    if not hasattr(oracle, "_qx_stats"):
-        oracle._qx_stats = _fresh_stats()
-    return oracle
-
-
-# ---- a Bayesian oracle for bit assignments --------------------------------------------------
-_POOL_LIMIT = 20_000  # assignments enumerated; beyond, a random within-budget sample
-_BAYES_CLASS = None
-
-
-def _bits_bayesian_class():
-    """keras-tuner's Gaussian process + UCB, with the acquisition maximised over the
-    within-budget, untried assignments instead of 50 L-BFGS restarts on the continuous
-    relaxation: the bits space is small and discrete, so this is exact, far cheaper (seconds
-    a trial saved), and never proposes an over-budget point."""
-    global _BAYES_CLASS
-    if _BAYES_CLASS is None:
-        import numpy as np
-
-        base = _keras_tuner().oracles.BayesianOptimizationOracle
-
-        class BitsBayesianOracle(base):
-            _qx_pool = None  # () -> list of within-budget assignments (set by BitWidthTuner)
-
-            def _make_gpr(self):
-                gpr = super()._make_gpr()
-                gpr.n_restarts_optimizer = 3  # kernel fits on tens of points: 20 restarts cost 7x more
-                return gpr
-
-            def populate_space(self, trial_id):
-                completed = [t for t in self.trials.values() if t.status == "COMPLETED"]
-                first = self.num_initial_points or max(3 * len(self.hyperparameters.space), 3)
-                if self._qx_pool is None or len(completed) < first:
-                    return super().populate_space(trial_id)
-                pool = [v for v in self._qx_pool() if not self._duplicate(v)]
-                if not pool:
-                    return {"status": "STOPPED", "values": None}
-                x, y = self._vectorize_trials()
-                self.gpr.fit(np.nan_to_num(x, posinf=0, neginf=0), np.nan_to_num(y, posinf=0, neginf=0))
-                space = self._nonfixed_space()
-                grid = np.array([[hp.value_to_prob(v.get(hp.name, hp.default)) for hp in space] for v in pool])
-                mu, sigma = self.gpr.predict(grid, return_std=True)
-                best = int(np.argmin(np.asarray(mu).ravel() - self.beta * np.asarray(sigma).ravel()))
-                return {"status": "RUNNING", "values": dict(pool[best])}
-
-        _BAYES_CLASS = BitsBayesianOracle
-    return _BAYES_CLASS
 
 
 # ---- the keras-tuner Tuner, made on first use (keras_tuner imports Keras 3) ---------------
@@ -544,7 +144,7 @@ class BitWidthTuner:
         self.space = SearchSpace(tuple(candidates) if isinstance(candidates, list) else candidates,
                                  tuple(groups or ()), allow_float)
         self.training = TrainOptions(qat_lr, loss, metrics, bool(warm_start), seed)
-        self.metric = _objective(objective, kt)  # what trials measure
+        self.metric = make_objective(objective, kt)  # what trials measure
         self.penalty = SizePenalty.coerce(size_penalty)
         if self.penalty is not None and self.metric.direction != "max":
             raise ValueError(f"size_penalty scales a metric to maximise; objective {self.metric.name!r} is "
@@ -618,7 +218,7 @@ class BitWidthTuner:
     def _units_for(self, values):
         """(kernel bytes, units) of the assignment ``values``."""
         if self.units is not None:
-            return _cost(self.units, values), self.units
+            return assignment_cost(self.units, values), self.units
         key = json.dumps({k: v for k, v in sorted(values.items()) if not k.startswith(("tuner/", HP_PREFIX))})
         if key not in self._units_cache:
             kt = _keras_tuner()
@@ -630,7 +230,7 @@ class BitWidthTuner:
                 units = None
             self._units_cache[key] = units
         units = self._units_cache[key]
-        return (None, None) if units is None else (_cost(units, values), units)
+        return (None, None) if units is None else (assignment_cost(units, values), units)
 
     def _make_oracle(self, epochs):
         kt = _keras_tuner()
@@ -640,7 +240,7 @@ class BitWidthTuner:
         if spec == "random":
             return kt.oracles.RandomSearchOracle(self.objective, max_trials=self.max_trials, seed=self.seed)
         if spec == "bayesian":
-            cls = _bits_bayesian_class() if self.units is not None else kt.oracles.BayesianOptimizationOracle
+            cls = bits_bayesian_class() if self.units is not None else kt.oracles.BayesianOptimizationOracle
             oracle = cls(self.objective, max_trials=self.max_trials, seed=self.seed,
                          num_initial_points=max(2, self.max_trials // 3))
             if self.units is not None:
@@ -655,14 +255,14 @@ class BitWidthTuner:
             import itertools
 
             units = self.units
-            fits = (lambda v: self.budget_bytes is None or _cost(units, v) <= self.budget_bytes)
-            if math.prod(len(u.choices) for u in units) <= _POOL_LIMIT:
+            fits = (lambda v: self.budget_bytes is None or assignment_cost(units, v) <= self.budget_bytes)
+            if math.prod(len(u.choices) for u in units) <= POOL_LIMIT:
                 pool = [dict(zip((u.hp for u in units), combo)) for combo in itertools.product(*(u.choices for u in units))]
                 pool = [v for v in pool if fits(v)]
             else:
                 rng, seen, pool = random.Random(self.seed), set(), []
-                guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed)
-                for _ in range(4 * _POOL_LIMIT // 10):
+                guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed)
+                for _ in range(4 * POOL_LIMIT // 10):
                     v = guard.lower({u.hp: rng.choice(u.choices) for u in units}) if self.budget_bytes else \
                         {u.hp: rng.choice(u.choices) for u in units}
                     key = tuple(sorted(v.items())) if v else None
@@ -682,9 +282,9 @@ class BitWidthTuner:
             return self._tuner
         kt = _keras_tuner()
         oracle = self._make_oracle(epochs)
-        redraws = _REDRAWS if isinstance(oracle, kt.oracles.RandomSearchOracle) else 0
-        guard = _BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws)
-        _budgeted(oracle, guard)
+        redraws = REDRAWS if isinstance(oracle, kt.oracles.RandomSearchOracle) else 0
+        guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws)
+        budgeted(oracle, guard)
         self._guard = guard
         if self.units is not None:  # declare the space up front (hypermodel mode builds it)
             hp = kt.HyperParameters()
@@ -695,7 +295,7 @@ class BitWidthTuner:
         self._tuner = _tuner_class()(
             self, oracle=oracle, hypermodel=self._build if self.hypermodel is not None else None,
             directory=self.directory, project_name=self.project_name,
-            overwrite=self.overwrite and not _is_worker())  # a worker never wipes the shared project
+            overwrite=self.overwrite and not is_worker())  # a worker never wipes the shared project
         return self._tuner
 
     # ---- search -------------------------------------------------------------------------
@@ -731,7 +331,7 @@ class BitWidthTuner:
                          epochs=epochs, batch_size=batch_size, callbacks=callbacks, float_epochs=float_epochs,
                          loss=loss, fit_kwargs=fit_kwargs)
         tuner = self._ensure_tuner(epochs)
-        if not _is_worker():
+        if not is_worker():
             done = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
             if done:
                 self._say(f"resuming {tuner.project_dir}: {len(done)} trial(s) done, not rerun")
@@ -739,7 +339,7 @@ class BitWidthTuner:
                 self._guard.warm = self._warm_values(x, y)
         self._elapsed0 = time.perf_counter()
         tuner.search()
-        if not _is_worker():
+        if not is_worker():
             stats = self.stats
             best = self._best_trial(required=False)
             self._say(f"search done: {len(self.results())} trial(s); {stats['rejected']} over-budget proposal(s) "
@@ -773,8 +373,8 @@ class BitWidthTuner:
                     return None
                 bits = max(fitting)
             values[u.hp] = bits
-        self._say(f"warm start (auto_policy, {time.perf_counter() - start:.1f}s): bits {_digest(self.units, values)}, "
-                  f"{_cost(self.units, values):,} of {self.budget_bytes:,} kernel bytes")
+        self._say(f"warm start (auto_policy, {time.perf_counter() - start:.1f}s): bits {digest(self.units, values)}, "
+                  f"{assignment_cost(self.units, values):,} of {self.budget_bytes:,} kernel bytes")
         return values
 
     def _run_trial(self, tuner, trial, *_, **__):
@@ -794,11 +394,11 @@ class BitWidthTuner:
         else:
             keras.backend.clear_session()
             float_model, units = self.model, self.units
-        size = _cost(units, values)
+        size = assignment_cost(units, values)
         if self.budget_bytes is not None and size > self.budget_bytes:  # never train over budget
             raise kt.errors.FailedTrialError(f"assignment takes {size:,} kernel bytes, over the budget "
                                              f"{self.budget_bytes:,}; not trained.")
-        policy = _policy(units, values)
+        policy = assignment_policy(units, values)
         qat_start = time.perf_counter()
         qat = quantize(float_model, policy)
         qat.compile(self.training.optimizer(), fit["loss"], metrics=self._metrics())
@@ -827,7 +427,7 @@ class BitWidthTuner:
                    "trial_seconds": time.perf_counter() - start}
         if self.penalty is not None:
             results["score"] = self.penalty.score(metric, size, self.reference_bytes)
-        self._last = {"trial_id": trial.trial_id, "digest": _digest(units, values), "bytes": size,
+        self._last = {"trial_id": trial.trial_id, "digest": digest(units, values), "bytes": size,
                       "metric": metric, "seconds": time.perf_counter() - start}
         return results
 
@@ -876,7 +476,7 @@ class BitWidthTuner:
         made (never trained), those repaired into a budget-fitting trial, and the warm start's
         trial (the chief's / local oracle only)."""
         oracle = self._ensure_tuner().oracle
-        return dict(getattr(oracle, "_qx_stats", None) or _fresh_stats())
+        return dict(getattr(oracle, "_qx_stats", None) or fresh_stats())
 
     def _trials(self):
         tuner = self._ensure_tuner()
@@ -914,7 +514,7 @@ class BitWidthTuner:
                 return Policy.from_json(f.read())
         values = trial.hyperparameters.values
         units = self.units if self.units is not None else self._units_for(values)[1]
-        return _policy(units, values)
+        return assignment_policy(units, values)
 
     def best_policy(self) -> Policy:
         """The best trial's bits as a :class:`Policy`; ``meta["search"]`` says trial id,
@@ -961,7 +561,7 @@ class BitWidthTuner:
         size = metrics.get_last_value("kernel_bytes") if metrics.exists("kernel_bytes") else None
         seconds = {k: float(metrics.get_last_value(k)) for k in ("trial_seconds", "qat_seconds") if metrics.exists(k)}
         if size is None and self.units is not None:
-            size = _cost(self.units, values)
+            size = assignment_cost(self.units, values)
         return {"trial_id": trial.trial_id, "status": trial.status, "bits": bits,
                 "kernel_bytes": int(size) if size is not None else None, "metric": metric,
                 "score": trial.score, "warm_start": trial.trial_id == warm_id,
