@@ -36,6 +36,7 @@ from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx._io import write_atomic
 from keras_qx.lite.export import export_tflite
 from keras_qx.qat.quantize import quantize
+from keras_qx.quant.policy import Policy
 from keras_qx.engine.search import BitWidthTuner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,13 +87,18 @@ def run_seed(seed, oracle, args, say):
             file_bytes.append(tfl.report.info.kernel_bytes)
         stats = tuner.stats
 
+    # The same QAT runs outside the tuner, one per trained trial with that trial's bits, so the
+    # comparison is paired (same policies, same count) and averages over as many runs.
     plain = []
-    for _ in range(args.plain_runs):
-        t0 = time.perf_counter()
+    for r in trained[: args.plain_runs or len(trained)]:
+        layers = {n: {"quantize": False} if b == "float" else {"weight_bits": b}
+                  for unit, b in r["bits"].items() for n in unit.split("+")}  # "a+b": tied layers
+        policy = Policy(default={"weight_bits": 8, "activation_bits": 8}, layers=layers)
         keras.backend.clear_session()
-        _qat(model, auto, xs, ys, val, args.qat_epochs)
+        t0 = time.perf_counter()
+        _qat(model, policy, xs, ys, val, args.qat_epochs)
         plain.append(time.perf_counter() - t0)
-    plain_s = float(np.median(plain))
+    plain_s = float(np.mean(plain))
     return {
         "seed": seed, "budget": budget, "auto_acc": auto_acc,
         "auto_bytes": auto.meta["auto_policy"]["predicted_kernel_bytes"], "search_acc": best_acc,
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--budget", default="0.6x")
     parser.add_argument("--oracle", default="bayesian,random", help="comma-separated; one table each")
-    parser.add_argument("--plain-runs", type=int, default=3)
+    parser.add_argument("--plain-runs", type=int, default=0, help="plain runs to time (0: one per trained trial)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
 
@@ -133,8 +139,8 @@ def main(argv=None) -> int:
     text = ("# BitWidthTuner vs auto_policy (digits CNN, budget " + args.budget + " of int8 kernel bytes)\n\n"
             + f"{args.trials} trials (first = auto_policy), {args.qat_epochs} QAT epochs per "
             "trial and for auto_policy, TFLite accuracy on the test split (449 images). `overhead` = search "
-            "seconds per trial / a plain quantize+compile+fit of the same epochs (median of "
-            f"{args.plain_runs}, run after the search); `overhead (same moment)` = search seconds per trial / the "
+            "seconds per trial / the mean of plain quantize+compile+fit runs of the same epochs, one per "
+            "trained trial with that trial's bits, run after the search (paired); `overhead (same moment)` = search seconds per trial / the "
             "quantize+compile+fit seconds measured inside the same trials (robust to other load on the machine). "
             "`all fit`: every trained trial exported, kernel bytes in the file <= budget.\n\n"
             + "\n\n".join(sections) + "\n\n" + env + "\n")
