@@ -24,4 +24,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         exec(compile(block, f"README block {i + 1}", "exec"), namespace)
     assert (tmp_path / "model.tflite").stat().st_size > 0
     assert namespace["tfl"].report.info.fully_integer
-    assert namespace["policy"].meta["auto_policy"]["predicted_kernel_bytes"] <= 50_000
+    assert namespace["report"].method == "loss"
+    search = namespace["tuner"]
+    assert namespace["policy"].meta["search"]["predicted_kernel_bytes"] <= search.budget_bytes
+    assert [r for r in search.results() if r["warm_start"]], "the first trial is auto_policy's"
