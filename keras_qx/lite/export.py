@@ -15,7 +15,7 @@ from keras_qx._compat import check_model
 from keras_qx._io import check_samples, check_writable, write_atomic
 from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
-from keras_qx.lite.verify import check_agreement, verify as verify_tflite
+from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
 
 __all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError"]
 
@@ -25,18 +25,23 @@ class ExportReport:
     """What ``export_tflite`` found after converting."""
 
     info: TFLiteInfo
-    agreement: float | None  # top-1 agreement with the Keras model on the verification samples
+    agreement: float | None  # top-1 agreement where the Keras model is decisive (see lite.verify)
     max_error_steps: float | None  # worst output difference, in output quantization steps
     mean_error_steps: float | None
     samples: int
     convert_seconds: float
+    verification: Verification | None = None  # p99 error, decisive share, disagreeing/worst samples
 
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
                f"{'fully integer' if self.info.fully_integer else 'float ops: ' + ', '.join(self.info.float_ops)}"]
         if self.agreement is not None:
-            out.append(f"verified on {self.samples} samples: top-1 agreement {self.agreement:.1%}, "
-                       f"output error mean {self.mean_error_steps:.2f} / max {self.max_error_steps:.1f} steps")
+            v = self.verification
+            agreed = (f"top-1 agreement {self.agreement:.1%} on the {v.decisive:.0%} decisive positions, "
+                      if v is not None and v.classifier else "")
+            p99 = f" / p99 {v.p99_error_steps:.1f}" if v is not None else ""
+            out.append(f"verified on {self.samples} samples: {agreed}output error mean "
+                       f"{self.mean_error_steps:.2f}{p99} / max {self.max_error_steps:.1f} steps")
         return out
 
 
@@ -85,6 +90,7 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
         result = verify_tflite(qat_model, data, samples[:verify_samples])
         report.agreement, report.samples = result.agreement, result.samples
         report.max_error_steps, report.mean_error_steps = result.max_error_steps, result.mean_error_steps
+        report.verification = result
         check_agreement(result, min_agreement)
     if path is not None:
         write_atomic(path, data)
