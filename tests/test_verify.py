@@ -45,3 +45,12 @@ def test_a_regression_output_reports_errors_without_agreement():
     assert not result.classifier
     assert result.mean_error_steps == pytest.approx(2.0) and result.p99_error_steps == pytest.approx(2.0)
     check_agreement(result, 1.0)  # nothing to agree on; the errors are in the report
+
+
+def test_a_file_wrong_everywhere_cannot_excuse_itself():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(64, 10)).astype("float32")
+    result = judge(-ref, ref, step=0.01)  # every output inverted: huge typical error
+    assert result.decisive > 0.5 and result.agreement < 0.2
+    with pytest.raises(qx.ExportError, match="disagrees"):
+        check_agreement(result, 0.9)

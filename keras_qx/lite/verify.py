@@ -16,7 +16,9 @@ import numpy as np
 from keras_qx.lite.convert import ExportError
 from keras_qx._runtime import RuntimeCrash, run
 
-__all__ = ["Verification", "verify", "judge", "check_agreement"]
+__all__ = ["Verification", "verify", "judge", "check_agreement", "MAX_TYPICAL_STEPS"]
+
+MAX_TYPICAL_STEPS = 8.0  # a typical error above this is a broken file, not rounding
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,11 @@ class Verification:
 
     Top-1 agreement is taken along the last axis (per position: a segmentation map is judged
     per pixel) and only where the Keras model's margin between its top two classes exceeds
-    ``2 * max(1, typical error)`` steps, the typical error being the median over samples of each
-    sample's largest error: two outputs moving apart by that much each can flip a smaller margin,
-    so there the argmax says nothing about the file. The median keeps a few broken samples from
-    raising the bar that would expose them.
+    ``2 * clip(typical error, 1, 8)`` steps, the typical error being the median over samples of
+    each sample's largest error: two outputs moving apart by that much each can flip a smaller
+    margin, so there the argmax says nothing about the file. The median keeps a few broken
+    samples from raising the bar that would expose them; the cap of 8 steps keeps a file that is
+    wrong everywhere from excusing itself.
     """
 
     agreement: float  # top-1 agreement on the decisive positions (1.0 if none is decisive)
@@ -71,7 +74,7 @@ def judge(ours: np.ndarray, ref: np.ndarray, step: float) -> Verification:
     classifier = ours.ndim > 1 and ours.shape[-1] > 1
     if not classifier:
         return Verification(1.0, float(err.max()), float(err.mean()), len(x), False, p99, worst=worst)
-    bar = 2 * max(1.0, float(np.median(per_sample)))
+    bar = 2 * float(np.clip(np.median(per_sample), 1.0, MAX_TYPICAL_STEPS))
     decisive = _margins(ref) / step > bar
     agree = ours.argmax(-1) == ref.argmax(-1)
     wrong = decisive & ~agree
