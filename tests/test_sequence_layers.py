@@ -93,7 +93,9 @@ def test_einsum_dense_4_bit_packs_and_matches_numpy_reference(rng):
     interp = TFLiteRunner(bytes(tfl)).interpreter
     stored = [d for d in interp.get_tensor_details() if d["name"] == tfl.report.info.int4_tensors[0][0]][0]
     values = interp.get_tensor(stored["index"]).astype(np.float32) * stored["quantization_parameters"]["scales"][0]
-    np.testing.assert_allclose(np.sort(values.ravel()), np.sort(fake.ravel()), atol=1e-3 * step + 1e-6)
+    # FULLY_CONNECTED stores (outputs, inputs): the kernel's (c, d, e) as (d*e, c), value for value
+    assert values.shape == (8, 12), values.shape
+    np.testing.assert_allclose(values, fake.reshape(12, 8).T, atol=1e-3 * step + 1e-6)
     assert qkernel is not None
 
 
