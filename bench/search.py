@@ -91,9 +91,8 @@ def run_seed(seed, oracle, args, say):
     # comparison is paired (same policies, same count) and averages over as many runs.
     plain = []
     for r in trained[: args.plain_runs or len(trained)]:
-        layers = {n: {"quantize": False} if b == "float" else {"weight_bits": b}
-                  for unit, b in r["bits"].items() for n in unit.split("+")}  # "a+b": tied layers
-        policy = Policy(default={"weight_bits": 8, "activation_bits": 8}, layers=layers)
+        policy = Policy.from_bits({n: None if b == "float" else b
+                                   for unit, b in r["bits"].items() for n in unit.split("+")})  # "a+b": tied
         keras.backend.clear_session()
         t0 = time.perf_counter()
         _qat(model, policy, xs, ys, val, args.qat_epochs)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "debug_interpreter", "ops_details"]
+__all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "interpreter", "quantize_input", "debug_interpreter",
+           "ops_details"]
 
 TIMEOUT_S = 600
 
@@ -41,6 +42,28 @@ class RunResult:
     times: list  # seconds of each timed single-sample invocation
 
 
+def interpreter(model: bytes, num_threads: int = 1, xnnpack: bool = True, preserve_all_tensors: bool = False):
+    """An allocated LiteRT interpreter; ``xnnpack=False``: the built-in kernels only."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    result = Interpreter(model_content=bytes(model), num_threads=num_threads,
+                         experimental_preserve_all_tensors=preserve_all_tensors,
+                         experimental_op_resolver_type=resolver)
+    result.allocate_tensors()
+    return result
+
+
+def quantize_input(x, detail) -> np.ndarray:
+    """Float samples as the input tensor ``detail`` takes them (quantized to its int8 scale)."""
+    dtype = detail["dtype"]
+    scale, zero = detail["quantization"]
+    if dtype == np.float32 or not scale:  # float, or integer ids (not quantized values)
+        return x.astype(dtype)
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
 class Runner:
     """Run a single-input TFLite model (bytes) on float data, (de)quantizing int8 I/O as needed."""
 
@@ -48,7 +71,7 @@ class Runner:
         self.model = bytes(model)
         self.num_threads = num_threads
         self.delegate = "xnnpack"
-        self.interpreter = self._interpreter(with_xnnpack=True)
+        self.interpreter = interpreter(self.model, num_threads)
         inputs = self.interpreter.get_input_details()
         if len(inputs) != 1:
             raise ValueError(f"TFLiteRunner handles single-input models; this one has {len(inputs)} inputs.")
@@ -64,31 +87,14 @@ class Runner:
         """One quantization step of the output (0 for a float output)."""
         return float(self.output["quantization"][0]) if self.output["dtype"] != np.float32 else 0.0
 
-    def _quantize_input(self, x):
-        dtype = self.input["dtype"]
-        scale, zero = self.input["quantization"]
-        if dtype == np.float32 or not scale:  # float, or integer ids (not quantized values)
-            return x.astype(dtype)
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-
     def _dequantize_output(self, y):
         if self.output["dtype"] == np.float32:
             return y.astype(np.float32)
         scale, zero = self.output["quantization"]
         return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
 
-    def _interpreter(self, with_xnnpack: bool):
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-        resolver = OpResolverType.AUTO if with_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        interpreter = Interpreter(model_content=self.model, num_threads=self.num_threads,
-                                  experimental_op_resolver_type=resolver)
-        interpreter.allocate_tensors()
-        return interpreter
-
     def invoke_one(self, sample) -> np.ndarray:
-        self.interpreter.set_tensor(self.input["index"], self._quantize_input(sample[None]))
+        self.interpreter.set_tensor(self.input["index"], quantize_input(sample[None], self.input))
         try:
             self.interpreter.invoke()
         except RuntimeError as err:
@@ -97,8 +103,8 @@ class Runner:
             if self.delegate != "xnnpack" or "XNNPACK" not in str(err):
                 raise
             self.delegate = "builtin"
-            self.interpreter = self._interpreter(with_xnnpack=False)
-            self.interpreter.set_tensor(self.input["index"], self._quantize_input(sample[None]))
+            self.interpreter = interpreter(self.model, self.num_threads, xnnpack=False)
+            self.interpreter.set_tensor(self.input["index"], quantize_input(sample[None], self.input))
             self.interpreter.invoke()
         return self._dequantize_output(self.interpreter.get_tensor(self.output["index"]))[0]
 
@@ -111,12 +117,7 @@ class Runner:
 
 def debug_interpreter(model: bytes):
     """An in-process interpreter that keeps every intermediate tensor (built-in kernels)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interpreter = Interpreter(model_content=bytes(model), experimental_preserve_all_tensors=True,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
-    return interpreter
+    return interpreter(model, xnnpack=False, preserve_all_tensors=True)
 
 
 def ops_details(interpreter) -> list:

@@ -245,6 +245,4 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
         "layers": {n: {"bits": b, "kernel_bytes": options[n][b][0], "damage": report.damage[n].get(b)}
                    for n, b in result.bits.items()},
     }
-    return Policy(default={"weight_bits": 8, "activation_bits": 8},
-                  layers={n: {"weight_bits": b} for n, b in result.bits.items()},
-                  meta={"auto_policy": meta})
+    return Policy.from_bits(result.bits, meta={"auto_policy": meta})

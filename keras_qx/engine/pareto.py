@@ -205,11 +205,6 @@ def _check_options(qat_epochs, seeds, random_mixes, uniform) -> list[int]:
     return [check_bits(b, "uniform weight bits", WEIGHT_BITS) for b in uniform]
 
 
-def _bits_policy(bits: dict) -> Policy:
-    return Policy(default={"weight_bits": 8, "activation_bits": 8},
-                  layers={n: {"weight_bits": b} for n, b in bits.items()})
-
-
 def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say):
     """Every variant to train, cheap to make: ``(plan, skipped)``; plan rows are
     ``(kind, label, budget, budget bytes, bits, policy)``."""
@@ -243,7 +238,7 @@ def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say
             seen.add(tuple(sorted(bits.items())))
             if not in_window:
                 say(f"note {label}: random mix {i + 1} is {cost:,} B, below {WINDOW:.0%} of the budget")
-            plan.append(("random", f"random {i + 1} @ {label}", budget, cap, bits, _bits_policy(bits)))
+            plan.append(("random", f"random {i + 1} @ {label}", budget, cap, bits, Policy.from_bits(bits)))
     return plan, skipped
 
 

@@ -231,12 +231,11 @@ def digest(units, values) -> str:
 
 
 def assignment_policy(units, values, meta=None) -> Policy:
-    layers = {}
+    bits = {}
     for u in units:
-        bits = values.get(u.hp, max(c for c in u.choices if c != FLOAT))
-        for name in u.layers:
-            layers[name] = {"quantize": False} if bits == FLOAT else {"weight_bits": int(bits)}
-    return Policy(default={"weight_bits": 8, "activation_bits": 8}, layers=layers, meta=meta or {})
+        chosen = values.get(u.hp, max(c for c in u.choices if c != FLOAT))
+        bits.update({name: None if chosen == FLOAT else chosen for name in u.layers})
+    return Policy.from_bits(bits, meta)
 
 
 def assignment_cost(units, values) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_qx._compat import call_count, inbound_layers, keras, outbound_layers, output_in
-from keras_qx._runtime import debug_interpreter, ops_details
+from keras_qx._runtime import debug_interpreter, ops_details, quantize_input
 from keras_qx.lite.inspect import read_model
 
 __all__ = ["LayerError", "LayerComparison", "compare_layers"]
@@ -86,14 +86,6 @@ def _tensor_layers(tensor_name: str, known: dict) -> list:
     return found
 
 
-def _quantize_input(x, detail):
-    scale, zero = detail["quantization"]
-    if detail["dtype"] == np.float32 or not scale:
-        return x.astype(detail["dtype"])
-    info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-
-
 def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_threshold: float = 0.1) -> LayerComparison:
     """Compare every quantized intermediate tensor of ``tflite_model`` with the output of the
     Keras layer of ``qat_model`` that it stands for, on samples ``x``.
@@ -140,7 +132,7 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
     inp = interpreter.get_input_details()[0]
     got = {t: [] for _, _, t, _ in tensors}
     for sample in x:
-        interpreter.set_tensor(inp["index"], _quantize_input(sample[None], inp))
+        interpreter.set_tensor(inp["index"], quantize_input(sample[None], inp))
         interpreter.invoke()
         for t in got:
             got[t].append(interpreter.get_tensor(t)[0])

@@ -66,21 +66,21 @@ def verify(model, tflite_bytes: bytes, x) -> Verification:
 def judge(ours: np.ndarray, ref: np.ndarray, step: float) -> Verification:
     """The comparison of :func:`verify` on outputs ``(n, ...)`` of the file and of Keras, with
     one output quantization step ``step``."""
-    x = ours  # one row per sample
+    n = len(ours)
     err = np.abs(ours - ref) / step
-    per_sample = err.reshape(len(x), -1).max(1)
+    per_sample = err.reshape(n, -1).max(1)
     worst = tuple(int(i) for i in np.argsort(-per_sample, kind="stable")[:5] if per_sample[i] > 0)
     p99 = float(np.percentile(err, 99))
     classifier = ours.ndim > 1 and ours.shape[-1] > 1
     if not classifier:
-        return Verification(1.0, float(err.max()), float(err.mean()), len(x), False, p99, worst=worst)
+        return Verification(1.0, float(err.max()), float(err.mean()), n, False, p99, worst=worst)
     bar = 2 * float(np.clip(np.median(per_sample), 1.0, MAX_TYPICAL_STEPS))
     decisive = _margins(ref) / step > bar
     agree = ours.argmax(-1) == ref.argmax(-1)
     wrong = decisive & ~agree
-    disagreeing = tuple(int(i) for i in np.nonzero(wrong.reshape(len(x), -1).any(1))[0][:10])
+    disagreeing = tuple(int(i) for i in np.nonzero(wrong.reshape(n, -1).any(1))[0][:10])
     agreement = float(agree[decisive].mean()) if decisive.any() else 1.0
-    return Verification(agreement, float(err.max()), float(err.mean()), len(x), True, p99,
+    return Verification(agreement, float(err.max()), float(err.mean()), n, True, p99,
                         float(decisive.mean()), disagreeing, worst)
 
 

@@ -133,6 +133,13 @@ class Policy:
         return cls(default={"weight_bits": weight_bits, "activation_bits": activation_bits})
 
     @classmethod
+    def from_bits(cls, bits: Mapping[str, int | None], meta: Mapping | None = None) -> "Policy":
+        """8-bit default, and per layer the weight bits of ``bits`` (None: keep it float): the
+        form of an allocation or a search trial."""
+        layers = {n: {"quantize": False} if b is None else {"weight_bits": int(b)} for n, b in bits.items()}
+        return cls(layers=layers, meta=dict(meta or {}))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
         """Build from the plain-data form (see module docstring)."""
         if not isinstance(data, Mapping):
