@@ -26,6 +26,7 @@ from keras_qx.lite.inspect import inspect_tflite
 from keras_qx.lite.ptq import ptq
 from keras_qx.qat import registry
 from keras_qx.qat.annotate import annotate
+from keras_qx.qat.calibrate import calibrate, uncalibrated_ranges
 from keras_qx.qat.quantize import quantize
 from keras_qx.qat.saving import load_model, quantize_scope
 from keras_qx.qat.summary import summary
@@ -50,6 +51,8 @@ __all__ = [
     "sensitivity",
     "SensitivityReport",
     "quantize",
+    "calibrate",
+    "uncalibrated_ranges",
     "register_layer",
     "export_tflite",
     "compare_layers",

@@ -67,6 +67,7 @@ __all__ = [
     "tfmot_layer_quantize_map",
     "has_custom_quantize_config",
     "own_variables",
+    "activation_sites",
     "tflite_schema",
     "tf_symbol",
 ]
@@ -178,6 +179,24 @@ def tfmot_layer_quantize_map() -> dict:
 
 def has_custom_quantize_config(match_layer) -> bool:
     return default_8bit_transforms._has_custom_quantize_config(match_layer)
+
+
+def activation_sites(model) -> list:
+    """Every activation range of a QAT model, as ``(layer name, holder, key, vars)``: the
+    quantizer is ``holder.key`` (or ``holder[key]`` for a list) and ``vars`` holds its
+    ``min_var``/``max_var``. Sites: a QuantizeLayer, a wrapper's output quantizer, and the
+    pre/post ranges of its quantize-aware activations (one quantizer may serve two ranges)."""
+    sites = []
+    for layer in model.layers:
+        if isinstance(layer, quantize_layer.QuantizeLayer) and layer.quantizer is not None:
+            sites.append((layer.name, layer, "quantizer", getattr(layer, "quantizer_vars", None)))
+        elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            for act in getattr(layer, "_quantize_activations", []):
+                for name in ("_pre_activation_vars", "_post_activation_vars"):
+                    sites.append((layer.name, act, "quantizer", getattr(act, name, None)))
+            if getattr(layer, "_output_quantizers", None):
+                sites.append((layer.name, layer._output_quantizers, 0, layer._output_quantizer_vars))
+    return [s for s in sites if s[3] and "min_var" in s[3] and "max_var" in s[3]]
 
 
 def own_variables(layer) -> list:

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["write_atomic", "check_writable", "check_samples", "check_xy"]
+__all__ = ["write_atomic", "check_writable", "check_samples", "check_inputs", "model_input_specs", "check_xy"]
 
 
 def check_writable(path) -> None:
@@ -82,6 +82,43 @@ def check_samples(x, input_shape, what: str = "representative_data", dtype="floa
         bad = int((~np.isfinite(x)).sum())
         raise ValueError(f"{what} contains {bad} NaN/inf values; clean the data before exporting.")
     return x
+
+
+def model_input_specs(model) -> list:
+    """``[(name, shape without the batch axis, dtype)]`` of a Keras model's inputs."""
+    return [(t.name.split(":")[0], tuple(t.shape[1:]), t.dtype) for t in model.inputs]
+
+
+def check_inputs(x, specs, what: str = "representative_data") -> list:
+    """``x`` as one checked array per model input (see :func:`check_samples`).
+
+    ``specs`` lists the inputs as ``(name, shape without the batch axis, dtype)``. ``x`` is an
+    array (a single-input model), a list or tuple in the model's input order, or a dict keyed
+    by input name; every input must have the same number of samples."""
+    x = _from_dataset(x)
+    names = [name for name, _, _ in specs]
+    if isinstance(x, dict):
+        missing, extra = [n for n in names if n not in x], [k for k in x if k not in names]
+        if missing or extra:
+            raise ValueError(f"{what} is keyed by {sorted(x)}, but the model's inputs are {names}"
+                             + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "") + ".")
+        xs = [x[n] for n in names]
+    elif isinstance(x, (list, tuple)) and len(specs) > 1:
+        if len(x) != len(specs):
+            raise ValueError(f"{what} holds {len(x)} arrays, but the model has {len(specs)} inputs {names}; "
+                             "pass one array per input, in that order (or a dict keyed by input name).")
+        xs = list(x)
+    elif len(specs) > 1:
+        raise ValueError(f"the model has {len(specs)} inputs {names}: pass {what} as a list with one array "
+                         "per input, in that order, or a dict keyed by input name.")
+    else:
+        xs = [x]
+    out = [check_samples(xi, shape, what if len(specs) == 1 else f"{what}[{name!r}]", dtype)
+           for xi, (name, shape, dtype) in zip(xs, specs)]
+    if len({len(xi) for xi in out}) > 1:
+        raise ValueError(f"{what}: the inputs hold different numbers of samples "
+                         f"({dict(zip(names, (len(xi) for xi in out)))}); they must match.")
+    return out
 
 
 def check_xy(data, what: str) -> tuple[np.ndarray, np.ndarray]:

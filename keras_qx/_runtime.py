@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "interpreter", "quantize_input", "debug_interpreter",
-           "ops_details"]
+__all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "interpreter", "quantize_input", "io_details",
+           "debug_interpreter", "ops_details"]
 
 TIMEOUT_S = 600
 
@@ -36,10 +36,15 @@ class RuntimeCrash(RuntimeError):
 
 @dataclass
 class RunResult:
-    outputs: np.ndarray  # dequantized first output, (n, ...)
-    output_step: float  # one quantization step of that output (0 for float)
+    outputs: list  # dequantized outputs, one (n, ...) array per model output, in the model's order
+    output_steps: list  # one quantization step of each output (0 for float)
     delegate: str  # "xnnpack", or "builtin" where XNNPACK declined the graph
     times: list  # seconds of each timed single-sample invocation
+
+    @property
+    def output(self) -> np.ndarray:
+        """The first output (a single-output model's only one)."""
+        return self.outputs[0]
 
 
 def interpreter(model: bytes, num_threads: int = 1, xnnpack: bool = True, preserve_all_tensors: bool = False):
@@ -64,39 +69,74 @@ def quantize_input(x, detail) -> np.ndarray:
     return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
 
+def io_details(interp) -> tuple[list, list]:
+    """``(inputs, outputs)``: the tensor details in the model's own order, each with its
+    signature name under ``"signature_name"`` where the file has a signature.
+
+    The subgraph keeps the inputs in the order of the converted function's arguments, but may
+    list the outputs in any order (measured: reversed for two outputs); the signature's
+    ``output_0, output_1, ...`` follow the function's return order."""
+    inputs, outputs = interp.get_input_details(), interp.get_output_details()
+    signatures = interp.get_signature_list()
+    if len(signatures) == 1:
+        runner = interp.get_signature_runner(next(iter(signatures)))
+        by_index = {d["index"]: name for name, d in runner.get_input_details().items()}
+        inputs = [{**d, "signature_name": by_index.get(d["index"], d["name"])} for d in inputs]
+        named = runner.get_output_details()
+        index = {d["index"]: d for d in outputs}
+        if set(index) == {d["index"] for d in named.values()}:
+            keys = sorted(named, key=lambda k: (len(k), k))  # output_0, ..., output_9, output_10
+            outputs = [{**index[named[k]["index"]], "signature_name": k} for k in keys]
+    return inputs, outputs
+
+
 class Runner:
-    """Run a single-input TFLite model (bytes) on float data, (de)quantizing int8 I/O as needed."""
+    """Run a TFLite model (bytes) on float data, (de)quantizing int8 I/O as needed.
+
+    ``predict`` takes one array per input (a single array for a single-input model) and, like
+    Keras, returns one array for a single-output model and a list otherwise."""
 
     def __init__(self, model: bytes, num_threads: int = 1):
         self.model = bytes(model)
         self.num_threads = num_threads
         self.delegate = "xnnpack"
         self.interpreter = interpreter(self.model, num_threads)
-        inputs = self.interpreter.get_input_details()
-        if len(inputs) != 1:
-            raise ValueError(f"TFLiteRunner handles single-input models; this one has {len(inputs)} inputs.")
-        self.input = inputs[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self.inputs, self.outputs = io_details(self.interpreter)
+        self.input, self.output = self.inputs[0], self.outputs[0]
 
     @property
     def input_shape(self):
-        return tuple(int(s) for s in self.input["shape"][1:])
+        return self.input_shapes[0]
+
+    @property
+    def input_shapes(self) -> list:
+        return [tuple(int(s) for s in d["shape"][1:]) for d in self.inputs]
 
     @property
     def output_step(self) -> float:
-        """One quantization step of the output (0 for a float output)."""
-        return float(self.output["quantization"][0]) if self.output["dtype"] != np.float32 else 0.0
+        """One quantization step of the (first) output (0 for a float output)."""
+        return self.output_steps[0]
 
-    def _dequantize_output(self, y):
-        if self.output["dtype"] == np.float32:
+    @property
+    def output_steps(self) -> list:
+        return [float(d["quantization"][0]) if d["dtype"] != np.float32 else 0.0 for d in self.outputs]
+
+    @staticmethod
+    def _dequantize(y, detail):
+        if detail["dtype"] == np.float32:
             return y.astype(np.float32)
-        scale, zero = self.output["quantization"]
+        scale, zero = detail["quantization"]
         return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
 
-    def invoke_one(self, sample) -> np.ndarray:
-        self.interpreter.set_tensor(self.input["index"], quantize_input(sample[None], self.input))
+    def _invoke(self, samples) -> None:
+        for detail, sample in zip(self.inputs, samples):
+            self.interpreter.set_tensor(detail["index"], quantize_input(sample[None], detail))
+        self.interpreter.invoke()
+
+    def invoke_all(self, samples) -> list:
+        """All outputs for one sample of each input (no batch axis)."""
         try:
-            self.interpreter.invoke()
+            self._invoke(samples)
         except RuntimeError as err:
             # XNNPACK declines some quantized graphs ("failed to create XNNPACK runtime");
             # the built-in kernels run them. Latency then reflects the built-in kernels.
@@ -104,15 +144,32 @@ class Runner:
                 raise
             self.delegate = "builtin"
             self.interpreter = interpreter(self.model, self.num_threads, xnnpack=False)
-            self.interpreter.set_tensor(self.input["index"], quantize_input(sample[None], self.input))
-            self.interpreter.invoke()
-        return self._dequantize_output(self.interpreter.get_tensor(self.output["index"]))[0]
+            self._invoke(samples)
+        return [self._dequantize(self.interpreter.get_tensor(d["index"]), d)[0] for d in self.outputs]
 
-    def predict(self, x) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32 if self.input["quantization"][0] else self.input["dtype"])
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"input shape {x.shape[1:]} does not match the model's {self.input_shape}.")
-        return np.stack([self.invoke_one(sample) for sample in x])
+    def invoke_one(self, sample) -> np.ndarray:
+        """The first output for one sample of a single-input model."""
+        return self.invoke_all([sample])[0]
+
+    def as_inputs(self, x) -> list:
+        """``x`` as one float (or integer-id) array per input, shapes checked."""
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(xs) != len(self.inputs):
+            raise ValueError(f"the model takes {len(self.inputs)} inputs; got {len(xs)} arrays.")
+        out = []
+        for detail, shape, xi in zip(self.inputs, self.input_shapes, xs):
+            xi = np.asarray(xi, dtype=np.float32 if detail["quantization"][0] else detail["dtype"])
+            if xi.shape[1:] != shape:
+                raise ValueError(f"input {detail.get('signature_name', detail['name'])!r}: shape {xi.shape[1:]} "
+                                 f"does not match the model's {shape}.")
+            out.append(xi)
+        return out
+
+    def predict(self, x):
+        xs = self.as_inputs(x)
+        rows = [self.invoke_all([xi[i] for xi in xs]) for i in range(len(xs[0]))]
+        outputs = [np.stack([row[j] for row in rows]) for j in range(len(self.outputs))]
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def debug_interpreter(model: bytes):
@@ -131,17 +188,20 @@ def _child(workdir: str) -> None:
         job = json.load(fh)
     with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
         runner = Runner(fh.read(), job["num_threads"])
-    x = np.load(os.path.join(workdir, "x.npy"))
-    outputs = runner.predict(x)
-    for sample in x[: min(10, job["latency_runs"])]:  # warm-up
-        runner.invoke_one(sample)
+    xs = runner.as_inputs([np.load(os.path.join(workdir, f"x{i}.npy")) for i in range(job["inputs"])])
+    outputs = runner.predict(xs)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    n = len(xs[0])
+    for i in range(min(10, job["latency_runs"])):  # warm-up
+        runner.invoke_all([xi[i % n] for xi in xs])
     times = []
     for i in range(job["latency_runs"]):
         start = time.perf_counter()
-        runner.invoke_one(x[i % len(x)])
+        runner.invoke_all([xi[i % n] for xi in xs])
         times.append(time.perf_counter() - start)
-    np.save(os.path.join(workdir, "outputs.npy"), outputs)
-    meta = {"output_step": runner.output_step, "delegate": runner.delegate, "times": times}
+    for j, y in enumerate(outputs):
+        np.save(os.path.join(workdir, f"y{j}.npy"), y)
+    meta = {"output_steps": runner.output_steps, "delegate": runner.delegate, "times": times}
     with open(os.path.join(workdir, "meta.json.tmp"), "w") as fh:
         json.dump(meta, fh)
     os.replace(os.path.join(workdir, "meta.json.tmp"), os.path.join(workdir, "meta.json"))
@@ -161,7 +221,8 @@ def _crash_message(returncode: int, stderr: str) -> str:
 
 
 def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: float = TIMEOUT_S) -> RunResult:
-    """Run ``model`` on samples ``x`` in a child process (see the module docstring).
+    """Run ``model`` on samples ``x`` (an array, or a list with one array per input) in a child
+    process (see the module docstring).
 
     Raises:
         RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.
@@ -169,9 +230,11 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
     with tempfile.TemporaryDirectory(prefix="keras_qx-run-") as workdir:
         with open(os.path.join(workdir, "model.tflite"), "wb") as fh:
             fh.write(bytes(model))
-        np.save(os.path.join(workdir, "x.npy"), np.asarray(x))
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        for i, xi in enumerate(xs):
+            np.save(os.path.join(workdir, f"x{i}.npy"), np.asarray(xi))
         with open(os.path.join(workdir, "job.json"), "w") as fh:
-            json.dump({"num_threads": int(num_threads), "latency_runs": int(latency_runs)}, fh)
+            json.dump({"num_threads": int(num_threads), "latency_runs": int(latency_runs), "inputs": len(xs)}, fh)
         # -I: no script directory or user site on sys.path (this file sits among keras_qx's modules).
         cmd = [sys.executable, "-I", os.path.abspath(__file__), workdir]
         try:
@@ -186,8 +249,8 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
             raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))
         with open(meta_path) as fh:
             meta = json.load(fh)
-        outputs = np.load(os.path.join(workdir, "outputs.npy"))
-    return RunResult(outputs, meta["output_step"], meta["delegate"], meta["times"])
+        outputs = [np.load(os.path.join(workdir, f"y{j}.npy")) for j in range(len(meta["output_steps"]))]
+    return RunResult(outputs, meta["output_steps"], meta["delegate"], meta["times"])
 
 
 if __name__ == "__main__":

@@ -50,13 +50,15 @@ def kept_float_layers(qat_model) -> list[str]:
 def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]:
     """Convert a QAT model to an integer TFLite flatbuffer: ``(bytes, seconds)``.
 
-    ``samples`` calibrate the int8 input/output (the converter needs them even for QAT)."""
+    ``samples`` (one array per input) calibrate the int8 input/output (the converter needs them
+    even for QAT)."""
+    samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
     converter = converter_for(qat_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     floats = kept_float_layers(qat_model)
     if not floats:
-        calib = samples[:500]
-        converter.representative_dataset = lambda: ([s[None]] for s in calib)
+        calib = [xi[:500] for xi in samples]
+        converter.representative_dataset = lambda: ([xi[i][None] for xi in calib] for i in range(len(calib[0])))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io:  # a float input becomes int8; integer inputs (token ids) stay as they are
             converter.inference_input_type = tf.int8

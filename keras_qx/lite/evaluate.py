@@ -1,20 +1,25 @@
-"""``qx.evaluate_tflite``: accuracy, size (raw and gzip) and latency of a TFLite model.
+"""``qx.evaluate_tflite``: a task metric, size (raw and gzip) and latency of a TFLite model.
 
 Example:
     >>> qx.evaluate_tflite("model.tflite", x_test, y_test)     # doctest: +SKIP
     {'accuracy': 0.98, 'size_bytes': 83496, 'gzip_bytes': 61234, 'latency_ms': 0.04, ...}
+    >>> qx.evaluate_tflite("reg.tflite", x, y, metric="mae")   # doctest: +SKIP
 """
 from __future__ import annotations
 
 import gzip
+import re
+from typing import Callable, Union
 
 import numpy as np
 
-from keras_qx._io import check_samples
+from keras_qx._io import check_inputs
 from keras_qx._runtime import run
 from keras_qx.lite.inspect import inspect_tflite, read_model
 
-__all__ = ["evaluate_tflite", "gzip_size"]
+__all__ = ["evaluate_tflite", "gzip_size", "METRICS"]
+
+Metric = Union[str, Callable]
 
 
 def gzip_size(data: bytes) -> int:
@@ -22,37 +27,99 @@ def gzip_size(data: bytes) -> int:
     return len(gzip.compress(bytes(data), compresslevel=9, mtime=0))
 
 
-def evaluate_tflite(model_bytes_or_path, x, y, *, latency_runs: int = 200, num_threads: int = 1) -> dict:
-    """Evaluate a single-input classifier in the TFLite runtime.
+def _accuracy(y, pred):
+    """Top-1 accuracy: ``y`` as integer labels or one-hot; a single (sigmoid) unit is a binary
+    classifier thresholded at 0.5."""
+    if pred.shape[-1] == 1:
+        if y.size != pred.size:
+            raise ValueError(f"labels of shape {y.shape} do not fit the single-unit output {pred.shape}.")
+        return float(((pred.reshape(y.shape) > 0.5) == (y > 0.5)).mean())
+    if y.shape == pred.shape:
+        y = y.argmax(-1)
+    if y.shape != pred.shape[:-1]:
+        raise ValueError(f"labels of shape {y.shape} do not fit outputs of shape {pred.shape}: pass integer "
+                         f"labels shaped {pred.shape[:-1]} or one-hot labels shaped {pred.shape}.")
+    return float((pred.argmax(-1) == y).mean())
+
+
+def _regression(fn):
+    def metric(y, pred):
+        if y.size != pred.size:
+            raise ValueError(f"targets of shape {y.shape} do not fit outputs of shape {pred.shape}.")
+        return float(fn(pred.reshape(y.shape).astype(np.float64) - y))
+    return metric
+
+
+METRICS = {
+    "accuracy": _accuracy,
+    "mae": _regression(lambda d: np.abs(d).mean()),
+    "mse": _regression(lambda d: (d ** 2).mean()),
+    "rmse": _regression(lambda d: np.sqrt((d ** 2).mean())),
+}
+
+
+def _metric_fn(metric: Metric) -> tuple[str, Callable]:
+    if callable(metric):
+        return getattr(metric, "__name__", "metric"), metric
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {sorted(METRICS)} or a function "
+                         "metric(y_true, y_pred) -> float.")
+    return metric, METRICS[metric]
+
+
+def _per_output(value, n: int, what: str) -> list:
+    """``value`` once per output: a list/tuple of ``n`` items, or one item for all."""
+    if isinstance(value, (list, tuple)) and n > 1:
+        if len(value) != n:
+            raise ValueError(f"the model has {n} outputs but {what} holds {len(value)} entries; pass one per output.")
+        return list(value)
+    return [value] * n if what == "metric" else [value]
+
+
+def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "accuracy",
+                    latency_runs: int = 200, num_threads: int = 1) -> dict:
+    """Evaluate a TFLite model in the runtime (run in a child process: an abort cannot end yours).
 
     Args:
-        x: float samples (n, *input_shape); y: integer labels (n,) or one-hot (n, classes).
+        x: samples (n, *input_shape), or a list / dict by input name for several inputs.
+        y: targets: integer labels (n,) or one-hot for ``"accuracy"``, values for a regression
+            metric; a list with one entry per output for a multi-output model; None to measure
+            only size and latency.
+        metric: ``"accuracy"``, ``"mae"``, ``"mse"``, ``"rmse"`` or a function
+            ``metric(y_true, y_pred) -> float``; a list for one metric per output.
         latency_runs: single-sample invocations timed for the median latency (after warm-up).
 
     Returns:
-        ``{"accuracy", "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n", "delegate"}``.
+        ``{<metric>: value, "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n",
+        "delegate", "threads"}``; a multi-output model's metrics are keyed ``"<metric>/output_<i>"``.
     """
     model = read_model(model_bytes_or_path)
     info = inspect_tflite(model)
-    if len(info.inputs) != 1:
-        raise ValueError(f"evaluate_tflite handles single-input models; this one has {len(info.inputs)} inputs.")
-    _, input_type, input_shape = info.inputs[0]
-    dtype = "int32" if input_type in ("INT32", "INT64") else "float32"  # token ids stay integers
-    x = check_samples(x, input_shape, "x", dtype=dtype)
-    y = np.asarray(y)
-    if y.ndim == 2:
-        y = y.argmax(1)
-    if len(y) != len(x):
-        raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels.")
-    result = run(model, x, num_threads=num_threads, latency_runs=latency_runs)  # in a child process
-    pred = result.outputs.reshape(len(x), -1).argmax(1)
+    specs = [(re.sub(r"^serving_default_|:\d+$", "", name), shape,  # the Keras input's name
+              "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
+             for name, kind, shape in info.inputs]
+    xs = check_inputs(x, specs, "x")
+    result = run(model, xs, num_threads=num_threads, latency_runs=latency_runs)
+    n_out = len(result.outputs)
+    scores = {}
+    if y is not None:
+        targets = y if n_out == 1 else _per_output(y, n_out, "y")
+        targets = [targets] if n_out == 1 else targets
+        metrics = [_metric_fn(m) for m in _per_output(metric, n_out, "metric")]
+        for i, (target, (name, fn), pred) in enumerate(zip(targets, metrics, result.outputs)):
+            target = np.asarray(target)
+            if len(target) != len(xs[0]):
+                raise ValueError(f"x has {len(xs[0])} samples but y{'' if n_out == 1 else f'[{i}]'} has "
+                                 f"{len(target)}; they must match.")
+            scores[name if n_out == 1 else f"{name}/output_{i}"] = fn(target, pred)
     times = result.times or [float("nan")]
     return {
-        "accuracy": float((pred == y).mean()),
+        **scores,
         "size_bytes": len(model),
         "gzip_bytes": gzip_size(model),
         "latency_ms": float(np.median(times) * 1e3),
         "latency_p90_ms": float(np.percentile(times, 90) * 1e3),
-        "n": int(len(x)),
+        "n": int(len(xs[0])),
         "delegate": result.delegate,  # "xnnpack", or "builtin" where XNNPACK declined the graph
+        "threads": int(num_threads),
     }

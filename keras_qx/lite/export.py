@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from keras_qx._compat import check_model
-from keras_qx._io import check_samples, check_writable, write_atomic
+from keras_qx._io import check_inputs, check_writable, model_input_specs, write_atomic
 from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
+from keras_qx.qat.calibrate import uncalibrated_ranges
 
 __all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError"]
 
@@ -35,13 +36,13 @@ class ExportReport:
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
                f"{'fully integer' if self.info.fully_integer else 'float ops: ' + ', '.join(self.info.float_ops)}"]
-        if self.agreement is not None:
-            v = self.verification
-            agreed = (f"top-1 agreement {self.agreement:.1%} on the {v.decisive:.0%} decisive positions, "
-                      if v is not None and v.classifier else "")
-            p99 = f" / p99 {v.p99_error_steps:.1f}" if v is not None else ""
-            out.append(f"verified on {self.samples} samples: {agreed}output error mean "
-                       f"{self.mean_error_steps:.2f}{p99} / max {self.max_error_steps:.1f} steps")
+        if self.verification is not None:
+            for v in self.verification.judged():
+                agreed = (f"top-1 agreement {v.agreement:.1%} on the {v.decisive:.0%} decisive positions, "
+                          if v.classifier else "")
+                which = f"output {v.output!r} " if self.verification.per_output else "output "
+                out.append(f"verified on {self.samples} samples: {agreed}{which}error mean "
+                           f"{v.mean_error_steps:.2f} / p99 {v.p99_error_steps:.1f} / max {v.max_error_steps:.1f} steps")
         return out
 
 
@@ -58,6 +59,12 @@ def _check_qat_model(qat_model) -> None:
                           "than 8); TFLite cannot run it. Re-quantize with activation_bits=8.")
     if not any(hasattr(l, "quantize_config") for l in qat_model.layers):
         raise ExportError("qat_model has no quantized layers; pass the model returned by qx.quantize().")
+    blank = uncalibrated_ranges(qat_model)
+    if blank:
+        raise ExportError(
+            f"qat_model has never seen data: the activation ranges of {len(blank)} layer(s) ({blank[:5]}"
+            f"{' ...' if len(blank) > 5 else ''}) are still tfmot's initial ones, so the file would be "
+            "useless. Calibrate it first, qx.calibrate(qat_model, x_train[:500]), or train it (model.fit).")
 
 
 def export_tflite(qat_model, representative_data, path=None, int8_io: bool = True, *,
@@ -66,9 +73,11 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     """Convert a QAT model to an integer TFLite model and check it against Keras.
 
     Args:
-        qat_model: a model from ``qx.quantize`` (trained or not).
-        representative_data: float samples shaped like the model input (n, ...): used for
-            the int8 I/O calibration and the verification.
+        qat_model: a model from ``qx.quantize``, trained or calibrated (``qx.calibrate``): a
+            model that has never seen data is refused.
+        representative_data: float samples shaped like the model input (n, ...), or a list
+            (or a dict by input name) with one array per input: used for the int8 I/O
+            calibration and the verification.
         path: where to write the ``.tflite`` (atomically); None writes nothing.
         int8_io: int8 input and output tensors (else float32 at the edges). A model with
             layers kept float always has float32 edges (with a warning).
@@ -81,13 +90,13 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
         :class:`TFLiteModel`: the flatbuffer bytes, with ``.report``.
     """
     _check_qat_model(qat_model)
-    samples = check_samples(representative_data, qat_model.input_shape[1:], dtype=qat_model.inputs[0].dtype)
+    samples = check_inputs(representative_data, model_input_specs(qat_model))
     if path is not None:
         check_writable(path)
     data, seconds = convert_qat(qat_model, samples, int8_io)
     report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds)
     if verify:
-        result = verify_tflite(qat_model, data, samples[:verify_samples])
+        result = verify_tflite(qat_model, data, [xi[:verify_samples] for xi in samples])
         report.agreement, report.samples = result.agreement, result.samples
         report.max_error_steps, report.mean_error_steps = result.max_error_steps, result.mean_error_steps
         report.verification = result

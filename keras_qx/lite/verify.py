@@ -9,14 +9,14 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from keras_qx.lite.convert import ExportError
 from keras_qx._runtime import RuntimeCrash, run
 
-__all__ = ["Verification", "verify", "judge", "check_agreement", "MAX_TYPICAL_STEPS"]
+__all__ = ["Verification", "verify", "judge", "combine", "check_agreement", "MAX_TYPICAL_STEPS"]
 
 MAX_TYPICAL_STEPS = 8.0  # a typical error above this is a broken file, not rounding
 
@@ -43,6 +43,12 @@ class Verification:
     decisive: float = 0.0  # fraction of positions whose top-2 margin exceeds the bar (see above)
     disagreeing: tuple = ()  # sample indices with a decisive position that disagrees
     worst: tuple = ()  # sample indices with the largest errors, worst first
+    output: str = ""  # the model output judged ("" for a single-output model)
+    per_output: tuple = ()  # a multi-output model: one Verification per output; the fields above are the worst
+
+    def judged(self) -> tuple:
+        """The per-output verifications (this one alone for a single-output model)."""
+        return self.per_output or (self,)
 
 
 def _margins(ref: np.ndarray) -> np.ndarray:
@@ -51,16 +57,41 @@ def _margins(ref: np.ndarray) -> np.ndarray:
 
 
 def verify(model, tflite_bytes: bytes, x) -> Verification:
-    """Compare ``model`` (Keras) with the TFLite file on samples ``x``; the file runs in a child
-    process, so a runtime abort becomes an :class:`ExportError` instead of ending the caller."""
+    """Compare ``model`` (Keras) with the TFLite file on samples ``x`` (an array, or one per
+    input), output by output; the file runs in a child process, so a runtime abort becomes an
+    :class:`ExportError` instead of ending the caller."""
     try:
         result = run(tflite_bytes, x)
     except RuntimeCrash as err:
-        raise ExportError(f"{err}. Nothing was written. Train or calibrate the QAT model first (its "
-                          "activation ranges are still tfmot's initial ones if it never trained), or "
-                          "keep the failing layer float by policy.") from None
-    ref = model.predict(x, verbose=0, batch_size=256).reshape(result.outputs.shape)
-    return judge(result.outputs, ref, result.output_step or float(np.ptp(ref) / 255 or 1.0))
+        raise ExportError(f"{err}. Nothing was written. Calibrate the QAT model first (qx.calibrate) or "
+                          "train it, or keep the failing layer float by policy.") from None
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    refs = model.predict(xs if len(xs) > 1 else xs[0], verbose=0, batch_size=256)
+    refs = refs if isinstance(refs, list) else [refs]
+    if len(refs) != len(result.outputs):
+        raise ExportError(f"the TFLite file has {len(result.outputs)} outputs but the Keras model {len(refs)}.")
+    names = [n[len("quant_"):] if n.startswith("quant_") else n for n in model.output_names]
+    judged = []
+    for name, ours, ref, step in zip(names, result.outputs, refs, result.output_steps):
+        ref = np.asarray(ref).reshape(ours.shape)
+        judged.append(replace(judge(ours, ref, step or float(np.ptp(ref) / 255 or 1.0)), output=name))
+    return judged[0] if len(judged) == 1 else combine(judged)
+
+
+def combine(results: list) -> Verification:
+    """One verification for a multi-output model: the worst figure of each kind over its outputs."""
+    return Verification(
+        agreement=min(r.agreement for r in results),
+        max_error_steps=max(r.max_error_steps for r in results),
+        mean_error_steps=max(r.mean_error_steps for r in results),
+        samples=results[0].samples,
+        classifier=any(r.classifier for r in results),
+        p99_error_steps=max(r.p99_error_steps for r in results),
+        decisive=min(r.decisive for r in results),
+        disagreeing=tuple(sorted({i for r in results for i in r.disagreeing}))[:10],
+        worst=max(results, key=lambda r: r.max_error_steps).worst,
+        per_output=tuple(results),
+    )
 
 
 def judge(ours: np.ndarray, ref: np.ndarray, step: float) -> Verification:
@@ -84,12 +115,17 @@ def judge(ours: np.ndarray, ref: np.ndarray, step: float) -> Verification:
                         float(decisive.mean()), disagreeing, worst)
 
 
-def check_agreement(result: Verification, min_agreement: float) -> None:
-    """Raise :class:`ExportError` when a classifier's top-1 agreement on the decisive positions is
-    below ``min_agreement``."""
+def check_agreement(verification: Verification, min_agreement: float) -> None:
+    """Raise :class:`ExportError` when a classifier output's top-1 agreement on the decisive
+    positions is below ``min_agreement`` (naming the output of a multi-output model)."""
+    for result in verification.judged():
+        _check_one(result, min_agreement, f"output {result.output!r} of " if verification.per_output else "")
+
+
+def _check_one(result: Verification, min_agreement: float, where: str) -> None:
     if result.classifier and result.agreement < min_agreement:
         raise ExportError(
-            f"the TFLite model disagrees with the Keras model: top-1 agreement {result.agreement:.1%} "
+            f"{where}the TFLite model disagrees with the Keras model: top-1 agreement {result.agreement:.1%} "
             f"< {min_agreement:.0%} where the Keras model's top-2 margin exceeds the measured error "
             f"({result.decisive:.0%} of positions, {result.samples} samples; disagreeing samples "
             f"{list(result.disagreeing)}; error mean {result.mean_error_steps:.1f} / p99 "
