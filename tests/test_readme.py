@@ -28,3 +28,21 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     search = namespace["tuner"]
     assert namespace["policy"].meta["search"]["predicted_kernel_bytes"] <= search.budget_bytes
     assert [r for r in search.results() if r["warm_start"]], "the first trial is auto_policy's"
+
+
+def test_the_per_channel_claim_matches_the_kind_table():
+    """The README's per-channel / per-tensor lists say what keras_qx.quant.kinds does."""
+    from keras_qx._compat import keras
+    from keras_qx.quant.kinds import kernel_kind
+
+    text = " ".join(README.read_text().split())
+    per_channel = re.search(r"- Per output channel: (.*?) \(and", text).group(1).split(", ")
+    per_tensor = re.search(r"Per tensor: (.*?) \(the converter", text).group(1).split(", ")
+    assert len(per_channel) >= 2 and len(per_tensor) >= 8
+    for names, expected in ((per_channel, True), (per_tensor, False)):
+        for name in names:
+            assert kernel_kind(getattr(keras.layers, name)).per_channel is expected, name
+    listed = set(per_channel) | set(per_tensor) | {"SeparableConv2D"}  # split into per-channel halves
+    from keras_qx.quant import kinds
+
+    assert {k.layer_type.__name__ for k in kinds._KERNEL_KINDS} == listed

@@ -17,6 +17,7 @@ from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
 from keras_qx.qat.calibrate import uncalibrated_ranges
+from keras_qx.qat.summary import layer_costs
 
 __all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError"]
 
@@ -32,10 +33,14 @@ class ExportReport:
     samples: int
     convert_seconds: float
     verification: Verification | None = None  # p99 error, decisive share, disagreeing/worst samples
+    stored_wider: tuple = ()  # (layer, trained bits, bits in the file) where the file stores more bits
 
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
                f"{'fully integer' if self.info.fully_integer else 'float ops: ' + ', '.join(self.info.float_ops)}"]
+        if self.stored_wider:
+            out.append("stored wider than trained (the converter packs nothing narrower): " + ", ".join(
+                f"{name} {bits}-bit as {'INT4' if stored == 4 else 'int8'}" for name, bits, stored in self.stored_wider))
         if self.verification is not None:
             for v in self.verification.judged():
                 agreed = (f"top-1 agreement {v.agreement:.1%} on the {v.decisive:.0%} decisive positions, "
@@ -94,7 +99,9 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     if path is not None:
         check_writable(path)
     data, seconds = convert_qat(qat_model, samples, int8_io)
-    report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds)
+    report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds,
+                          stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)
+                                             for c, _ in layer_costs(qat_model) if c.stored_wider))
     if verify:
         result = verify_tflite(qat_model, data, [xi[:verify_samples] for xi in samples])
         report.agreement, report.samples = result.agreement, result.samples

@@ -64,6 +64,13 @@ class LayerCost:
     params: int
     kernel_bytes: int
     bias_bytes: int
+    storage_bits: int = 8  # bits one kernel value takes in the file (see :func:`storage_bits`)
+
+    @property
+    def stored_wider(self) -> bool:
+        """The file stores this layer's kernel in more bits than it trained at (2/3-bit as INT4,
+        or sub-8-bit as int8 where the converter packs nothing narrower)."""
+        return bool(self.kernel_bytes) and self.weight_bits is not None and self.storage_bits > self.weight_bits
 
     @property
     def bytes(self) -> int:
@@ -84,4 +91,5 @@ def layer_cost(layer, weight_bits: int | None) -> LayerCost:
         params=kernel_params(layer) + biases,
         kernel_bytes=kernel_bytes(layer, weight_bits),
         bias_bytes=4 * biases,
+        storage_bits=storage_bits(layer, weight_bits),
     )
