@@ -125,7 +125,7 @@ def test_verification_failure_writes_nothing(exported, digits, tmp_path, monkeyp
 
     def flipped(model, xs, **kwargs):  # the file answers the opposite of the Keras model
         result = real_run(model, xs, **kwargs)
-        return RunResult(-qat.predict(xs, verbose=0), result.output_step, result.delegate, result.times)
+        return RunResult([-qat.predict(xs, verbose=0)], result.output_steps, result.delegate, result.times)
 
     monkeypatch.setattr(verify, "run", flipped)
     with pytest.raises(qx.ExportError, match="disagrees"):

@@ -19,8 +19,8 @@ def test_child_process_gives_the_in_process_outputs(rng):
     qat, tfl, x = train_and_export(tiny_model(), rng)
     result = run(tfl, x[:20], latency_runs=5)
     inproc = Runner(bytes(tfl))
-    assert np.array_equal(result.outputs, inproc.predict(x[:20]))
-    assert result.output_step == inproc.output_step > 0
+    assert np.array_equal(result.output, inproc.predict(x[:20]))
+    assert result.output_steps == [inproc.output_step] and inproc.output_step > 0
     assert len(result.times) == 5 and all(t > 0 for t in result.times)
 
 
