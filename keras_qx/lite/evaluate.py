@@ -10,7 +10,7 @@ import gzip
 
 import numpy as np
 
-from keras_qx._io import check_samples
+from keras_qx._io import check_labels, check_samples
 from keras_qx._runtime import run
 from keras_qx.lite.inspect import inspect_tflite, read_model
 
@@ -32,20 +32,18 @@ def evaluate_tflite(model_bytes_or_path, x, y, *, latency_runs: int = 200, num_t
     Returns:
         ``{"accuracy", "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n", "delegate"}``.
     """
+    info = inspect_tflite(model_bytes_or_path)  # errors name the file
     model = read_model(model_bytes_or_path)
-    info = inspect_tflite(model)
     if len(info.inputs) != 1:
         raise ValueError(f"evaluate_tflite handles single-input models; this one has {len(info.inputs)} inputs.")
     _, input_type, input_shape = info.inputs[0]
     dtype = "int32" if input_type in ("INT32", "INT64") else "float32"  # token ids stay integers
     x = check_samples(x, input_shape, "x", dtype=dtype)
-    y = np.asarray(y)
-    if y.ndim == 2:
-        y = y.argmax(1)
-    if len(y) != len(x):
-        raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels.")
+    check_labels(y, len(x), "y")  # type, length and NaN before the run; the classes after it
     result = run(model, x, num_threads=num_threads, latency_runs=latency_runs)  # in a child process
-    pred = result.outputs.reshape(len(x), -1).argmax(1)
+    outputs = result.outputs.reshape(len(x), -1)
+    y = check_labels(y, len(x), "y", classes=outputs.shape[1])
+    pred = outputs.argmax(1)
     times = result.times or [float("nan")]
     return {
         "accuracy": float((pred == y).mean()),
