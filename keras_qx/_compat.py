@@ -105,7 +105,11 @@ def check_model(model, what: str = "model") -> None:
             "Keras 2 models. Build the model with `import tf_keras as keras` (not `tf.keras` or "
             "`import keras`)."
         )
-    raise TypeError(f"{what} must be a tf_keras Model, got {type(model).__name__}.")
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{what} is a path ({os.fspath(model)!r}), not a model; load it first with "
+                        "qx.load_model(path).")
+    raise TypeError(f"{what} must be a tf_keras Model (keras.Sequential or keras.Model(inputs, outputs)), "
+                    f"got {type(model).__name__}.")
 
 
 def check_float_model(model, what: str = "model") -> None:

@@ -124,7 +124,8 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
 
     annotated = keras.models.clone_model(model, clone_function=wrap)
     if not any(isinstance(l, quantize_annotate.QuantizeAnnotate) for l in annotated.layers):
-        raise PolicyError("the policy keeps every layer float; nothing to quantize.")
+        raise PolicyError("the policy keeps every layer float (quantize: false); nothing to quantize. Set "
+                          "quantize: true on the layers to quantize, or convert the float model with qx.ptq.")
     # tfmot rebuilds the model from its config: make the model's own layer classes resolvable
     # (custom layers need no registration).
     own_classes = {type(_inner(l)).__name__: type(_inner(l)) for l in model.layers}
