@@ -105,7 +105,8 @@ def check_model(model, what: str = "model") -> None:
             "Keras 2 models. Build the model with `import tf_keras as keras` (not `tf.keras` or "
             "`import keras`)."
         )
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and (
+            os.path.exists(model) or model.endswith((".keras", ".h5", ".hdf5")))):
         raise TypeError(f"{what} is a path ({os.fspath(model)!r}), not a model; load it first with "
                         "qx.load_model(path).")
     raise TypeError(f"{what} must be a tf_keras Model (keras.Sequential or keras.Model(inputs, outputs)), "

@@ -364,7 +364,7 @@ def test_bad_representative_data(qat, samples, error, parts):
 
 def test_48_fewer_labels_than_samples(model, data):
     x, y = data
-    with pytest.raises(ValueError, match=both("x has 32 samples but y has 30", "one label per sample")):
+    with pytest.raises(ValueError, match=both("x has 32 samples but y has 30", "one target per sample")):
         qx.sensitivity(model, (x, y[:30]), verbose=False)
 
 

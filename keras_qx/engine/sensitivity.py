@@ -95,6 +95,8 @@ def _check_targets(model, loss_fn, y, n: int) -> np.ndarray:
     name = type(loss_fn).__name__ if isinstance(loss_fn, keras.losses.Loss) else kind or type(loss_fn).__name__
     classes = int(model.output_shape[-1] or 1)
     y = np.asarray(y)
+    if y.ndim == 0 or len(y) != n:
+        raise ValueError(f"x has {n} samples but y has {len(y) if y.ndim else 1} targets; pass one target per sample.")
     if kind.startswith("sparse_categorical"):
         if y.ndim == 2 and y.shape[1] == classes > 1:
             raise ValueError(f"y looks one-hot (shape {y.shape}), but the loss {name} takes integer class ids; "
@@ -107,8 +109,6 @@ def _check_targets(model, loss_fn, y, n: int) -> np.ndarray:
     if y.dtype.kind not in "biuf":
         raise TypeError(f"y must be numeric targets, got {y.dtype} values such as {y.ravel()[:3].tolist()}; "
                         "map class names to ids first.")
-    if len(y) != n:
-        raise ValueError(f"x has {n} samples but y has {len(y)} targets; pass one target per sample.")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise ValueError(f"y contains {int((~np.isfinite(y)).sum())} NaN/inf values; clean the targets.")
     return y
