@@ -35,9 +35,8 @@ def check_writable(path) -> None:
 def write_atomic(path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file."""
     path = os.fspath(path)
+    check_writable(path)
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist.")
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keras_qx-", suffix=".tmp")
     except OSError as err:
