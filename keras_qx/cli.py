@@ -70,11 +70,11 @@ def _out_path(args, name):
 def _demo(args) -> int:
     from keras_qx.demo import format_table, run_demo
 
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
     from keras_qx.quant.policy import Policy
 
     policy = Policy.from_file(args.policy) if args.policy else None  # a bad file fails before training
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     rows = run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, out_dir=args.out, policy=policy,
                     budget=args.budget, print_fn=_say)
     print(format_table(rows))

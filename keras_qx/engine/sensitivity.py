@@ -87,7 +87,7 @@ def _one_hot(y: np.ndarray, classes: int) -> bool:
 
 def _check_targets(model, loss_fn, y, n: int) -> np.ndarray:
     """``y`` checked against the loss before any work: class ids in range for a sparse
-    cross-entropy, one-hot rows for a categorical one, numbers shaped like the output otherwise."""
+    cross-entropy, one-hot rows for a categorical one, finite numbers otherwise."""
     from keras_qx._io import check_labels
 
     fn = getattr(loss_fn, "fn", loss_fn)  # a Loss instance wraps its function
