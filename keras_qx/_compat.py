@@ -54,6 +54,7 @@ __all__ = [
     "model_transformer",
     "keras_tuner",
     "check_model",
+    "check_float_model",
     "has_graph",
     "is_graph_model",
     "is_quantized_layer",
@@ -70,6 +71,7 @@ __all__ = [
     "activation_sites",
     "tflite_schema",
     "tf_symbol",
+    "hdf5_problem",
 ]
 
 PACKAGE = "keras_qx"
@@ -104,7 +106,23 @@ def check_model(model, what: str = "model") -> None:
             "Keras 2 models. Build the model with `import tf_keras as keras` (not `tf.keras` or "
             "`import keras`)."
         )
-    raise TypeError(f"{what} must be a tf_keras Model, got {type(model).__name__}.")
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and (
+            os.path.exists(model) or model.endswith((".keras", ".h5", ".hdf5")))):
+        raise TypeError(f"{what} is a path ({os.fspath(model)!r}), not a model; load it first with "
+                        "qx.load_model(path).")
+    raise TypeError(f"{what} must be a tf_keras Model (keras.Sequential or keras.Model(inputs, outputs)), "
+                    f"got {type(model).__name__}.")
+
+
+def check_float_model(model, what: str = "model") -> None:
+    """:func:`check_model`, and raise if ``model`` is already a QAT model (from ``qx.quantize``)."""
+    check_model(model, what)
+    quantized = [l.name for l in model.layers if is_quantized_layer(l)]
+    if quantized:
+        raise ValueError(
+            f"{what} {model.name!r} is already quantized (tfmot layers {quantized[:3]}); pass the float "
+            "model it was made from. A QAT model trains with fit() and exports with qx.export_tflite as it is."
+        )
 
 
 # Private internals of tf_keras, tfmot and TF, reached only here (they move between versions).
@@ -217,3 +235,14 @@ def tf_symbol(name: str):
     from tensorflow.python.util.tf_export import get_symbol_from_name
 
     return get_symbol_from_name(name)
+
+
+def hdf5_problem(path) -> str | None:
+    """Why h5py cannot open the HDF5 file ``path`` (truncated, corrupt), or None if it can."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return None
+    except OSError as err:
+        return str(err)

@@ -15,12 +15,17 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["write_atomic", "check_writable", "check_samples", "check_inputs", "model_input_specs", "check_xy"]
+__all__ = ["write_atomic", "check_writable", "check_samples", "check_inputs", "model_input_specs", "check_xy",
+           "check_labels", "check_count"]
 
 
 def check_writable(path) -> None:
-    """Raise before any work is done if ``path`` cannot be written (missing or read-only dir)."""
+    """Raise before any work is done if ``path`` cannot be written (a directory, a missing or
+    read-only directory)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a directory; give a file path such as "
+                                f"{os.path.join(path, 'model.tflite')!r}.")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist.")
@@ -31,9 +36,8 @@ def check_writable(path) -> None:
 def write_atomic(path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file."""
     path = os.fspath(path)
+    check_writable(path)
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist.")
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keras_qx-", suffix=".tmp")
     except OSError as err:
@@ -51,17 +55,31 @@ def write_atomic(path, data: bytes) -> None:
         raise
 
 
-def _from_dataset(x):
-    """Samples of a ``tf.data.Dataset`` (of x or (x, y) batches) as one array; anything else as is."""
-    if type(x).__name__.endswith("Dataset") and hasattr(x, "as_numpy_iterator"):
-        return np.concatenate([np.asarray(b[0] if isinstance(b, tuple) else b) for b in x.as_numpy_iterator()])
-    return x
+def _from_dataset(x, rank: int, what: str):
+    """Samples of a ``tf.data.Dataset`` (of x or (x, y) elements, batched or single samples of
+    rank ``rank``) as one array; anything else as is."""
+    if not (type(x).__name__.endswith("Dataset") and hasattr(x, "as_numpy_iterator")):
+        return x
+    parts = []
+    for element in x.as_numpy_iterator():
+        element = element[0] if isinstance(element, tuple) else element
+        if isinstance(element, dict):
+            raise TypeError(f"{what} is a tf.data.Dataset of dicts (keys {sorted(element)}); map it to the "
+                            "model input, e.g. ds.map(lambda d: d['image']).")
+        parts.append(np.asarray(element))
+    if not parts:
+        raise ValueError(f"{what} is an empty tf.data.Dataset; pass at least one sample.")
+    single = parts[0].ndim == rank  # an unbatched dataset yields single samples
+    return np.stack(parts) if single else np.concatenate(parts)
 
 
 def check_samples(x, input_shape, what: str = "representative_data", dtype="float32") -> np.ndarray:
     """``x`` as ``dtype`` (the model input's: float32, or int32 token ids) shaped
     (n, *input_shape), with clear errors for the usual mistakes."""
-    x = _from_dataset(x)
+    if x is None:
+        raise ValueError(f"{what} is None; pass samples shaped (n, {', '.join(map(str, input_shape))}) "
+                         "(100-500 typical training samples).")
+    x = _from_dataset(x, len(input_shape), what)
     dtype = np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
     try:
         raw = np.asarray(x)
@@ -80,7 +98,8 @@ def check_samples(x, input_shape, what: str = "representative_data", dtype="floa
         raise ValueError(f"{what} is empty; pass at least one sample (100-500 typical training samples).")
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
-        raise ValueError(f"{what} contains {bad} NaN/inf values; clean the data before exporting.")
+        raise ValueError(f"{what} contains {bad} NaN/inf values; clean the data first (e.g. np.nan_to_num, "
+                         "or drop those samples).")
     return x
 
 
@@ -95,7 +114,6 @@ def check_inputs(x, specs, what: str = "representative_data") -> list:
     ``specs`` lists the inputs as ``(name, shape without the batch axis, dtype)``. ``x`` is an
     array (a single-input model), a list or tuple in the model's input order, or a dict keyed
     by input name; every input must have the same number of samples."""
-    x = _from_dataset(x)
     names = [name for name, _, _ in specs]
     if isinstance(x, dict):
         missing, extra = [n for n in names if n not in x], [k for k in x if k not in names]
@@ -129,3 +147,47 @@ def check_xy(data, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"{what} has {len(x)} samples and {len(y)} labels; they must match and be > 0.")
     return x, y
+
+
+def check_labels(y, n: int, what: str = "y", classes: int | None = None) -> np.ndarray:
+    """Class labels ``y`` for ``n`` samples as integer ids ``(n,)``: one-hot rows ``(n, classes)``
+    become their argmax, a column ``(n, 1)`` is flattened. With ``classes``, ids must lie in
+    ``0..classes-1``."""
+    try:
+        y = np.asarray(y)
+    except ValueError as err:
+        raise TypeError(f"{what} must be an array of class ids, got something ragged: {err}") from None
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"{what} must hold integer class ids (0, 1, ...), got {y.dtype} values such as "
+                        f"{y.ravel()[:3].tolist()}; map them to ids first, e.g. np.unique(y, return_inverse=True)[1].")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 0:
+        raise ValueError(f"{what} is a single value ({y.item()!r}); pass one label per sample, shaped (n,).")
+    if len(y) != n:
+        raise ValueError(f"x has {n} samples but {what} has {len(y)} labels; pass one label per sample.")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise ValueError(f"{what} contains {int((~np.isfinite(y)).sum())} NaN/inf values; clean the labels.")
+    if y.ndim == 2:
+        if classes is not None and y.shape[1] != classes:
+            raise ValueError(f"{what} has one-hot rows of width {y.shape[1]}, but the model has {classes} "
+                             "outputs; pass integer class ids or one-hot rows of the model's width.")
+        return y.argmax(1)
+    if y.ndim != 1:
+        raise ValueError(f"{what} has shape {y.shape}; pass class ids (n,) or one-hot rows (n, classes).")
+    if y.dtype.kind == "f":
+        if not np.array_equal(y, np.round(y)):
+            raise ValueError(f"{what} holds fractional values such as {y[y != np.round(y)][:3].tolist()}; "
+                             "pass integer class ids (0, 1, ...) or one-hot rows.")
+        y = y.astype(np.int64)
+    if classes is not None and len(y) and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"{what} holds class ids {int(y.min())}..{int(y.max())}, but the model has {classes} "
+                         f"outputs (ids 0..{classes - 1}); check the labels belong to this model.")
+    return y
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else a clear error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)

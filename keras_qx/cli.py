@@ -52,9 +52,14 @@ def _model_and_data(args):
 
 def _candidates(text: str) -> tuple:
     try:
-        return tuple(int(b) for b in text.split(","))
+        bits = tuple(int(b) for b in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"candidates must look like 2,4,8, got {text!r}") from None
+    bad = [b for b in bits if not 2 <= b <= 8]
+    if bad:
+        raise argparse.ArgumentTypeError(f"candidates {bad} are not weight bit widths; use integers in 2..8, "
+                                         "e.g. 2,4,8")
+    return bits
 
 
 def _out_path(args, name):
@@ -65,11 +70,13 @@ def _out_path(args, name):
 def _demo(args) -> int:
     from keras_qx.demo import format_table, run_demo
 
+    from keras_qx.quant.policy import Policy
+
+    policy = Policy.from_file(args.policy) if args.policy else None  # a bad file fails before training
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    rows = run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, out_dir=args.out,
-                    policy=open(args.policy).read() if args.policy else None, budget=args.budget,
-                    print_fn=_say)
+    rows = run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, out_dir=args.out, policy=policy,
+                    budget=args.budget, print_fn=_say)
     print(format_table(rows))
     return 0
 
@@ -194,8 +201,8 @@ def _inspect(args) -> int:
     from keras_qx.lite.evaluate import gzip_size
     from keras_qx.lite.inspect import inspect_tflite, read_model
 
+    info = inspect_tflite(args.path)  # errors name the file
     data = read_model(args.path)
-    info = inspect_tflite(data)
     print(f"{args.path}: {info.size_bytes:,} bytes ({gzip_size(data):,} gzipped), "
           f"{'fully integer' if info.fully_integer else 'float compute ops: ' + ', '.join(info.float_ops)}")
     print("ops: " + ", ".join(info.ops))
@@ -256,11 +263,23 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "policy", None) and not os.path.isfile(args.policy):
         parser.error(f"--policy {args.policy!r}: no such file")
+    if getattr(args, "data", None) and not os.path.isfile(args.data):
+        parser.error(f"--data {args.data!r}: no such file; pass an .npz with x_train, y_train, x_test, y_test "
+                     "(np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))")
+    if getattr(args, "model", None) and not os.path.exists(args.model):
+        parser.error(f"--model {args.model!r}: no such file or directory; pass a .keras, .h5 or SavedModel "
+                     "written by model.save(...)")
+    if getattr(args, "out", None) and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out!r} is a file, not a directory; pass a directory for the outputs")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as err:
-        print(f"keras-qx: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: files (missing, corrupt, denied)
+        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        print(f"keras-qx: error: {lines[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("keras-qx: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, 
     say = print_fn or (lambda *_: None)
     if policy is None:
         parse_budget(budget)  # a bad budget fails before training
+    else:
+        policy = Policy.coerce(policy)  # and so does a bad policy
     model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say(s if s.startswith(" ") else "[1/4] " + s))
     if policy is None:
         budget_bytes = budget_from(quantizable_layers(model), budget_bytes=budget)

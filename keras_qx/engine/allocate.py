@@ -64,6 +64,9 @@ def choice_units(options: Mapping[str, Mapping], ties: Iterable[Sequence[str]] =
 def check_keep(layers, keep: Sequence[str]) -> list[str]:
     """``keep`` as a list, after checking it names quantizable layers of the model."""
     names = [l.name for l in layers]
+    if isinstance(keep, str) or not isinstance(keep, (list, tuple, set, frozenset)):
+        raise PolicyError(f"keep must be a list of layer names, e.g. keep=[{keep!r}], got {type(keep).__name__} "
+                          f"{keep!r}.")
     unknown = [n for n in keep if n not in names]
     if unknown:
         raise PolicyError(f"keep names layer(s) {unknown} that are not quantizable layers of the model: {names}.")
@@ -230,6 +233,9 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
     names = [l.name for l in layers]
     if report is None:
         report = sensitivity(model, data, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
+    elif not isinstance(report, SensitivityReport):
+        raise TypeError(f"report must be the SensitivityReport qx.sensitivity(model, data) returns, got "
+                        f"{type(report).__name__}.")
     missing = [n for n in names if n not in report.damage]
     if missing:
         raise ValueError(f"the sensitivity report lacks layer(s) {missing}; it was made for another model.")

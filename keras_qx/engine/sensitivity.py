@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import check_model, keras, tf
+from keras_qx._compat import check_float_model, keras, tf
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params
 from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits
@@ -50,25 +50,68 @@ def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int
 
 def quantizable_layers(model) -> list:
     """Layers whose kernels the policy can set (kinds TFLite stores as integers)."""
-    check_model(model)
+    check_float_model(model)
     from keras_qx.rewrite.flatten import flatten_nested
 
     return [l for l in flatten_nested(model, copies=False).layers if kernel_kind(l) is not None and kernel_kind(l).integer_export]
 
 
 def infer_loss(model, y):
-    """The model's compiled loss, else cross-entropy for labels (logits unless the last
-    layer ends in softmax), else MSE."""
+    """The model's compiled loss, else cross-entropy for labels (class ids, or one-hot rows;
+    logits unless the last layer ends in softmax), else MSE."""
     if getattr(model, "compiled_loss", None) is not None and isinstance(model.loss, (str, keras.losses.Loss)):
         return keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
     y = np.asarray(y)
     out_dim = int(model.output_shape[-1] or 1)
-    if np.issubdtype(y.dtype, np.integer) and out_dim > 1 and y.ndim == 1:
-        last = model.layers[-1]
-        from_logits = getattr(getattr(last, "activation", None), "__name__", "") != "softmax" and not isinstance(
-            last, keras.layers.Softmax)
+    last = model.layers[-1]
+    from_logits = getattr(getattr(last, "activation", None), "__name__", "") != "softmax" and not isinstance(
+        last, keras.layers.Softmax)
+    if out_dim > 1 and y.ndim == 1 and _integral(y):
         return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    if _one_hot(y, out_dim):
+        return keras.losses.CategoricalCrossentropy(from_logits=from_logits)
     return keras.losses.MeanSquaredError()
+
+
+def _integral(y: np.ndarray) -> bool:
+    """Integer ids, possibly stored as floats (labels read from a CSV)."""
+    return y.dtype.kind in "iu" or (y.dtype.kind == "f" and bool(np.isfinite(y).all())
+                                     and np.array_equal(y, np.round(y)))
+
+
+def _one_hot(y: np.ndarray, classes: int) -> bool:
+    """``y`` is one-hot rows ``(n, classes)``: 0/1 values, one 1 per row."""
+    return (classes > 1 and y.ndim == 2 and y.shape[1] == classes and y.dtype.kind in "biuf"
+            and bool(np.isin(y, (0, 1)).all()) and bool((y.sum(1) == 1).all()))
+
+
+def _check_targets(model, loss_fn, y, n: int) -> np.ndarray:
+    """``y`` checked against the loss before any work: class ids in range for a sparse
+    cross-entropy, one-hot rows for a categorical one, finite numbers otherwise."""
+    from keras_qx._io import check_labels
+
+    fn = getattr(loss_fn, "fn", loss_fn)  # a Loss instance wraps its function
+    kind = getattr(fn, "__name__", "")
+    name = type(loss_fn).__name__ if isinstance(loss_fn, keras.losses.Loss) else kind or type(loss_fn).__name__
+    classes = int(model.output_shape[-1] or 1)
+    y = np.asarray(y)
+    if y.ndim == 0 or len(y) != n:
+        raise ValueError(f"x has {n} samples but y has {len(y) if y.ndim else 1} targets; pass one target per sample.")
+    if kind.startswith("sparse_categorical"):
+        if y.ndim == 2 and y.shape[1] == classes > 1:
+            raise ValueError(f"y looks one-hot (shape {y.shape}), but the loss {name} takes integer class ids; "
+                             "pass y.argmax(-1), or compile the model with CategoricalCrossentropy.")
+        return check_labels(y, n, "y", classes)
+    if kind.startswith("categorical_") and y.ndim == 1:
+        raise ValueError(f"y holds class ids (shape {y.shape}), but the loss {name} takes one-hot rows "
+                         f"(n, {classes}); pass keras.utils.to_categorical(y, {classes}), or compile the model "
+                         "with SparseCategoricalCrossentropy.")
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"y must be numeric targets, got {y.dtype} values such as {y.ravel()[:3].tolist()}; "
+                        "map class names to ids first.")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise ValueError(f"y contains {int((~np.isfinite(y)).sum())} NaN/inf values; clean the targets.")
+    return y
 
 
 def _kernels(layer):
@@ -212,16 +255,17 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
     if method != "sqnr":
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
             raise TypeError("data must be a tuple (x, y) of samples and targets.")
-        from keras_qx._io import check_samples
+        from keras_qx._io import check_count, check_samples
 
         if max_samples is None:
             max_samples = 256 if method == "hessian" else 512
+        max_samples = check_count(max_samples, "max_samples")
+        check_count(batch_size, "batch_size")
         x = check_samples(data[0], model.input_shape[1:], "x")
         y = np.asarray(data[1])
-        if len(y) != len(x):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)} targets.")
-        x, y = x[:max_samples], y[:max_samples]
         loss_fn = keras.losses.get(loss) if loss is not None else infer_loss(model, y)
+        y = _check_targets(model, loss_fn, y, len(x))
+        x, y = x[:max_samples], y[:max_samples]
 
     damage = {l.name: {} for l in layers}
     step = _progress(len(layers) * len(candidates), verbose)

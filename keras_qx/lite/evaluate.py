@@ -13,7 +13,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from keras_qx._io import check_inputs
+from keras_qx._io import check_inputs, check_labels
 from keras_qx._runtime import run
 from keras_qx.lite.inspect import inspect_tflite, read_model
 
@@ -30,6 +30,8 @@ def gzip_size(data: bytes) -> int:
 def _accuracy(y, pred):
     """Top-1 accuracy: ``y`` as integer labels or one-hot; a single (sigmoid) unit is a binary
     classifier thresholded at 0.5."""
+    if pred.ndim == 2 and pred.shape[1] > 1:  # the usual classifier: ids or one-hot, checked
+        return float((pred.argmax(1) == check_labels(y, len(pred), "y", classes=pred.shape[1])).mean())
     if pred.shape[-1] == 1:
         if y.size != pred.size:
             raise ValueError(f"labels of shape {y.shape} do not fit the single-unit output {pred.shape}.")
@@ -93,12 +95,14 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
         ``{<metric>: value, "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n",
         "delegate", "threads"}``; a multi-output model's metrics are keyed ``"<metric>/output_<i>"``.
     """
+    info = inspect_tflite(model_bytes_or_path)  # errors name the file
     model = read_model(model_bytes_or_path)
-    info = inspect_tflite(model)
     specs = [(re.sub(r"^serving_default_|:\d+$", "", name), shape,  # the Keras input's name
               "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
              for name, kind, shape in info.inputs]
     xs = check_inputs(x, specs, "x")
+    if y is not None and metric == "accuracy" and not isinstance(y, (list, tuple)):
+        check_labels(y, len(xs[0]), "y")  # type, length and NaN before the run; the classes after it
     result = run(model, xs, num_threads=num_threads, latency_runs=latency_runs)
     n_out = len(result.outputs)
     scores = {}

@@ -9,10 +9,11 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from keras_qx._compat import check_model
-from keras_qx._io import check_inputs, check_writable, model_input_specs, write_atomic
+from keras_qx._io import check_count, check_inputs, check_writable, model_input_specs, write_atomic
 from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
@@ -95,6 +96,12 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
         :class:`TFLiteModel`: the flatbuffer bytes, with ``.report``.
     """
     _check_qat_model(qat_model)
+    for name, flag in (("int8_io", int8_io), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"export_tflite({name}=...) must be True or False, got {flag!r}.")
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, numbers.Real) or not 0 <= min_agreement <= 1:
+        raise ValueError(f"min_agreement is a fraction in 0..1 (0.9 means 90% top-1 agreement), got {min_agreement!r}.")
+    check_count(verify_samples, "verify_samples")
     samples = check_inputs(representative_data, model_input_specs(qat_model))
     if path is not None:
         check_writable(path)

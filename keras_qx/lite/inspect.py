@@ -33,19 +33,30 @@ def _schema():
     return schema
 
 
+def _source(model_or_path) -> str:
+    """How errors name the model: its path, or "the TFLite data" for bytes."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return repr(os.fspath(model_or_path))
+    return "the TFLite data"
+
+
 def read_model(model_or_path) -> bytes:
     """Bytes of a TFLite model given as bytes or a path (with a clear error otherwise)."""
     if isinstance(model_or_path, (bytes, bytearray, memoryview)):
         data = bytes(model_or_path)
     elif isinstance(model_or_path, (str, os.PathLike)):
+        if os.path.isdir(model_or_path):
+            raise IsADirectoryError(f"{_source(model_or_path)} is a directory; pass the .tflite file in it.")
         if not os.path.isfile(model_or_path):
-            raise FileNotFoundError(f"no TFLite file at {os.fspath(model_or_path)!r}.")
+            raise FileNotFoundError(f"no TFLite file at {_source(model_or_path)}.")
         with open(model_or_path, "rb") as fh:
             data = fh.read()
     else:
-        raise TypeError(f"expected TFLite bytes or a file path, got {type(model_or_path).__name__}.")
+        raise TypeError(f"expected TFLite bytes or a .tflite file path, got {type(model_or_path).__name__}; "
+                        "export the model first: qx.export_tflite(qat_model, x, path).")
     if len(data) < 8 or data[4:8] != b"TFL3":
-        raise ValueError("the data is not a TFLite flatbuffer (no 'TFL3' identifier).")
+        raise ValueError(f"{_source(model_or_path)} is not a TFLite flatbuffer (no 'TFL3' identifier); pass a "
+                         ".tflite file written by qx.export_tflite or qx.ptq.")
     return data
 
 
@@ -86,7 +97,14 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
     """Parse the flatbuffer: op list, constant tensors (type, shape, bytes), float compute ops."""
     data = read_model(model_or_path)
     schema = _schema()
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    try:
+        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+        if not model.subgraphs or not all(b.offset + b.size <= len(data) for b in model.buffers or []
+                                          if getattr(b, "offset", 0) > 1):
+            raise ValueError("its graph or weights lie past the end of the file")
+    except Exception as err:  # a truncated flatbuffer fails in struct unpacking, or reads garbage
+        raise ValueError(f"{_source(model_or_path)} is not a valid TFLite file: it is truncated or corrupt "
+                         f"({type(err).__name__}: {str(err)[:120]}). Export it again with qx.export_tflite.") from None
     info = TFLiteInfo(size_bytes=len(data))
     main = model.subgraphs[0]
     for i in main.inputs:

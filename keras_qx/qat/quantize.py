@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from keras_qx._compat import check_model, keras, quantize_annotate, tf, tfmot
+from keras_qx._compat import check_float_model, check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
@@ -83,10 +83,10 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
 
     Raises:
         PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
-        TypeError/ValueError: a Keras 3, subclassed or unbuilt model.
+        TypeError/ValueError: a Keras 3, subclassed, unbuilt or already quantized model.
     """
     policy = Policy.coerce(policy)
-    check_model(model)
+    check_float_model(model)
     model, policy = _flatten(model, policy)
     specs = _specs(model, policy)
     unexportable = {n: s.activation_bits for n, s in specs.items()
@@ -124,7 +124,8 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
 
     annotated = keras.models.clone_model(model, clone_function=wrap)
     if not any(isinstance(l, quantize_annotate.QuantizeAnnotate) for l in annotated.layers):
-        raise PolicyError("the policy keeps every layer float; nothing to quantize.")
+        raise PolicyError("the policy keeps every layer float (quantize: false); nothing to quantize. Set "
+                          "quantize: true on the layers to quantize, or convert the float model with qx.ptq.")
     # tfmot rebuilds the model from its config: make the model's own layer classes resolvable
     # (custom layers need no registration).
     own_classes = {type(_inner(l)).__name__: type(_inner(l)) for l in model.layers}

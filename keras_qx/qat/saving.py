@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 
-from keras_qx._compat import PACKAGE, keras, own_variables, quantize_layer, quantize_wrapper, tfmot
+from keras_qx._compat import PACKAGE, hdf5_problem, keras, own_variables, quantize_layer, quantize_wrapper, tfmot
 
 __all__ = ["quantize_scope", "custom_objects", "load_model"]
 
@@ -77,6 +78,36 @@ def _keras_format_fixes():
                 setattr(cls, name, original)
 
 
+def _check_saved_file(path: str) -> None:
+    """Raise a clear error naming ``path`` if it cannot be a saved Keras model (a truncated or
+    corrupt ``.keras``/``.h5``, a TFLite file, a directory without a SavedModel)."""
+    again = "Save the model again with model.save('model.keras')."
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, n)) for n in ("saved_model.pb", "saved_model.pbtxt")):
+            raise ValueError(f"cannot load {path!r}: a directory without saved_model.pb is not a SavedModel; "
+                             "pass a .keras or .h5 file, or a SavedModel directory.")
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.getinfo("config.json")
+        except (zipfile.BadZipFile, KeyError) as err:
+            raise ValueError(f"cannot load {path!r}: not a complete .keras archive, truncated or corrupt "
+                             f"({err}). {again}") from None
+    elif head == b"\x89HDF\r\n\x1a\n":
+        problem = hdf5_problem(path)
+        if problem:
+            raise ValueError(f"cannot load {path!r}: the HDF5 file is truncated or corrupt ({problem}). {again}")
+    elif head[4:8] == b"TFL3":
+        raise ValueError(f"cannot load {path!r}: it is a TFLite file, not a Keras model; use qx.inspect_tflite or "
+                         "qx.evaluate_tflite on it, and qx.load_model on the .keras/.h5 file it came from.")
+    else:
+        raise ValueError(f"cannot load {path!r}: it is neither a .keras archive (zip) nor an HDF5 .h5 file; it is "
+                         f"truncated, corrupt or not a Keras model. {again}")
+
+
 def load_model(path, compile: bool = True):
     """Load a QAT (or float) model saved as ``.keras``, ``.h5`` or a SavedModel directory.
 
@@ -86,5 +117,6 @@ def load_model(path, compile: bool = True):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no saved model at {path!r}.")
+    _check_saved_file(path)
     with quantize_scope():
         return keras.models.load_model(path, compile=compile)

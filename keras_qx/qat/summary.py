@@ -5,7 +5,7 @@ Example:
 """
 from __future__ import annotations
 
-from keras_qx._compat import keras, quantize_wrapper
+from keras_qx._compat import check_model, keras, quantize_wrapper
 from keras_qx.quant.cost import LayerCost, layer_cost
 
 __all__ = ["summary", "layer_costs"]
@@ -45,6 +45,7 @@ def summary(qat_model, print_fn=print) -> str:
     Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT4 where the
     exporter packs, int8 otherwise, int32 biases, float32 for float layers.
     """
+    check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)
     header = ("Layer", "Type", "W bits", "A bits", "Params", "Bytes")
     table = [(c.name, c.type, _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -72,6 +73,12 @@ def _check_fields(entry: Mapping[str, Any], where: str, allowed: Iterable[str]) 
     if "quantize" in out and not isinstance(out["quantize"], bool):
         raise PolicyError(f"{where}: quantize must be true or false, got {out['quantize']!r}.")
     return out
+
+
+def _looks_like_path(text: str) -> bool:
+    """A string that names a JSON file rather than holding JSON."""
+    text = text.strip()
+    return not text.startswith("{") and (text.endswith(".json") or os.path.isfile(text))
 
 
 def _class_names(layer) -> list[str]:
@@ -154,25 +161,50 @@ class Policy:
                    meta=data.get("meta", {}))
 
     @classmethod
-    def from_json(cls, text: str) -> "Policy":
+    def from_json(cls, text: str, source: str = "policy JSON") -> "Policy":
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise PolicyError(f"{source} must be JSON text, got {type(text).__name__}.")
+        if isinstance(text, str) and _looks_like_path(text):
+            raise PolicyError(f"policy {text!r} is a file path, not JSON text; load the file with "
+                              f"qx.Policy.from_file({text!r}).")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise PolicyError(f"policy JSON does not parse: {err}") from None
+            raise PolicyError(f"{source} does not parse at line {err.lineno} column {err.colno}: {err.msg}. "
+                              "Write it as JSON, e.g. {\"default\": {\"weight_bits\": 8}} (double quotes, "
+                              "no trailing commas).") from None
         return cls.from_dict(data)
 
     @classmethod
+    def from_file(cls, path) -> "Policy":
+        """Read a policy JSON file (as ``policy.to_json()`` writes it); errors name the file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no policy file at {path!r}; write one with "
+                                    "open(path, 'w').write(policy.to_json()).")
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        try:
+            return cls.from_json(text, f"policy file {path!r}")
+        except PolicyError as err:
+            message = str(err)
+            raise PolicyError(message if path in message else f"policy file {path!r}: {message}") from None
+
+    @classmethod
     def coerce(cls, policy: Any) -> "Policy":
-        """Accept None (uniform 8-bit), a Policy, a dict or a JSON string."""
+        """Accept None (uniform 8-bit), a Policy, a dict, a JSON string or a JSON file's path."""
         if policy is None:
             return cls.uniform()
         if isinstance(policy, Policy):
             return policy
         if isinstance(policy, Mapping):
             return cls.from_dict(policy)
+        if isinstance(policy, os.PathLike) or (isinstance(policy, str) and _looks_like_path(policy)):
+            return cls.from_file(policy)
         if isinstance(policy, str):
             return cls.from_json(policy)
-        raise PolicyError(f"policy must be a Policy, dict or JSON string, got {type(policy).__name__}.")
+        raise PolicyError(f"policy must be a Policy, dict, JSON string or path of a JSON file, got "
+                          f"{type(policy).__name__}.")
 
     def to_dict(self) -> dict:
         out = {"default": dict(self.default), "rules": [dict(r) for r in self.rules],

@@ -38,14 +38,19 @@ ACTIVATION_BITS = range(2, 17)
 
 def check_bits(value: Any, what: str, allowed: range = WEIGHT_BITS) -> int:
     """Return ``value`` as an int if it is an integer bit width in ``allowed``, else raise."""
+    floatish = value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                                 and int(value) in (0, 16, 32))
+    float_hint = " (to keep a layer float, set quantize to false instead)" if floatish and allowed == WEIGHT_BITS else ""
+    if isinstance(value, str) and value.strip().isdigit():
+        float_hint = f"; write the number {value.strip()} without quotes"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"{what} must be an integer number of bits in {allowed.start}..{allowed.stop - 1}, "
-            f"got {value!r} ({type(value).__name__})."
+            f"got {value!r} ({type(value).__name__}){float_hint}."
         )
     if int(value) not in allowed:
         raise ValueError(
-            f"{what}={value} is out of range; use {allowed.start}..{allowed.stop - 1} bits."
+            f"{what}={value} is out of range; use {allowed.start}..{allowed.stop - 1} bits{float_hint}."
         )
     return int(value)
 
