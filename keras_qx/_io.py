@@ -21,7 +21,10 @@ __all__ = ["write_atomic", "check_writable", "check_samples", "check_inputs", "m
 
 def check_writable(path) -> None:
     """Raise before any work is done if ``path`` cannot be written (a directory, a missing or
-    read-only directory)."""
+    read-only directory).
+
+    Probes by creating and removing a temporary file there, as ``write_atomic`` will:
+    ``os.access`` says yes to root on a read-only mount or a pseudo-filesystem."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path!r}: it is a directory; give a file path such as "
@@ -29,8 +32,13 @@ def check_writable(path) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist.")
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"cannot write {path!r}: directory {directory!r} is not writable.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".keras_qx-", suffix=".probe")
+    except OSError as err:
+        raise PermissionError(f"cannot write {path!r}: directory {directory!r} is not writable "
+                              f"({err.strerror}).") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_atomic(path, data: bytes) -> None:

@@ -1,11 +1,15 @@
-"""keras_qx QuantizeConfigs: round trips, the kernel-kind table, and a real tfmot wrapper."""
+"""keras_qx QuantizeConfigs: round trips; each layer kind and activation quantized as the TFLite
+file stores it (compared with an exported file, not with a copy of the tables); a real tfmot
+wrapper against numpy."""
 import inspect
+import warnings
 
 import numpy as np
 import pytest
 
+import keras_qx as qx
 from keras_qx.quant import configs
-from keras_qx._compat import keras, quantize_wrapper, tf
+from keras_qx._compat import keras, quantize_wrapper, tf, tflite_schema
 from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
@@ -123,28 +127,129 @@ def test_bad_bits_rejected_by_configs():
         OutputQuantizeConfig(17)
 
 
-# ---- kernel_kind -------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "layer,attrs,per_channel,axis,int4",
-    [
-        (L.Dense(3), ("kernel",), False, -1, True),
-        (L.Conv2D(3, 3), ("kernel",), True, -1, True),
-        (L.DepthwiseConv2D(3), ("depthwise_kernel",), True, -1, True),
-        (L.Conv2DTranspose(3, 3), ("kernel",), False, -2, False),
-        (L.SeparableConv2D(3, 3), ("depthwise_kernel", "pointwise_kernel"), False, -1, True),
-        (L.Conv1D(3, 3), ("kernel",), False, -1, True),  # per-channel Conv1D does not convert
-    ],
-    ids=lambda v: type(v).__name__ if isinstance(v, L.Layer) else None,
-)
-def test_kernel_kind(layer, attrs, per_channel, axis, int4):
-    kind = kernel_kind(layer)
-    assert kind is not None
-    assert issubclass(type(layer), kind.layer_type)
-    assert kind.weight_attrs == attrs
-    assert kind.per_channel == per_channel
-    assert kind.channel_axis == axis
-    assert kind.int4_export == int4
-    assert kernel_kind(type(layer)) is kind  # classes work as well as instances
+# ---- layer kinds, by what quantize() and the exporter do with them ---------------------------
+# Nothing here restates the kinds table: one model has a branch per layer kind with kernels,
+# quantized at 4 bits, trained a step and exported, and for every kind the QAT model is
+# compared with the layer itself (which weights are kernels) and with the TFLite file (which
+# bits, which scale groups, which values). A wrong table entry shows up as a disagreement.
+KERNEL_BRANCHES = [
+    lambda x: L.Conv2D(5, 3, name="conv2d")(x),
+    lambda x: L.DepthwiseConv2D(3, name="depthwise")(x),
+    lambda x: L.DepthwiseConv2D(3, depth_multiplier=2, name="depthwise_x2")(x),
+    lambda x: L.SeparableConv2D(5, 3, name="separable")(x),  # split into depthwise + 1x1 conv
+    lambda x: L.Conv2DTranspose(5, 3, name="transpose")(x),
+    lambda x: L.Conv1D(5, 3, name="conv1d")(L.Reshape((24, 8))(x)),
+]
+
+
+def _file_kernels(data):
+    """{QAT layer name: [(type, integer values, scales, quantized dimension)]} for the constant
+    tensors of rank >= 2 in a TFLite file (INT4 unpacked, low nibble first)."""
+    schema = tflite_schema()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    out = {}
+    for tensor in model.subgraphs[0].tensors:
+        buf = model.buffers[tensor.buffer].data
+        if buf is None or len(tensor.shape) < 2:
+            continue
+        raw, kind = np.asarray(buf, np.uint8), types[tensor.type]
+        if kind == "INT4":
+            nibbles = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1).astype(np.int8)
+            ints = np.where(nibbles >= 8, nibbles - 16, nibbles)[: int(np.prod(tensor.shape))]
+        else:
+            assert kind == "INT8", kind
+            ints = raw.view(np.int8)
+        owner = tensor.name.decode().split(";")[0].split("/")[1]  # "<model>/quant_<layer>/<op>"
+        q = tensor.quantization
+        out.setdefault(owner, []).append((kind, ints.reshape(tensor.shape), np.asarray(q.scale), q.quantizedDimension))
+    return out
+
+
+def _qat_kernels(wrapper):
+    """[(float kernel, bits, the kernel the op uses, scale per group)] of a QAT layer."""
+    cfg = wrapper.quantize_config
+    var = {v.name.split("/")[-1].split(":")[0]: v for v in wrapper.weights}
+    q = cfg.weight_quantizer
+    out = []
+    for attr in cfg.weight_attrs:
+        lo, hi = var[attr + "_min"], var[attr + "_max"]
+        used = q(var[attr], False, {"min_var": lo, "max_var": hi}).numpy()
+        out.append((var[attr], q.bits, used, np.reshape(hi.numpy(), -1) / (2 ** (q.bits - 1) - 1)))
+    return out
+
+
+def _distinct(values, rtol=1e-5):
+    """Sorted values with near-equal neighbours merged."""
+    values = np.sort(np.reshape(values, -1))
+    keep = np.concatenate([[True], np.diff(values) > rtol * np.abs(values[1:])])
+    return values[keep]
+
+
+@pytest.fixture(scope="module")
+def kinds_exported():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    flat = [L.Flatten()(branch(inputs)) for branch in KERNEL_BRANCHES]
+    model = keras.Model(inputs, L.Dense(4, name="dense")(L.Concatenate()(flat)), name="kinds")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat = qx.quantize(model, {"default": {"weight_bits": 4}})
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 8, 8, 3)).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(x, rng.random((64, 4)), epochs=1, verbose=0)
+    data = qx.export_tflite(qat, x, verify=False)
+    trained_at_8 = [str(w.message) for w in caught if "train at 8 bits" in str(w.message)]
+    return model, qat, trained_at_8, _file_kernels(bytes(data))
+
+
+@pytest.mark.slow
+def test_each_kind_quantizes_its_kernels_on_the_grid_the_file_stores(kinds_exported):
+    from keras_qx.quant.cost import storage_bits
+
+    model, qat, trained_at_8, file = kinds_exported
+    wrappers = {l.name: l for l in qat.layers if isinstance(getattr(l, "quantize_config", None), KernelQuantizeConfig)}
+    checked = 0
+    for layer in model.layers:
+        kernels = [w for w in layer.weights if w.shape.rank >= 2]  # biases and BN vectors are rank 1
+        halves = [wrappers[n] for n in (f"quant_{layer.name}", f"quant_{layer.name}_depthwise") if n in wrappers]
+        assert bool(halves) == bool(kernels), layer.name
+        if not kernels:
+            continue
+        # Which weights: exactly the layer's kernels, each once (a split layer across its halves).
+        quantized = [k for half in halves for k in _qat_kernels(half)]
+        assert sorted(tuple(k[0].shape) for k in quantized) == sorted(tuple(w.shape) for w in kernels)
+        # At what bits: the policy's 4, unless quantize() said it trains this one at 8.
+        named = any(f"'{layer.name}'" in message for message in trained_at_8)
+        for half in halves:
+            ours, theirs = _qat_kernels(half), file[half.name]
+            assert len(ours) == len(theirs) == 1, (half.name, len(ours), len(theirs))
+            (_, bits, used, scales), (kind, ints, file_scales, axis) = ours[0], theirs[0]
+            assert bits == (8 if named else 4), layer.name
+            # The file stores what QAT simulates: as many bits as the cost model counts...
+            assert {"INT4": 4, "INT8": 8}[kind] == storage_bits(layer, bits), (layer.name, kind, bits)
+            n = 2 ** (bits - 1) - 1
+            assert np.abs(ints).max() == n  # ...on the symmetric narrow grid, the extreme at +-n,
+            # ...with the same scale groups (one, or one per channel) and scales,
+            np.testing.assert_allclose(_distinct(file_scales), _distinct(scales), rtol=1e-5)
+            # ...and the same values (compared sorted: the file's layout is TFLite's).
+            shape = [1] * ints.ndim
+            shape[axis] = -1
+            dequantized = ints * (file_scales.reshape(shape) if file_scales.size > 1 else file_scales)
+            np.testing.assert_allclose(np.sort(dequantized.reshape(-1)), np.sort(used.reshape(-1)),
+                                       rtol=1e-5, atol=1e-6 * np.abs(used).max())
+            checked += 1
+    assert checked == len(wrappers) == len(file) == 8  # 6 branches (separable in two halves) + dense
+    assert trained_at_8 and all(f"'{n}'" not in " ".join(trained_at_8) for n in ("conv2d", "dense", "conv1d"))
+
+
+def test_kernel_kind_of_class_and_instance_agree():
+    for layer in (L.Dense(3), L.Conv2D(3, 3), L.DepthwiseConv2D(3), L.Conv2DTranspose(3, 3),
+                  L.SeparableConv2D(3, 3), L.Conv1D(3, 3), L.Embedding(5, 2)):
+        kind = kernel_kind(layer)
+        assert kind is not None and kernel_kind(type(layer)) is kind
+        assert isinstance(layer, kind.layer_type)
 
 
 def test_kernel_kind_subclasses_get_most_specific_kind():
@@ -262,16 +367,79 @@ def test_set_quantize_weights_checks_count():
         cfg.set_quantize_weights(layer, [layer.depthwise_kernel])
 
 
-def test_activation_config_uses_tflite_fixed_grids():
+def _file_outputs(data):
+    """{QAT layer name: [(op, scale, zero point)]} of the ops of a TFLite file, by the layer the
+    name of their output tensor starts with (a fused ADD+RELU is named after the ReLU)."""
+    schema = tflite_schema()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    graph = model.subgraphs[0]
+    out = {}
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        tensor = graph.tensors[op.outputs[0]]
+        parts = tensor.name.decode().split(";")[0].split("/")
+        if len(parts) > 2:
+            q = tensor.quantization
+            out.setdefault(parts[1], []).append((op_names[max(code.builtinCode, code.deprecatedBuiltinCode)],
+                                                 float(q.scale[0]), int(q.zeroPoint[0])))
+    return out
+
+
+@pytest.mark.slow
+def test_activation_layers_quantize_on_the_grid_the_file_uses(rng):
+    """Every Activation/Softmax layer: the grid QAT puts its output on is the grid of its op in
+    the TFLite file (the fixed grids of LOGISTIC, TANH and SOFTMAX, or the learnt range of a
+    ReLU), its QAT outputs lie on that grid, and a linear activation is left alone."""
     from keras_qx.quant.quantizers import FixedRangeQuantizer
 
-    cfg = ActivationQuantizeConfig(8)
-    assert cfg.get_output_quantizers(L.Activation("softmax")) == [FixedRangeQuantizer(0.0, 255 / 256)]
-    assert cfg.get_output_quantizers(L.Softmax()) == [FixedRangeQuantizer(0.0, 255 / 256)]
-    assert cfg.get_output_quantizers(L.Activation("sigmoid")) == [FixedRangeQuantizer(0.0, 255 / 256)]
-    assert cfg.get_output_quantizers(L.Activation("tanh")) == [FixedRangeQuantizer(-1.0, 127 / 128)]
-    assert cfg.get_output_quantizers(L.Activation("linear")) == []
-    assert cfg.get_output_quantizers(L.Activation("relu")) == [cfg.activation_quantizer]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = inputs
+    activations = [L.Activation("sigmoid", name="sigmoid"), L.Activation("tanh", name="tanh"),
+                   L.Softmax(name="softmax_layer"), L.Activation("softmax", name="softmax"),
+                   L.Activation("linear", name="linear")]
+    for i, activation in enumerate(activations):
+        h = activation(L.Dense(8, name=f"fc{i}")(h))
+    h = L.Activation("relu", name="relu")(L.Add()([h, L.Dense(8, name="skip")(inputs)]))
+    model = keras.Model(inputs, L.Dense(3, name="out")(h), name="acts")
+    qat = qx.quantize(model)
+    x = (rng.normal(size=(128, 6)) * 3).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(x, rng.random((128, 3)), epochs=1, verbose=0)
+    file = _file_outputs(bytes(qx.export_tflite(qat, x, verify=False)))
+
+    names = [l.name for l in activations] + ["relu"]
+    wrappers = [qat.get_layer(f"quant_{n}") for n in names]
+    assert all(isinstance(w.quantize_config, ActivationQuantizeConfig) for w in wrappers)
+    probe = keras.Model(qat.inputs, [t for w in wrappers for t in (w.input, w.output)])
+    values = probe.predict(x, verbose=0)
+    fixed = 0
+    for wrapper, before, after in zip(wrappers, values[::2], values[1::2]):
+        quantizers = wrapper.quantize_config.get_output_quantizers(wrapper.layer)
+        if not quantizers:  # linear: nothing to quantize, no op in the file
+            assert wrapper.name == "quant_linear" and wrapper.name not in file
+            np.testing.assert_array_equal(after, before)
+            continue
+        (q,) = quantizers
+        # One op, no QUANTIZE after it: a requantization would mean QAT simulated another grid.
+        ops = file[wrapper.name]
+        assert len(ops) == 1 and ops[0][0] not in ("QUANTIZE", "DEQUANTIZE"), (wrapper.name, ops)
+        _, scale, zero_point = ops[0]
+        if isinstance(q, FixedRangeQuantizer):  # the op's fixed output grid, simulated exactly
+            fixed += 1
+            low, step = q.low, q.step
+        else:  # a learnt range: the file's scale and zero point come from it
+            assert isinstance(q, ActivationQuantizer) and wrapper.name == "quant_relu"
+            var = {v.name.split("/")[-1].split(":")[0]: float(v.numpy()) for v in wrapper.weights}
+            step = (var["output_max"] - var["output_min"]) / 255
+            low = -round(-var["output_min"] / step) * step  # TF's nudged minimum
+        assert scale == pytest.approx(step, rel=1e-5)
+        assert scale * (-128 - zero_point) == pytest.approx(low, rel=1e-5, abs=1e-6)
+        k = (after.astype(np.float64) - low) / step
+        np.testing.assert_allclose(k, np.round(k), atol=1e-3)
+        assert k.min() > -1e-3 and k.max() < 255 + 1e-3
+    assert fixed == 4
 
 
 def test_fixed_range_quantizer_matches_tflite_sigmoid_grid(rng):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
+from keras_qx._io import check_writable
 from keras_qx.demo import MIXED_POLICY
 from tests.conftest import compile_classifier
 
@@ -88,13 +89,40 @@ def test_export_writes_atomically_and_refuses_bad_paths(exported, digits, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["ok.tflite"]  # no temp files left
     with pytest.raises(FileNotFoundError):
         qx.export_tflite(qat, x[:50], tmp_path / "missing" / "m.tflite")
+    with pytest.raises(FileNotFoundError):  # the "directory" is a file
+        qx.export_tflite(qat, x[:50], path / "m.tflite")
+    # procfs takes no new files, not even from root (CI runs as root; a chmod-ed directory
+    # would not stop it)
+    with pytest.raises(PermissionError, match="not writable"):
+        qx.export_tflite(qat, x[:50], "/proc/m.tflite")
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.tflite"]
+
+
+def test_check_writable_probes_the_directory(tmp_path):
+    """check_writable creates and removes a file, so it answers what a write would do: also
+    for root, whom os.access lets "write" to a read-only mount or procfs."""
+    check_writable(tmp_path / "m.tflite")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    with pytest.raises(PermissionError, match="'/proc' is not writable"):
+        check_writable("/proc/m.tflite")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_writable(tmp_path / "file" / "m.tflite")
+    # A directory without write permission: refused exactly when a real write fails (root's
+    # does not, and then there is no reason to refuse).
     readonly = tmp_path / "ro"
     readonly.mkdir()
     readonly.chmod(0o500)
-    if os.access(readonly, os.W_OK):
-        pytest.skip("running as a user who can write anywhere")
-    with pytest.raises(PermissionError):
-        qx.export_tflite(qat, x[:50], readonly / "m.tflite")
+    try:
+        (readonly / "x").write_bytes(b"")
+        (readonly / "x").unlink()
+    except PermissionError:
+        with pytest.raises(PermissionError, match="not writable"):
+            check_writable(readonly / "m.tflite")
+    else:
+        check_writable(readonly / "m.tflite")
+    assert list(readonly.iterdir()) == []
+    readonly.chmod(0o700)
 
 
 @pytest.mark.parametrize("data, text", [

@@ -7,7 +7,8 @@ over layers on the Pareto frontier of (bytes, damage) partial solutions: a parti
 that costs more and damages more than another can never be part of an optimum, so pruning
 them loses nothing. (Past ``max_states`` frontier points, the frontier is thinned to the
 best point per cost bucket; the result is then approximate, and says so in
-``resolution_bytes``. Models of up to a few hundred layers stay exact.)
+``resolution_bytes``: no worse than the exact optimum under a budget that many bytes smaller.
+Models of up to a few hundred layers stay exact.)
 
 Example:
     >>> policy = qx.auto_policy(model, (x, y), compression=6)       # doctest: +SKIP
@@ -43,7 +44,7 @@ class Allocation:
     kernel_bytes: int
     damage: float
     budget_bytes: int
-    resolution_bytes: int = 0  # 0: exact; else optimal up to this cost bucket
+    resolution_bytes: int = 0  # 0: exact; else at least as good as the optimum at budget - this
 
 
 def choice_units(options: Mapping[str, Mapping], ties: Iterable[Sequence[str]] = ()) -> list[tuple[list, list]]:
@@ -97,11 +98,15 @@ def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
                 frontier.append(point)
                 best = point[1]
         if len(frontier) > max_states:
-            resolution = max(resolution, math.ceil(budget_bytes / max_states))
             # Keep each bucket's cheapest point (feasibility) and its least damaging (quality).
+            # Swapping a dropped point for its bucket's least damaging one costs < bucket bytes
+            # more, and the swaps of successive thinnings add up: the result is at least as good
+            # as the exact optimum under budget - resolution (one bucket per thinning).
+            bucket = math.ceil(budget_bytes / max_states)
+            resolution += bucket
             ends = {}
             for point in frontier:
-                key = point[0] // resolution
+                key = point[0] // bucket
                 ends[key] = (ends.get(key, (point,))[0], point)
             frontier = sorted({p for pair in ends.values() for p in pair})
         if not frontier:

@@ -36,7 +36,10 @@ METHODS = ("loss", "hessian", "sqnr")
 
 
 def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1) -> np.ndarray:
-    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range."""
+    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range.
+
+    Ties round half up, as TF's FakeQuantWithMinMaxVars does (``floor(x + 0.5)``), not half to
+    even as ``np.round`` would: a weight exactly between two levels lands where QAT puts it."""
     levels = 2 ** (bits - 1) - 1
     if per_channel:
         axis = channel_axis % w.ndim
@@ -45,7 +48,7 @@ def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int
     else:
         bound = np.abs(w).max()
     scale = np.where(bound > 0, bound / levels, 1.0)
-    return (np.clip(np.round(w / scale), -levels, levels) * scale).astype(w.dtype)
+    return (np.clip(np.floor(w / scale + 0.5), -levels, levels) * scale).astype(w.dtype)
 
 
 def quantizable_layers(model) -> list:

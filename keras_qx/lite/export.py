@@ -94,6 +94,11 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
 
     Returns:
         :class:`TFLiteModel`: the flatbuffer bytes, with ``.report``.
+
+    The bytes are a function of the QAT model: the same weights and names give the same file
+    (no timestamp; tests/test_determinism.py). Tensor names carry the Keras model's name
+    (``model/quant_conv/Conv2D``), and an unnamed model is ``model``, ``model_1``... by a
+    process-wide Keras counter: name the model to reproduce a file byte for byte.
     """
     _check_qat_model(qat_model)
     for name, flag in (("int8_io", int8_io), ("verify", verify)):
