@@ -1,0 +1,77 @@
+"""Export you can trust: saved files cannot run code, and library calls leave no global traces.
+
+Each attack is shown to work without the guard (so the test proves something), then refused.
+"""
+import json
+import zipfile
+
+import pytest
+
+import keras_qx as qx
+from keras_qx._compat import keras, tf, tf_symbol
+from keras_qx.rewrite import tfop
+from keras_qx.rewrite.tfop import SAFE_TF_OPS, VALUE_PRESERVING, TFOp
+
+
+# 1. TFOp calls only side-effect-free TF ops
+
+
+def test_allowlist_names_real_ops():
+    assert [n for n in SAFE_TF_OPS if tf_symbol(n) is None] == []
+    assert all(tfop.is_safe_tf_op(n) for n in VALUE_PRESERVING | {"einsum", "math.multiply", "nn.silu"})
+
+
+@pytest.mark.parametrize("symbol", ["io.write_file", "io.read_file", "print", "py_function", "numpy_function",
+                                    "compat.v1.py_func", "raw_ops.WriteFile", "raw_ops.Add", "debugging.check_numerics"])
+def test_tfop_refuses_unsafe_ops(symbol):
+    with pytest.raises(ValueError, match=rf"tf\.{symbol}.*allowlist.*Replace that call"):
+        TFOp(symbol, {"args": [{"__tensor__": 0}]}, name="op")
+    with pytest.raises(ValueError, match=rf"layer 'op' calls tf\.{symbol}.*do not load a file you did not write"):
+        TFOp.from_config({"name": "op", "symbol": symbol, "template": {"args": []}})
+
+
+def test_quantize_refuses_a_model_calling_an_unsafe_op():
+    inputs = keras.Input((4,))
+    x = tf.debugging.check_numerics(keras.layers.Dense(4)(inputs), "bad")  # a TFOpLambda off the list
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    with pytest.raises(ValueError, match=r"tf\.debugging\.check_numerics.*Keras layer"):
+        qx.quantize(model)
+
+
+def _craft_write_file_model(tmp_path, target):
+    """A .keras file whose TFOp layer was edited to call tf.io.write_file(target, ...)."""
+    inputs = keras.Input((4,))
+    x = TFOp("math.multiply", {"args": [{"__tensor__": 0}, 2.0], "kwargs": {}}, name="scale")(inputs)
+    keras.Model(inputs, keras.layers.Dense(2, name="d")(x)).save(tmp_path / "clean.keras")
+    crafted = tmp_path / "crafted.keras"
+    with zipfile.ZipFile(tmp_path / "clean.keras") as src, zipfile.ZipFile(crafted, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                layer = next(l for l in config["config"]["layers"] if l["config"]["name"] == "scale")
+                layer["config"].update(symbol="io.write_file", template={"args": [str(target), "pwned"]})
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    return crafted, layer["config"]
+
+
+def test_crafted_tfop_cannot_write_a_file(tmp_path, monkeypatch):
+    target = tmp_path / "pwned.txt"
+    crafted, layer_config = _craft_write_file_model(tmp_path, target)
+    with monkeypatch.context() as m:  # without the allowlist, the crafted layer writes the file
+        m.setattr(tfop, "SAFE_TF_OPS", SAFE_TF_OPS | {"io.write_file"})
+        try:
+            TFOp.from_config(layer_config)(tf.zeros((1, 4)))
+        except Exception:
+            pass  # write_file returns no tensor; the file is written by then
+    assert target.read_text() == "pwned"
+    target.unlink()
+
+    with pytest.raises(ValueError, match=r"tf\.io\.write_file.*whatever safe_mode says"):
+        qx.load_model(crafted)
+    with qx.quantize_scope(), pytest.raises(ValueError, match="io.write_file"):
+        keras.models.load_model(crafted)
+    with pytest.raises(ValueError, match="io.write_file"):
+        TFOp.from_config(layer_config)
+    assert not target.exists()
