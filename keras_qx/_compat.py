@@ -4,6 +4,11 @@
 tfmot only works with Keras 2 (``tf_keras``); TF 2.16+ ships Keras 3 as
 ``tf.keras``. Everything in keras_qx imports Keras from here so that a Keras 3
 object can never slip in unnoticed.
+
+Importing this module changes one thing outside keras_qx, once and idempotently: tfmot's
+``QuantizeLayer`` and ``QuantizeWrapper`` get the ``build_from_config`` and
+``load_own_variables`` that tf_keras 2.21's ``.keras`` loader needs to read them (see
+:func:`_install_keras_format_fixes`). They are used by that loader only.
 """
 from __future__ import annotations
 
@@ -198,3 +203,45 @@ def tf_symbol(name: str):
     from tensorflow.python.util.tf_export import get_symbol_from_name
 
     return get_symbol_from_name(name)
+
+
+def _load_wrapper_variables(layer, store):
+    """``load_own_variables`` for tfmot wrappers saved in the ``.keras`` format.
+
+    A wrapper built around an already-built layer (as ``quantize_apply`` makes them) lists
+    the inner layer's trainable weights twice, so the file holds more entries than a freshly
+    loaded wrapper has; the extra entries are the leading ones. Drop them, check shapes.
+    """
+    variables = own_variables(layer)
+    saved = [store[str(i)] for i in range(len(store.keys()))]
+    extra = len(saved) - len(variables)
+    if extra < 0:
+        raise ValueError(f"layer {layer.name!r}: the file holds {len(saved)} variables, the model needs "
+                         f"{len(variables)}; the file was not written from this architecture.")
+    for var, value in zip(variables, saved[extra:]):
+        if tuple(var.shape) != tuple(value.shape):
+            raise ValueError(f"layer {layer.name!r}: variable {var.name} has shape {tuple(var.shape)} but "
+                             f"the file holds {tuple(value.shape)}.")
+        var.assign(value)
+
+
+def _skip_build_from_config(self, config):
+    """tfmot layers build once, when first called; the loader's early build would build twice."""
+
+
+def _install_keras_format_fixes() -> None:
+    """Teach tfmot's layers tf_keras 2.21's ``.keras`` loader, once (idempotent).
+
+    Both methods are called only by that loader (``saving_lib`` and ``serialization_lib``), so
+    nothing else changes. Per-call patching inside ``quantize_scope`` was not thread-safe and
+    made tfmot's classes differ inside and outside the scope.
+    """
+    fixes = [(quantize_layer.QuantizeLayer, "build_from_config", _skip_build_from_config),
+             (quantize_wrapper.QuantizeWrapper, "build_from_config", _skip_build_from_config),
+             (quantize_wrapper.QuantizeWrapper, "load_own_variables", _load_wrapper_variables)]
+    for cls, name, fn in fixes:
+        if cls.__dict__.get(name) is not fn:
+            setattr(cls, name, fn)
+
+
+_install_keras_format_fixes()

@@ -46,15 +46,28 @@ def test_loaded_model_keeps_training_and_exports(trained_qat, tmp_path):
     assert len(tfl.report.info.int4_tensors) == 3  # fc, out (4-bit) and conv (2-bit, stored as INT4)
 
 
-def test_scope_restores_keras_methods():
+def test_loading_never_patches_tfmot_classes(trained_qat, tmp_path):
+    """The .keras fixes are installed once, at import; no scope or load touches tfmot's classes."""
+    from keras_qx import _compat
     from keras_qx._compat import quantize_layer, quantize_wrapper
 
-    before = (quantize_layer.QuantizeLayer.build_from_config, quantize_wrapper.QuantizeWrapper.load_own_variables)
+    names = ("build_from_config", "load_own_variables")
+    classes = (quantize_layer.QuantizeLayer, quantize_wrapper.QuantizeWrapper, quantize_wrapper.QuantizeWrapperV2)
+
+    def methods():
+        return [(c, n, c.__dict__.get(n)) for c in classes for n in names]
+
+    before = methods()
+    assert quantize_wrapper.QuantizeWrapper.load_own_variables is _compat._load_wrapper_variables
+    qat, _ = trained_qat
+    qat.save(tmp_path / "m.keras")
     with pytest.raises(RuntimeError):
         with qx.quantize_scope():
+            assert methods() == before
             raise RuntimeError("boom")
-    after = (quantize_layer.QuantizeLayer.build_from_config, quantize_wrapper.QuantizeWrapper.load_own_variables)
-    assert before == after
+    qx.load_model(tmp_path / "m.keras")
+    _compat._install_keras_format_fixes()  # idempotent
+    assert methods() == before
 
 
 def test_annotated_float_model_round_trips(tmp_path):
@@ -70,3 +83,4 @@ def test_annotated_float_model_round_trips(tmp_path):
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="nope.keras"):
         qx.load_model("nope.keras")
+

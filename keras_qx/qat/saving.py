@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from keras_qx._compat import PACKAGE, keras, own_variables, quantize_layer, quantize_wrapper, tfmot
+from keras_qx._compat import PACKAGE, keras, tfmot
 
 __all__ = ["quantize_scope", "custom_objects", "load_model"]
 
@@ -24,57 +24,15 @@ def custom_objects() -> dict:
 def quantize_scope(*extra: dict):
     """tfmot's ``quantize_scope`` plus every keras_qx object (from the registry).
 
-    Inside it, ``keras.models.load_model`` also reads QAT models saved as ``.keras``
-    (which tfmot's own scope cannot on tf_keras 2.21).
+    Inside it, ``keras.models.load_model`` also reads QAT models saved as ``.keras`` (keras_qx
+    teaches tfmot's layers that format once, when imported: see ``keras_qx._compat``).
 
     Example:
         >>> with qx.quantize_scope():                          # doctest: +SKIP
         ...     model = keras.models.load_model("qat.keras")
     """
-    with tfmot.quantization.keras.quantize_scope(custom_objects(), *extra) as scope, _keras_format_fixes():
+    with tfmot.quantization.keras.quantize_scope(custom_objects(), *extra) as scope:
         yield scope
-
-
-def _load_wrapper_variables(layer, store):
-    """``load_own_variables`` for tfmot wrappers saved in the ``.keras`` format.
-
-    A wrapper built around an already-built layer (as ``quantize_apply`` makes them) lists
-    the inner layer's trainable weights twice, so the file holds more entries than a freshly
-    loaded wrapper has; the extra entries are the leading ones. Drop them, check shapes.
-    """
-    variables = own_variables(layer)
-    saved = [store[str(i)] for i in range(len(store.keys()))]
-    extra = len(saved) - len(variables)
-    if extra < 0:
-        raise ValueError(f"layer {layer.name!r}: the file holds {len(saved)} variables, the model needs "
-                         f"{len(variables)}; the file was not written from this architecture.")
-    for var, value in zip(variables, saved[extra:]):
-        if tuple(var.shape) != tuple(value.shape):
-            raise ValueError(f"layer {layer.name!r}: variable {var.name} has shape {tuple(var.shape)} but "
-                             f"the file holds {tuple(value.shape)}.")
-        var.assign(value)
-
-
-@contextlib.contextmanager
-def _keras_format_fixes():
-    """tfmot layers in tf_keras 2.21's ``.keras`` loader: build once (at call time), and
-    match the wrapper's saved variable list (see :func:`_load_wrapper_variables`)."""
-    patched = [
-        (quantize_layer.QuantizeLayer, "build_from_config", lambda self, config: None),
-        (quantize_wrapper.QuantizeWrapper, "build_from_config", lambda self, config: None),
-        (quantize_wrapper.QuantizeWrapper, "load_own_variables", _load_wrapper_variables),
-    ]
-    saved = [(cls, name, cls.__dict__.get(name)) for cls, name, _ in patched]
-    try:
-        for cls, name, fn in patched:
-            setattr(cls, name, fn)
-        yield
-    finally:
-        for cls, name, original in saved:
-            if original is None:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, original)
 
 
 def load_model(path, compile: bool = True):
