@@ -12,6 +12,7 @@ Importing this module changes one thing outside keras_qx, once and idempotently:
 """
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot sets it too; be explicit.
@@ -74,6 +75,8 @@ __all__ = [
     "own_variables",
     "tflite_schema",
     "tf_symbol",
+    "safe_mode_scope",
+    "saved_model_layer_configs",
 ]
 
 PACKAGE = "keras_qx"
@@ -245,3 +248,33 @@ def _install_keras_format_fixes() -> None:
 
 
 _install_keras_format_fixes()
+
+
+def safe_mode_scope(safe_mode: bool):
+    """tf_keras's safe-mode flag for the block; its legacy (h5, SavedModel) loaders read it too
+    (``Lambda``/RNN cell wrappers refuse Python bytecode) but never set it themselves."""
+    from tf_keras.src.saving import serialization_lib
+
+    return serialization_lib.SafeModeScope(bool(safe_mode))
+
+
+def saved_model_layer_configs(path) -> list:
+    """The Keras metadata (``class_name``, ``config``...) of every object of a SavedModel
+    directory written by tf_keras, as dicts; empty if it holds none.
+
+    Raises:
+        ValueError: ``keras_metadata.pb`` is unreadable.
+    """
+    from google.protobuf import message
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    file = os.path.join(os.fspath(path), "keras_metadata.pb")
+    if not os.path.exists(file):
+        return []
+    metadata = saved_metadata_pb2.SavedMetadata()
+    try:
+        with open(file, "rb") as fh:
+            metadata.ParseFromString(fh.read())
+        return [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
+    except (message.DecodeError, ValueError) as err:
+        raise ValueError(f"{file!r} is corrupt ({err}); save the model again.") from err

@@ -5,6 +5,7 @@ Each attack is shown to work without the guard (so the test proves something), t
 import json
 import zipfile
 
+import numpy as np
 import pytest
 
 import keras_qx as qx
@@ -68,10 +69,55 @@ def test_crafted_tfop_cannot_write_a_file(tmp_path, monkeypatch):
     assert target.read_text() == "pwned"
     target.unlink()
 
-    with pytest.raises(ValueError, match=r"tf\.io\.write_file.*whatever safe_mode says"):
-        qx.load_model(crafted)
+    for safe_mode in (True, False):  # no safe_mode switch lets a TFOp call an op off the list
+        with pytest.raises(ValueError, match=rf"{crafted.name}.*tf\.io\.write_file.*whatever safe_mode says"):
+            qx.load_model(crafted, safe_mode=safe_mode)
     with qx.quantize_scope(), pytest.raises(ValueError, match="io.write_file"):
         keras.models.load_model(crafted)
     with pytest.raises(ValueError, match="io.write_file"):
         TFOp.from_config(layer_config)
     assert not target.exists()
+
+
+# 2. load_model keeps safe mode on, whatever the format
+
+
+def _lambda_model(marker):
+    """A model whose Lambda layer writes ``marker`` whenever it is called (also while the
+    model is rebuilt on load)."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Lambda(eval(f"lambda t: (open({str(marker)!r}, 'w').close(), t)[1]"), name="double")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, name="d")(x))
+
+
+@pytest.mark.parametrize("name", ["m.keras", "m.h5", "saved_model"])
+def test_lambda_layers_are_refused_in_every_format(tmp_path, name):
+    marker = tmp_path / "ran"
+    model = _lambda_model(marker)
+    path = tmp_path / name
+    model.save(path)
+    marker.unlink()
+    if name == "m.h5":  # tf_keras alone runs the file's bytecode while loading an h5 file
+        keras.models.load_model(path)
+        assert marker.exists()
+        marker.unlink()
+    with pytest.raises(ValueError, match=rf"{name}.*Lambda layer 'double'.*safe_mode=False only if you trust"):
+        qx.load_model(path)
+    assert not marker.exists()
+    loaded = qx.load_model(path, safe_mode=False)  # the user's explicit trust
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_unsafe_layers_finds_nested_lambdas_and_raw_tf_calls():
+    config = {"class_name": "Functional", "config": {"name": "m", "layers": [
+        {"class_name": "TFOpLambda", "config": {"name": "tf.math.multiply", "function": "math.multiply"}},
+        {"class_name": "TFOpLambda", "config": {"name": "w", "function": "io.write_file"}},
+        {"class_name": "TimeDistributed", "config": {"name": "td", "layer": {
+            "module": "keras.layers", "class_name": "Lambda", "config": {"name": "inner"}}}},
+        {"class_name": "Sequential", "config": {"name": "s", "layers": [
+            {"class_name": "keras.layers.Lambda", "config": {"name": "deep"}}]}}]}}
+    from keras_qx.qat.saving import unsafe_layers
+
+    assert unsafe_layers(config) == ["layer 'w' calling tf.io.write_file", "Lambda layer 'inner'",
+                                     "Lambda layer 'deep'"]

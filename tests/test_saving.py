@@ -84,3 +84,47 @@ def test_missing_file():
     with pytest.raises(FileNotFoundError, match="nope.keras"):
         qx.load_model("nope.keras")
 
+
+def _float_files(tmp_path):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    for name in ("m.keras", "m.h5", "sm"):
+        model.save(tmp_path / name)
+    model.save_weights(tmp_path / "weights.h5")
+    return model
+
+
+@pytest.mark.parametrize("make, error, text", [
+    (lambda p: (p / "m.keras").read_bytes()[:300], ValueError, r"not a valid \.keras file .*truncated"),
+    (lambda p: (p / "m.h5").read_bytes()[:3000], ValueError, r"not a readable HDF5 file .*truncated"),
+    (lambda p: b"not a model", ValueError, r"not a valid \.h5 file"),
+    (lambda p: (p / "weights.h5").read_bytes(), ValueError, r"holds no model, only weights.*load_weights"),
+    ("dir", ValueError, "is a directory but not a SavedModel"),
+    ("bad_saved_model", OSError, "cannot load .*Wire format was corrupt"),
+    ("zip", ValueError, "zip archive.*rename it to end in .keras"),
+    ("no_config", ValueError, r"not a readable \.keras file .*config\.json"),
+])
+def test_unreadable_files_name_the_file(tmp_path, make, error, text):
+    import shutil
+    import zipfile
+
+    _float_files(tmp_path)
+    if make == "dir":
+        path = tmp_path / "empty"
+        path.mkdir()
+    elif make == "bad_saved_model":
+        path = tmp_path / "sm"
+        (path / "saved_model.pb").write_bytes(b"garbage")
+    elif make == "zip":
+        path = tmp_path / "m.zip"
+        shutil.copy(tmp_path / "m.keras", path)
+    elif make == "no_config":
+        path = tmp_path / "bare.keras"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("metadata.json", "{}")
+    else:
+        path = tmp_path / ("bad.keras" if "keras" in text else "bad.h5")
+        path.write_bytes(make(tmp_path))
+    with pytest.raises(error, match=text) as info:
+        qx.load_model(path)
+    assert repr(str(path)) in str(info.value)
