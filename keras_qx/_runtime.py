@@ -131,7 +131,7 @@ def _child(workdir: str) -> None:
         job = json.load(fh)
     with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
         runner = Runner(fh.read(), job["num_threads"])
-    x = np.load(os.path.join(workdir, "x.npy"))
+    x = np.load(os.path.join(workdir, "x.npy"), allow_pickle=False)
     outputs = runner.predict(x)
     for sample in x[: min(10, job["latency_runs"])]:  # warm-up
         runner.invoke_one(sample)
@@ -186,7 +186,7 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
             raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))
         with open(meta_path) as fh:
             meta = json.load(fh)
-        outputs = np.load(os.path.join(workdir, "outputs.npy"))
+        outputs = np.load(os.path.join(workdir, "outputs.npy"), allow_pickle=False)
     return RunResult(outputs, meta["output_step"], meta["delegate"], meta["times"])
 
 

@@ -3,6 +3,7 @@
 Each attack is shown to work without the guard (so the test proves something), then refused.
 """
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -121,3 +122,41 @@ def test_unsafe_layers_finds_nested_lambdas_and_raw_tf_calls():
 
     assert unsafe_layers(config) == ["layer 'w' calling tf.io.write_file", "Lambda layer 'inner'",
                                      "Lambda layer 'deep'"]
+
+
+# 3. The CLI never unpickles
+
+
+class _Evil:
+    """Unpickling this makes a directory: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_cli_refuses_pickled_data(tmp_path, capsys):
+    from keras_qx.cli import main
+
+    marker = tmp_path / "unpickled"
+    data = tmp_path / "data.npz"
+    arrays = {k: np.zeros((4, 4), "float32") for k in ("x_train", "x_test")}
+    np.savez(data, y_train=np.array([_Evil(marker)], dtype=object), y_test=np.zeros(4), **arrays)
+    np.load(data, allow_pickle=True)["y_train"]  # what unpickling would do
+    assert marker.is_dir()
+    marker.rmdir()
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "m.keras")
+
+    assert main(["analyze", "--model", str(tmp_path / "m.keras"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "'y_train' holds Python objects" in err and "unpickle" in err
+    assert not marker.exists()
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    assert main(["analyze", "--model", str(tmp_path / "m.keras"), "--data", str(tmp_path / "x.npy")]) == 2
+    assert "single .npy array" in capsys.readouterr().err
+    (tmp_path / "cut.npz").write_bytes(data.read_bytes()[:100])
+    assert main(["analyze", "--model", str(tmp_path / "m.keras"), "--data", str(tmp_path / "cut.npz")]) == 2
+    assert "cut.npz" in (err := capsys.readouterr().err) and "not a readable .npz" in err
