@@ -13,6 +13,7 @@ import keras_qx as qx
 from keras_qx._compat import keras, tf, tf_symbol
 from keras_qx.rewrite import tfop
 from keras_qx.rewrite.tfop import SAFE_TF_OPS, VALUE_PRESERVING, TFOp
+from tests.conftest import tiny_model
 
 
 # 1. TFOp calls only side-effect-free TF ops
@@ -160,3 +161,40 @@ def test_cli_refuses_pickled_data(tmp_path, capsys):
     (tmp_path / "cut.npz").write_bytes(data.read_bytes()[:100])
     assert main(["analyze", "--model", str(tmp_path / "m.keras"), "--data", str(tmp_path / "cut.npz")]) == 2
     assert "cut.npz" in (err := capsys.readouterr().err) and "not a readable .npz" in err
+
+
+# 4. simulate_only survives save, load and clone
+
+
+def test_simulate_only_survives_save_load_and_clone(rng, tmp_path):
+    from keras_qx.qat.quantize import unexportable_layers
+
+    qat = qx.quantize(tiny_model(), {"default": {"activation_bits": 4}}, simulate_only=True)
+    x = rng.random((8, 8, 8, 1)).astype("float32")
+    refused = unexportable_layers(qat)
+    assert refused and set(refused.values()) == {"activation_bits=4"}
+    qat.save(tmp_path / "sim.keras")
+    qat.save(tmp_path / "sim.h5")
+    loaded = qx.load_model(tmp_path / "sim.keras")
+    with qx.quantize_scope():
+        cloned = keras.models.clone_model(loaded)
+    for model in (qat, loaded, qx.load_model(tmp_path / "sim.h5"), cloned):
+        assert unexportable_layers(model) == refused
+        with pytest.raises(qx.ExportError, match="simulate_only.*activation_bits=4"):
+            qx.export_tflite(model, x)
+    assert unexportable_layers(qx.quantize(tiny_model())) == {}
+
+
+def test_simulate_only_int8_only_layer_below_8_bits_is_refused(rng):
+    from keras_qx.qat.quantize import unexportable_layers
+
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2DTranspose(3, 3, name="up")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(keras.layers.Flatten()(x)))
+    policy = {"default": {"weight_bits": 4}}
+    qat = qx.quantize(model, policy, simulate_only=True)
+    assert list(unexportable_layers(qat)) == ["up"]  # before, export went ahead with it
+    with pytest.raises(qx.ExportError, match="simulate_only.*'up'.*weight_bits=4"):
+        qx.export_tflite(qat, rng.random((4, 4, 4, 2)).astype("float32"))
+    with pytest.warns(UserWarning, match="int8"):
+        assert unexportable_layers(qx.quantize(model, policy)) == {}
