@@ -4,6 +4,8 @@ Each attack is shown to work without the guard (so the test proves something), t
 """
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -14,6 +16,8 @@ from keras_qx._compat import keras, tf, tf_symbol
 from keras_qx.rewrite import tfop
 from keras_qx.rewrite.tfop import SAFE_TF_OPS, VALUE_PRESERVING, TFOp
 from tests.conftest import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # 1. TFOp calls only side-effect-free TF ops
@@ -198,3 +202,22 @@ def test_simulate_only_int8_only_layer_below_8_bits_is_refused(rng):
         qx.export_tflite(qat, rng.random((4, 4, 4, 2)).astype("float32"))
     with pytest.warns(UserWarning, match="int8"):
         assert unexportable_layers(qx.quantize(model, policy)) == {}
+
+
+# 5. No global side effects
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """In a fresh process on the svg backend (the old code switched it to Agg for good)."""
+    script = ("import matplotlib, matplotlib.pyplot as plt\n"
+              "before = matplotlib.get_backend()\n"
+              "from keras_qx._plot import axes, finish\n"
+              "fig, ax = axes()\n"
+              "ax.plot([1, 2], [3, 4])\n"
+              f"finish(fig, {str(tmp_path / 'p.png')!r})\n"
+              "print(before, matplotlib.get_backend(), plt.get_fignums())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["svg", "svg", "[]"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
