@@ -12,8 +12,12 @@ Importing this module changes one thing outside keras_qx, once and idempotently:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+
+import numpy as np
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot sets it too; be explicit.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -75,6 +79,7 @@ __all__ = [
     "own_variables",
     "tflite_schema",
     "tf_symbol",
+    "seeded",
     "safe_mode_scope",
     "saved_model_layer_configs",
 ]
@@ -278,3 +283,47 @@ def saved_model_layer_configs(path) -> list:
         return [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
     except (message.DecodeError, ValueError) as err:
         raise ValueError(f"{file!r} is corrupt ({err}); save the model again.") from err
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Seed Python's ``random``, NumPy, TF and Keras's initializers for the block (as
+    ``keras.utils.set_random_seed``), then put the caller's random state back.
+
+    Python's and NumPy's global generators resume exactly where they were; TF's global seed
+    and its eager op-seed sequence are restored, and so is Keras's seed generator. ``None``
+    seeds nothing.
+
+    Example:
+        >>> with seeded(0):
+        ...     a = np.random.rand()              # doctest: +SKIP
+    """
+    if seed is None:
+        yield
+        return
+    from tensorflow.python.eager import context
+    from tf_keras.src import backend
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    eager = tf.executing_eagerly()
+    ctx = context.context()
+    graph = tf.compat.v1.get_default_graph()
+    tf_seed, tf_rng = (ctx._seed, getattr(ctx, "_rng", None)) if eager else (graph.seed, None)
+    holder = backend._SEED_GENERATOR  # thread-local; set_random_seed gives it a new Random
+    had_generator, generator = hasattr(holder, "generator"), getattr(holder, "generator", None)
+    keras.utils.set_random_seed(int(seed))
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if eager:
+            context.set_global_seed(tf_seed)
+            if tf_rng is not None:  # set_global_seed made a new op-seed sequence: resume the old one
+                ctx._rng = tf_rng
+        else:
+            graph.seed = tf_seed
+        if had_generator:
+            holder.generator = generator
+        elif hasattr(holder, "generator"):
+            del holder.generator

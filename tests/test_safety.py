@@ -4,6 +4,7 @@ Each attack is shown to work without the guard (so the test proves something), t
 """
 import json
 import os
+import random
 import subprocess
 import sys
 import zipfile
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras, tf, tf_symbol
+from keras_qx._compat import keras, seeded, tf, tf_symbol
 from keras_qx.rewrite import tfop
 from keras_qx.rewrite.tfop import SAFE_TF_OPS, VALUE_PRESERVING, TFOp
 from tests.conftest import tiny_model
@@ -221,3 +222,47 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["svg", "svg", "[]"]
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _global_state():
+    return random.getstate(), np.random.get_state()
+
+
+def _same_state(a, b):
+    return a[0] == b[0] and all(np.array_equal(u, v) for u, v in zip(a[1], b[1]))
+
+
+def test_seeded_restores_python_numpy_tf_and_keras_random_state():
+    keras.utils.set_random_seed(123)
+    reference = [float(tf.random.uniform(())) for _ in range(2)]
+    weights = keras.layers.Dense(3)
+    weights.build((None, 2))
+    reference_kernel = weights.kernel.numpy()
+
+    keras.utils.set_random_seed(123)
+    first = float(tf.random.uniform(()))
+    before = _global_state()
+    with seeded(7):
+        inside = (random.random(), np.random.rand(), float(tf.random.uniform(())))
+        keras.layers.Dense(3).build((None, 2))
+    assert _same_state(before, _global_state())
+    assert [first, float(tf.random.uniform(()))] == reference  # TF's op-seed sequence resumes
+    dense = keras.layers.Dense(3)
+    dense.build((None, 2))
+    np.testing.assert_array_equal(dense.kernel.numpy(), reference_kernel)  # so does Keras's generator
+    with seeded(7):
+        assert (random.random(), np.random.rand(), float(tf.random.uniform(()))) == inside
+    with seeded(None):
+        random.random()
+    assert not _same_state(before, _global_state())  # None seeds (and restores) nothing
+
+
+def test_data_helpers_leave_the_global_random_state_alone():
+    from keras_qx.data import digits_cnn, load_digits
+
+    before = _global_state()
+    a, b = digits_cnn(filters=2, dense=4, seed=3), digits_cnn(filters=2, dense=4, seed=3)
+    load_digits(seed=1)
+    assert _same_state(before, _global_state())
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
