@@ -266,3 +266,27 @@ def test_data_helpers_leave_the_global_random_state_alone():
     assert _same_state(before, _global_state())
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(wa, wb)
+
+
+def test_write_atomic_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    import stat
+
+    from keras_qx._io import write_atomic
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd):
+        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        fsync(fd)
+
+    def record_replace(src, dst):
+        events.append("rename")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    write_atomic(tmp_path / "out.bin", b"data")
+    assert events == ["file", "rename", "dir"]
+    assert (tmp_path / "out.bin").read_bytes() == b"data"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
