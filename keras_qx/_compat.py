@@ -4,10 +4,20 @@
 tfmot only works with Keras 2 (``tf_keras``); TF 2.16+ ships Keras 3 as
 ``tf.keras``. Everything in keras_qx imports Keras from here so that a Keras 3
 object can never slip in unnoticed.
+
+Importing this module changes one thing outside keras_qx, once and idempotently: tfmot's
+``QuantizeLayer`` and ``QuantizeWrapper`` get the ``build_from_config`` and
+``load_own_variables`` that tf_keras 2.21's ``.keras`` loader needs to read them (see
+:func:`_install_keras_format_fixes`). They are used by that loader only.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import random
+
+import numpy as np
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot sets it too; be explicit.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -71,7 +81,9 @@ __all__ = [
     "activation_sites",
     "tflite_schema",
     "tf_symbol",
-    "hdf5_problem",
+    "seeded",
+    "safe_mode_scope",
+    "saved_model_layer_configs",
 ]
 
 PACKAGE = "keras_qx"
@@ -237,12 +249,117 @@ def tf_symbol(name: str):
     return get_symbol_from_name(name)
 
 
-def hdf5_problem(path) -> str | None:
-    """Why h5py cannot open the HDF5 file ``path`` (truncated, corrupt), or None if it can."""
-    import h5py
+def _load_wrapper_variables(layer, store):
+    """``load_own_variables`` for tfmot wrappers saved in the ``.keras`` format.
 
+    A wrapper built around an already-built layer (as ``quantize_apply`` makes them) lists
+    the inner layer's trainable weights twice, so the file holds more entries than a freshly
+    loaded wrapper has; the extra entries are the leading ones. Drop them, check shapes.
+    """
+    variables = own_variables(layer)
+    saved = [store[str(i)] for i in range(len(store.keys()))]
+    extra = len(saved) - len(variables)
+    if extra < 0:
+        raise ValueError(f"layer {layer.name!r}: the file holds {len(saved)} variables, the model needs "
+                         f"{len(variables)}; the file was not written from this architecture.")
+    for var, value in zip(variables, saved[extra:]):
+        if tuple(var.shape) != tuple(value.shape):
+            raise ValueError(f"layer {layer.name!r}: variable {var.name} has shape {tuple(var.shape)} but "
+                             f"the file holds {tuple(value.shape)}.")
+        var.assign(value)
+
+
+def _skip_build_from_config(self, config):
+    """tfmot layers build once, when first called; the loader's early build would build twice."""
+
+
+def _install_keras_format_fixes() -> None:
+    """Teach tfmot's layers tf_keras 2.21's ``.keras`` loader, once (idempotent).
+
+    Both methods are called only by that loader (``saving_lib`` and ``serialization_lib``), so
+    nothing else changes. Per-call patching inside ``quantize_scope`` was not thread-safe and
+    made tfmot's classes differ inside and outside the scope.
+    """
+    fixes = [(quantize_layer.QuantizeLayer, "build_from_config", _skip_build_from_config),
+             (quantize_wrapper.QuantizeWrapper, "build_from_config", _skip_build_from_config),
+             (quantize_wrapper.QuantizeWrapper, "load_own_variables", _load_wrapper_variables)]
+    for cls, name, fn in fixes:
+        if cls.__dict__.get(name) is not fn:
+            setattr(cls, name, fn)
+
+
+_install_keras_format_fixes()
+
+
+def safe_mode_scope(safe_mode: bool):
+    """tf_keras's safe-mode flag for the block; its legacy (h5, SavedModel) loaders read it too
+    (``Lambda``/RNN cell wrappers refuse Python bytecode) but never set it themselves."""
+    from tf_keras.src.saving import serialization_lib
+
+    return serialization_lib.SafeModeScope(bool(safe_mode))
+
+
+def saved_model_layer_configs(path) -> list:
+    """The Keras metadata (``class_name``, ``config``...) of every object of a SavedModel
+    directory written by tf_keras, as dicts; empty if it holds none.
+
+    Raises:
+        ValueError: ``keras_metadata.pb`` is unreadable.
+    """
+    from google.protobuf import message
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    file = os.path.join(os.fspath(path), "keras_metadata.pb")
+    if not os.path.exists(file):
+        return []
+    metadata = saved_metadata_pb2.SavedMetadata()
     try:
-        with h5py.File(path, "r"):
-            return None
-    except OSError as err:
-        return str(err)
+        with open(file, "rb") as fh:
+            metadata.ParseFromString(fh.read())
+        return [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
+    except (message.DecodeError, ValueError) as err:
+        raise ValueError(f"{file!r} is corrupt ({err}); save the model again.") from err
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Seed Python's ``random``, NumPy, TF and Keras's initializers for the block (as
+    ``keras.utils.set_random_seed``), then put the caller's random state back.
+
+    Python's and NumPy's global generators resume exactly where they were; TF's global seed
+    and its eager op-seed sequence are restored, and so is Keras's seed generator. ``None``
+    seeds nothing.
+
+    Example:
+        >>> with seeded(0):
+        ...     a = np.random.rand()              # doctest: +SKIP
+    """
+    if seed is None:
+        yield
+        return
+    from tensorflow.python.eager import context
+    from tf_keras.src import backend
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    eager = tf.executing_eagerly()
+    ctx = context.context()
+    graph = tf.compat.v1.get_default_graph()
+    tf_seed, tf_rng = (ctx._seed, getattr(ctx, "_rng", None)) if eager else (graph.seed, None)
+    holder = backend._SEED_GENERATOR  # thread-local; set_random_seed gives it a new Random
+    had_generator, generator = hasattr(holder, "generator"), getattr(holder, "generator", None)
+    keras.utils.set_random_seed(int(seed))
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if eager:
+            context.set_global_seed(tf_seed)
+            if tf_rng is not None:  # set_global_seed made a new op-seed sequence: resume the old one
+                ctx._rng = tf_rng
+        else:
+            graph.seed = tf_seed
+        if had_generator:
+            holder.generator = generator
+        elif hasattr(holder, "generator"):
+            del holder.generator

@@ -42,7 +42,11 @@ def check_writable(path) -> None:
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file.
+
+    The file is fsynced before the rename and the directory after it (where the OS can), so
+    a crash or power loss leaves the old file or the whole new one.
+    """
     path = os.fspath(path)
     check_writable(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -53,6 +57,8 @@ def write_atomic(path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the rename makes it visible
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
@@ -61,6 +67,22 @@ def write_atomic(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable. Windows cannot open a directory, and some
+    filesystems refuse to fsync one: the rename has happened anyway, so skip quietly."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _from_dataset(x, rank: int, what: str):

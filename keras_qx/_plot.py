@@ -1,4 +1,8 @@
-"""The plotting plumbing shared by report plots: off-screen axes, atomic PNG files."""
+"""The plotting plumbing shared by report plots: off-screen axes, atomic PNG files.
+
+Figures are drawn on their own Agg canvas, without pyplot: a report plot never switches the
+process's matplotlib backend nor registers a figure with pyplot.
+"""
 from __future__ import annotations
 
 import io
@@ -12,23 +16,20 @@ def axes(ax=None, figsize=(6, 4)):
     """``(fig, ax)``: the given axes (fig None), or a new off-screen figure."""
     if ax is not None:
         return None, ax
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=figsize)
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def finish(fig, path=None) -> None:
-    """Lay out ``fig``, write it to ``path`` as PNG (atomically) if given, and close it."""
+    """Lay out ``fig`` and write it to ``path`` as PNG (atomically) if given."""
     if fig is None:
         return
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     if path is not None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         write_atomic(path, buf.getvalue())
-    plt.close(fig)

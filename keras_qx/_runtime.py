@@ -188,7 +188,7 @@ def _child(workdir: str) -> None:
         job = json.load(fh)
     with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
         runner = Runner(fh.read(), job["num_threads"])
-    xs = runner.as_inputs([np.load(os.path.join(workdir, f"x{i}.npy")) for i in range(job["inputs"])])
+    xs = runner.as_inputs([np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(job["inputs"])])
     outputs = runner.predict(xs)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     n = len(xs[0])
@@ -249,7 +249,7 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
             raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))
         with open(meta_path) as fh:
             meta = json.load(fh)
-        outputs = [np.load(os.path.join(workdir, f"y{j}.npy")) for j in range(len(meta["output_steps"]))]
+        outputs = [np.load(os.path.join(workdir, f"y{j}.npy"), allow_pickle=False) for j in range(len(meta["output_steps"]))]
     return RunResult(outputs, meta["output_steps"], meta["delegate"], meta["times"])
 
 

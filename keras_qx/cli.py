@@ -40,14 +40,45 @@ def _model_and_data(args):
 
     if args.data is None:
         raise ValueError("--model needs --data: an .npz with x_train, y_train, x_test, y_test.")
+    data = _load_data(args.data)  # the cheap check first
+    return load_model(args.model), data
+
+
+def _load_data(path: str):
+    """``((x_train, y_train), (x_test, y_test))`` from an ``.npz``, never unpickling: a data
+    file cannot run code (object arrays are refused)."""
+    import zipfile
+
     import numpy as np
 
-    with np.load(args.data) as npz:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, FileNotFoundError):
+            raise FileNotFoundError(f"--data {path!r}: no such file.") from None
+        raise ValueError(f"--data {path!r} is not a readable .npz file ({err}); write it with "
+                         "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).") from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"--data {path!r} is a single .npy array; the data must be an .npz with x_train, "
+                         "y_train, x_test and y_test (np.savez).")
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    with npz:
+        missing = [k for k in keys if k not in npz.files]
         if missing:
-            raise ValueError(f"--data {args.data!r} lacks array(s) {missing}; it has {npz.files}.")
-        data = (npz["x_train"], npz["y_train"]), (npz["x_test"], npz["y_test"])
-    return load_model(args.model), data
+            raise ValueError(f"--data {path!r} lacks array(s) {missing}; it has {npz.files}.")
+        arrays = {}
+        for key in keys:
+            try:
+                arrays[key] = npz[key]
+            except ValueError as err:
+                if "allow_pickle" in str(err):  # an object array: loading it would unpickle
+                    raise ValueError(f"--data {path!r}: array {key!r} holds Python objects, which keras-qx does "
+                                     "not unpickle (a data file must not run code); save numeric arrays.") from err
+                raise ValueError(f"--data {path!r}: array {key!r} is unreadable ({err}).") from err
+            except (OSError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"--data {path!r}: array {key!r} is unreadable ({err}); the file may be "
+                                 "truncated.") from err
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
 def _candidates(text: str) -> tuple:

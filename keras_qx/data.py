@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_qx._compat import keras
+from keras_qx._compat import keras, seeded
 
 __all__ = ["load_digits", "digits_cnn"]
 
@@ -22,15 +22,18 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0):
 
 
 def digits_cnn(filters: int = 32, dense: int = 128, seed: int = 0):
-    """Conv-BN-ReLU, Conv, pool, Dense, Dense: the digits CNN of the README and the demo."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 1), name="image")
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name="conv1")(inputs)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU(name="relu1")(x)
-    x = keras.layers.Conv2D(2 * filters, 3, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D(2, name="pool")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(dense, activation="relu", name="fc1")(x)
-    outputs = keras.layers.Dense(10, name="logits")(x)
-    return keras.Model(inputs, outputs, name="digits_cnn")
+    """Conv-BN-ReLU, Conv, pool, Dense, Dense: the digits CNN of the README and the demo.
+
+    The weights are initialised from ``seed``; the caller's random state is left as it was.
+    """
+    with seeded(seed):
+        inputs = keras.Input((8, 8, 1), name="image")
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name="conv1")(inputs)
+        x = keras.layers.BatchNormalization(name="bn1")(x)
+        x = keras.layers.ReLU(name="relu1")(x)
+        x = keras.layers.Conv2D(2 * filters, 3, padding="same", activation="relu", name="conv2")(x)
+        x = keras.layers.MaxPooling2D(2, name="pool")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(dense, activation="relu", name="fc1")(x)
+        outputs = keras.layers.Dense(10, name="logits")(x)
+        return keras.Model(inputs, outputs, name="digits_cnn")

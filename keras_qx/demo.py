@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from keras_qx._compat import keras
+from keras_qx._compat import keras, seeded
 from keras_qx.data import digits_cnn, load_digits
 from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
 from keras_qx.engine.sensitivity import quantizable_layers
@@ -49,8 +49,9 @@ def train_digits(epochs: int = 20, seed: int = 0, print_fn=print):
     (x_train, y_train), (x_test, y_test) = load_digits(seed=seed)
     say(f"training the float digits CNN ({len(x_train)} images, {epochs} epochs)...")
     start = time.perf_counter()
-    model = _compile(digits_cnn(seed=seed))
-    model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
+    with seeded(seed):
+        model = _compile(digits_cnn(seed=seed))
+        model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
     say(f"      done in {time.perf_counter() - start:.1f}s")
     return model, ((x_train, y_train), (x_test, y_test))
 
@@ -58,7 +59,12 @@ def train_digits(epochs: int = 20, seed: int = 0, print_fn=print):
 def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, policy=None,
              budget: str = "0.6x", seed: int = 0, print_fn=print) -> list[dict]:
     """Train, quantize (uniform 8-bit and ``policy`` or auto_policy under ``budget``), QAT,
-    export, evaluate; return the rows."""
+    export, evaluate; return the rows. Seeded by ``seed``; the caller's random state is kept."""
+    with seeded(seed):
+        return _run_demo(epochs, qat_epochs, out_dir, policy, budget, seed, print_fn)
+
+
+def _run_demo(epochs, qat_epochs, out_dir, policy, budget, seed, print_fn) -> list[dict]:
     say = print_fn or (lambda *_: None)
     if policy is None:
         parse_budget(budget)  # a bad budget fails before training

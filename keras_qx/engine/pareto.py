@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from keras_qx._compat import keras
+from keras_qx._compat import keras, seeded
 from keras_qx._io import check_xy
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, check_keep, choice_units, find_ties, layer_options
 from keras_qx.quant.cost import kernel_bytes, total_kernel_bytes
@@ -247,11 +247,11 @@ def _train_and_score(model, policy, train, test, representative, qat_epochs, see
     (x_train, y_train), (x_test, y_test) = train, test
     accuracies, metrics, tfl = [], None, None
     for s in seeds:
-        keras.utils.set_random_seed(s)
-        qat = quantize(model, policy)
-        qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
-        if qat_epochs:
-            qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
+        with seeded(s):
+            qat = quantize(model, policy)
+            qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
+            if qat_epochs:
+                qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
         tfl = export_tflite(qat, x_train[:300] if representative is None else representative)
         metrics = evaluate_tflite(tfl, x_test, y_test, latency_runs=LATENCY_RUNS)
         accuracies.append(metrics["accuracy"])

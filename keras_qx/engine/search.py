@@ -42,7 +42,7 @@ import random
 import time
 from typing import Callable
 
-from keras_qx._compat import check_model, keras
+from keras_qx._compat import check_model, keras, seeded
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import write_atomic
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from
@@ -388,8 +388,9 @@ class BitWidthTuner:
             if fit["float_epochs"]:
                 if not getattr(float_model, "_is_compiled", False):
                     float_model.compile(keras.optimizers.Adam(1e-3), fit["loss"], metrics=self._metrics())
-                self._seed(trial)
-                float_model.fit(fit["x"], fit["y"], epochs=fit["float_epochs"], batch_size=fit["batch_size"], verbose=0)
+                with self._seeded(trial):
+                    float_model.fit(fit["x"], fit["y"], epochs=fit["float_epochs"], batch_size=fit["batch_size"],
+                                    verbose=0)
             units = self.space.units(float_model)
         else:
             keras.backend.clear_session()
@@ -407,10 +408,10 @@ class BitWidthTuner:
             epochs, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
             if values.get("tuner/trial_id") is not None:
                 qat.load_weights(os.path.join(tuner.get_trial_dir(values["tuner/trial_id"]), WEIGHTS_FILE))
-        self._seed(trial)
-        history = qat.fit(fit["x"], fit["y"], epochs=epochs, initial_epoch=initial, batch_size=fit["batch_size"],
-                          validation_data=fit["validation_data"], validation_split=fit["validation_split"],
-                          callbacks=self._trial_callbacks(trial), verbose=0, **fit["fit_kwargs"])
+        with self._seeded(trial):
+            history = qat.fit(fit["x"], fit["y"], epochs=epochs, initial_epoch=initial, batch_size=fit["batch_size"],
+                              validation_data=fit["validation_data"], validation_split=fit["validation_split"],
+                              callbacks=self._trial_callbacks(trial), verbose=0, **fit["fit_kwargs"])
         qat_seconds = time.perf_counter() - qat_start  # quantize + compile + fit, as a plain user would
         logs = history.history
         if self.metric.name not in logs:
@@ -437,9 +438,9 @@ class BitWidthTuner:
         base = self.metric.name[4:] if self.metric.name.startswith("val_") else self.metric.name
         return [] if base == "loss" else [base]
 
-    def _seed(self, trial):
-        if self.seed is not None:
-            keras.utils.set_random_seed(int(self.seed) + int(trial.trial_id))
+    def _seeded(self, trial):
+        """The trial's training seeded (``seed + trial id``); the caller's random state is kept."""
+        return seeded(None if self.seed is None else int(self.seed) + int(trial.trial_id))
 
     def _trial_callbacks(self, trial):
         callbacks = copy.deepcopy(self._fit["callbacks"])

@@ -19,6 +19,7 @@ from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
 from keras_qx.qat.calibrate import uncalibrated_ranges
 from keras_qx.qat.summary import layer_costs
+from keras_qx.qat.quantize import unexportable_layers
 
 __all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError"]
 
@@ -60,9 +61,11 @@ class TFLiteModel(bytes):
 
 def _check_qat_model(qat_model) -> None:
     check_model(qat_model, "qat_model")
-    if getattr(qat_model, "_qx_simulate_only", False):
-        raise ExportError("this QAT model was built with simulate_only=True (activation bits other "
-                          "than 8); TFLite cannot run it. Re-quantize with activation_bits=8.")
+    unexportable = unexportable_layers(qat_model)
+    if unexportable:
+        raise ExportError(f"this QAT model was built with simulate_only=True: TFLite cannot deliver "
+                          f"{unexportable}. Re-quantize without simulate_only (8-bit activations, 8-bit "
+                          "weights for int8-only layers).")
     if not any(hasattr(l, "quantize_config") for l in qat_model.layers):
         raise ExportError("qat_model has no quantized layers; pass the model returned by qx.quantize().")
     blank = uncalibrated_ranges(qat_model)

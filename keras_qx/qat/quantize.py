@@ -19,7 +19,7 @@ from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
 from keras_qx.qat.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
 from keras_qx.qat.saving import quantize_scope
 
-__all__ = ["quantize", "resolve", "EXPORTABLE_ACTIVATION_BITS"]
+__all__ = ["quantize", "resolve", "unexportable_layers", "EXPORTABLE_ACTIVATION_BITS"]
 
 EXPORTABLE_ACTIVATION_BITS = (8,)
 
@@ -79,7 +79,9 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         model: a built tf_keras Sequential or Functional model (weights are copied).
         policy: a :class:`Policy`, its dict or JSON; None means uniform 8-bit.
         simulate_only: allow settings the TFLite exporter cannot deliver (activations other
-            than 8 bits); the model then trains but ``export_tflite`` refuses it.
+            than 8 bits, int8-only layers below 8 bits); the model then trains but
+            ``export_tflite`` refuses it, also after saving, loading or cloning (the settings
+            live in each layer's quantize config: see :func:`unexportable_layers`).
 
     Raises:
         PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
@@ -132,8 +134,34 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     with quantize_scope(own_classes):
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
     _init_weight_ranges(qat)
-    qat._qx_simulate_only = bool(unexportable)  # read by export_tflite
     return qat
+
+
+def _int8_only(layer, weight_bits) -> bool:
+    """``layer`` would train below 8 bits, but TFLite stores its kind's weights only as int8."""
+    kind = kernel_kind(layer)
+    return bool(kind) and weight_bits is not None and weight_bits < 8 and not kind.int4_export
+
+
+def unexportable_layers(qat_model) -> dict[str, str]:
+    """``{layer name: setting}`` of the layers of a QAT model whose settings TFLite cannot
+    deliver (only ``quantize(..., simulate_only=True)`` makes them).
+
+    Read from the layers' quantize configs, which are saved with the model, so the answer is
+    the same after ``save``/``load_model`` and ``clone_model``.
+    """
+    found = {}
+    for layer in qat_model.layers:
+        config = getattr(layer, "quantize_config", None)
+        if config is None or not hasattr(layer, "layer"):
+            continue
+        activation_bits = getattr(config, "activation_bits", None)
+        weight_bits = getattr(config, "weight_bits", None)
+        if activation_bits is not None and activation_bits not in EXPORTABLE_ACTIVATION_BITS:
+            found[layer.layer.name] = f"activation_bits={activation_bits}"
+        elif _int8_only(layer.layer, weight_bits):
+            found[layer.layer.name] = f"weight_bits={weight_bits} ({type(layer.layer).__name__}: int8 only)"
+    return found
 
 
 def _clamp_to_exportable(model, specs):
@@ -144,8 +172,7 @@ def _clamp_to_exportable(model, specs):
     for layer in model.layers:
         inner = _inner(layer)
         spec = specs.get(inner.name)
-        kind = kernel_kind(inner)
-        if spec and spec.quantize and kind and spec.weight_bits < 8 and not kind.int4_export:
+        if spec and spec.quantize and _int8_only(inner, spec.weight_bits):
             specs[inner.name] = LayerSpec(8, spec.activation_bits, True, spec.source + ", int8: exporter")
             clamped[inner.name] = type(inner).__name__
     if clamped:

@@ -1,13 +1,22 @@
-"""Saving and loading QAT models: ``quantize_scope()`` and ``load_model(path)``."""
+"""Saving and loading QAT models: ``quantize_scope()`` and ``load_model(path)``.
+
+``load_model`` keeps Keras's safe mode on for every format: tf_keras enforces it only for
+``.keras`` files, so ``.h5`` files and SavedModel directories (whose ``Lambda`` layers are
+marshalled Python bytecode) are checked here, from their model config, before anything loads.
+A SavedModel directory also holds TF graphs that run when it is called, which no config
+check can vet: load SavedModels only from sources you trust.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import zipfile
 
-from keras_qx._compat import PACKAGE, hdf5_problem, keras, own_variables, quantize_layer, quantize_wrapper, tfmot
+from keras_qx._compat import PACKAGE, keras, safe_mode_scope, saved_model_layer_configs, tf, tfmot
+from keras_qx.rewrite.tfop import is_safe_tf_op
 
-__all__ = ["quantize_scope", "custom_objects", "load_model"]
+__all__ = ["quantize_scope", "custom_objects", "load_model", "unsafe_layers"]
 
 
 def custom_objects() -> dict:
@@ -25,98 +34,129 @@ def custom_objects() -> dict:
 def quantize_scope(*extra: dict):
     """tfmot's ``quantize_scope`` plus every keras_qx object (from the registry).
 
-    Inside it, ``keras.models.load_model`` also reads QAT models saved as ``.keras``
-    (which tfmot's own scope cannot on tf_keras 2.21).
+    Inside it, ``keras.models.load_model`` also reads QAT models saved as ``.keras`` (keras_qx
+    teaches tfmot's layers that format once, when imported: see ``keras_qx._compat``).
 
     Example:
         >>> with qx.quantize_scope():                          # doctest: +SKIP
         ...     model = keras.models.load_model("qat.keras")
     """
-    with tfmot.quantization.keras.quantize_scope(custom_objects(), *extra) as scope, _keras_format_fixes():
+    with tfmot.quantization.keras.quantize_scope(custom_objects(), *extra) as scope:
         yield scope
 
 
-def _load_wrapper_variables(layer, store):
-    """``load_own_variables`` for tfmot wrappers saved in the ``.keras`` format.
-
-    A wrapper built around an already-built layer (as ``quantize_apply`` makes them) lists
-    the inner layer's trainable weights twice, so the file holds more entries than a freshly
-    loaded wrapper has; the extra entries are the leading ones. Drop them, check shapes.
-    """
-    variables = own_variables(layer)
-    saved = [store[str(i)] for i in range(len(store.keys()))]
-    extra = len(saved) - len(variables)
-    if extra < 0:
-        raise ValueError(f"layer {layer.name!r}: the file holds {len(saved)} variables, the model needs "
-                         f"{len(variables)}; the file was not written from this architecture.")
-    for var, value in zip(variables, saved[extra:]):
-        if tuple(var.shape) != tuple(value.shape):
-            raise ValueError(f"layer {layer.name!r}: variable {var.name} has shape {tuple(var.shape)} but "
-                             f"the file holds {tuple(value.shape)}.")
-        var.assign(value)
+def _class_name(entry: dict) -> str:
+    """``"Lambda"`` for ``"Lambda"``, ``"keras.layers.Lambda"`` or ``"pkg>Lambda"``."""
+    return str(entry.get("class_name", "")).rsplit(">", 1)[-1].rsplit(".", 1)[-1]
 
 
-@contextlib.contextmanager
-def _keras_format_fixes():
-    """tfmot layers in tf_keras 2.21's ``.keras`` loader: build once (at call time), and
-    match the wrapper's saved variable list (see :func:`_load_wrapper_variables`)."""
-    patched = [
-        (quantize_layer.QuantizeLayer, "build_from_config", lambda self, config: None),
-        (quantize_wrapper.QuantizeWrapper, "build_from_config", lambda self, config: None),
-        (quantize_wrapper.QuantizeWrapper, "load_own_variables", _load_wrapper_variables),
-    ]
-    saved = [(cls, name, cls.__dict__.get(name)) for cls, name, _ in patched]
-    try:
-        for cls, name, fn in patched:
-            setattr(cls, name, fn)
-        yield
-    finally:
-        for cls, name, original in saved:
-            if original is None:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, original)
+def unsafe_layers(config) -> list[str]:
+    """The layers of a serialized model (any nesting) that would run code from the file:
+    ``Lambda`` layers (Python bytecode or a function looked up by name) and raw TF calls
+    (``TFOpLambda``) outside keras_qx's allowlist of side-effect-free ops."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            kind, inner = _class_name(node), node.get("config")
+            name = inner.get("name") if isinstance(inner, dict) else node.get("name")
+            if kind == "Lambda":
+                found.append(f"Lambda layer {name!r}")
+            elif kind in ("TFOpLambda", "SlicingOpLambda") and isinstance(inner, dict) \
+                    and not is_safe_tf_op(inner.get("function")):
+                found.append(f"layer {name!r} calling tf.{inner.get('function')}")
+            for value in node.values():
+                walk(value)
+
+    walk(config)
+    return list(dict.fromkeys(found))  # a SavedModel lists each layer more than once
 
 
-def _check_saved_file(path: str) -> None:
-    """Raise a clear error naming ``path`` if it cannot be a saved Keras model (a truncated or
-    corrupt ``.keras``/``.h5``, a TFLite file, a directory without a SavedModel)."""
-    again = "Save the model again with model.save('model.keras')."
+def _model_config(path: str):
+    """The serialized model of the file or directory at ``path`` (for :func:`unsafe_layers`),
+    with clear errors for what is not a model file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no saved model at {path!r}; qx.load_model reads .keras and .h5 files and "
+                                "SavedModel directories.")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read {path!r}: permission denied.")
     if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, n)) for n in ("saved_model.pb", "saved_model.pbtxt")):
-            raise ValueError(f"cannot load {path!r}: a directory without saved_model.pb is not a SavedModel; "
-                             "pass a .keras or .h5 file, or a SavedModel directory.")
-        return
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(b"PK"):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+            raise ValueError(f"{path!r} is a directory but not a SavedModel (it has no saved_model.pb); pass a "
+                             ".keras or .h5 file, or a directory written by model.save(directory).")
+        return saved_model_layer_configs(path)
+    if zipfile.is_zipfile(path):
+        if not path.endswith(".keras"):
+            raise ValueError(f"{path!r} is a zip archive: if it is a .keras model, rename it to end in .keras.")
         try:
             with zipfile.ZipFile(path) as archive:
-                archive.getinfo("config.json")
-        except (zipfile.BadZipFile, KeyError) as err:
-            raise ValueError(f"cannot load {path!r}: not a complete .keras archive, truncated or corrupt "
-                             f"({err}). {again}") from None
-    elif head == b"\x89HDF\r\n\x1a\n":
-        problem = hdf5_problem(path)
-        if problem:
-            raise ValueError(f"cannot load {path!r}: the HDF5 file is truncated or corrupt ({problem}). {again}")
-    elif head[4:8] == b"TFL3":
-        raise ValueError(f"cannot load {path!r}: it is a TFLite file, not a Keras model; use qx.inspect_tflite or "
-                         "qx.evaluate_tflite on it, and qx.load_model on the .keras/.h5 file it came from.")
-    else:
-        raise ValueError(f"cannot load {path!r}: it is neither a .keras archive (zip) nor an HDF5 .h5 file; it is "
-                         f"truncated, corrupt or not a Keras model. {again}")
+                return json.loads(archive.read("config.json"))
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{path!r} is not a readable .keras file ({err}); it may be truncated or "
+                             "corrupt: save the model again.") from err
+    import h5py
+
+    if h5py.is_hdf5(path):
+        try:
+            with h5py.File(path, "r") as fh:
+                config = fh.attrs.get("model_config")
+        except OSError as err:
+            raise ValueError(f"{path!r} is not a readable HDF5 file ({err}); it may be truncated or corrupt: "
+                             "save the model again.") from err
+        if config is None:
+            raise ValueError(f"{path!r} holds no model, only weights (an HDF5 weights file?); build the model in "
+                             f"code and call model.load_weights({path!r}).")
+        try:
+            return json.loads(config.decode() if isinstance(config, bytes) else config)
+        except ValueError as err:
+            raise ValueError(f"{path!r} has a corrupt model config ({err}); save the model again.") from err
+    with open(path, "rb") as fh:
+        if fh.read(8)[4:8] == b"TFL3":
+            raise ValueError(f"cannot load {path!r}: it is a TFLite file, not a Keras model; use qx.inspect_tflite or "
+                             "qx.evaluate_tflite on it, and qx.load_model on the .keras/.h5 file it came from.")
+    kind = (".keras file (a zip archive)" if path.endswith(".keras") else ".h5 file (HDF5)"
+            if path.endswith((".h5", ".hdf5")) else "Keras model (.keras, .h5 or a SavedModel directory)")
+    raise ValueError(f"{path!r} is not a valid {kind}: it is truncated, corrupt or something else. Save the "
+                     "model again with model.save(path).")
 
 
-def load_model(path, compile: bool = True):
+def load_model(path, compile: bool = True, *, safe_mode: bool = True):
     """Load a QAT (or float) model saved as ``.keras``, ``.h5`` or a SavedModel directory.
+
+    Args:
+        path: the file or SavedModel directory.
+        compile: compile the model as it was saved.
+        safe_mode: refuse models that would run code from the file (``Lambda`` layers, raw TF
+            calls outside keras_qx's allowlist), whatever the format. Pass ``False`` only
+            for a file you trust.
+
+    Raises:
+        FileNotFoundError / PermissionError: nothing readable at ``path``.
+        ValueError: not a model file, truncated or corrupt, or refused by ``safe_mode``;
+            the message names the file (the original error is chained).
 
     Example:
         >>> qat.save("model.keras"); same = qx.load_model("model.keras")   # doctest: +SKIP
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no saved model at {path!r}.")
-    _check_saved_file(path)
-    with quantize_scope():
-        return keras.models.load_model(path, compile=compile)
+    config = _model_config(path)
+    if safe_mode:
+        unsafe = unsafe_layers(config)
+        if unsafe:
+            raise ValueError(f"{path!r} holds {', '.join(unsafe)}: loading or running it would execute code "
+                             "stored in the file, so qx.load_model refuses it (Keras safe mode). Pass "
+                             "safe_mode=False only if you trust the file.")
+    with quantize_scope(), safe_mode_scope(safe_mode):
+        try:
+            model = keras.models.load_model(path, compile=compile, safe_mode=safe_mode)
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, tf.errors.OpError) as err:
+            raise ValueError(f"cannot load {path!r}: {err}") from err
+        except OSError as err:
+            raise OSError(f"cannot load {path!r}: {err}") from err
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{path!r} is a SavedModel without a Keras model (written by tf.saved_model.save?); "
+                         "qx.load_model needs one written by model.save().")
+    return model

@@ -6,6 +6,10 @@ call keywords; tfmot's ``QuantizeWrapper`` drops those keywords, so such models 
 quantized. ``qx.quantize`` rewrites each one into a :class:`TFOp` that keeps the constants in
 its config (JSON) and takes only tensors as inputs.
 
+A ``TFOp`` may only call side-effect-free TF ops (:data:`SAFE_TF_OPS` and ``tf.math``): a
+saved model is data, and one edited to call ``tf.io.write_file`` or ``tf.py_function`` is
+refused when it is built or loaded, before anything runs.
+
 Example:
     >>> op = TFOp("__operators__.add", {"args": [{"__tensor__": 0}, 3.0], "kwargs": {}})
     >>> op(tf.constant([1.0])).numpy()        # doctest: +SKIP
@@ -17,7 +21,7 @@ import json
 
 from keras_qx._compat import PACKAGE, keras, tf, tf_symbol
 
-__all__ = ["TFOp", "from_tf_op_lambda", "VALUE_PRESERVING"]
+__all__ = ["TFOp", "from_tf_op_lambda", "VALUE_PRESERVING", "SAFE_TF_OPS", "is_safe_tf_op", "check_tf_op"]
 
 # Ops that only move values: no new range, so no output quantizer of their own.
 VALUE_PRESERVING = {"__operators__.getitem", "reshape", "transpose", "compat.v1.transpose",
@@ -25,10 +29,58 @@ VALUE_PRESERVING = {"__operators__.getitem", "reshape", "transpose", "compat.v1.
                     "stack", "nn.relu", "math.maximum", "math.minimum", "nn.relu6"}
 
 
-def _symbol(name: str):
+# The TF ops a TFOp may call, by the name TFOpLambda records (TF 2.x canonical names, some of
+# them compat.v1): pure functions of their inputs, with no file or network I/O, printing,
+# variables, queues or Python callbacks. Everything under tf.math is allowed as well (pure
+# math by construction). Anything else (tf.io.*, tf.print, tf.py_function, tf.raw_ops.*...)
+# is refused.
+SAFE_TF_OPS = frozenset({
+    # Python operators on tensors
+    "__operators__.add", "__operators__.eq", "__operators__.ne", "__operators__.getitem",
+    # shapes, layouts and selection
+    "reshape", "transpose", "compat.v1.transpose", "linalg.matrix_transpose", "identity", "expand_dims",
+    "squeeze", "compat.v1.squeeze", "split", "concat", "stack", "unstack", "tile", "pad", "compat.v1.pad",
+    "gather", "compat.v1.gather", "gather_nd", "compat.v1.gather_nd", "slice", "strided_slice", "reverse",
+    "broadcast_to", "shape", "compat.v1.shape", "rank", "size", "compat.v1.size", "cast", "zeros_like",
+    "ones_like", "compat.v1.zeros_like", "compat.v1.ones_like", "where", "compat.v1.where", "clip_by_value",
+    "one_hot", "sort", "argsort", "repeat", "roll", "boolean_mask", "compat.v1.boolean_mask", "stop_gradient",
+    "sequence_mask",
+    # products and norms
+    "einsum", "linalg.matmul", "tensordot", "norm", "compat.v1.norm", "linalg.norm",
+    # tf.nn activations and fixed computations
+    "nn.relu", "nn.relu6", "nn.gelu", "nn.silu", "nn.swish", "nn.softmax", "nn.log_softmax", "nn.elu", "nn.selu",
+    "nn.leaky_relu", "nn.softsign", "nn.softplus", "nn.sigmoid", "nn.tanh", "nn.crelu", "nn.bias_add",
+    "nn.l2_normalize", "nn.moments", "nn.batch_normalization", "nn.depth_to_space", "nn.space_to_depth",
+    "nn.avg_pool", "nn.avg_pool1d", "nn.avg_pool2d", "nn.max_pool", "nn.max_pool1d", "nn.max_pool2d",
+    "nn.conv1d", "nn.conv2d", "compat.v1.nn.conv2d", "nn.depthwise_conv2d", "compat.v1.nn.depthwise_conv2d",
+    "nn.convolution", "image.resize", "compat.v1.image.resize",
+})
+SAFE_TF_NAMESPACES = ("math.",)
+
+
+def is_safe_tf_op(symbol: str) -> bool:
+    """``symbol`` (a TFOpLambda name such as ``"math.multiply"``) is on the allowlist."""
+    return isinstance(symbol, str) and (symbol in SAFE_TF_OPS or symbol.startswith(SAFE_TF_NAMESPACES))
+
+
+def check_tf_op(symbol, layer: str | None = None, loading: bool = False) -> None:
+    """Raise ``ValueError`` unless ``symbol`` is a side-effect-free TF op (see :data:`SAFE_TF_OPS`)."""
+    if is_safe_tf_op(symbol):
+        return
+    where = f"layer {layer!r} " if layer else ""
+    replace = "replace that call in the model with a Keras layer (a keras.layers.Layer subclass) or remove it."
+    fix = ("This holds whatever safe_mode says: do not load a file you did not write; if you wrote it, rebuild "
+           f"the model from its code and {replace}" if loading else replace[0].upper() + replace[1:])
+    raise ValueError(f"{where}calls tf.{symbol}, which is not on keras_qx's allowlist of side-effect-free TF "
+                     f"ops (keras_qx.rewrite.tfop.SAFE_TF_OPS and tf.math): a TFOp may only compute, never do "
+                     f"file I/O, print or call Python. {fix}")
+
+
+def _symbol(name: str, layer: str | None = None):
+    check_tf_op(name, layer)
     fn = tf_symbol(name)
     if fn is None:
-        raise ValueError(f"unknown TF symbol {name!r} in a TFOp layer.")
+        raise ValueError(f"unknown TF symbol {name!r} in TFOp layer {layer!r}.")
     return fn
 
 
@@ -84,10 +136,11 @@ class TFOp(keras.layers.Layer):
     from the layer's inputs (a tensor, or a list of tensors)."""
 
     def __init__(self, symbol: str, template: dict, **kwargs):
+        fn = _symbol(symbol, kwargs.get("name"))  # before anything else: refuse unsafe ops first
         super().__init__(**kwargs)
         self.symbol = symbol
         self._template = json.dumps(template)  # a string: Keras would wrap a dict attribute
-        self._fn = _symbol(symbol)
+        self._fn = fn
 
     @property
     def template(self) -> dict:
@@ -104,6 +157,11 @@ class TFOp(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "symbol": self.symbol, "template": self.template}
+
+    @classmethod
+    def from_config(cls, config):
+        check_tf_op(config.get("symbol"), config.get("name"), loading=True)
+        return cls(**config)
 
 
 def _slices(value):
