@@ -493,18 +493,18 @@ def test_67_not_a_tflite_file(files):
 
 
 @pytest.mark.parametrize("name, parts", [
-    ("trunc.keras", ("not a complete .keras archive", "Save the model again")),
-    ("trunc.h5", ("HDF5 file is truncated or corrupt", "Save the model again")),
+    ("trunc.keras", ("not a valid .keras file", "truncated", "Save the model again")),
+    ("trunc.h5", ("not a readable HDF5 file", "truncated or corrupt", "save the model again")),
     ("good.tflite", ("it is a TFLite file", "qx.inspect_tflite")),
 ], ids=["68-truncated-keras", "69-truncated-h5", "70-tflite"])
 def test_load_model_names_the_bad_file(files, name, parts):
     """These used to be OSError 'Unable to synchronously open file (file signature not found)'."""
-    with pytest.raises(ValueError, match=both(f"cannot load {str(files / name)!r}", *parts)):
+    with pytest.raises(ValueError, match=both(str(files / name), *parts)):
         qx.load_model(files / name)
 
 
 def test_71_directory_that_is_not_a_saved_model(tmp_path):
-    with pytest.raises(ValueError, match=both(f"cannot load {str(tmp_path)!r}", "without saved_model.pb",
+    with pytest.raises(ValueError, match=both(str(tmp_path), "not a SavedModel", "no saved_model.pb",
                                               "pass a .keras or .h5 file")):
         qx.load_model(tmp_path)
 

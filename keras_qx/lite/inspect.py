@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from keras_qx._compat import tflite_schema
 from keras_qx._runtime import Runner
