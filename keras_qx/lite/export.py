@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from keras_qx._compat import check_model
 from keras_qx._io import check_samples, check_writable, write_atomic
+from keras_qx.lite.bias_grid import snap_biases
 from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
@@ -79,11 +80,17 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
 
     Returns:
         :class:`TFLiteModel`: the flatbuffer bytes, with ``.report``.
+
+    Before converting, each bias of ``qat_model`` (or the BatchNorm shift folded into a
+    convolution) is moved onto the int32 grid the file stores it on (in place; by at most half
+    a grid step, a few thousandths of an output step): the model then adds the bias the file
+    adds (:mod:`keras_qx.lite.bias_grid`).
     """
     _check_qat_model(qat_model)
     samples = check_samples(representative_data, qat_model.input_shape[1:], dtype=qat_model.inputs[0].dtype)
     if path is not None:
         check_writable(path)
+    snap_biases(qat_model)
     data, seconds = convert_qat(qat_model, samples, int8_io)
     report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds)
     if verify:
