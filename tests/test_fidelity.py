@@ -97,6 +97,9 @@ def test_compare_layers_on_a_small_model(rng):
     for e in cmp.layers:
         assert e.max_steps <= 1.0 + 1e-3 and e.scale > 0, cmp.lines()
     assert cmp.first_divergent is None
+    # own error: each layer fed the file's values of its inputs (measured for every matched layer)
+    assert all(e.own_max_steps is not None and e.own_max_steps <= 1.0 + 1e-3 for e in cmp.layers), cmp.lines()
+    assert cmp.first_own_divergent is None
     assert "conv" in cmp.unmatched and "bn" in cmp.unmatched
     # the output layer's error is the one export_tflite reports
     assert cmp["out"].max_steps == pytest.approx(tfl.report.max_error_steps, abs=1e-3)

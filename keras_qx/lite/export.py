@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from keras_qx._compat import check_model
 from keras_qx._io import check_count, check_inputs, check_writable, model_input_specs, write_atomic
+from keras_qx.lite.bias_grid import snap_biases
 from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
@@ -102,6 +103,11 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     (no timestamp; tests/test_determinism.py). Tensor names carry the Keras model's name
     (``model/quant_conv/Conv2D``), and an unnamed model is ``model``, ``model_1``... by a
     process-wide Keras counter: name the model to reproduce a file byte for byte.
+
+    Before converting, each bias of ``qat_model`` (or the BatchNorm shift folded into a
+    convolution) is moved onto the int32 grid the file stores it on (in place; by at most half
+    a grid step, a few thousandths of an output step): the model then adds the bias the file
+    adds (:mod:`keras_qx.lite.bias_grid`).
     """
     _check_qat_model(qat_model)
     for name, flag in (("int8_io", int8_io), ("verify", verify)):
@@ -113,6 +119,7 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     samples = check_inputs(representative_data, model_input_specs(qat_model))
     if path is not None:
         check_writable(path)
+    snap_biases(qat_model)
     data, seconds = convert_qat(qat_model, samples, int8_io)
     report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds,
                           stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)

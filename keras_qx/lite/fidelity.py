@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import call_count, inbound_layers, keras, outbound_layers, output_in
+from keras_qx._compat import call_count, graph_nodes, inbound_layers, keras, outbound_layers, output_in, tf
 from keras_qx._runtime import debug_interpreter, ops_details, quantize_input
 from keras_qx.lite.inspect import read_model
 
@@ -37,6 +37,12 @@ class LayerError:
     mean_steps: float
     max_steps: float
     intermediates: list = field(default_factory=list)  # (op, scale) of earlier tensors of the same layer
+    # The layer's own error: the Keras layer (and the unmatched layers between it and the
+    # matched ones before it) fed the TFLite tensors of its inputs instead of Keras' own.
+    # Near zero where the simulation computes what the file computes; the plain error also
+    # carries every upstream difference, which an untrained network amplifies.
+    own_mean_steps: float | None = None
+    own_max_steps: float | None = None
 
 
 @dataclass
@@ -47,6 +53,14 @@ class LayerComparison:
     threshold: float
     unmatched: list  # Keras layers with no TFLite tensor of their own (fused or value-preserving)
     mean_threshold: float = 0.1
+
+    @property
+    def first_own_divergent(self) -> str | None:
+        """The first layer that departs from the file on its own: given the file's inputs, its
+        max error exceeds ``threshold`` or its mean ``mean_threshold`` (a systematic difference,
+        not an upstream one-step difference that the network amplified)."""
+        return next((e.layer for e in self.layers if e.own_max_steps is not None
+                     and (e.own_max_steps > self.threshold + 1e-3 or e.own_mean_steps > self.mean_threshold)), None)
 
     @property
     def first_divergent(self) -> str | None:
@@ -63,11 +77,16 @@ class LayerComparison:
         raise KeyError(name)
 
     def lines(self) -> list[str]:
-        out = [f"{'layer':40s} {'op':18s} {'mean':>7s} {'max':>7s}  (steps of each tensor's scale)"]
+        own = any(e.own_mean_steps is not None for e in self.layers)
+        head = f"{'layer':40s} {'op':18s} {'mean':>7s} {'max':>7s}"
+        out = [head + (f" {'own':>6s} {'max':>5s}" if own else "") + "  (steps of each tensor's scale)"]
         for e in self.layers:
             mark = " <" if e.layer == self.first_divergent else ""
+            mark += " <own" if own and e.layer == self.first_own_divergent else ""
             extra = "".join(f" [{op} step {s:.3g}]" for op, s in e.intermediates)
-            out.append(f"{e.layer[:40]:40s} {e.op[:18]:18s} {e.mean_steps:7.2f} {e.max_steps:7.1f}{mark}{extra}")
+            own_cols = "" if not own else (f" {'':6s} {'':5s}" if e.own_mean_steps is None
+                                           else f" {e.own_mean_steps:6.2f} {e.own_max_steps:5.1f}")
+            out.append(f"{e.layer[:40]:40s} {e.op[:18]:18s} {e.mean_steps:7.2f} {e.max_steps:7.1f}{own_cols}{mark}{extra}")
         return out
 
 
@@ -86,7 +105,8 @@ def _tensor_layers(tensor_name: str, known: dict) -> list:
     return found
 
 
-def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_threshold: float = 0.1) -> LayerComparison:
+def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_threshold: float = 0.1,
+                   own: bool = True) -> LayerComparison:
     """Compare every quantized intermediate tensor of ``tflite_model`` with the output of the
     Keras layer of ``qat_model`` that it stands for, on samples ``x``.
 
@@ -96,6 +116,9 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
         x: float samples (n, *input_shape); each is run through the interpreter once.
         threshold, mean_threshold: max and mean error (in steps) above which a layer counts as
             divergent.
+        own: also measure each layer's own error (``LayerError.own_mean_steps``): the Keras
+            graph run once more with every matched layer's output replaced by its TFLite tensor,
+            so that each layer computes from the file's values of its inputs.
 
     Returns:
         :class:`LayerComparison`: one :class:`LayerError` per Keras layer with a quantized TFLite
@@ -186,6 +209,8 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
             t = owner[t]
         return t
 
+    forced = _teacher_forced(qat_model, x, {chosen[final(t)][0]: t for t in chosen}, got, details) if own else {}
+
     per_layer = {}
     for op_index, op_name, t, _ in tensors:
         if t in chosen:
@@ -202,8 +227,50 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
         d = details[t]
         inter = [(f"{name}:{_layer_name(qat_model.get_layer(chosen[i][0]))}" if i in owner else name,
                   float(details[i]["quantization"][0])) for _, name, i, _ in sorted(entries) if i != t]
+        own_err = None
+        if layer.name in forced:
+            ke = forced[layer.name]
+            tfl = (np.stack(got[t]).astype(np.float32) - d["quantization"][1]) * d["quantization"][0]
+            if ke.size == tfl.size:
+                own_err = np.abs(tfl.reshape(-1) - ke.reshape(-1)) / d["quantization"][0]
         results.append(LayerError(_layer_name(layer), op_name, d["name"], float(d["quantization"][0]),
-                                  float(err.mean()), float(err.max()), inter))
+                                  float(err.mean()), float(err.max()), inter,
+                                  None if own_err is None else float(own_err.mean()),
+                                  None if own_err is None else float(own_err.max())))
     matched = {e.layer for e in results}
     unmatched = [_layer_name(l) for l in layers if _layer_name(l) not in matched]
     return LayerComparison(results, threshold, unmatched, mean_threshold)
+
+
+def _teacher_forced(qat_model, x, forced_tensors: dict, got: dict, details: dict) -> dict:
+    """Run ``qat_model``'s graph on ``x`` (inference), replacing the output of each layer in
+    ``forced_tensors`` ({layer name: TFLite tensor}) by that tensor's dequantized TFLite values;
+    return every layer's output computed that way ({layer name: array}), i.e. each layer's
+    result given the file's values of the matched layers before it."""
+    replace = {}
+    for name, t in forced_tensors.items():
+        scale, zero = details[t]["quantization"]
+        replace[name] = (np.stack(got[t]).astype(np.float32) - zero) * scale
+    nodes_by_depth, usage = graph_nodes(qat_model)
+    values = {str(id(i)): tf.convert_to_tensor(v) for i, v in zip(qat_model.inputs, [x])}
+    computed = {}
+    for nodes in nodes_by_depth:
+        for node in nodes:
+            if node.is_input or any(i not in values for i in node.flat_input_ids):
+                continue
+            args, kwargs = node.map_arguments({k: [v] * max(1, usage.get(k, 1)) for k, v in values.items()})
+            kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+            out = node.layer(*args, training=False, **kwargs) if _takes_training(node.layer) else node.layer(*args, **kwargs)
+            flat = tf.nest.flatten(out)
+            name = node.layer.name
+            if len(flat) == 1:
+                computed[name] = np.asarray(flat[0])
+                if name in replace and replace[name].size == computed[name].size:
+                    flat = [tf.convert_to_tensor(replace[name].reshape(computed[name].shape))]
+            for x_id, y in zip(node.flat_output_ids, flat):
+                values[x_id] = y
+    return computed
+
+
+def _takes_training(layer) -> bool:
+    return getattr(layer, "_expects_training_arg", False)
