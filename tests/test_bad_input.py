@@ -61,11 +61,14 @@ Interrupted runs
  87. KeyboardInterrupt inside write_atomic: the old file intact, no temporary file left
  88. KeyboardInterrupt in the CLI: exit 130 and one line, no traceback
 
+Covered elsewhere (same standard: the error names the thing and the fix):
+ - a model that never saw data exported (tests/test_calibrate.py); Lambda layers and raw TF
+   calls off the allowlist in saved files, pickled .npz data to the CLI, simulate_only models
+   after save/load/clone (tests/test_safety.py); a read-only output directory, even as root
+   (tests/test_export.py writes to /proc); several inputs given as one array, a dict missing an
+   input, a metric per output miscounted (tests/test_multi_io.py).
+
 Left out on purpose:
- - load_model's safe_mode / Lambda layers, TFOpLambda rewriting (keras_qx/rewrite/tfop.py),
-   plotting (keras_qx/_plot.py), the CLI's np.load of pickled/non-npz files, and simulate_only
-   persistence through save/load: another engineer is changing those right now.
- - A read-only output directory: the tests run as root, for whom every directory is writable.
  - BitWidthTuner.search mistakes: each needs keras-tuner and a trial (seconds); its argument
    checks have their own tests in tests/test_search.py.
  - evaluate_tflite(latency_runs=0): NaN latencies are a usable "don't time it", not a mistake.
