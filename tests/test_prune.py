@@ -193,3 +193,20 @@ def test_misuse_of_the_pruned_model():
         qx.quantize(model, preserve_sparsity="yes")
     with pytest.warns(UserWarning, match="never pruned"):
         qx.strip_pruning(pruned)  # never trained: no mask was ever computed
+
+
+def test_annotated_layers_are_pruned_and_keep_their_bits(data):
+    x, y = data
+    inputs = keras.Input((6, 6, 4))
+    h = qx.annotate(keras.layers.Conv2D(8, 3, name="probe"), weight_bits=4)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(keras.layers.Flatten()(h)))
+    pruned = qx.prune(model, 0.5, frequency=1)
+    assert {l.name for l in pruned.layers if l.name.startswith("prune_")} == {"prune_low_magnitude_probe",
+                                                                              "prune_low_magnitude_head"}
+    pruned.compile("adam", LOSS)
+    pruned.fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=qx.pruning_callbacks())
+    stripped = qx.strip_pruning(pruned)
+    assert type(stripped.layers[1]).__name__ == "QuantizeAnnotate"
+    qat = qx.quantize(stripped, preserve_sparsity=True)
+    assert _probe(qat).quantize_config.weight_bits == 4
+    assert kernel_sparsity(qat)["probe"] >= 0.5 - 1 / 288

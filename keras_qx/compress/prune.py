@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_qx._compat import PACKAGE, check_float_model, keras, pruning_wrapper, tf, tfmot
+from keras_qx._compat import PACKAGE, check_float_model, keras, pruning_wrapper, quantize_annotate, tf, tfmot
 from keras_qx.quant.kinds import kernel_kind
 
 __all__ = ["prune", "pruning_callbacks", "strip_pruning", "PruneSpec", "prune_plan", "PruneLowMagnitude",
@@ -99,6 +99,11 @@ def _check_entry(entry: Any, where: str, allowed: Sequence[str]) -> dict:
     return out
 
 
+def _inner(layer):
+    """The layer a ``qx.annotate`` wrapper holds (the layer itself otherwise)."""
+    return layer.layer if isinstance(layer, quantize_annotate.QuantizeAnnotate) else layer
+
+
 def _class_names(layer) -> list[str]:
     return [cls.__name__ for cls in type(layer).__mro__] + list(getattr(type(layer), "policy_aliases", ()))
 
@@ -139,14 +144,15 @@ def prune_plan(model, sparsity: float = 0.8, rules: Sequence[Mapping] | None = N
         raise ValueError(f"prune(layers=...) must be a dict layer name -> {{'sparsity': ...}}, got {type(layers).__name__}.")
     layers = {str(n): _check_entry(e, f"prune layers[{n!r}]", _FIELDS) for n, e in layers.items()}
 
-    model_layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    model_layers = [_inner(l) for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     names = [l.name for l in model_layers]
     missing = [n for n in layers if n not in names]
     if missing:
         hints = {n: difflib.get_close_matches(n, names, n=3) for n in missing}
         raise ValueError(f"prune(layers=...) names layer(s) the model lacks: {missing}. Closest names: {hints}. "
                          f"Model layers: {names}.")
-    kernelless = [n for n in layers if kernel_kind(model.get_layer(n)) is None]
+    by_name = {l.name: l for l in model_layers}
+    kernelless = [n for n in layers if kernel_kind(by_name[n]) is None]
     if kernelless:
         raise ValueError(f"prune(layers=...) names layer(s) without kernels, which have nothing to prune: {kernelless}.")
     known = {n for l in model_layers for n in _class_names(l)} | {n for n in dir(keras.layers) if n[:1].isupper()}
@@ -264,11 +270,15 @@ def prune(model, sparsity: float = 0.8, *, rules: Sequence[Mapping] | None = Non
     copy.set_weights(model.get_weights())
 
     def wrap(layer):
-        spec = plan.get(layer.name)
+        inner = _inner(layer)
+        spec = plan.get(inner.name)
         if spec is None or not spec.pruned:
             return layer
-        return PruneLowMagnitude(layer, pruning_schedule=_schedule(schedule, spec.sparsity, begin_step, end_step, frequency),
-                                 block_size=spec.block_size)
+        wrapper = PruneLowMagnitude(inner, pruning_schedule=_schedule(schedule, spec.sparsity, begin_step, end_step,
+                                                                      frequency), block_size=spec.block_size)
+        if inner is not layer:  # qx.annotate's bits come back at strip_pruning (kept in memory, not saved)
+            wrapper._qx_annotation = layer.quantize_config
+        return wrapper
 
     pruned = keras.models.clone_model(copy, clone_function=wrap)
     pruned._name = model.name
@@ -302,7 +312,17 @@ def strip_pruning(model):
                       "dense. Train the pruned model with callbacks=qx.pruning_callbacks() for at least "
                       "begin_step + frequency steps (prune(..., frequency=...) sets how often masks update).",
                       stacklevel=2)
-    stripped = tfmot.sparsity.keras.strip_pruning(model)
+
+    def unwrap(layer):
+        if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+            return layer
+        inner = layer.layer
+        if not hasattr(inner, "_batch_input_shape") and hasattr(layer, "_batch_input_shape"):
+            inner._batch_input_shape = layer._batch_input_shape  # the first layer of a Sequential (as tfmot)
+        annotation = getattr(layer, "_qx_annotation", None)
+        return inner if annotation is None else quantize_annotate.QuantizeAnnotate(inner, quantize_config=annotation)
+
+    stripped = keras.models.clone_model(model, clone_function=unwrap)
     stripped._name = model.name
     return stripped
 
