@@ -2,7 +2,7 @@
 
 The package follows the data path: ``rewrite/`` (make a model quantizable) -> ``quant/`` (the
 vocabulary: quantizers, configs, layer kinds, the policy, the cost model) -> ``qat/`` (model ->
-QAT model) -> ``lite/`` (TFLite export, inspection, evaluation, post-training modes), with
+QAT model; ``compress/`` prunes beside it) -> ``lite/`` (TFLite export, inspection, evaluation, post-training modes), with
 ``engine/`` (sensitivity, allocation, sweeps) choosing bits beside it. This module only
 gathers the public API.
 
@@ -16,6 +16,7 @@ Example:
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from keras_qx.compress.prune import prune, pruning_callbacks, strip_pruning
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
 from keras_qx.engine.search import BitWidthTuner
 from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
@@ -58,6 +59,9 @@ __all__ = [
     "compare_layers",
     "evaluate_tflite",
     "ptq",
+    "prune",
+    "pruning_callbacks",
+    "strip_pruning",
     "inspect_tflite",
     "summary",
     "quantize_scope",

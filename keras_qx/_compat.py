@@ -363,3 +363,9 @@ def seeded(seed: int | None):
             holder.generator = generator
         elif hasattr(holder, "generator"):
             del holder.generator
+
+
+# Pruning (keras_qx.compress): tfmot's sparsity API; the wrapper class is private in tfmot.
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper  # noqa: E402
+
+__all__ += ["pruning_wrapper"]

@@ -10,7 +10,7 @@
         KerasTuner search of per-layer bits under the budget (first trial: auto_policy's),
         then export the best: policy JSON, .tflite, results table (CSV, Markdown) and a plot
     keras-qx inspect model.tflite
-        ops, INT4 tensors, sizes
+        ops, INT4 tensors, sizes, each weight's zeros and distinct values
 
 Without ``--model``, analyze and quantize train the digits CNN first. ``--data`` is an
 ``.npz`` with ``x_train, y_train, x_test, y_test``.
@@ -237,8 +237,12 @@ def _inspect(args) -> int:
     print(f"{args.path}: {info.size_bytes:,} bytes ({gzip_size(data):,} gzipped), "
           f"{'fully integer' if info.fully_integer else 'float compute ops: ' + ', '.join(info.float_ops)}")
     print("ops: " + ", ".join(info.ops))
-    for name, dtype, shape, nbytes in sorted(info.weights, key=lambda w: -w[3])[: args.top]:
-        print(f"  {dtype:<8} {str(shape):<20} {nbytes:>10,} B  {name[:70]}")
+    print(f"kernel sparsity: {info.kernel_sparsity:.1%} of the kernel values are 0")
+    print(f"  {'type':<8} {'shape':<20} {'bytes':>12}  {'zeros':>6} {'values':>6}  name")
+    rows = sorted(zip(info.weights, info.weight_stats), key=lambda r: -r[0][3])[: args.top]
+    for (name, dtype, shape, nbytes), stats in rows:
+        zeros, distinct = (f"{stats.sparsity:.1%}", f"{stats.distinct:,}") if stats is not None else ("-", "-")
+        print(f"  {dtype:<8} {str(shape):<20} {nbytes:>10,} B  {zeros:>6} {distinct:>6}  {name[:70]}")
     return 0
 
 

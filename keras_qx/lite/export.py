@@ -12,6 +12,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 from keras_qx._compat import check_model
 from keras_qx._io import check_count, check_inputs, check_writable, model_input_specs, write_atomic
 from keras_qx.lite.bias_grid import snap_biases
@@ -22,7 +24,7 @@ from keras_qx.qat.calibrate import uncalibrated_ranges
 from keras_qx.qat.summary import layer_costs
 from keras_qx.qat.quantize import unexportable_layers
 
-__all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError"]
+__all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "file_sparsity"]
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ExportReport:
     convert_seconds: float
     verification: Verification | None = None  # p99 error, decisive share, disagreeing/worst samples
     stored_wider: tuple = ()  # (layer, trained bits, bits in the file) where the file stores more bits
+    sparsity: tuple = ()  # (layer, fraction of its kernel values stored as 0 in the file), by file_sparsity
 
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
@@ -44,6 +47,8 @@ class ExportReport:
         if self.stored_wider:
             out.append("stored wider than trained (the converter packs nothing narrower): " + ", ".join(
                 f"{name} {bits}-bit as {'INT4' if stored == 4 else 'int8'}" for name, bits, stored in self.stored_wider))
+        if self.sparsity:
+            out.append("kernel sparsity in the file: " + ", ".join(f"{name} {value:.1%}" for name, value in self.sparsity))
         if self.verification is not None:
             for v in self.verification.judged():
                 agreed = (f"top-1 agreement {v.agreement:.1%} on the {v.decisive:.0%} decisive positions, "
@@ -58,6 +63,23 @@ class TFLiteModel(bytes):
     """The TFLite flatbuffer (a ``bytes``) with the export's :class:`ExportReport` attached."""
 
     report: ExportReport
+
+
+def file_sparsity(qat_model, info: TFLiteInfo) -> tuple:
+    """``((layer, sparsity), ...)``: the fraction of each quantized layer's kernel values the
+    file stores as exactly 0, measured in the flatbuffer (:attr:`TFLiteInfo.weight_stats`); a
+    file tensor belongs to the layer whose wrapper its name's first op path names."""
+    sizes = {w[0]: int(np.prod(w[2])) for w in info.weights}
+    stats = info.kernel_stats()
+    out = []
+    for layer in qat_model.layers:
+        if not getattr(layer, "_weight_vars", None) or not hasattr(layer, "layer"):
+            continue
+        mine = [n for n in stats if layer.name in n.split(";")[0].split("/")]
+        total = sum(sizes[n] for n in mine)
+        if total:
+            out.append((layer.layer.name, sum(stats[n].sparsity * sizes[n] for n in mine) / total))
+    return tuple(out)
 
 
 def _check_qat_model(qat_model) -> None:
@@ -124,6 +146,7 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds,
                           stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)
                                              for c, _ in layer_costs(qat_model) if c.stored_wider))
+    report.sparsity = file_sparsity(qat_model, report.info)
     if verify:
         result = verify_tflite(qat_model, data, [xi[:verify_samples] for xi in samples])
         report.agreement, report.samples = result.agreement, result.samples

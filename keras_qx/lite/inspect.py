@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 
 from keras_qx._compat import tflite_schema
 from keras_qx._runtime import Runner
 
-__all__ = ["TFLiteInfo", "inspect_tflite", "TFLiteRunner", "read_model"]
+__all__ = ["TFLiteInfo", "WeightStats", "inspect_tflite", "TFLiteRunner", "read_model", "tensor_values"]
 
 # In a fully integer model only these may touch float tensors (at the edges, or to requantize).
 _EDGE_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -59,6 +60,36 @@ def read_model(model_or_path) -> bytes:
     return data
 
 
+_NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+                "FLOAT32": np.float32, "FLOAT16": np.float16, "FLOAT64": np.float64, "BOOL": np.bool_}
+
+
+def tensor_values(raw, type_name: str, shape) -> np.ndarray | None:
+    """The stored values of a constant tensor from its buffer bytes (INT4: two signed values a
+    byte, the low nibble first), flat; None for a type this does not decode."""
+    raw = np.frombuffer(bytes(raw), dtype=np.uint8)
+    count = int(np.prod(shape)) if len(shape) else 1
+    if type_name == "INT4":
+        nibbles = np.empty(2 * raw.size, dtype=np.int8)
+        nibbles[0::2], nibbles[1::2] = raw & 0x0F, raw >> 4
+        nibbles[nibbles >= 8] -= 16
+        return nibbles[:count]
+    dtype = _NUMPY_TYPES.get(type_name)
+    if dtype is None or raw.size % np.dtype(dtype).itemsize:
+        return None
+    return raw.view(dtype)[:count]
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """What one constant tensor's stored values look like: the fraction that are exactly zero
+    (the stored integer 0, which is 0.0 on the symmetric weight grid) and how many distinct
+    values it holds."""
+
+    sparsity: float
+    distinct: int
+
+
 @dataclass
 class TFLiteInfo:
     """What is inside a TFLite file: ops, weight tensors and their storage."""
@@ -69,6 +100,19 @@ class TFLiteInfo:
     float_ops: list = field(default_factory=list)  # ops computing on float tensors (not QUANTIZE/DEQUANTIZE)
     inputs: list = field(default_factory=list)  # (name, type, shape without the batch dimension)
     activation_types: dict = field(default_factory=dict)  # type -> count of non-constant tensors
+    weight_stats: list = field(default_factory=list)  # WeightStats (or None: undecoded type), one per weights entry
+
+    def kernel_stats(self) -> dict:
+        """``{tensor name: WeightStats}`` of the kernels (constants of rank >= 2)."""
+        return {w[0]: st for w, st in zip(self.weights, self.weight_stats) if len(w[2]) >= 2 and st is not None}
+
+    @property
+    def kernel_sparsity(self) -> float:
+        """Fraction of zeros over all kernel values of the file."""
+        sizes = {w[0]: int(np.prod(w[2])) for w in self.weights}
+        stats = self.kernel_stats()
+        total = sum(sizes[n] for n in stats)
+        return sum(st.sparsity * sizes[n] for n, st in stats.items()) / total if total else 0.0
 
     @property
     def int4_tensors(self):
@@ -120,8 +164,10 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
                 info.activation_types[kind] = info.activation_types.get(kind, 0) + 1
             if nbytes:
                 name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
-                info.weights.append((name, _TENSOR_TYPE_NAMES.get(tensor.type, str(tensor.type)),
-                                     tuple(int(s) for s in tensor.shape), nbytes))
+                type_name = _TENSOR_TYPE_NAMES.get(tensor.type, str(tensor.type))
+                shape = tuple(int(s) for s in tensor.shape) if tensor.shape is not None else ()
+                info.weights.append((name, type_name, shape, nbytes))
+                info.weight_stats.append(_stats(data, model.buffers[tensor.buffer], type_name, shape))
         for op in graph.operators:
             code = model.operatorCodes[op.opcodeIndex]
             opname = _OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
@@ -132,6 +178,17 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
                    for i in op.inputs if i >= 0):
                 info.float_ops.append(opname)
     return info
+
+
+def _stats(data: bytes, buffer, type_name: str, shape) -> WeightStats | None:
+    raw = buffer.data
+    if raw is None:  # stored past the flatbuffer (files over 2 GB): offset and size into the file
+        offset, size = int(getattr(buffer, "offset", 0) or 0), int(getattr(buffer, "size", 0) or 0)
+        raw = data[offset:offset + size]
+    values = tensor_values(raw, type_name, shape)
+    if values is None or not values.size:
+        return None
+    return WeightStats(float(np.count_nonzero(values == 0)) / values.size, int(np.unique(values).size))
 
 
 class TFLiteRunner(Runner):

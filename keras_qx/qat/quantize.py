@@ -14,7 +14,9 @@ from keras_qx._compat import check_float_model, check_model, keras, quantize_ann
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
-from keras_qx.quant.quantizers import WeightQuantizer
+from keras_qx.quant.quantizers import SparseWeightQuantizer, WeightQuantizer
+from keras_qx.quant.configs import KernelQuantizeConfig
+from keras_qx.compress.prune import check_not_pruned
 from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
 from keras_qx.qat.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
 from keras_qx.qat.saving import quantize_scope
@@ -72,7 +74,7 @@ def _specs(flat, policy: Policy) -> dict[str, LayerSpec]:
     return {_inner(l).name: policy.spec_for(_inner(l), _annotation(l)) for l in layers}
 
 
-def quantize(model, policy: Any = None, *, simulate_only: bool = False):
+def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve_sparsity: bool = False):
     """Return a QAT copy of ``model`` with per-layer bits from ``policy`` and ``qx.annotate``.
 
     Args:
@@ -82,12 +84,18 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
             than 8 bits, int8-only layers below 8 bits); the model then trains but
             ``export_tflite`` refuses it, also after saving, loading or cloning (the settings
             live in each layer's quantize config: see :func:`unexportable_layers`).
+        preserve_sparsity: keep every zero of every kernel a zero through QAT and in the file
+            (a pruned model, after ``qx.strip_pruning``): each weight quantizer multiplies its
+            kernel by a fixed mask of the kernel's nonzeros (:class:`SparseWeightQuantizer`).
 
     Raises:
         PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
         TypeError/ValueError: a Keras 3, subclassed, unbuilt or already quantized model.
     """
     policy = Policy.coerce(policy)
+    if not isinstance(preserve_sparsity, bool):
+        raise TypeError(f"quantize(preserve_sparsity=...) must be True or False, got {preserve_sparsity!r}.")
+    check_not_pruned(model)
     check_float_model(model)
     model, policy = _flatten(model, policy)
     specs = _specs(model, policy)
@@ -102,7 +110,8 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
         )
     if not simulate_only:
         specs = _clamp_to_exportable(model, specs)
-    registry = PolicyQuantizeRegistry(specs, default=LayerSpec().updated(policy.default, "default"))
+    registry = (_SparsityPreservingRegistry if preserve_sparsity else PolicyQuantizeRegistry)(
+        specs, default=LayerSpec().updated(policy.default, "default"))
 
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
                    if _inner(l).name in specs and specs[_inner(l).name].quantize
@@ -134,7 +143,28 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False):
     with quantize_scope(own_classes):
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
     _init_weight_ranges(qat)
+    _init_sparsity_masks(qat)
     return qat
+
+
+class _SparsityPreservingRegistry(PolicyQuantizeRegistry):
+    """The policy's registry with each kernel quantizer a :class:`SparseWeightQuantizer`."""
+
+    def config_for(self, *args, **kwargs):
+        config = super().config_for(*args, **kwargs)
+        if isinstance(config, KernelQuantizeConfig) and type(config.weight_quantizer) is WeightQuantizer:
+            q = config.weight_quantizer
+            config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis)
+        return config
+
+
+def _init_sparsity_masks(qat_model) -> None:
+    """Set each :class:`SparseWeightQuantizer`'s mask to its kernel's nonzeros (done once, here:
+    the mask is fixed for the model's life and saved with it)."""
+    for layer in qat_model.layers:
+        for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
+            if isinstance(quantizer, SparseWeightQuantizer) and qvars and "mask" in qvars:
+                qvars["mask"].assign(tf.cast(tf.not_equal(weight, 0), qvars["mask"].dtype))
 
 
 def _int8_only(layer, weight_bits) -> bool:

@@ -6,6 +6,7 @@ Example:
 from __future__ import annotations
 
 from keras_qx._compat import check_model, keras, quantize_wrapper
+from keras_qx.compress.prune import kernel_sparsity
 from keras_qx.quant.cost import LayerCost, layer_cost
 
 __all__ = ["summary", "layer_costs"]
@@ -40,16 +41,22 @@ def _fmt_bits(bits):
 
 
 def summary(qat_model, print_fn=print) -> str:
-    """Print (and return) the table: layer, type, weight bits, activation bits, params, bytes.
+    """Print (and return) the table: layer, type, weight bits, activation bits, sparsity, params, bytes.
+
+    Sparsity is the fraction of a layer's kernel values that are zero as the model computes
+    with them: after quantization for a QAT model (what the file stores, rounding's zeros
+    included), after the mask for a pruned one.
 
     Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT4 where the
     exporter packs, int8 otherwise, int32 biases, float32 for float layers.
     """
     check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)
-    header = ("Layer", "Type", "W bits", "A bits", "Params", "Bytes")
+    sparsity = kernel_sparsity(qat_model)
+    header = ("Layer", "Type", "W bits", "A bits", "Sparsity", "Params", "Bytes")
     table = [(c.name, c.type, _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),
-              f"{c.params:,}", f"{c.bytes:,}") for c, a in rows]
+              f"{sparsity[c.name]:.1%}" if c.name in sparsity else "-", f"{c.params:,}", f"{c.bytes:,}")
+             for c, a in rows]
     params = sum(c.params for c, _ in rows)
     total = sum(c.bytes for c, _ in rows)
     float_total = sum(c.float_bytes for c, _ in rows)

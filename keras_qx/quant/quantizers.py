@@ -24,6 +24,7 @@ __all__ = [
     "WEIGHT_BITS",
     "ACTIVATION_BITS",
     "WeightQuantizer",
+    "SparseWeightQuantizer",
     "ActivationQuantizer",
     "FixedRangeQuantizer",
     "check_bits",
@@ -131,6 +132,34 @@ class WeightQuantizer(_Quantizer):
 
     def __repr__(self):
         return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class SparseWeightQuantizer(WeightQuantizer):
+    """A :class:`WeightQuantizer` that keeps a pruned kernel's zeros zero.
+
+    It multiplies the kernel by a fixed 0/1 mask (a non-trainable variable of the layer, so it is
+    saved and loaded with the model; ``qx.quantize(..., preserve_sparsity=True)`` sets it to the
+    kernel's nonzeros) before quantizing: the gradient of a masked weight is zero, so training
+    cannot revive it, and the symmetric grid has 0 as a level, so a zero stays exactly 0 in
+    the simulation and in the file (zero point 0).
+
+    Example:
+        >>> SparseWeightQuantizer(4).get_config()["bits"]
+        4
+    """
+
+    def build(self, tensor_shape, name, layer):
+        found = super().build(tensor_shape, name, layer)
+        found["mask"] = layer.add_weight(name + "_mask", shape=tuple(tensor_shape), trainable=False,
+                                         initializer=keras.initializers.Ones())
+        return found
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return super().__call__(inputs * weights["mask"], training, weights, **kwargs)
+
+    def __repr__(self):
+        return f"SparseWeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
