@@ -8,7 +8,6 @@ builds of one unnamed model give files that differ in their tensor names only (c
 The converter itself writes no timestamp and orders the file deterministically.
 """
 import flatbuffers
-import numpy as np
 import pytest
 
 import keras_qx as qx
