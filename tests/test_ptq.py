@@ -42,3 +42,54 @@ def test_ptq_errors(trained_cnn):
         qx.ptq(trained_cnn, "int4")
     with pytest.raises(ValueError, match="representative_data"):
         qx.ptq(trained_cnn, "int8")
+
+
+def _op_types(tfl):
+    """``{layer-ish tensor name: output type}`` of each compute op in the file."""
+    from keras_qx._runtime import interpreter, ops_details
+
+    interp = interpreter(bytes(tfl), xnnpack=False)
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    return {details[op["outputs"][0]]["name"]: details[op["outputs"][0]]["dtype"].__name__
+            for op in ops_details(interp) if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "DELEGATE")}
+
+
+def test_keep_float_keeps_exactly_the_named_layers_float(trained_cnn, digits, tmp_path):
+    (x, _), (xt, yt) = digits
+    tfl = qx.ptq(trained_cnn, "int8", x[:200], keep_float=["fc1"], path=tmp_path / "sel.tflite")
+    types = _op_types(tfl)
+    floats = sorted(name for name, kind in types.items() if kind == "float32")
+    assert floats == [n for n in types if "/fc1/" in n] and len(floats) == 1, types
+    assert all(kind == "int8" for name, kind in types.items() if name not in floats), types
+    assert tfl.report.kept_float == ("fc1",) and "kept float on request: fc1" in tfl.report.lines()
+    assert tfl.report.verification.agreement >= 0.98 and (tmp_path / "sel.tflite").read_bytes() == bytes(tfl)
+    # by regex: both convolutions
+    both = qx.ptq(trained_cnn, "int8", x[:200], keep_float=["conv[0-9]"])
+    floats = sorted(n for n, kind in _op_types(both).items() if kind == "float32")
+    assert len(floats) == 2 and all("conv" in n for n in floats), floats
+    assert qx.evaluate_tflite(both, xt, yt, latency_runs=0)["accuracy"] >= float(
+        (trained_cnn.predict(xt, verbose=0).argmax(1) == yt).mean()) - 0.01
+
+
+def test_ptq_result_is_verified_like_an_export(trained_cnn, digits):
+    (x, _), _ = digits
+    tfl = qx.ptq(trained_cnn, "dynamic", x[:100])
+    assert tfl.report.verification is not None and tfl.report.verification.agreement >= 0.98
+    assert any(line.startswith("verified on 100 samples") for line in tfl.report.lines())
+
+
+def test_keep_float_mistakes(trained_cnn, digits):
+    (x, _), _ = digits
+    with pytest.raises(ValueError, match=r"'fc9' matches no layer of 'digits_cnn'; its layers are"):
+        qx.ptq(trained_cnn, "int8", x[:50], keep_float=["fc9"])
+    with pytest.raises(TypeError, match=r"write keep_float=\['fc1'\]"):
+        qx.ptq(trained_cnn, "int8", x[:50], keep_float="fc1")
+    with pytest.raises(ValueError, match="keep_float applies to mode 'int8'"):
+        qx.ptq(trained_cnn, "dynamic", x[:50], keep_float=["fc1"])
+    from keras_qx._compat import keras
+
+    inputs = keras.Input((8,))
+    h = keras.layers.Dropout(0.5, name="drop")(keras.layers.Dense(8, name="fc")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+    with pytest.raises(ValueError, match=r"\['drop'\] have no op of their own.*name the layer they are folded into"):
+        qx.ptq(model, "int8", x[:50, :8, 0, 0], keep_float=["drop"])

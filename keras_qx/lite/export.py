@@ -24,7 +24,7 @@ from keras_qx.qat.calibrate import uncalibrated_ranges
 from keras_qx.qat.summary import layer_costs
 from keras_qx.qat.quantize import unexportable_layers
 
-__all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "file_sparsity"]
+__all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "file_sparsity", "check_options", "deliver"]
 
 
 @dataclass
@@ -40,6 +40,7 @@ class ExportReport:
     verification: Verification | None = None  # p99 error, decisive share, disagreeing/worst samples
     stored_wider: tuple = ()  # (layer, trained bits, bits in the file) where the file stores more bits
     sparsity: tuple = ()  # (layer, fraction of its kernel values stored as 0 in the file), by file_sparsity
+    kept_float: tuple = ()  # layers the file keeps float32 on request (qx.ptq's keep_float)
 
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
@@ -47,6 +48,8 @@ class ExportReport:
         if self.stored_wider:
             out.append("stored wider than trained (the converter packs nothing narrower): " + ", ".join(
                 f"{name} {bits}-bit as {'INT4' if stored == 4 else 'int8'}" for name, bits, stored in self.stored_wider))
+        if self.kept_float:
+            out.append("kept float on request: " + ", ".join(self.kept_float))
         if self.sparsity:
             out.append("kernel sparsity in the file: " + ", ".join(f"{name} {value:.1%}" for name, value in self.sparsity))
         if self.verification is not None:
@@ -132,12 +135,7 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     adds (:mod:`keras_qx.lite.bias_grid`).
     """
     _check_qat_model(qat_model)
-    for name, flag in (("int8_io", int8_io), ("verify", verify)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"export_tflite({name}=...) must be True or False, got {flag!r}.")
-    if isinstance(min_agreement, bool) or not isinstance(min_agreement, numbers.Real) or not 0 <= min_agreement <= 1:
-        raise ValueError(f"min_agreement is a fraction in 0..1 (0.9 means 90% top-1 agreement), got {min_agreement!r}.")
-    check_count(verify_samples, "verify_samples")
+    check_options(int8_io=int8_io, verify=verify, min_agreement=min_agreement, verify_samples=verify_samples)
     samples = check_inputs(representative_data, model_input_specs(qat_model))
     if path is not None:
         check_writable(path)
@@ -147,8 +145,26 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
                           stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)
                                              for c, _ in layer_costs(qat_model) if c.stored_wider))
     report.sparsity = file_sparsity(qat_model, report.info)
+    return deliver(qat_model, data, report, samples, path, verify=verify, min_agreement=min_agreement,
+                   verify_samples=verify_samples, print_fn=print_fn)
+
+
+def check_options(*, int8_io: bool, verify: bool, min_agreement: float, verify_samples: int) -> None:
+    """The export options' types and ranges, checked before any conversion."""
+    for name, flag in (("int8_io", int8_io), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"export_tflite({name}=...) must be True or False, got {flag!r}.")
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, numbers.Real) or not 0 <= min_agreement <= 1:
+        raise ValueError(f"min_agreement is a fraction in 0..1 (0.9 means 90% top-1 agreement), got {min_agreement!r}.")
+    check_count(verify_samples, "verify_samples")
+
+
+def deliver(model, data: bytes, report: ExportReport, samples: list, path=None, *, verify: bool = True,
+            min_agreement: float = 0.9, verify_samples: int = 256, print_fn=None) -> TFLiteModel:
+    """The end of every conversion: verify ``data`` against ``model`` on ``samples`` (one array
+    per input), refuse below ``min_agreement``, write ``path`` atomically, print the report."""
     if verify:
-        result = verify_tflite(qat_model, data, [xi[:verify_samples] for xi in samples])
+        result = verify_tflite(model, data, [xi[:verify_samples] for xi in samples])
         report.agreement, report.samples = result.agreement, result.samples
         report.max_error_steps, report.mean_error_steps = result.max_error_steps, result.mean_error_steps
         report.verification = result

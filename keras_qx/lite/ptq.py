@@ -2,41 +2,116 @@
 
 Modes: ``"dynamic"`` (int8 weights, float activations), ``"int8"`` (fully integer, needs
 representative data), ``"float16"`` (half-precision weights), ``"int16x8"`` (int16
-activations, int8 weights; needs representative data).
+activations, int8 weights; needs representative data). In ``"int8"`` mode ``keep_float``
+names layers that stay float32 (selective quantization, the converter's denylist). The result
+is verified against the float model and carries the same report as ``export_tflite``.
 
 Example:
-    >>> tfl = qx.ptq(float_model, "int8", x_train[:300])      # doctest: +SKIP
+    >>> tfl = qx.ptq(float_model, "int8", x_train[:300], keep_float=["fc1"])   # doctest: +SKIP
+    >>> tfl.report.kept_float, tfl.report.verification.mean_error_steps          # doctest: +SKIP
 """
 from __future__ import annotations
 
+import re
+
 from keras_qx._compat import check_model, tf
-from keras_qx._io import check_samples
+from keras_qx._io import check_inputs, check_writable, model_input_specs
+from keras_qx._runtime import interpreter, ops_details
 from keras_qx.lite.convert import ExportError, convert, converter_for
+from keras_qx.lite.export import ExportReport, TFLiteModel, check_options, deliver
+from keras_qx.lite.inspect import inspect_tflite
 
 __all__ = ["ptq", "PTQ_MODES"]
 
 PTQ_MODES = ("dynamic", "int8", "float16", "int16x8")
 
 
-def ptq(model, mode: str, representative_data=None, int8_io: bool = False) -> bytes:
+def _resolve_keep_float(model, keep_float) -> list[str]:
+    """Layer names matched by ``keep_float`` (names, or regexes matching a whole name)."""
+    if isinstance(keep_float, str):
+        raise TypeError(f"keep_float must be a list of layer names or regexes, got the string {keep_float!r}; "
+                        f"write keep_float=[{keep_float!r}].")
+    names = [layer.name for layer in model.layers]
+    chosen = []
+    for entry in keep_float:
+        try:
+            pattern = re.compile(str(entry))
+        except re.error as err:
+            raise ValueError(f"keep_float entry {entry!r} is not a valid regex ({err}).") from None
+        hits = [n for n in names if n == entry or pattern.fullmatch(n)]
+        if not hits:
+            raise ValueError(f"keep_float entry {entry!r} matches no layer of {model.name!r}; its layers are "
+                             f"{names}.")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def _denylist(float_file: bytes, layers: list[str]) -> list[str]:
+    """The converter's node names (each op's first output tensor) of the ops that compute the
+    ``layers``: ops whose output, or whose constant (weight) inputs, the converter named after
+    the layer (``model/<layer>/MatMul``)."""
+    interp = interpreter(float_file, xnnpack=False)
+    names = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    ops = [op for op in ops_details(interp) if op["op_name"] != "DELEGATE"]
+    produced = {i for op in ops for i in op["outputs"]} | {d["index"] for d in interp.get_input_details()}
+
+    def owner_segments(op):
+        tensors = list(op["outputs"]) + [i for i in op["inputs"] if i >= 0 and i not in produced]
+        return {seg for i in tensors for part in names[i].split(";") for seg in part.split("/")}
+
+    nodes, found = [], set()
+    for op in ops:
+        mine = owner_segments(op) & set(layers)
+        if mine:
+            nodes.append(names[op["outputs"][0]])
+            found |= mine
+    missing = [l for l in layers if l not in found]
+    if missing:
+        raise ValueError(f"layer(s) {missing} have no op of their own in the TFLite file (folded into a "
+                         "neighbour, e.g. a BatchNormalization into its convolution, or value-preserving); "
+                         "name the layer they are folded into instead.")
+    return nodes
+
+
+def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, keep_float=None, path=None,
+        verify: bool = True, min_agreement: float = 0.9, verify_samples: int = 256, print_fn=None) -> TFLiteModel:
     """Convert a float tf_keras model to TFLite with a post-training quantization mode.
 
     Args:
         mode: one of :data:`PTQ_MODES`.
-        representative_data: float samples (n, *input_shape); required for "int8"/"int16x8".
+        representative_data: float samples (n, *input_shape) (a list / dict for several inputs);
+            required for "int8"/"int16x8", and used for the verification in every mode.
         int8_io: for "int8", int8 input/output tensors instead of float.
+        keep_float: ("int8" mode) layer names or regexes (matching a whole name) that stay float32.
+        path: where to write the ``.tflite`` (atomically); None writes nothing.
+        verify, min_agreement, verify_samples, print_fn: as in ``export_tflite`` (the reference
+            is the float model).
+
+    Returns:
+        :class:`~keras_qx.lite.export.TFLiteModel`: the bytes with ``.report`` (``kept_float``
+        lists the layers kept float).
     """
     check_model(model)
     if mode not in PTQ_MODES:
         raise ValueError(f"unknown PTQ mode {mode!r}; use one of {PTQ_MODES}.")
+    check_options(int8_io=int8_io, verify=verify, min_agreement=min_agreement, verify_samples=verify_samples)
+    if keep_float and mode != "int8":
+        raise ValueError(f"keep_float applies to mode 'int8' (the converter's denylist is for full-integer "
+                         f"quantization); mode {mode!r} quantizes weights only, or nothing per layer.")
+    if representative_data is None and (mode in ("int8", "int16x8") or verify):
+        raise ValueError(f"PTQ mode {mode!r} needs representative_data (a few hundred training samples): "
+                         "to calibrate activation ranges and to verify the file (or verify=False for "
+                         "dynamic/float16).")
+    samples = check_inputs(representative_data, model_input_specs(model)) if representative_data is not None else []
+    if path is not None:
+        check_writable(path)
+    kept = _resolve_keep_float(model, keep_float) if keep_float else []
     converter = converter_for(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    calib = [xi[:500] for xi in samples]
+    dataset = lambda: ([xi[i][None] for xi in calib] for i in range(len(calib[0])))  # noqa: E731
     if mode in ("int8", "int16x8"):
-        if representative_data is None:
-            raise ValueError(f"PTQ mode {mode!r} calibrates activation ranges: pass representative_data "
-                             "(a few hundred training samples).")
-        samples = check_samples(representative_data, model.input_shape[1:])[:500]
-        converter.representative_dataset = lambda: ([s[None]] for s in samples)
+        converter.representative_dataset = dataset
         if mode == "int8":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             if int8_io:
@@ -47,6 +122,31 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False) -> by
     elif mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        return convert(converter)[0]
+        if kept:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+            nodes = _denylist(convert(converter_for(model))[0], kept)
+            data, seconds = _selective(converter, dataset, nodes)
+        else:
+            data, seconds = convert(converter)
     except ExportError as err:
         raise ExportError(f"({mode}) {err}") from err.__cause__
+    report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds, kept_float=tuple(kept))
+    return deliver(model, data, report, samples, path, verify=verify, min_agreement=min_agreement,
+                   verify_samples=verify_samples, print_fn=print_fn)
+
+
+def _selective(converter, dataset, nodes: list[str]) -> tuple[bytes, float]:
+    """Full-integer conversion with the ops ``nodes`` left float (tf.lite's quantization
+    debugger is the converter's one entry point for a denylist)."""
+    import time
+
+    start = time.perf_counter()
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
+    one = lambda: (sample for _, sample in zip(range(1), dataset()))  # noqa: E731
+    try:
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=one,
+                                                             debug_options=options)
+        data = debugger.get_nondebug_quantized_model()
+    except Exception as err:  # the converter raises many types; keep its message
+        raise ExportError(f"TFLite conversion failed: {str(err).splitlines()[0][:500]}") from err
+    return bytes(data), time.perf_counter() - start
