@@ -20,6 +20,7 @@ from keras_qx.compress.prune import prune, pruning_callbacks, strip_pruning
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
 from keras_qx.engine.search import BitWidthTuner
 from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
+from keras_qx.lite.compare import Comparison, compare
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
 from keras_qx.lite.fidelity import compare_layers
@@ -58,6 +59,8 @@ __all__ = [
     "export_tflite",
     "compare_layers",
     "evaluate_tflite",
+    "compare",
+    "Comparison",
     "ptq",
     "prune",
     "pruning_callbacks",

@@ -11,6 +11,8 @@
         then export the best: policy JSON, .tflite, results table (CSV, Markdown) and a plot
     keras-qx inspect model.tflite
         ops, INT4 tensors, sizes, each weight's zeros and distinct values
+    keras-qx eval a.tflite b.tflite ... --data D.npz [--metric accuracy] [--plot roads.png]
+        one table comparing the files in the runtime: metric, bytes, gzip, sparsity, latency
 
 Without ``--model``, analyze and quantize train the digits CNN first. ``--data`` is an
 ``.npz`` with ``x_train, y_train, x_test, y_test``.
@@ -45,8 +47,14 @@ def _model_and_data(args):
 
 
 def _load_data(path: str):
-    """``((x_train, y_train), (x_test, y_test))`` from an ``.npz``, never unpickling: a data
-    file cannot run code (object arrays are refused)."""
+    """``((x_train, y_train), (x_test, y_test))`` from an ``.npz`` (see :func:`_read_npz`)."""
+    arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"))
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def _read_npz(path: str, keys: tuple, alternatives: tuple = ()) -> dict:
+    """The arrays ``keys`` (or, if absent, ``alternatives``) of an ``.npz``, never unpickling: a
+    data file cannot run code (object arrays are refused)."""
     import zipfile
 
     import numpy as np
@@ -57,12 +65,13 @@ def _load_data(path: str):
         if isinstance(err, FileNotFoundError):
             raise FileNotFoundError(f"--data {path!r}: no such file.") from None
         raise ValueError(f"--data {path!r} is not a readable .npz file ({err}); write it with "
-                         "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).") from err
+                         f"np.savez(path, {', '.join(k + '=...' for k in keys)}).") from err
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"--data {path!r} is a single .npy array; the data must be an .npz with x_train, "
-                         "y_train, x_test and y_test (np.savez).")
-    keys = ("x_train", "y_train", "x_test", "y_test")
+        raise ValueError(f"--data {path!r} is a single .npy array; the data must be an .npz with "
+                         f"{', '.join(keys)} (np.savez).")
     with npz:
+        if alternatives and not all(k in npz.files for k in keys) and all(k in npz.files for k in alternatives):
+            keys = alternatives
         missing = [k for k in keys if k not in npz.files]
         if missing:
             raise ValueError(f"--data {path!r} lacks array(s) {missing}; it has {npz.files}.")
@@ -78,7 +87,7 @@ def _load_data(path: str):
             except (OSError, EOFError, zipfile.BadZipFile) as err:
                 raise ValueError(f"--data {path!r}: array {key!r} is unreadable ({err}); the file may be "
                                  "truncated.") from err
-    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+    return arrays
 
 
 def _candidates(text: str) -> tuple:
@@ -246,6 +255,24 @@ def _inspect(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from keras_qx.lite.compare import compare
+
+    arrays = _read_npz(args.data, ("x_test", "y_test"), alternatives=("x", "y"))
+    x, y = arrays.get("x_test", arrays.get("x")), arrays.get("y_test", arrays.get("y"))
+    names = [os.path.splitext(os.path.basename(p))[0] for p in args.paths]
+    if len(set(names)) != len(names):
+        names = list(args.paths)
+    _say(f"evaluating {len(names)} file(s) on {len(x)} samples ({args.latency_runs} timed runs each)...")
+    result = compare(dict(zip(names, args.paths)), x, y, metric=args.metric, latency_runs=args.latency_runs,
+                     num_threads=args.threads)
+    print(result.table())
+    if args.plot:
+        result.plot(args.plot)
+        _say(f"wrote {args.plot}")
+    return 0
+
+
 def _model_options(parser):
     parser.add_argument("--model", help="a float model (.keras, .h5, SavedModel); default: train the digits CNN")
     parser.add_argument("--data", help=".npz with x_train, y_train, x_test, y_test (with --model)")
@@ -292,8 +319,16 @@ def main(argv=None) -> int:
     inspect.add_argument("path")
     inspect.add_argument("--top", type=int, default=20, help="largest constant tensors to list")
     inspect.set_defaults(func=_inspect)
+    evaluate = sub.add_parser("eval", help="compare .tflite files: metric, bytes, gzip, sparsity, latency")
+    evaluate.add_argument("paths", nargs="+", metavar="FILE", help=".tflite files")
+    evaluate.add_argument("--data", required=True, help=".npz with x_test, y_test (or x, y)")
+    evaluate.add_argument("--metric", default="accuracy", choices=("accuracy", "mae", "mse", "rmse"))
+    evaluate.add_argument("--latency-runs", type=int, default=200, help="timed single-sample runs per file")
+    evaluate.add_argument("--threads", type=int, default=1, help="interpreter threads")
+    evaluate.add_argument("--plot", help="write a size-vs-metric plot (PNG) here")
+    evaluate.set_defaults(func=_eval)
     args = parser.parse_args(argv)
-    for name in ("epochs", "qat_epochs", "top", "trials"):
+    for name in ("epochs", "qat_epochs", "top", "trials", "latency_runs", "threads"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "policy", None) and not os.path.isfile(args.policy):
@@ -301,6 +336,9 @@ def main(argv=None) -> int:
     if getattr(args, "data", None) and not os.path.isfile(args.data):
         parser.error(f"--data {args.data!r}: no such file; pass an .npz with x_train, y_train, x_test, y_test "
                      "(np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))")
+    missing = [p for p in getattr(args, "paths", []) if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"no such .tflite file: {missing[0]!r}")
     if getattr(args, "model", None) and not os.path.exists(args.model):
         parser.error(f"--model {args.model!r}: no such file or directory; pass a .keras, .h5 or SavedModel "
                      "written by model.save(...)")
