@@ -65,7 +65,6 @@ def _measure(family: str, tool: str, tiny: bool = False) -> dict:
         model = build(family) if tiny else families()[family]()
         x = 255 * np.random.default_rng(0).random((16, *model.input_shape[1:])).astype("float32")
         qat = qx.quantize(model) if tool == "keras_qx" else tfmot.quantization.keras.quantize_model(model)
-        qx.calibrate(qat, x)  # ranges from the data (else the first steps keep tfmot's initial [-6, 6])
         calibrate(qat, x, steps=CALIBRATION_STEPS)
         tfl = qx.export_tflite(qat, x, min_agreement=0.0)
         r = tfl.report
@@ -118,8 +117,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {_cell(ours)} | {_cell(theirs)} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"Untrained models (weights=None) at small inputs{' (reduced variants: tests/families.py)' if tiny else ''}; "
-                  "qx.calibrate on 16 random 0-255 images sets the activation ranges, then "
-                  f"{CALIBRATION_STEPS} SGD steps on them with random labels train the ranges and BatchNorm statistics (one forward pass leaves an untrained net ill-conditioned: "
+                  f"{CALIBRATION_STEPS} SGD steps on 16 random 0-255 images with random labels set the activation "
+                  "ranges and BatchNorm statistics (one forward pass leaves an untrained net ill-conditioned: "
                   "zero-variance BatchNorm channels amplify 1-step rounding differences ~100x); the error is "
                   "TFLite vs the Keras QAT model on those images, in output quantization steps, mean / max; "
                   "'nudge' is the Keras model's own mean output change when 0.5% of the input pixels move by one "
