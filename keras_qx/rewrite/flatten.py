@@ -21,6 +21,8 @@
   the generic RNN loop converts, kept float (keras_qx.quant.kinds.TREATMENTS).
 * ``SpectralNormalization(layer)`` becomes ``layer``: at inference it calls its layer with the
   kernel it normalized while training (QAT then trains the kernel without the normalization).
+* ``RandomCrop`` becomes :class:`InferenceRandomCrop`, the same layer taking ``training=None``
+  or an integer learning phase (tfmot's wrappers pass them; RandomCrop fails on them).
 * Swish (``x * sigmoid(x)``; TFLite runs LOGISTIC then MUL) becomes ``Activation("sigmoid")``
   (``<name>_sigmoid``) and ``Multiply`` (``<name>``), so training sees the 1/256 grid of TFLite's
   int8 sigmoid (EfficientNet's gates and activations).
@@ -38,7 +40,7 @@ import math
 
 from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
 
-__all__ = ["flatten_nested", "has_nested", "SequenceDense", "ATTENTION_PARTS"]
+__all__ = ["flatten_nested", "has_nested", "SequenceDense", "InferenceRandomCrop", "ATTENTION_PARTS"]
 
 # A decomposed MultiHeadAttention's layers are named f"{name}_{part}".
 ATTENTION_PARTS = ("query", "key", "value", "scale", "scores", "softmax", "combine", "output")
@@ -72,6 +74,22 @@ class SequenceDense(keras.layers.EinsumDense):
     policy_aliases = ("Dense",)
 
 
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class InferenceRandomCrop(keras.layers.RandomCrop):
+    """``RandomCrop`` that reads ``training=None`` as inference (a center crop and resize) and
+    takes the integer learning phase tfmot's wrapper passes (RandomCrop wants a bool)."""
+
+    def call(self, inputs, training=None):
+        if training is None or isinstance(training, (bool, int)):
+            if not training:  # RandomCrop's own inference path, without its random-crop branch
+                return tf.cast(keras.preprocessing.image.smart_resize(inputs, [self.height, self.width]),
+                               self.compute_dtype)
+            training = True
+        else:
+            training = tf.cast(training, tf.bool)
+        return super().call(inputs, training=training)
+
+
 def _sequence_dense(layer) -> bool:
     if type(layer) is not keras.layers.Dense:
         return False
@@ -84,7 +102,8 @@ def _sequence_dense(layer) -> bool:
 def _copied(layer) -> bool:
     """Rewritten into new layers with copied weights (the other rewrites share the layer)."""
     return (_activation_name(layer) is not None or isinstance(layer, keras.layers.MultiHeadAttention)
-            or _sequence_dense(layer) or _swish(layer) or _fused_lstm(layer))
+            or _sequence_dense(layer) or _swish(layer) or _fused_lstm(layer)
+            or type(layer) is keras.layers.RandomCrop)
 
 
 def _fused_lstm(layer) -> bool:
@@ -246,6 +265,8 @@ def _call(layer, args, kwargs, keep, copies):
         return _attention(layer, args, kwargs)
     if _fused_lstm(layer):
         return _unfused_lstm(layer, args, kwargs)
+    if type(layer) is keras.layers.RandomCrop:
+        return InferenceRandomCrop.from_config(layer.get_config())(*args, **kwargs)
     if _swish(layer):
         return _activation(args[0] if args else kwargs["inputs"], "swish", layer.name)
     if _activation_name(layer) is not None or _sequence_dense(layer):
