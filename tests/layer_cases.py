@@ -219,3 +219,44 @@ NOT_A_MODEL_LAYER = {
     "StackedRNNCells": "a cell: runs inside an RNN layer",
     "InputLayer": "the model's input placeholder (keras.Input)",
 }
+
+
+def label(name: str) -> str:
+    """The treatment keras_qx's table gives class ``name``: quantized, pass-through, identity,
+    kept float (also a quantized layer whose op the file runs in float), refused, not a model
+    layer, or unknown."""
+    from keras_qx.quant.kinds import FLOAT, QUANTIZED, treatment
+
+    if name in NOT_A_MODEL_LAYER:
+        return "not a model layer"
+    known = treatment(layer_classes()[name])
+    if known is None:
+        return "unknown"
+    if known.kind == FLOAT or (known.kind == QUANTIZED and known.float_op):
+        return "kept float"
+    return known.kind
+
+
+def measure(name: str) -> dict:
+    """Quantize, calibrate and export the tiny model of ``name``: ``{"error"}`` (a refusal) or
+    ``{"ops", "float_ops", "kernels", "mean", "max", "warnings"}`` (kernels: storage types of
+    the constants of rank >= 2 other than int32 shapes)."""
+    import warnings
+
+    import keras_qx as qx
+
+    keras.backend.clear_session()
+    model, x = CASES[name]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            qat = qx.quantize(model)
+        except qx.PolicyError as err:
+            return {"error": str(err), "warnings": []}
+        qx.calibrate(qat, x)
+        tfl = qx.export_tflite(qat, x, min_agreement=0.0)
+    info = tfl.report.info
+    return {"ops": list(info.ops), "float_ops": list(info.float_ops),
+            "kernels": [w[1] for w in info.weights if len(w[2]) >= 2 and w[1] != "INT32"],
+            "mean": tfl.report.mean_error_steps, "max": tfl.report.max_error_steps,
+            "warnings": [str(w.message) for w in caught if "keras_qx" in str(w.message)]}
