@@ -12,6 +12,7 @@ from keras_qx.quant import configs
 from keras_qx._compat import keras, quantize_wrapper, tf, tflite_schema
 from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
+    KeptFloatQuantizeConfig,
     KernelQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
@@ -30,6 +31,7 @@ SAMPLES = {
     OutputQuantizeConfig: [OutputQuantizeConfig(8), OutputQuantizeConfig(4, pinned=["activation_bits"])],
     ActivationQuantizeConfig: [ActivationQuantizeConfig(8)],
     NoOpQuantizeConfig: [NoOpQuantizeConfig(), NoOpQuantizeConfig(pinned=["quantize"])],
+    KeptFloatQuantizeConfig: [KeptFloatQuantizeConfig(8)],
 }
 CASES = [(cls, cfg) for cls in configs.ALL_CONFIGS for cfg in SAMPLES[cls]]
 IDS = [f"{cls.__name__}-{i}" for cls in configs.ALL_CONFIGS for i in range(len(SAMPLES[cls]))]

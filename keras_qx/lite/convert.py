@@ -9,6 +9,8 @@ import time
 import warnings
 
 from keras_qx._compat import is_quantized_layer, keras, tf
+from keras_qx.quant.configs import KeptFloatQuantizeConfig
+from keras_qx.quant.kinds import treatment
 
 __all__ = ["ExportError", "converter_for", "convert", "convert_qat", "kept_float_layers"]
 
@@ -17,13 +19,16 @@ class ExportError(RuntimeError):
     """The converter failed, or the TFLite file disagrees with the Keras model."""
 
 
-def converter_for(model):
+def converter_for(model, batch=None):
     """A ``TFLiteConverter`` for ``model``'s inference function.
 
     Converting one traced ``tf.function`` gives the same flatbuffer as ``from_keras_model``
     without its Keras SavedModel export, which traces every layer's call separately (most of
-    the convert time: 87 s vs 17 s for the small EfficientNetV2 of tests/families.py, measured)."""
-    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
+    the convert time: 87 s vs 17 s for the small EfficientNetV2 of tests/families.py, measured).
+    ``batch``: a fixed batch size (a recurrent layer converts only with one: its TensorList
+    needs a static shape)."""
+    specs = [tf.TensorSpec((batch, *t.shape[1:]) if batch else t.shape, t.dtype, name=t.name.split(":")[0])
+             for t in model.inputs]
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
     owner = tf.Module()
     owner.variables_ = list(model.variables)  # the converter saves these, not the Keras layers
@@ -38,13 +43,16 @@ def convert(converter) -> tuple[bytes, float]:
             warnings.simplefilter("ignore")
             data = converter.convert()
     except Exception as err:  # the converter raises many types; keep its message
-        raise ExportError(f"TFLite conversion failed: {str(err).splitlines()[0][:500]}") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # some have no message
+        raise ExportError(f"TFLite conversion failed: {first[:500]}") from err
     return data, time.perf_counter() - start
 
 
 def kept_float_layers(qat_model) -> list[str]:
-    """Names of the layers of a QAT model that the policy kept float."""
-    return [l.name for l in qat_model.layers if not (isinstance(l, keras.layers.InputLayer) or is_quantized_layer(l))]
+    """Names of the layers of a QAT model kept float: by the policy (not wrapped), or because the
+    runtime has no integer kernel for them (``KeptFloatQuantizeConfig``: float inside)."""
+    return [l.name for l in qat_model.layers if not (isinstance(l, keras.layers.InputLayer) or is_quantized_layer(l))
+            or isinstance(getattr(l, "quantize_config", None), KeptFloatQuantizeConfig)]
 
 
 def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]:
@@ -53,9 +61,12 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
     ``samples`` (one array per input) calibrate the int8 input/output (the converter needs them
     even for QAT)."""
     samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
-    converter = converter_for(qat_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     floats = kept_float_layers(qat_model)
+    # The runtime runs every file one sample at a time; a fixed batch of 1 is what recurrent
+    # layers (their TensorList) and GroupNormalization (BROADCAST_TO) need to convert.
+    static = floats or any(getattr(treatment(getattr(l, "layer", l)), "static_batch", False) for l in qat_model.layers)
+    converter = converter_for(qat_model, batch=1 if static else None)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if not floats:
         calib = [xi[:500] for xi in samples]
         converter.representative_dataset = lambda: ([xi[i][None] for xi in calib] for i in range(len(calib[0])))

@@ -12,7 +12,7 @@ from typing import Any
 
 from keras_qx._compat import check_float_model, check_model, keras, quantize_annotate, tf, tfmot
 from keras_qx.qat.annotate import annotation_fields
-from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
 from keras_qx.quant.quantizers import SparseWeightQuantizer, WeightQuantizer
 from keras_qx.quant.configs import KernelQuantizeConfig
@@ -44,6 +44,7 @@ def _flatten(model, policy: Policy):
     """``(flatten_nested(model), policy)``, leaving whole the layers the policy keeps float (a
     masked MultiHeadAttention, say); a policy entry naming a decomposed MultiHeadAttention
     applies to each of its parts."""
+    _refuse(model)
     keep = {_inner(l).name for l in model.layers if not isinstance(_inner(l), keras.Model)
             and not isinstance(l, keras.layers.InputLayer)
             and not policy.spec_for(_inner(l), _annotation(l)).quantize}
@@ -58,6 +59,24 @@ def _flatten(model, policy: Policy):
                 data["layers"].setdefault(f"{name}_{part}", dict(entry))
         policy = Policy.from_dict(data)
     return flat, policy
+
+
+def _kept_float(layer) -> str | None:
+    """Why ``layer`` stays float whatever the policy says (TREATMENTS: FLOAT), else None."""
+    known = treatment(layer)
+    return known.reason if known is not None and known.kind == FLOAT else None
+
+
+def _refuse(model) -> None:
+    """PolicyError naming the layers no int8 TFLite model can hold (TREATMENTS: REFUSED) and why."""
+    refused = {}
+    for layer in model.layers:
+        known = treatment(_inner(layer))
+        if known is not None and known.kind == REFUSED:
+            refused.setdefault(known.reason, []).append(f"{_inner(layer).name} ({type(_inner(layer)).__name__})")
+    if refused:
+        raise PolicyError("keras_qx cannot quantize " + "; ".join(
+            f"{names}: {reason}" for reason, names in refused.items()) + ".")
 
 
 def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
@@ -108,6 +127,23 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
             "'int16x8')). Use activation_bits=8, or pass simulate_only=True to train the "
             "simulation anyway."
         )
+    by_reason = {}
+    for l in model.layers:
+        spec = specs.get(_inner(l).name)
+        if spec is not None and spec.quantize and not _foreign(l) and _kept_float(_inner(l)):
+            by_reason.setdefault(_kept_float(_inner(l)), []).append(f"{_inner(l).name} ({type(_inner(l)).__name__})")
+    float_ops = {}
+    for l in model.layers:
+        spec, known = specs.get(_inner(l).name), treatment(_inner(l))
+        if spec is not None and spec.quantize and not _foreign(l) and known is not None and known.float_op:
+            float_ops.setdefault(known.reason, []).append(f"{_inner(l).name} ({type(_inner(l)).__name__})")
+    if float_ops:
+        warnings.warn("keras_qx: the TFLite file will run these layers in float (their neighbours stay integer): "
+                      + "; ".join(f"{names}: {reason}" for reason, names in float_ops.items()) + ".", stacklevel=2)
+    if by_reason:
+        warnings.warn("keras_qx keeps these layers float, their outputs quantized (the rest of the model is "
+                      "quantized; the TFLite file runs them in float32): "
+                      + "; ".join(f"{names}: {reason}" for reason, names in by_reason.items()) + ".", stacklevel=2)
     if not simulate_only:
         specs = _clamp_to_exportable(model, specs)
     registry = (_SparsityPreservingRegistry if preserve_sparsity else PolicyQuantizeRegistry)(

@@ -31,11 +31,12 @@ from keras_qx._compat import (
 )
 from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
+    KeptFloatQuantizeConfig,
     KernelQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
 )
-from keras_qx.quant.kinds import custom_output, kernel_kind
+from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, custom_output, kernel_kind, treatment
 from keras_qx.quant.policy import LayerSpec
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp
@@ -45,21 +46,15 @@ __all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
 _L = keras.layers
 DEPTHWISE_SUFFIX = "_depthwise"  # name of the depthwise half of a split SeparableConv2D
 
-# Output-only layers beyond tfmot's registry whose TFLite kernels take quantized inputs.
-# Measured: each converts to integer TFLite ops (MUL/ADD/SUB/MAXIMUM, LayerNorm's MEAN/RSQRT...).
-_EXTRA_OUTPUT = (_L.BatchNormalization, _L.Multiply, _L.Subtract, _L.Maximum, _L.Minimum, _L.Average,
-                 _L.Rescaling, _L.Normalization, _L.LayerNormalization, _L.UnitNormalization)
 # Layers of tf_keras.applications modules (not in keras.layers), by class name: True means
 # quantize the output (LayerScale: x * gamma; CustomScaleLayer), False leave alone
-# (StochasticDepth: identity at inference).
+# (StochasticDepth: identity at inference). The standard layers' treatments are the table
+# keras_qx.quant.kinds.TREATMENTS.
 _BY_NAME = {"LayerScale": True, "StochasticDepth": False,
             "CustomScaleLayer": True}  # InceptionResNetV2: a + b * scale
 _TFMOT_INFO = tfmot_layer_quantize_map()
 
 
-# TFLite's AVERAGE_POOL_2D requires the output scale to equal the input's: no quantizer of
-# their own (tfmot's registry gives them one, and DenseNet then fails to convert).
-_SAME_SCALE = (_L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D)
 def _tfmot_info(cls):
     for base in cls.__mro__:
         if base in _TFMOT_INFO:
@@ -96,20 +91,20 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         return self.default
 
     def supports_class(self, cls) -> bool:
-        return bool(
-            kernel_kind(cls)
-            or issubclass(cls, TFOp)
-            or custom_output(cls) is not None
-            or cls.__name__ in _BY_NAME
-            or issubclass(cls, (_L.Activation, _L.Softmax))
-            or issubclass(cls, _EXTRA_OUTPUT)
-            or _tfmot_info(cls) is not None
-        )
+        """A config exists for ``cls`` (refused classes have none: ``qx.quantize`` refuses them
+        before asking)."""
+        known = treatment(cls)
+        if known is not None:
+            return known.kind != REFUSED
+        return bool(issubclass(cls, TFOp) or cls.__name__ in _BY_NAME or _tfmot_info(cls) is not None)
 
     def config_for(self, name: str, cls, quantize_activation: bool = True, symbol: str | None = None):
         """The config of layer ``name`` of class ``cls`` (``quantize_activation=False``:
         its output is quantized further on, e.g. by a fused ReLU; ``symbol``: a TFOp's op)."""
         spec = self.spec(name)
+        known = treatment(cls)
+        if known is not None and known.kind == FLOAT:
+            return KeptFloatQuantizeConfig(spec.activation_bits)
         kind = kernel_kind(cls)
         if kind is not None:
             return KernelQuantizeConfig(
@@ -120,16 +115,14 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 channel_axis=kind.channel_axis,
                 quantize_activation=quantize_activation,
             )
-        if not quantize_activation or issubclass(cls, _SAME_SCALE):
-            return NoOpQuantizeConfig()
+        if not quantize_activation or (known is not None and not (known.kind == QUANTIZED and known.quantize_output)):
+            return NoOpQuantizeConfig()  # pass-through, identity, same-scale pooling
         if issubclass(cls, (_L.Activation, _L.Softmax)):
             return ActivationQuantizeConfig(spec.activation_bits)
-        if custom_output(cls) is not None:
-            return OutputQuantizeConfig(spec.activation_bits) if custom_output(cls) else NoOpQuantizeConfig()
+        if known is not None:
+            return OutputQuantizeConfig(spec.activation_bits)
         if cls.__name__ in _BY_NAME:
             return OutputQuantizeConfig(spec.activation_bits) if _BY_NAME[cls.__name__] else NoOpQuantizeConfig()
-        if issubclass(cls, _EXTRA_OUTPUT):
-            return OutputQuantizeConfig(spec.activation_bits)
         if issubclass(cls, TFOp):
             return NoOpQuantizeConfig() if symbol in VALUE_PRESERVING else OutputQuantizeConfig(spec.activation_bits)
         info = _tfmot_info(cls)
@@ -289,7 +282,8 @@ class PolicyLayoutTransform(default_8bit_quantize_layout_transform.Default8BitQu
         r = self.registry
         transforms = [
             _FloatInputQuantize(),
-            t8.SeparableConv1DQuantize(),
+            # (not tfmot's SeparableConv1DQuantize: its Lambda layers fail safe-mode
+            # deserialization; a SeparableConv1D is quantized whole, both kernels)
             _SeparableConv(),
             t8.Conv2DReshapeBatchNormReLUQuantize(),
             t8.Conv2DReshapeBatchNormActivationQuantize(),

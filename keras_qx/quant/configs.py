@@ -5,6 +5,8 @@
 * :class:`OutputQuantizeConfig`: quantize only the layer's output (Add, ReLU, pooling...).
 * :class:`ActivationQuantizeConfig`: a ``keras.layers.Activation`` layer.
 * :class:`NoOpQuantizeConfig`: leave the layer as it is.
+* :class:`KeptFloatQuantizeConfig`: a layer TFLite has no integer kernel for (LSTM, GRU...):
+  float inside, its output quantized so the layers after it stay integer.
 
 Every config is registered under the ``keras_qx`` package, round-trips through
 ``get_config``/``from_config`` and compares with ``==``.
@@ -27,6 +29,7 @@ __all__ = [
     "OutputQuantizeConfig",
     "ActivationQuantizeConfig",
     "NoOpQuantizeConfig",
+    "KeptFloatQuantizeConfig",
     "ALL_CONFIGS",
 ]
 
@@ -214,5 +217,15 @@ class NoOpQuantizeConfig(_Config):
         return {"pinned": list(self.pinned)}
 
 
-ALL_CONFIGS = (KernelQuantizeConfig, OutputQuantizeConfig, ActivationQuantizeConfig, NoOpQuantizeConfig)
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class KeptFloatQuantizeConfig(OutputQuantizeConfig):
+    """A layer the TFLite runtime has no integer kernel for (recurrent layers, wrappers): its
+    weights and internals stay float; only its output is quantized, so the next layer gets an
+    int8 input. The exporter converts such a model without calibration data (which would
+    quantize the layer's internals too), so the file runs it in float between DEQUANTIZE and
+    QUANTIZE, with float32 input and output."""
+
+
+ALL_CONFIGS = (KernelQuantizeConfig, OutputQuantizeConfig, ActivationQuantizeConfig, NoOpQuantizeConfig,
+               KeptFloatQuantizeConfig)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from keras_qx._compat import keras
 
-__all__ = ["KernelKind", "kernel_kind", "register_layer", "unregister_layer", "custom_output"]
+__all__ = ["KernelKind", "kernel_kind", "register_layer", "unregister_layer", "custom_output",
+           "Treatment", "treatment", "TREATMENTS", "QUANTIZED", "PASS_THROUGH", "IDENTITY", "FLOAT", "REFUSED"]
 
 _L = keras.layers
 
@@ -39,12 +40,13 @@ class KernelKind:
 # Ordered: subclasses before their bases (all are Conv subclasses; Conv2DTranspose is a Conv2D).
 _KERNEL_KINDS = (
     KernelKind(_L.DepthwiseConv2D, ("depthwise_kernel",), per_channel=True, int4_export=True),
+    KernelKind(_L.DepthwiseConv1D, ("depthwise_kernel",), per_channel=False),
     # Split into DepthwiseConv2D + 1x1 Conv2D before quantization (keras_qx.qat.registry); both pack.
     KernelKind(_L.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False,
                int4_export=True),
     KernelKind(_L.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"), per_channel=False),
     KernelKind(_L.Conv2DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
-    KernelKind(_L.Conv3DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
+    KernelKind(_L.Conv3DTranspose, ("kernel",), per_channel=False, channel_axis=-2, integer_export=False),
     KernelKind(_L.Conv1DTranspose, ("kernel",), per_channel=False, channel_axis=-2),
     KernelKind(_L.Conv2D, ("kernel",), per_channel=True, int4_export=True),
     KernelKind(_L.Conv1D, ("kernel",), per_channel=False, int4_export=True),
@@ -52,6 +54,8 @@ _KERNEL_KINDS = (
     KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True),
     KernelKind(_L.EinsumDense, ("kernel",), per_channel=False, int4_export=True),
     KernelKind(_L.Embedding, ("embeddings",), per_channel=False, int4_export=False),
+    KernelKind(_L.LocallyConnected1D, ("kernel",), per_channel=False),
+    KernelKind(_L.LocallyConnected2D, ("kernel",), per_channel=False),
 )
 
 
@@ -112,4 +116,112 @@ def custom_output(cls) -> bool | None:
     for base in cls.__mro__:
         if base in _custom_output:
             return _custom_output[base]
+    return None
+
+
+# What keras_qx does with each standard layer class (kernel layers are in _KERNEL_KINDS above
+# and are QUANTIZED): measured on the tiny models of tests/layer_cases.py, exported by TF 2.21's
+# converter (bench/results/layers.md). Subclasses inherit their base's entry.
+QUANTIZED = "quantized"          # kernels at the policy's bits and/or the output on an int8 grid
+PASS_THROUGH = "pass-through"    # moves or repeats values: no quantizer, keeps its input's scale
+IDENTITY = "identity"            # nothing at inference (dropout, noise, augmentation)
+FLOAT = "float"                  # kept float automatically, with a warning saying why
+REFUSED = "refused"              # cannot be in an int8 TFLite model at all
+
+
+@dataclass(frozen=True)
+class Treatment:
+    """How ``qx.quantize`` treats a layer class.
+
+    ``kind`` is one of QUANTIZED, PASS_THROUGH, IDENTITY, FLOAT, REFUSED; ``quantize_output``
+    (QUANTIZED only): the layer's output gets its own quantizer (False: it keeps its input's
+    scale, as TFLite's int8 AVERAGE_POOL_2D requires); ``float_op`` (QUANTIZED only): trained
+    quantized, but the converter runs the op itself in float between DEQUANTIZE and QUANTIZE
+    (no integer kernel; the file keeps int8 edges); ``reason``: why (the warning or error of
+    FLOAT, REFUSED and ``float_op`` quotes it).
+    """
+
+    kind: str
+    quantize_output: bool = True
+    reason: str = ""
+    float_op: bool = False
+    static_batch: bool = False  # converts only with a fixed batch size (the exporter uses 1)
+
+
+_OUT = Treatment(QUANTIZED)
+_SAME_SCALE = Treatment(QUANTIZED, quantize_output=False, reason="TFLite's int8 average pool keeps the input scale")
+_PASS = Treatment(PASS_THROUGH)
+_IDENT = Treatment(IDENTITY)
+_RNN = ("the TFLite runtime has no integer kernel for a recurrent layer's loop (the converter keeps "
+        "its WHILE loop float)")
+_NO_3D_POOL = ("TFLite has no 3D pooling op (the converter fails on tf.MaxPool3D/tf.AvgPool3D even in float): "
+               "pool in 2D (e.g. Reshape to merge two axes, then MaxPooling2D)")
+_PREPROCESS = ("categorical/string preprocessing (lookup tables, hashing, string ops) has no integer TFLite "
+               "kernel: apply it in the input pipeline (tf.data: dataset.map(layer)) and feed the model its output")
+
+TREATMENTS = {
+    # arithmetic: the output quantized (kernel layers come from _KERNEL_KINDS)
+    **{c: _OUT for c in (
+        _L.Activation, _L.ReLU, _L.LeakyReLU, _L.PReLU, _L.ThresholdedReLU, _L.Softmax,
+        _L.BatchNormalization, _L.LayerNormalization, _L.UnitNormalization,
+        _L.Normalization, _L.Rescaling, _L.Add, _L.Subtract, _L.Multiply, _L.Average, _L.Maximum,
+        _L.Minimum, _L.Concatenate, _L.Dot, _L.Attention, _L.AdditiveAttention,
+        _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D)},
+    # with a dynamic batch its BROADCAST_TO fails in the converter (measured)
+    _L.GroupNormalization: Treatment(QUANTIZED, static_batch=True),
+    _L.ELU: Treatment(QUANTIZED, float_op=True, reason="TFLite has no integer ELU kernel: the converter runs "
+                      "it in float between DEQUANTIZE and QUANTIZE"),
+    **{c: _SAME_SCALE for c in (_L.AveragePooling1D, _L.AveragePooling2D)},
+    **{c: Treatment(REFUSED, reason=_NO_3D_POOL) for c in (_L.MaxPooling3D, _L.AveragePooling3D)},
+    # value-preserving: every output value is an input value (or the zero point)
+    **{c: _PASS for c in (
+        _L.MaxPooling1D, _L.MaxPooling2D, _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D,
+        _L.GlobalMaxPooling3D, _L.Flatten, _L.Reshape, _L.Permute, _L.RepeatVector, _L.Cropping1D,
+        _L.Cropping2D, _L.Cropping3D, _L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D,
+        _L.UpSampling1D, _L.UpSampling2D, _L.UpSampling3D, _L.Resizing, _L.CenterCrop, _L.RandomCrop,
+        _L.Masking)},
+    # identity at inference (they still act while training)
+    **{c: _IDENT for c in (
+        _L.Identity, _L.Dropout, _L.AlphaDropout, _L.GaussianDropout, _L.GaussianNoise,
+        _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.ActivityRegularization,
+        _L.RandomBrightness, _L.RandomContrast, _L.RandomFlip, _L.RandomHeight, _L.RandomWidth,
+        _L.RandomRotation, _L.RandomTranslation, _L.RandomZoom)},
+    # kept float
+    **{c: Treatment(FLOAT, reason=_RNN, static_batch=True) for c in (
+        _L.SimpleRNN, _L.GRU, _L.LSTM, _L.RNN, _L.Bidirectional, _L.ConvLSTM1D, _L.ConvLSTM2D, _L.ConvLSTM3D)},
+    _L.TimeDistributed: Treatment(FLOAT, reason=(
+        "keras_qx does not simulate quantization inside a TimeDistributed wrapper yet (the converter may "
+        "still run a simple inner layer integer, with weight scales of its own)")),
+    # keras_qx.rewrite.flatten replaces it by its layer (what it computes at inference)
+    _L.SpectralNormalization: Treatment(QUANTIZED, reason="replaced by its inner layer"),
+    # decomposed by keras_qx.rewrite.flatten into EinsumDense, einsum TFOps and a Softmax
+    _L.MultiHeadAttention: Treatment(QUANTIZED, reason="decomposed into its projections, einsums and softmax"),
+    # refused
+    **{c: Treatment(REFUSED, reason=_PREPROCESS) for c in (
+        _L.StringLookup, _L.TextVectorization, _L.Hashing, _L.IntegerLookup, _L.CategoryEncoding,
+        _L.Discretization, _L.HashedCrossing, _L.DenseFeatures)},
+    _L.Lambda: Treatment(REFUSED, reason=(
+        "a Lambda runs Python code keras_qx cannot see, and tfmot rebuilds the model from its config, which "
+        "safe mode refuses for Python lambdas: write it as TF calls on tensors (x * 2.0, tf.math...), "
+        "or as a layer class registered with qx.register_layer")),
+}
+
+
+def treatment(layer_or_type) -> Treatment | None:
+    """The :class:`Treatment` of a layer (by its class and bases): QUANTIZED for kernel layers
+    and registered ones; None for a class keras_qx knows nothing about."""
+    cls = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
+    kind = kernel_kind(cls)
+    if kind is not None:
+        if not kind.integer_export:
+            return Treatment(QUANTIZED, float_op=True, reason=(
+                f"TFLite has no integer {cls.__name__} kernel: the converter runs it in float between "
+                "DEQUANTIZE and QUANTIZE"))
+        return Treatment(QUANTIZED)
+    registered = custom_output(cls)
+    if registered is not None:
+        return Treatment(QUANTIZED) if registered else _PASS
+    for base in cls.__mro__:
+        if base in TREATMENTS:
+            return TREATMENTS[base]
     return None

@@ -15,6 +15,14 @@
 * A kernel layer with a fused activation other than ReLU/linear (``Dense(activation="gelu")``)
   becomes the layer without it plus ``Activation`` (``<name>_activation``): tfmot only
   quantizes a few fused activations, and TFLite needs the pre-activation quantized.
+* ``LSTM`` (also inside ``Bidirectional``) becomes ``RNN(LSTMCell)`` with the same weights: the
+  TFLite converter fuses an LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM, which fails to convert
+  inside a quantize wrapper ("cannot duplicate the value since it's not constant", measured);
+  the generic RNN loop converts, kept float (keras_qx.quant.kinds.TREATMENTS).
+* ``SpectralNormalization(layer)`` becomes ``layer``: at inference it calls its layer with the
+  kernel it normalized while training (QAT then trains the kernel without the normalization).
+* ``RandomCrop`` becomes :class:`InferenceRandomCrop`, the same layer taking ``training=None``
+  or an integer learning phase (tfmot's wrappers pass them; RandomCrop fails on them).
 * Swish (``x * sigmoid(x)``; TFLite runs LOGISTIC then MUL) becomes ``Activation("sigmoid")``
   (``<name>_sigmoid``) and ``Multiply`` (``<name>``), so training sees the 1/256 grid of TFLite's
   int8 sigmoid (EfficientNet's gates and activations).
@@ -32,7 +40,7 @@ import math
 
 from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
 
-__all__ = ["flatten_nested", "has_nested", "SequenceDense", "ATTENTION_PARTS"]
+__all__ = ["flatten_nested", "has_nested", "SequenceDense", "InferenceRandomCrop", "ATTENTION_PARTS"]
 
 # A decomposed MultiHeadAttention's layers are named f"{name}_{part}".
 ATTENTION_PARTS = ("query", "key", "value", "scale", "scores", "softmax", "combine", "output")
@@ -66,6 +74,22 @@ class SequenceDense(keras.layers.EinsumDense):
     policy_aliases = ("Dense",)
 
 
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class InferenceRandomCrop(keras.layers.RandomCrop):
+    """``RandomCrop`` that reads ``training=None`` as inference (a center crop and resize) and
+    takes the integer learning phase tfmot's wrapper passes (RandomCrop wants a bool)."""
+
+    def call(self, inputs, training=None):
+        if training is None or isinstance(training, (bool, int)):
+            if not training:  # RandomCrop's own inference path, without its random-crop branch
+                return tf.cast(keras.preprocessing.image.smart_resize(inputs, [self.height, self.width]),
+                               self.compute_dtype)
+            training = True
+        else:
+            training = tf.cast(training, tf.bool)
+        return super().call(inputs, training=training)
+
+
 def _sequence_dense(layer) -> bool:
     if type(layer) is not keras.layers.Dense:
         return False
@@ -78,7 +102,40 @@ def _sequence_dense(layer) -> bool:
 def _copied(layer) -> bool:
     """Rewritten into new layers with copied weights (the other rewrites share the layer)."""
     return (_activation_name(layer) is not None or isinstance(layer, keras.layers.MultiHeadAttention)
-            or _sequence_dense(layer) or _swish(layer))
+            or _sequence_dense(layer) or _swish(layer) or _fused_lstm(layer)
+            or type(layer) is keras.layers.RandomCrop)
+
+
+def _fused_lstm(layer) -> bool:
+    if isinstance(layer, keras.layers.Bidirectional):
+        return _fused_lstm(layer.forward_layer) and _fused_lstm(layer.backward_layer)
+    return type(layer) is keras.layers.LSTM
+
+
+_LSTM_CELL_KEYS = ("units", "activation", "recurrent_activation", "use_bias", "kernel_initializer",
+                   "recurrent_initializer", "bias_initializer", "unit_forget_bias", "kernel_regularizer",
+                   "recurrent_regularizer", "bias_regularizer", "kernel_constraint", "recurrent_constraint",
+                   "bias_constraint", "dropout", "recurrent_dropout")
+_RNN_KEYS = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll", "time_major")
+
+
+def _generic_lstm(config: dict, name: str):
+    """``RNN(LSTMCell)`` computing what an ``LSTM`` with ``config`` computes (same weight layout)."""
+    cell = keras.layers.LSTMCell(**{k: config[k] for k in _LSTM_CELL_KEYS if k in config})
+    return keras.layers.RNN(cell, name=name, **{k: config[k] for k in _RNN_KEYS if k in config})
+
+
+def _unfused_lstm(layer, args, kwargs):
+    if isinstance(layer, keras.layers.Bidirectional):
+        new = keras.layers.Bidirectional(_generic_lstm(layer.forward_layer.get_config(), layer.forward_layer.name),
+                                         merge_mode=layer.merge_mode, name=layer.name,
+                                         backward_layer=_generic_lstm(layer.backward_layer.get_config(),
+                                                                      layer.backward_layer.name))
+    else:
+        new = _generic_lstm(layer.get_config(), layer.name)
+    y = new(*args, **kwargs)
+    new.set_weights(layer.get_weights())
+    return y
 
 
 def _swish(layer) -> bool:
@@ -96,7 +153,8 @@ def _activation(x, activation, name: str):
 
 
 def _rewrites(layer, copies: bool = True) -> bool:
-    return isinstance(layer, keras.Model) or _tf_op(layer) or (copies and _copied(layer))
+    return (isinstance(layer, keras.Model) or _tf_op(layer) or isinstance(layer, keras.layers.SpectralNormalization)
+            or (copies and _copied(layer)))
 
 
 def has_nested(model, keep=frozenset(), copies: bool = True) -> bool:
@@ -201,8 +259,14 @@ def _call(layer, args, kwargs, keep, copies):
         return outputs[0] if len(outputs) == 1 else outputs
     if layer.name in keep or (not copies and _copied(layer)):
         return layer(*args, **kwargs)
+    if isinstance(layer, keras.layers.SpectralNormalization):
+        return _call(layer.layer, args, {k: v for k, v in kwargs.items() if k != "training"}, keep, copies)
     if isinstance(layer, keras.layers.MultiHeadAttention):
         return _attention(layer, args, kwargs)
+    if _fused_lstm(layer):
+        return _unfused_lstm(layer, args, kwargs)
+    if type(layer) is keras.layers.RandomCrop:
+        return InferenceRandomCrop.from_config(layer.get_config())(*args, **kwargs)
     if _swish(layer):
         return _activation(args[0] if args else kwargs["inputs"], "swish", layer.name)
     if _activation_name(layer) is not None or _sequence_dense(layer):
