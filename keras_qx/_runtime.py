@@ -152,8 +152,16 @@ class Runner:
         return self.invoke_all([sample])[0]
 
     def as_inputs(self, x) -> list:
-        """``x`` as one float (or integer-id) array per input, shapes checked."""
-        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        """``x`` as one float (or integer-id) array per input, in the file's input order, shapes
+        checked. Several inputs: a dict keyed by input name (the file does not keep the model's
+        input order: the converter may list them in any order), or a list in the file's order."""
+        if isinstance(x, dict):
+            names = [d.get("signature_name", d["name"]) for d in self.inputs]
+            if sorted(x) != sorted(names):
+                raise ValueError(f"the inputs are keyed {sorted(x)}, but the file's inputs are {names}.")
+            xs = [x[name] for name in names]
+        else:
+            xs = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(xs) != len(self.inputs):
             raise ValueError(f"the model takes {len(self.inputs)} inputs; got {len(xs)} arrays.")
         out = []
@@ -188,7 +196,9 @@ def _child(workdir: str) -> None:
         job = json.load(fh)
     with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
         runner = Runner(fh.read(), job["num_threads"])
-    xs = runner.as_inputs([np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(job["inputs"])])
+    arrays = [np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(len(job["inputs"]))]
+    names = job["inputs"]
+    xs = runner.as_inputs(dict(zip(names, arrays)) if all(names) else arrays)
     outputs = runner.predict(xs)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     n = len(xs[0])
@@ -221,8 +231,8 @@ def _crash_message(returncode: int, stderr: str) -> str:
 
 
 def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: float = TIMEOUT_S) -> RunResult:
-    """Run ``model`` on samples ``x`` (an array, or a list with one array per input) in a child
-    process (see the module docstring).
+    """Run ``model`` on samples ``x`` (an array; for several inputs a dict by input name, or a
+    list in the file's input order) in a child process (see the module docstring).
 
     Raises:
         RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.
@@ -230,11 +240,12 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
     with tempfile.TemporaryDirectory(prefix="keras_qx-run-") as workdir:
         with open(os.path.join(workdir, "model.tflite"), "wb") as fh:
             fh.write(bytes(model))
-        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        names, xs = (list(x), list(x.values())) if isinstance(x, dict) else \
+            ([None] * len(x), list(x)) if isinstance(x, (list, tuple)) else ([None], [x])
         for i, xi in enumerate(xs):
             np.save(os.path.join(workdir, f"x{i}.npy"), np.asarray(xi))
         with open(os.path.join(workdir, "job.json"), "w") as fh:
-            json.dump({"num_threads": int(num_threads), "latency_runs": int(latency_runs), "inputs": len(xs)}, fh)
+            json.dump({"num_threads": int(num_threads), "latency_runs": int(latency_runs), "inputs": names}, fh)
         # -I: no script directory or user site on sys.path (this file sits among keras_qx's modules).
         cmd = [sys.executable, "-I", os.path.abspath(__file__), workdir]
         try:

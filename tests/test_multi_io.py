@@ -11,8 +11,9 @@ from keras_qx.lite.verify import check_agreement, combine, judge
 
 
 def _two_by_two():
-    # Input and output names sort in the opposite order to the model's, to catch order mix-ups.
-    a, b = keras.Input((6,), name="zeta"), keras.Input((4,), name="alpha")
+    # Input and output names sort in the opposite order to the model's, and the converter lists
+    # these two inputs in the file as (b, a): order mix-ups cannot pass.
+    a, b = keras.Input((6,), name="a"), keras.Input((4,), name="b")
     h = keras.layers.Concatenate(name="cat")([keras.layers.Dense(8, activation="relu", name="fa")(a),
                                              keras.layers.Dense(8, activation="relu", name="fb")(b)])
     return keras.Model([a, b], [keras.layers.Dense(3, name="zz_class")(h), keras.layers.Dense(1, name="aa_value")(h)])
@@ -21,19 +22,21 @@ def _two_by_two():
 @pytest.fixture(scope="module")
 def exported():
     rng = np.random.default_rng(0)
-    xa, xb = rng.random((256, 6)).astype("float32"), rng.random((256, 4)).astype("float32")
-    labels, values = (xa[:, :3] + xb[:, :3]).argmax(1), xa.sum(1) - xb.sum(1)
+    xa, xb = rng.random((256, 6)).astype("float32"), 10 * rng.random((256, 4)).astype("float32")  # unlike scales
+    labels, values = (xa[:, :3] + xb[:, :3] / 10).argmax(1), xa.sum(1) - xb.sum(1) / 10
     keras.utils.set_random_seed(0)
     qat = qx.quantize(_two_by_two())
     qat.compile("adam", [keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mse"])
     qat.fit([xa, xb], [labels, values], epochs=8, batch_size=32, verbose=0)
-    tfl = qx.export_tflite(qat, {"alpha": xb, "zeta": xa})  # a dict by input name, in any order
+    tfl = qx.export_tflite(qat, {"b": xb, "a": xa})  # a dict by input name, in any order
     return qat, tfl, (xa, xb), (labels, values)
 
 
 def test_outputs_come_back_in_the_keras_order(exported):
     qat, tfl, (xa, xb), _ = exported
-    ours = Runner(bytes(tfl)).predict([xa[:50], xb[:50]])
+    runner = Runner(bytes(tfl))
+    assert [d["signature_name"] for d in runner.inputs] == ["b", "a"]  # the file's own order
+    ours = runner.predict({"a": xa[:50], "b": xb[:50]})
     keras_out = qat.predict([xa[:50], xb[:50]], verbose=0)
     assert [o.shape for o in ours] == [(50, 3), (50, 1)]
     for mine, ref, step in zip(ours, keras_out, Runner(bytes(tfl)).output_steps):
@@ -51,8 +54,8 @@ def test_verification_is_per_output(exported):
 
 def test_evaluate_with_a_metric_per_output(exported):
     qat, tfl, (xa, xb), (labels, values) = exported
-    got = qx.evaluate_tflite(tfl, [xa, xb], [labels, values], metric=["accuracy", "mae"], latency_runs=3)
-    logits, pred = Runner(bytes(tfl)).predict([xa, xb])
+    got = qx.evaluate_tflite(tfl, {"a": xa, "b": xb}, [labels, values], metric=["accuracy", "mae"], latency_runs=3)
+    logits, pred = Runner(bytes(tfl)).predict({"a": xa, "b": xb})
     assert got["accuracy/output_0"] == pytest.approx(float((logits.argmax(1) == labels).mean()))
     assert got["mae/output_1"] == pytest.approx(float(np.abs(pred[:, 0] - values).mean()), rel=1e-5)
     keras_logits = qat.predict([xa, xb], verbose=0)[0]
@@ -62,16 +65,18 @@ def test_evaluate_with_a_metric_per_output(exported):
 
 def test_mistakes_with_several_inputs_name_the_fix(exported):
     _, tfl, (xa, xb), (labels, values) = exported
-    with pytest.raises(ValueError, match=r"2 inputs \['zeta', 'alpha'\].*one array per input"):
-        qx.evaluate_tflite(tfl, xa, labels)
-    with pytest.raises(ValueError, match=r"missing \['alpha'\]"):
-        qx.evaluate_tflite(tfl, {"zeta": xa}, labels)
+    with pytest.raises(ValueError, match=r"2 inputs \['a', 'b'\]: pass x as a dict keyed by input name"):
+        qx.evaluate_tflite(tfl, [xa, xb], labels)
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        qx.evaluate_tflite(tfl, {"a": xa}, labels)
     with pytest.raises(ValueError, match="2 outputs but y holds 3 entries"):
-        qx.evaluate_tflite(tfl, [xa, xb], [labels, values, values])
+        qx.evaluate_tflite(tfl, {"a": xa, "b": xb}, [labels, values, values])
     with pytest.raises(ValueError, match="unknown metric 'f1'"):
-        qx.evaluate_tflite(tfl, [xa, xb], [labels, values], metric="f1")
+        qx.evaluate_tflite(tfl, {"a": xa, "b": xb}, [labels, values], metric="f1")
     with pytest.raises(ValueError, match=r"inputs hold different numbers of samples"):
-        qx.evaluate_tflite(tfl, [xa, xb[:10]], None)
+        qx.evaluate_tflite(tfl, {"a": xa, "b": xb[:10]}, None)
+    with pytest.raises(ValueError, match=r"one array per input"):
+        qx.export_tflite(exported[0], xa)
 
 
 def test_a_disagreeing_output_is_named():

@@ -12,7 +12,7 @@ from keras_qx._compat import is_quantized_layer, keras, tf
 from keras_qx.quant.configs import KeptFloatQuantizeConfig
 from keras_qx.quant.kinds import treatment
 
-__all__ = ["ExportError", "converter_for", "convert", "convert_qat", "kept_float_layers"]
+__all__ = ["ExportError", "converter_for", "convert", "convert_qat", "kept_float_layers", "representative"]
 
 
 class ExportError(RuntimeError):
@@ -48,6 +48,17 @@ def convert(converter) -> tuple[bytes, float]:
     return data, time.perf_counter() - start
 
 
+def representative(samples: list, model, limit: int = 500):
+    """The converter's ``representative_dataset`` for ``samples`` (one array per input, in the
+    model's order): single samples, keyed by input name when there are several (the converter
+    may order a file's inputs differently from the model)."""
+    names = [t.name.split(":")[0] for t in model.inputs]
+    calib = [xi[:limit] for xi in samples]
+    if len(calib) == 1:
+        return lambda: ([calib[0][i][None]] for i in range(len(calib[0])))
+    return lambda: ({name: xi[i][None] for name, xi in zip(names, calib)} for i in range(len(calib[0])))
+
+
 def kept_float_layers(qat_model) -> list[str]:
     """Names of the layers of a QAT model kept float: by the policy (not wrapped), or because the
     runtime has no integer kernel for them (``KeptFloatQuantizeConfig``: float inside)."""
@@ -68,8 +79,7 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
     converter = converter_for(qat_model, batch=1 if static else None)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if not floats:
-        calib = [xi[:500] for xi in samples]
-        converter.representative_dataset = lambda: ([xi[i][None] for xi in calib] for i in range(len(calib[0])))
+        converter.representative_dataset = representative(samples, qat_model)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io:  # a float input becomes int8; integer inputs (token ids) stay as they are
             converter.inference_input_type = tf.int8

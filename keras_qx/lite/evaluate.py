@@ -83,7 +83,7 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
     """Evaluate a TFLite model in the runtime (run in a child process: an abort cannot end yours).
 
     Args:
-        x: samples (n, *input_shape), or a list / dict by input name for several inputs.
+        x: samples (n, *input_shape); for several inputs a dict keyed by input name.
         y: targets: integer labels (n,) or one-hot for ``"accuracy"``, values for a regression
             metric; a list with one entry per output for a multi-output model; None to measure
             only size and latency.
@@ -100,10 +100,15 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
     specs = [(re.sub(r"^serving_default_|:\d+$", "", name), shape,  # the Keras input's name
               "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
              for name, kind, shape in info.inputs]
+    names = [name for name, _, _ in specs]
+    if len(specs) > 1 and not isinstance(x, dict):
+        raise ValueError(f"the file has {len(specs)} inputs {sorted(names)}: pass x as a dict keyed by input name "
+                         "(a TFLite file does not keep the model's input order, so a list would be ambiguous).")
     xs = check_inputs(x, specs, "x")
     if y is not None and metric == "accuracy" and not isinstance(y, (list, tuple)):
         check_labels(y, len(xs[0]), "y")  # type, length and NaN before the run; the classes after it
-    result = run(model, xs, num_threads=num_threads, latency_runs=latency_runs)
+    result = run(model, dict(zip(names, xs)) if len(xs) > 1 else xs[0], num_threads=num_threads,
+                 latency_runs=latency_runs)
     n_out = len(result.outputs)
     scores = {}
     if y is not None:

@@ -17,7 +17,7 @@ import re
 from keras_qx._compat import check_model, tf
 from keras_qx._io import check_inputs, check_writable, model_input_specs
 from keras_qx._runtime import interpreter, ops_details
-from keras_qx.lite.convert import ExportError, convert, converter_for
+from keras_qx.lite.convert import ExportError, convert, converter_for, representative
 from keras_qx.lite.export import ExportReport, TFLiteModel, check_options, deliver
 from keras_qx.lite.inspect import inspect_tflite
 
@@ -108,8 +108,7 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
     kept = _resolve_keep_float(model, keep_float) if keep_float else []
     converter = converter_for(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    calib = [xi[:500] for xi in samples]
-    dataset = lambda: ([xi[i][None] for xi in calib] for i in range(len(calib[0])))  # noqa: E731
+    dataset = representative(samples, model) if samples else None
     if mode in ("int8", "int16x8"):
         converter.representative_dataset = dataset
         if mode == "int8":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from keras_qx.lite.convert import ExportError
+from keras_qx._io import model_input_specs
 from keras_qx._runtime import RuntimeCrash, run
 
 __all__ = ["Verification", "verify", "judge", "combine", "check_agreement", "MAX_TYPICAL_STEPS"]
@@ -60,12 +61,12 @@ def verify(model, tflite_bytes: bytes, x) -> Verification:
     """Compare ``model`` (Keras) with the TFLite file on samples ``x`` (an array, or one per
     input), output by output; the file runs in a child process, so a runtime abort becomes an
     :class:`ExportError` instead of ending the caller."""
-    try:
-        result = run(tflite_bytes, x)
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    try:  # by input name: the file does not keep the model's input order
+        result = run(tflite_bytes, dict(zip([n for n, _, _ in model_input_specs(model)], xs)) if len(xs) > 1 else xs[0])
     except RuntimeCrash as err:
         raise ExportError(f"{err}. Nothing was written. Calibrate the QAT model first (qx.calibrate) or "
                           "train it, or keep the failing layer float by policy.") from None
-    xs = list(x) if isinstance(x, (list, tuple)) else [x]
     refs = model.predict(xs if len(xs) > 1 else xs[0], verbose=0, batch_size=256)
     refs = refs if isinstance(refs, list) else [refs]
     if len(refs) != len(result.outputs):

@@ -36,7 +36,7 @@ from keras_qx.quant.configs import (
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
 )
-from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, custom_output, kernel_kind, treatment
+from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, kernel_kind, treatment
 from keras_qx.quant.policy import LayerSpec
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp
