@@ -12,6 +12,7 @@ from __future__ import annotations
 from keras_qx._compat import check_model, tf
 from keras_qx._io import check_samples
 from keras_qx.lite.convert import ExportError, convert, converter_for
+from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["ptq", "PTQ_MODES"]
 
@@ -19,13 +20,15 @@ PTQ_MODES = ("dynamic", "int8", "float16", "int16x8")
 
 
 def ptq(model, mode: str, representative_data=None, int8_io: bool = False) -> bytes:
-    """Convert a float tf_keras model to TFLite with a post-training quantization mode.
+    """Convert a float tf_keras model to TFLite with a post-training quantization mode (a Keras 3
+    model of standard layers is rebuilt as tf_keras first).
 
     Args:
         mode: one of :data:`PTQ_MODES`.
         representative_data: float samples (n, *input_shape); required for "int8"/"int16x8".
         int8_io: for "int8", int8 input/output tensors instead of float.
     """
+    model = as_tf_keras(model)
     check_model(model)
     if mode not in PTQ_MODES:
         raise ValueError(f"unknown PTQ mode {mode!r}; use one of {PTQ_MODES}.")
