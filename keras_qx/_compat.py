@@ -90,6 +90,8 @@ __all__ = [
     "keras3_layer_weights",
     "keras3_predict",
     "keras3_load_model",
+    "keras3_init_defaults",
+    "keras3_submodel",
 ]
 
 PACKAGE = "keras_qx"
@@ -145,6 +147,31 @@ def keras3_predict(model, inputs: list) -> list:
     k3 = keras3()
     outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
     return [np.asarray(k3.ops.convert_to_numpy(o)) for o in k3.tree.flatten(outputs)]
+
+
+def keras3_init_defaults(class_name: str, module: str = "layers") -> dict:
+    """The default arguments of Keras 3's ``keras.<module>.<class_name>`` (its bases' too);
+    empty if Keras 3 has no such class."""
+    import inspect
+
+    cls = getattr(getattr(keras3(), module, None), class_name, None)
+    defaults = {}
+    for base in reversed(getattr(cls, "__mro__", ())):
+        init = base.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        defaults.update({p.name: p.default for p in params if p.default is not p.empty})
+    return defaults
+
+
+def keras3_submodel(model, layer):
+    """A Keras 3 model from ``model``'s inputs to ``layer``'s output (for locating a layer)."""
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras3().Model(inputs, layer.output)
 
 
 def keras3_load_model(path: str, safe_mode: bool):

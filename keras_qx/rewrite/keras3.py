@@ -20,7 +20,8 @@ import inspect
 
 import numpy as np
 
-from keras_qx._compat import keras, keras3_layer_weights, keras3_model_kind, keras3_predict
+from keras_qx._compat import (keras, keras3_init_defaults, keras3_layer_weights, keras3_model_kind, keras3_predict,
+                              keras3_submodel)
 
 __all__ = ["from_keras3", "as_tf_keras", "is_keras3_model", "tf_keras_config", "Keras3Error", "TOLERANCE"]
 
@@ -31,6 +32,8 @@ _FIX = "Rebuild the model with `import tf_keras as keras` (same layers and names
 _MODELS = ("Sequential", "Functional", "Model")
 _OBJECT_MODULES = {"keras.initializers": "initializers", "keras.regularizers": "regularizers",
                    "keras.constraints": "constraints"}
+# Arguments Keras 3 renamed: {class: {Keras 3 name: tf_keras name}}.
+_RENAMED = {"InputLayer": {"batch_shape": "batch_input_shape"}, "LeakyReLU": {"negative_slope": "alpha"}}
 # Keys a tf_keras class's from_config reads that Keras 3 configs lack (the layer builds when called).
 _TF_KERAS_KEYS = {"MultiHeadAttention": {"query_shape": None, "key_shape": None, "value_shape": None}}
 _BASE_LAYER_KEYS = {"name", "trainable", "dtype", "dynamic", "input_dim", "input_shape", "batch_input_shape",
@@ -156,6 +159,9 @@ def _layer_entry(entry: dict, shifted: set = frozenset()) -> dict:
     """One layer of a model config: class, mapped config and inbound nodes."""
     class_name, module = entry.get("class_name"), entry.get("module") or ""
     name = _entry_name(entry)
+    if class_name == "Lambda":
+        raise Keras3Error(f"layer {name!r} is a Keras 3 Lambda layer: its Python function cannot be carried over "
+                          "from the Keras 3 config. " + _FIX)
     if module.startswith(("keras.src.ops", "keras.ops")):
         raise Keras3Error(f"layer {name!r} is a keras.ops call ({module}.{class_name}), which tf_keras cannot "
                           "rebuild; use a layer instead (keras.layers.Activation, Add, Multiply...). " + _FIX)
@@ -215,23 +221,33 @@ def _init_keys(cls) -> set:
 def _layer_config(tf_cls, config: dict, name: str) -> dict:
     """A layer's Keras 3 config mapped to ``tf_cls``'s arguments: renamed keys, nested objects
     in tf_keras's form; Keras 3-only settings dropped when off (None/False), refused otherwise."""
-    config = dict(config)
-    if tf_cls is keras.layers.InputLayer and "batch_shape" in config:
-        config["batch_input_shape"] = config.pop("batch_shape")
+    renamed = _RENAMED.get(tf_cls.__name__, {})
+    config = {renamed.get(k, k): v for k, v in config.items()}
     accepted = _init_keys(tf_cls) | _BASE_LAYER_KEYS
     if tf_cls is keras.layers.InputLayer:
         accepted |= {"batch_input_shape", "optional"}
-    out = {}
+    out, defaults = {}, None
     for key, value in config.items():
         if key not in accepted:
             if value is None or value is False:
                 continue  # a Keras 3 feature left off (quantization_config, use_gate, rms_scaling...)
+            if defaults is None:
+                defaults = keras3_init_defaults(tf_cls.__name__)
+            if key in defaults and _same(defaults[key], value):
+                continue  # a Keras 3 feature at its default
             raise Keras3Error(f"layer {name!r} ({tf_cls.__name__}) sets {key}={value!r}, a Keras 3 setting "
                               "tf_keras does not have. " + _FIX)
         out[key] = _value(value, f"layer {name!r} ({tf_cls.__name__}) argument {key!r}")
     for key, value in _TF_KERAS_KEYS.get(tf_cls.__name__, {}).items():
         out.setdefault(key, value)
     return out
+
+
+def _same(default, value) -> bool:
+    try:
+        return bool(default == value) or (isinstance(default, tuple) and list(default) == value)
+    except (TypeError, ValueError):
+        return False
 
 
 def _value(value, where: str):
@@ -403,10 +419,38 @@ def _check_agreement(source, rebuilt, samples, tolerance: float, what: str) -> N
         raise Keras3Error(f"{what} {source.name!r}: the rebuilt tf_keras model has {len(got)} outputs, the Keras 3 "
                           f"model {len(expected)}. " + _FIX)
     for i, (a, b) in enumerate(zip(expected, got)):
-        scale = max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
-        diff = float(np.max(np.abs(a.astype("float64") - b.astype("float64")))) if a.size else 0.0
-        if a.shape != b.shape or not np.isfinite(diff) or diff > tolerance * scale:
-            detail = f"shapes {a.shape} vs {b.shape}" if a.shape != b.shape else f"max difference {diff:.3g}"
+        problem = _disagreement(a, b, tolerance)
+        if problem:
+            layer = _first_disagreeing_layer(source, rebuilt, inputs, tolerance)
+            blame = (f"layer {layer!r} computes differently in the two Kerases" if layer else
+                     "some layer computes differently in the two Kerases")
             raise Keras3Error(f"{what} {source.name!r}: the tf_keras rebuild disagrees with the Keras 3 model on "
-                              f"output {i} ({detail}, allowed {tolerance * scale:.3g}); some layer computes "
-                              "differently in the two Kerases. " + _FIX)
+                              f"output {i} ({problem}); {blame}. " + _FIX)
+
+
+def _disagreement(a: np.ndarray, b: np.ndarray, tolerance: float) -> str | None:
+    """Why ``b`` is not ``a`` within ``tolerance`` (relative to ``a``'s scale), or None."""
+    if a.shape != b.shape:
+        return f"shapes {a.shape} vs {b.shape}"
+    if not a.size:
+        return None
+    scale = max(1.0, float(np.max(np.abs(a))))
+    diff = float(np.max(np.abs(a.astype("float64") - b.astype("float64"))))
+    if not np.isfinite(diff) or diff > tolerance * scale:
+        return f"max difference {diff:.3g}, allowed {tolerance * scale:.3g}"
+    return None
+
+
+def _first_disagreeing_layer(source, rebuilt, inputs, tolerance: float) -> str | None:
+    """The first layer (in the Keras 3 model's order) whose own output differs, or None."""
+    for layer in _sublayers(source):
+        try:
+            expected = keras3_predict(keras3_submodel(source, layer), inputs)
+            twin = keras.Model(rebuilt.inputs, rebuilt.get_layer(layer.name).output)
+            got = twin(inputs if len(inputs) > 1 else inputs[0], training=False)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            continue  # a layer called twice, or inside a nested model: not located
+        got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+        if len(got) != len(expected) or any(_disagreement(a, b, tolerance) for a, b in zip(expected, got)):
+            return layer.name
+    return None
