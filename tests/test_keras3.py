@@ -59,6 +59,20 @@ def nested():
     return k3.Model(inputs, [L.Dense(2, name="head")(h), h], name="k3_nested")
 
 
+def more_layers():
+    return k3.Sequential([k3.Input((6, 6, 2)), L.Conv2DTranspose(3, 3, name="deconv"), L.UpSampling2D(name="up"),
+                          L.ZeroPadding2D(name="pad"), L.Cropping2D(1, name="crop"), L.PReLU(name="prelu"),
+                          L.LeakyReLU(name="leaky"), L.ReLU(6.0, name="relu6"), L.Flatten(name="flat"),
+                          L.Dense(4, activation="gelu", name="fc"), L.Softmax(name="softmax")], name="k3_more")
+
+
+def recurrent():
+    return k3.Sequential([k3.Input((6, 4)), L.Normalization(mean=[1.0, 2, 3, 4], variance=[1.0, 2, 3, 4], name="norm"),
+                          L.Conv1D(4, 3, padding="causal", name="causal"), L.MaxPooling1D(name="pool"),
+                          L.LSTM(3, return_sequences=True, name="lstm"), L.GRU(2, return_sequences=True, name="gru"),
+                          L.GlobalMaxPooling1D(name="gmp")], name="k3_recurrent")
+
+
 def random_inputs(model, n=16, seed=1):
     rng = np.random.default_rng(seed)
     shape = (n, *model.inputs[0].shape[1:])
@@ -71,7 +85,7 @@ def as_list(y):
     return [np.asarray(v) for v in (y if isinstance(y, (list, tuple)) else [y])]
 
 
-@pytest.mark.parametrize("build", [cnn, attention, sequential, nested])
+@pytest.mark.parametrize("build", [cnn, attention, sequential, nested, more_layers, recurrent])
 def test_the_rebuilt_model_predicts_as_the_keras3_one(build):
     k3.utils.set_random_seed(0)
     source = build()
