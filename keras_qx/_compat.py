@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 
 import numpy as np
 
@@ -84,6 +85,13 @@ __all__ = [
     "seeded",
     "safe_mode_scope",
     "saved_model_layer_configs",
+    "keras3",
+    "keras3_model_kind",
+    "keras3_layer_weights",
+    "keras3_predict",
+    "keras3_load_model",
+    "keras3_init_defaults",
+    "keras3_submodel",
 ]
 
 PACKAGE = "keras_qx"
@@ -94,6 +102,81 @@ def keras_tuner():
     import keras_tuner as kt
 
     return kt
+
+
+def keras3():
+    """Import Keras 3 (``import keras``) lazily: it costs seconds, and only a Keras 3 model or
+    file needs it."""
+    import keras as keras3_module
+
+    return keras3_module
+
+
+def keras3_model_kind(obj) -> str | None:
+    """``"sequential"``, ``"functional"`` or ``"subclassed"`` for a Keras 3 model, ``"layer"``
+    for another Keras 3 layer, None for anything else. Imports nothing: a Keras 3 object exists
+    only if Keras 3 was imported already."""
+    k3 = sys.modules.get("keras")
+    if k3 is None or k3 is keras or not hasattr(k3, "Model") or not hasattr(k3, "layers"):
+        return None
+    try:
+        if not isinstance(obj, k3.layers.Layer):
+            return None
+    except TypeError:
+        return None
+    if not isinstance(obj, k3.Model):
+        return "layer"
+    cls = type(obj)
+    if cls.__module__.startswith("keras.src.models."):  # the library's own classes, not a user's subclass
+        if isinstance(obj, k3.Sequential):
+            return "sequential"
+        if cls.__name__ == "Functional":
+            return "functional"
+    return "subclassed"
+
+
+def keras3_layer_weights(layer) -> list:
+    """A Keras 3 layer's weights as numpy arrays, in the order tf_keras's ``get_weights`` lists
+    them, without the random-seed states Keras 3 keeps as variables (``Dropout``'s)."""
+    return [np.asarray(v.numpy()) for v in layer.weights if "seed_generator" not in v.path]
+
+
+def keras3_predict(model, inputs: list) -> list:
+    """A Keras 3 model's outputs (inference mode) on ``inputs`` (one array per model input),
+    flattened to a list of numpy arrays."""
+    k3 = keras3()
+    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    return [np.asarray(k3.ops.convert_to_numpy(o)) for o in k3.tree.flatten(outputs)]
+
+
+def keras3_init_defaults(class_name: str, module: str = "layers") -> dict:
+    """The default arguments of Keras 3's ``keras.<module>.<class_name>`` (its bases' too);
+    empty if Keras 3 has no such class."""
+    import inspect
+
+    cls = getattr(getattr(keras3(), module, None), class_name, None)
+    defaults = {}
+    for base in reversed(getattr(cls, "__mro__", ())):
+        init = base.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        defaults.update({p.name: p.default for p in params if p.default is not p.empty})
+    return defaults
+
+
+def keras3_submodel(model, layer):
+    """A Keras 3 model from ``model``'s inputs to ``layer``'s output (for locating a layer)."""
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras3().Model(inputs, layer.output)
+
+
+def keras3_load_model(path: str, safe_mode: bool):
+    """A Keras 3 model file loaded by Keras 3 (uncompiled; Keras 3's own safe mode)."""
+    return keras3().saving.load_model(path, compile=False, safe_mode=bool(safe_mode))
 
 
 def check_model(model, what: str = "model") -> None:

@@ -25,7 +25,9 @@ Policies
  30. candidate bits 9                              31. something else passed as report=
  32. a misspelled sensitivity method
 Models
- 33. a Keras 3 model (`import keras`)              34. a Keras 3 layer to qx.annotate
+ 33. a Keras 3 model that cannot be rebuilt as tf_keras (subclassed, a custom layer; one of
+     standard layers is accepted: tests/test_keras3.py)
+                                                   34. a Keras 3 layer to qx.annotate
  35. a subclassed tf_keras model                   36. an unbuilt Sequential
  37. a QAT model passed to qx.quantize again       38. a QAT model passed to qx.auto_policy
  39. a float model passed to export_tflite         40. a model path where a model is expected
@@ -280,10 +282,30 @@ def keras3_model():
 
 
 def test_33_keras3_model(keras3_model):
+    """A Keras 3 model of standard layers is rebuilt as tf_keras; one that cannot be is refused,
+    naming the model or the layer and the fix (it used to refuse every Keras 3 model)."""
+    import keras as keras3
+
+    assert isinstance(qx.quantize(keras3_model), keras.Model)
+
+    class Net(keras3.Model):
+        def call(self, x):
+            return x
+
+    net = Net(name="net")
+    net(np.zeros((1, 8), "float32"))
+
+    class Twice(keras3.layers.Layer):
+        def call(self, x):
+            return 2 * x
+
+    custom = keras3.Sequential([keras3.Input((8,)), Twice(name="twice"), keras3.layers.Dense(4)])
     for call in (qx.quantize, lambda m: qx.auto_policy(m, budget_bytes="0.6x", method="sqnr"),
                  lambda m: qx.ptq(m, "dynamic")):
-        with pytest.raises(TypeError, match=both("(Keras 3)", "import tf_keras as keras")):
-            call(keras3_model)
+        with pytest.raises(TypeError, match=both("'net' is a subclassed Keras 3 model", "import tf_keras as keras")):
+            call(net)
+        with pytest.raises(ValueError, match=both("layer 'twice' is a custom Keras 3 layer", "import tf_keras as keras")):
+            call(custom)
 
 
 def test_34_keras3_layer_to_annotate():

@@ -25,6 +25,7 @@ from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params, total_kernel_bytes
 from keras_qx.quant.policy import Policy, PolicyError
 from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, sensitivity
+from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["Allocation", "InfeasibleBudget", "allocate", "auto_policy", "find_ties", "budget_from",
            "parse_budget", "layer_options", "choice_units", "check_keep"]
@@ -221,8 +222,8 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
     """The per-layer weight bits that lose least (by ``qx.sensitivity``) within a size budget.
 
     Args:
-        model: the float model; data: ``(x, y)`` for the sensitivity (not needed for "sqnr"
-            or when ``report`` is given).
+        model: the float model (a Keras 3 one of standard layers is rebuilt as tf_keras, once);
+            data: ``(x, y)`` for the sensitivity (not needed for "sqnr" or when ``report`` is given).
         budget_bytes / compression / avg_bits: exactly one; the budget is on kernel bytes in
             the exported file (the shared cost model: INT4 packed where the exporter packs).
         candidates: bit widths to choose from; keep: layer names held at 8 bits.
@@ -232,6 +233,7 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
         A :class:`Policy` with a ``layers`` entry per quantizable layer and the reasoning in
         ``policy.meta["auto_policy"]``.
     """
+    model = as_tf_keras(model)
     layers = quantizable_layers(model)
     budget = budget_from(layers, budget_bytes, compression, avg_bits)
     keep = check_keep(layers, keep)

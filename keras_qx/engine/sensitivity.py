@@ -28,6 +28,7 @@ from keras_qx._compat import check_float_model, keras, tf
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params
 from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits
+from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["sensitivity", "SensitivityReport", "fake_quantize", "quantizable_layers", "infer_loss",
            "METHODS"]
@@ -237,7 +238,8 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
     """Per-layer, per-bit-width sensitivity of a float model.
 
     Args:
-        model: a built tf_keras model (float; weights are restored afterwards).
+        model: a built tf_keras model (float; weights are restored afterwards), or a Keras 3
+            Sequential/Functional one of standard layers (rebuilt as tf_keras first).
         data: ``(x, y)``; at most ``max_samples`` samples are used (default 512 for
             "loss", 256 for "hessian": each probe back-propagates twice).
         candidates: bit widths to score (2..8).
@@ -245,6 +247,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         loss: a Keras loss; default: the compiled loss, else inferred from ``y``.
         verbose: show a progress bar.
     """
+    model = as_tf_keras(model)
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense/Conv layers to quantize.")

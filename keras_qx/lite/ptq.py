@@ -20,6 +20,7 @@ from keras_qx._runtime import interpreter, ops_details
 from keras_qx.lite.convert import ExportError, convert, converter_for, representative
 from keras_qx.lite.export import ExportReport, TFLiteModel, check_options, deliver
 from keras_qx.lite.inspect import inspect_tflite
+from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["ptq", "PTQ_MODES"]
 
@@ -91,6 +92,7 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
         :class:`~keras_qx.lite.export.TFLiteModel`: the bytes with ``.report`` (``kept_float``
         lists the layers kept float).
     """
+    model = as_tf_keras(model)
     check_model(model)
     if mode not in PTQ_MODES:
         raise ValueError(f"unknown PTQ mode {mode!r}; use one of {PTQ_MODES}.")

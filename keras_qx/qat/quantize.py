@@ -17,6 +17,7 @@ from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
 from keras_qx.quant.quantizers import SparseWeightQuantizer, WeightQuantizer
 from keras_qx.quant.configs import KernelQuantizeConfig
 from keras_qx.compress.prune import check_not_pruned
+from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
 from keras_qx.qat.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
 from keras_qx.qat.saving import quantize_scope
@@ -81,7 +82,8 @@ def _refuse(model) -> None:
 
 def resolve(model, policy: Any = None) -> dict[str, LayerSpec]:
     """``{layer_name: LayerSpec}`` for every non-input layer: policy + annotations merged
-    (nested models are inlined first, as ``quantize`` does)."""
+    (nested models are inlined first, as ``quantize`` does; a Keras 3 model is rebuilt first)."""
+    model = as_tf_keras(model)
     check_model(model)
     return _specs(*_flatten(model, Policy.coerce(policy)))
 
@@ -97,7 +99,8 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
     """Return a QAT copy of ``model`` with per-layer bits from ``policy`` and ``qx.annotate``.
 
     Args:
-        model: a built tf_keras Sequential or Functional model (weights are copied).
+        model: a built tf_keras Sequential or Functional model (weights are copied), or a Keras 3
+            one of standard layers, rebuilt as tf_keras first (``keras_qx.rewrite.keras3``).
         policy: a :class:`Policy`, its dict or JSON; None means uniform 8-bit.
         simulate_only: allow settings the TFLite exporter cannot deliver (activations other
             than 8 bits, int8-only layers below 8 bits); the model then trains but
@@ -109,9 +112,11 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
 
     Raises:
         PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
-        TypeError/ValueError: a Keras 3, subclassed, unbuilt or already quantized model.
+        TypeError/ValueError: a subclassed (Keras 2 or 3), unbuilt or already quantized model, or a
+            Keras 3 layer that cannot be rebuilt as tf_keras (named).
     """
     policy = Policy.coerce(policy)
+    model = as_tf_keras(model)
     if not isinstance(preserve_sparsity, bool):
         raise TypeError(f"quantize(preserve_sparsity=...) must be True or False, got {preserve_sparsity!r}.")
     check_not_pruned(model)

@@ -5,6 +5,10 @@
 marshalled Python bytecode) are checked here, from their model config, before anything loads.
 A SavedModel directory also holds TF graphs that run when it is called, which no config
 check can vet: load SavedModels only from sources you trust.
+
+A file written by Keras 3 (``.keras`` or ``.h5`` with ``keras_version`` 3.x) is checked the
+same way, loaded by Keras 3 (its safe mode on too) and rebuilt as a tf_keras model
+(``keras_qx.rewrite.keras3``).
 """
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import json
 import os
 import zipfile
 
-from keras_qx._compat import PACKAGE, keras, safe_mode_scope, saved_model_layer_configs, tf, tfmot
+from keras_qx._compat import (PACKAGE, keras, keras3_load_model, safe_mode_scope, saved_model_layer_configs, tf,
+                              tfmot)
+from keras_qx.rewrite.keras3 import from_keras3
 from keras_qx.rewrite.tfop import is_safe_tf_op
 
-__all__ = ["quantize_scope", "custom_objects", "load_model", "unsafe_layers"]
+__all__ = ["quantize_scope", "custom_objects", "load_model", "unsafe_layers", "file_keras_version"]
 
 
 def custom_objects() -> dict:
@@ -123,12 +129,50 @@ def _model_config(path: str):
                      "model again with model.save(path).")
 
 
+def file_keras_version(path: str) -> str | None:
+    """The Keras version that wrote the ``.keras`` or ``.h5`` file at ``path`` (None if it
+    does not say, or for a SavedModel directory)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if "metadata.json" not in archive.namelist():
+                    return None
+                return str(json.loads(archive.read("metadata.json")).get("keras_version") or "") or None
+        import h5py
+
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as fh:
+                version = fh.attrs.get("keras_version")
+            return (version.decode() if isinstance(version, bytes) else str(version)) if version is not None else None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, AttributeError):
+        return None
+    return None
+
+
+def _is_keras3_file(path: str) -> bool:
+    version = file_keras_version(path) if os.path.isfile(path) else None
+    return bool(version) and version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 3
+
+
+def _load_keras3(path: str, safe_mode: bool):
+    """A Keras 3 file: loaded by Keras 3, rebuilt as tf_keras (config and weights, checked)."""
+    try:
+        model = keras3_load_model(path, safe_mode)
+    except (ValueError, KeyError, TypeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"cannot load {path!r} (a Keras {file_keras_version(path)} file) with Keras 3: {err}") from err
+    return from_keras3(model, f"the Keras 3 model in {path!r}")
+
+
 def load_model(path, compile: bool = True, *, safe_mode: bool = True):
     """Load a QAT (or float) model saved as ``.keras``, ``.h5`` or a SavedModel directory.
 
+    A float model saved by Keras 3 (``import keras``) is loaded by Keras 3 and returned rebuilt
+    as tf_keras (same layers, names and weights; checked to agree on random inputs; not compiled),
+    ready for ``qx.quantize``. A Keras 3 file that cannot be rebuilt is refused, naming the layer.
+
     Args:
         path: the file or SavedModel directory.
-        compile: compile the model as it was saved.
+        compile: compile the model as it was saved (tf_keras files only).
         safe_mode: refuse models that would run code from the file (``Lambda`` layers, raw TF
             calls outside keras_qx's allowlist), whatever the format. Pass ``False`` only
             for a file you trust.
@@ -149,6 +193,8 @@ def load_model(path, compile: bool = True, *, safe_mode: bool = True):
             raise ValueError(f"{path!r} holds {', '.join(unsafe)}: loading or running it would execute code "
                              "stored in the file, so qx.load_model refuses it (Keras safe mode). Pass "
                              "safe_mode=False only if you trust the file.")
+    if _is_keras3_file(path):
+        return _load_keras3(path, safe_mode)
     with quantize_scope(), safe_mode_scope(safe_mode):
         try:
             model = keras.models.load_model(path, compile=compile, safe_mode=safe_mode)
