@@ -16,6 +16,7 @@ Example:
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from keras_qx.compress.cluster import cluster, strip_clustering
 from keras_qx.compress.prune import prune, pruning_callbacks, strip_pruning
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
 from keras_qx.engine.search import BitWidthTuner
@@ -65,6 +66,8 @@ __all__ = [
     "prune",
     "pruning_callbacks",
     "strip_pruning",
+    "cluster",
+    "strip_clustering",
     "inspect_tflite",
     "summary",
     "quantize_scope",

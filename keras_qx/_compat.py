@@ -452,3 +452,8 @@ def seeded(seed: int | None):
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper  # noqa: E402
 
 __all__ += ["pruning_wrapper"]
+
+# Clustering (keras_qx.compress.cluster): tfmot's clustering API; the wrapper class is private in tfmot.
+from tensorflow_model_optimization.python.core.clustering.keras import cluster_config, cluster_wrapper  # noqa: E402
+
+__all__ += ["cluster_config", "cluster_wrapper"]

@@ -36,7 +36,6 @@ __all__ = ["prune", "pruning_callbacks", "strip_pruning", "PruneSpec", "prune_pl
 
 SCHEDULES = ("constant", "polynomial")
 _FIELDS = ("sparsity", "prune", "block_size")
-_RULE_KEYS = ("type", "match") + _FIELDS
 
 
 @dataclass(frozen=True)
@@ -83,13 +82,18 @@ def _check_step(value: Any, name: str, allow_none: bool = False) -> int | None:
     return int(value)
 
 
-def _check_entry(entry: Any, where: str, allowed: Sequence[str]) -> dict:
+def check_entry(entry: Any, where: str, allowed: Sequence[str], check_fields, example: str) -> dict:
+    """A rule or ``layers`` entry as a checked dict: a mapping (like ``example``) with only
+    ``allowed`` keys, its fields checked (and normalised) by ``check_fields(entry, where)``."""
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} must be a dict like {{'sparsity': 0.5}}, got {entry!r}.")
+        raise ValueError(f"{where} must be a dict like {example}, got {entry!r}.")
     unknown = [k for k in entry if k not in allowed]
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {unknown}; allowed keys: {list(allowed)}.")
-    out = dict(entry)
+    return check_fields(dict(entry), where)
+
+
+def _prune_fields(out: dict, where: str) -> dict:
     if "sparsity" in out:
         out["sparsity"] = _check_sparsity(out["sparsity"], where)
     if "block_size" in out:
@@ -115,6 +119,67 @@ def _updated(spec: PruneSpec, entry: Mapping, source: str) -> PruneSpec:
     return PruneSpec(sparsity, entry.get("block_size", spec.block_size), source)
 
 
+def resolve_layers(model, default, rules, layers, *, what: str, fields: Sequence[str], check_fields,
+                   update, example: str) -> list[tuple[Any, Any]]:
+    """``[(layer, spec)]`` for every layer of ``model`` with kernels, the spec resolved as a
+    policy's bits are (later wins): ``default`` < each matching rule of ``rules`` in order <
+    ``layers[name]``. ``update(spec, entry, source)`` applies an entry; ``what`` ("prune",
+    "cluster") names the caller in errors. Shared by :func:`prune_plan` and
+    ``keras_qx.compress.cluster.cluster_plan``.
+    """
+    rules = [] if rules is None else rules
+    if not isinstance(rules, (list, tuple)):
+        raise ValueError(f"{what}(rules=...) must be a list of dicts, got {type(rules).__name__}.")
+    checked = []
+    for i, rule in enumerate(rules):
+        rule = check_entry(rule, f"{what} rule {i}", ("type", "match") + tuple(fields), check_fields, example)
+        if "type" not in rule and "match" not in rule:
+            raise ValueError(f"{what} rule {i} ({rule}) needs a 'type' (class name) or a 'match' (regex on the layer name).")
+        if "match" in rule:
+            try:
+                re.compile(rule["match"])
+            except (re.error, TypeError) as err:
+                raise ValueError(f"{what} rule {i}: 'match' {rule['match']!r} is not a valid regex ({err}).") from None
+        checked.append(rule)
+    layers = {} if layers is None else layers
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"{what}(layers=...) must be a dict layer name -> a dict like {example}, got {type(layers).__name__}.")
+    layers = {str(n): check_entry(e, f"{what} layers[{n!r}]", fields, check_fields, example) for n, e in layers.items()}
+
+    model_layers = [_inner(l) for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    names = [l.name for l in model_layers]
+    missing = [n for n in layers if n not in names]
+    if missing:
+        hints = {n: difflib.get_close_matches(n, names, n=3) for n in missing}
+        raise ValueError(f"{what}(layers=...) names layer(s) the model lacks: {missing}. Closest names: {hints}. "
+                         f"Model layers: {names}.")
+    by_name = {l.name: l for l in model_layers}
+    kernelless = [n for n in layers if kernel_kind(by_name[n]) is None]
+    if kernelless:
+        raise ValueError(f"{what}(layers=...) names layer(s) without kernels, which have nothing to {what}: {kernelless}.")
+    known = {n for l in model_layers for n in _class_names(l)} | {n for n in dir(keras.layers) if n[:1].isupper()}
+    for i, rule in enumerate(checked):
+        if "type" in rule and rule["type"] not in known:
+            close = difflib.get_close_matches(rule["type"], sorted(known), n=3)
+            raise ValueError(f"{what} rule {i}: unknown layer type {rule['type']!r}; did you mean {close}?")
+
+    out = []
+    for layer in model_layers:
+        if kernel_kind(layer) is None:
+            continue
+        spec = default
+        for i, rule in enumerate(checked):
+            if "type" in rule and rule["type"] not in _class_names(layer):
+                continue
+            if "match" in rule and not re.fullmatch(rule["match"], layer.name):
+                continue
+            spec = update(spec, rule, f"rule {i}")
+        if layer.name in layers:
+            spec = update(spec, layers[layer.name], "layers")
+        out.append((layer, spec))
+    return out
+
+
 def prune_plan(model, sparsity: float = 0.8, rules: Sequence[Mapping] | None = None,
                layers: Mapping[str, Mapping] | None = None, block_size=None) -> dict[str, PruneSpec]:
     """``{layer name: PruneSpec}`` for every layer with kernels: what :func:`prune` would do.
@@ -125,58 +190,11 @@ def prune_plan(model, sparsity: float = 0.8, rules: Sequence[Mapping] | None = N
             kernel that is not 2-D.
     """
     default = PruneSpec(_check_sparsity(sparsity, "prune(sparsity=...)"), _check_block(block_size, "prune(block_size=...)"))
-    rules = [] if rules is None else rules
-    if not isinstance(rules, (list, tuple)):
-        raise ValueError(f"prune(rules=...) must be a list of dicts, got {type(rules).__name__}.")
-    checked = []
-    for i, rule in enumerate(rules):
-        rule = _check_entry(rule, f"prune rule {i}", _RULE_KEYS)
-        if "type" not in rule and "match" not in rule:
-            raise ValueError(f"prune rule {i} ({rule}) needs a 'type' (class name) or a 'match' (regex on the layer name).")
-        if "match" in rule:
-            try:
-                re.compile(rule["match"])
-            except (re.error, TypeError) as err:
-                raise ValueError(f"prune rule {i}: 'match' {rule['match']!r} is not a valid regex ({err}).") from None
-        checked.append(rule)
-    layers = {} if layers is None else layers
-    if not isinstance(layers, Mapping):
-        raise ValueError(f"prune(layers=...) must be a dict layer name -> {{'sparsity': ...}}, got {type(layers).__name__}.")
-    layers = {str(n): _check_entry(e, f"prune layers[{n!r}]", _FIELDS) for n, e in layers.items()}
-
-    model_layers = [_inner(l) for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-    names = [l.name for l in model_layers]
-    missing = [n for n in layers if n not in names]
-    if missing:
-        hints = {n: difflib.get_close_matches(n, names, n=3) for n in missing}
-        raise ValueError(f"prune(layers=...) names layer(s) the model lacks: {missing}. Closest names: {hints}. "
-                         f"Model layers: {names}.")
-    by_name = {l.name: l for l in model_layers}
-    kernelless = [n for n in layers if kernel_kind(by_name[n]) is None]
-    if kernelless:
-        raise ValueError(f"prune(layers=...) names layer(s) without kernels, which have nothing to prune: {kernelless}.")
-    known = {n for l in model_layers for n in _class_names(l)} | {n for n in dir(keras.layers) if n[:1].isupper()}
-    for i, rule in enumerate(checked):
-        if "type" in rule and rule["type"] not in known:
-            close = difflib.get_close_matches(rule["type"], sorted(known), n=3)
-            raise ValueError(f"prune rule {i}: unknown layer type {rule['type']!r}; did you mean {close}?")
-
     plan = {}
-    for layer in model_layers:
-        kind = kernel_kind(layer)
-        if kind is None:
-            continue
-        spec = default
-        for i, rule in enumerate(checked):
-            if "type" in rule and rule["type"] not in _class_names(layer):
-                continue
-            if "match" in rule and not re.fullmatch(rule["match"], layer.name):
-                continue
-            spec = _updated(spec, rule, f"rule {i}")
-        if layer.name in layers:
-            spec = _updated(spec, layers[layer.name], "layers")
+    for layer, spec in resolve_layers(model, default, rules, layers, what="prune", fields=_FIELDS,
+                                      check_fields=_prune_fields, update=_updated, example="{'sparsity': 0.5}"):
         if spec.pruned and spec.block_size != (1, 1):
-            ranks = [len(getattr(layer, a).shape) for a in kind.weight_attrs]
+            ranks = [len(getattr(layer, a).shape) for a in kernel_kind(layer).weight_attrs]
             if any(r != 2 for r in ranks):
                 raise ValueError(
                     f"layer {layer.name!r} ({type(layer).__name__}): block_size={spec.block_size} needs a 2-D kernel, "

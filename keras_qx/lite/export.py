@@ -24,7 +24,8 @@ from keras_qx.qat.calibrate import uncalibrated_ranges
 from keras_qx.qat.summary import layer_costs
 from keras_qx.qat.quantize import unexportable_layers
 
-__all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "file_sparsity", "check_options", "deliver"]
+__all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "file_sparsity", "file_distinct",
+           "check_options", "deliver"]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ExportReport:
     stored_wider: tuple = ()  # (layer, trained bits, bits in the file) where the file stores more bits
     sparsity: tuple = ()  # (layer, fraction of its kernel values stored as 0 in the file), by file_sparsity
     kept_float: tuple = ()  # layers the file keeps float32 on request (qx.ptq's keep_float)
+    distinct: tuple = ()  # (layer, distinct kernel values in the file, most in one channel or None), by file_distinct
 
     def lines(self) -> list[str]:
         out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
@@ -52,6 +54,10 @@ class ExportReport:
             out.append("kept float on request: " + ", ".join(self.kept_float))
         if self.sparsity:
             out.append("kernel sparsity in the file: " + ", ".join(f"{name} {value:.1%}" for name, value in self.sparsity))
+        if self.distinct:
+            out.append("distinct kernel values in the file: " + ", ".join(
+                f"{name} {channel} per channel" if channel is not None else f"{name} {total}"
+                for name, total, channel in self.distinct))
         if self.verification is not None:
             for v in self.verification.judged():
                 agreed = (f"top-1 agreement {v.agreement:.1%} on the {v.decisive:.0%} decisive positions, "
@@ -68,20 +74,38 @@ class TFLiteModel(bytes):
     report: ExportReport
 
 
-def file_sparsity(qat_model, info: TFLiteInfo) -> tuple:
-    """``((layer, sparsity), ...)``: the fraction of each quantized layer's kernel values the
-    file stores as exactly 0, measured in the flatbuffer (:attr:`TFLiteInfo.weight_stats`); a
-    file tensor belongs to the layer whose wrapper its name's first op path names."""
-    sizes = {w[0]: int(np.prod(w[2])) for w in info.weights}
+def _layer_kernels(qat_model, info: TFLiteInfo):
+    """``(layer name, {file kernel tensor: WeightStats})`` of each quantized layer with kernels;
+    a file tensor belongs to the layer whose wrapper its name's first op path names."""
     stats = info.kernel_stats()
-    out = []
     for layer in qat_model.layers:
         if not getattr(layer, "_weight_vars", None) or not hasattr(layer, "layer"):
             continue
-        mine = [n for n in stats if layer.name in n.split(";")[0].split("/")]
+        mine = {n: st for n, st in stats.items() if layer.name in n.split(";")[0].split("/")}
+        if mine:
+            yield layer.layer.name, mine
+
+
+def file_sparsity(qat_model, info: TFLiteInfo) -> tuple:
+    """``((layer, sparsity), ...)``: the fraction of each quantized layer's kernel values the
+    file stores as exactly 0, measured in the flatbuffer (:attr:`TFLiteInfo.weight_stats`)."""
+    sizes = {w[0]: int(np.prod(w[2])) for w in info.weights}
+    out = []
+    for name, mine in _layer_kernels(qat_model, info):
         total = sum(sizes[n] for n in mine)
         if total:
-            out.append((layer.layer.name, sum(stats[n].sparsity * sizes[n] for n in mine) / total))
+            out.append((name, sum(st.sparsity * sizes[n] for n, st in mine.items()) / total))
+    return tuple(out)
+
+
+def file_distinct(qat_model, info: TFLiteInfo) -> tuple:
+    """``((layer, distinct, most in one channel or None), ...)``: how many distinct values each
+    quantized layer's kernel holds in the file (the largest over its kernel tensors), and for a
+    kernel quantized per channel the most one channel holds, measured in the flatbuffer."""
+    out = []
+    for name, mine in _layer_kernels(qat_model, info):
+        channel = [st.channel_distinct for st in mine.values() if st.channel_distinct is not None]
+        out.append((name, max(st.distinct for st in mine.values()), max(channel) if channel else None))
     return tuple(out)
 
 
@@ -145,6 +169,7 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
                           stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)
                                              for c, _ in layer_costs(qat_model) if c.stored_wider))
     report.sparsity = file_sparsity(qat_model, report.info)
+    report.distinct = file_distinct(qat_model, report.info)
     return deliver(qat_model, data, report, samples, path, verify=verify, min_agreement=min_agreement,
                    verify_samples=verify_samples, print_fn=print_fn)
 

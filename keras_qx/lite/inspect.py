@@ -83,11 +83,13 @@ def tensor_values(raw, type_name: str, shape) -> np.ndarray | None:
 @dataclass(frozen=True)
 class WeightStats:
     """What one constant tensor's stored values look like: the fraction that are exactly zero
-    (the stored integer 0, which is 0.0 on the symmetric weight grid) and how many distinct
-    values it holds."""
+    (the stored integer 0, which is 0.0 on the symmetric weight grid), how many distinct
+    values it holds and, for a tensor quantized per channel, the most distinct values one
+    channel holds (its integers share that channel's scale; None for one scale)."""
 
     sparsity: float
     distinct: int
+    channel_distinct: int | None = None
 
 
 @dataclass
@@ -167,7 +169,8 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
                 type_name = _TENSOR_TYPE_NAMES.get(tensor.type, str(tensor.type))
                 shape = tuple(int(s) for s in tensor.shape) if tensor.shape is not None else ()
                 info.weights.append((name, type_name, shape, nbytes))
-                info.weight_stats.append(_stats(data, model.buffers[tensor.buffer], type_name, shape))
+                info.weight_stats.append(_stats(data, model.buffers[tensor.buffer], type_name, shape,
+                                                _channel_axis(tensor, shape)))
         for op in graph.operators:
             code = model.operatorCodes[op.opcodeIndex]
             opname = _OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
@@ -180,7 +183,17 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
     return info
 
 
-def _stats(data: bytes, buffer, type_name: str, shape) -> WeightStats | None:
+def _channel_axis(tensor, shape) -> int | None:
+    """The axis of a tensor's per-channel scales (None: one scale, or none)."""
+    q = tensor.quantization
+    scales = getattr(q, "scale", None) if q is not None else None
+    if scales is None or len(scales) <= 1 or not shape:
+        return None
+    axis = int(q.quantizedDimension)
+    return axis if 0 <= axis < len(shape) and shape[axis] == len(scales) else None
+
+
+def _stats(data: bytes, buffer, type_name: str, shape, channel_axis: int | None = None) -> WeightStats | None:
     raw = buffer.data
     if raw is None:  # stored past the flatbuffer (files over 2 GB): offset and size into the file
         offset, size = int(getattr(buffer, "offset", 0) or 0), int(getattr(buffer, "size", 0) or 0)
@@ -188,7 +201,11 @@ def _stats(data: bytes, buffer, type_name: str, shape) -> WeightStats | None:
     values = tensor_values(raw, type_name, shape)
     if values is None or not values.size:
         return None
-    return WeightStats(float(np.count_nonzero(values == 0)) / values.size, int(np.unique(values).size))
+    per_channel = None
+    if channel_axis is not None and values.size == int(np.prod(shape)):
+        rows = np.moveaxis(values.reshape(shape), channel_axis, 0).reshape(shape[channel_axis], -1)
+        per_channel = max(int(np.unique(r).size) for r in rows)
+    return WeightStats(float(np.count_nonzero(values == 0)) / values.size, int(np.unique(values).size), per_channel)
 
 
 class TFLiteRunner(Runner):

@@ -14,8 +14,9 @@ from keras_qx._compat import check_float_model, check_model, keras, quantize_ann
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
-from keras_qx.quant.quantizers import SparseWeightQuantizer, WeightQuantizer
+from keras_qx.quant.quantizers import ClusterWeightQuantizer, SparseWeightQuantizer, WeightQuantizer
 from keras_qx.quant.configs import KernelQuantizeConfig
+from keras_qx.compress.cluster import check_not_clustered, cluster_table, init_cluster_tables
 from keras_qx.compress.prune import check_not_pruned
 from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
@@ -95,7 +96,8 @@ def _specs(flat, policy: Policy) -> dict[str, LayerSpec]:
     return {_inner(l).name: policy.spec_for(_inner(l), _annotation(l)) for l in layers}
 
 
-def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve_sparsity: bool = False):
+def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve_sparsity: bool = False,
+             preserve_clusters: bool = False):
     """Return a QAT copy of ``model`` with per-layer bits from ``policy`` and ``qx.annotate``.
 
     Args:
@@ -109,6 +111,12 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
         preserve_sparsity: keep every zero of every kernel a zero through QAT and in the file
             (a pruned model, after ``qx.strip_pruning``): each weight quantizer multiplies its
             kernel by a fixed mask of the kernel's nonzeros (:class:`SparseWeightQuantizer`).
+        preserve_clusters: keep every clustered kernel (a model from ``qx.cluster``, after
+            ``qx.strip_clustering``) to its distinct values through QAT and in the file: a
+            kernel with fewer distinct values than values, and at most the grid's ``2**bits - 1``
+            (per tensor, else per output channel), trains as a table of centroids and a fixed
+            index map (:class:`ClusterWeightQuantizer`); rounding can merge values, never split
+            them. With ``preserve_sparsity`` too, a centroid at exactly 0 stays 0.
 
     Raises:
         PolicyError: bad policy, or a setting that cannot be exported without ``simulate_only``.
@@ -117,9 +125,11 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
     """
     policy = Policy.coerce(policy)
     model = as_tf_keras(model)
-    if not isinstance(preserve_sparsity, bool):
-        raise TypeError(f"quantize(preserve_sparsity=...) must be True or False, got {preserve_sparsity!r}.")
+    for name, flag in (("preserve_sparsity", preserve_sparsity), ("preserve_clusters", preserve_clusters)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"quantize({name}=...) must be True or False, got {flag!r}.")
     check_not_pruned(model)
+    check_not_clustered(model)
     check_float_model(model)
     model, policy = _flatten(model, policy)
     specs = _specs(model, policy)
@@ -151,8 +161,11 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
                       + "; ".join(f"{names}: {reason}" for reason, names in by_reason.items()) + ".", stacklevel=2)
     if not simulate_only:
         specs = _clamp_to_exportable(model, specs)
-    registry = (_SparsityPreservingRegistry if preserve_sparsity else PolicyQuantizeRegistry)(
+    registry = (_PreservingRegistry if preserve_sparsity or preserve_clusters else PolicyQuantizeRegistry)(
         specs, default=LayerSpec().updated(policy.default, "default"))
+    if preserve_sparsity or preserve_clusters:
+        registry.preserve_sparsity = preserve_sparsity
+        registry.tables = _cluster_tables(model, specs) if preserve_clusters else {}
 
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
                    if _inner(l).name in specs and specs[_inner(l).name].quantize
@@ -183,20 +196,46 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
     own_classes = {type(_inner(l)).__name__: type(_inner(l)) for l in model.layers}
     with quantize_scope(own_classes):
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
+    init_cluster_tables(qat)
     _init_weight_ranges(qat)
     _init_sparsity_masks(qat)
     return qat
 
 
-class _SparsityPreservingRegistry(PolicyQuantizeRegistry):
-    """The policy's registry with each kernel quantizer a :class:`SparseWeightQuantizer`."""
+class _PreservingRegistry(PolicyQuantizeRegistry):
+    """The policy's registry with each kernel quantizer a :class:`ClusterWeightQuantizer` (the
+    layers of ``tables``) or a :class:`SparseWeightQuantizer` (``preserve_sparsity``)."""
 
-    def config_for(self, *args, **kwargs):
-        config = super().config_for(*args, **kwargs)
+    preserve_sparsity = False
+    tables: dict = {}
+
+    def config_for(self, name, *args, **kwargs):
+        config = super().config_for(name, *args, **kwargs)
         if isinstance(config, KernelQuantizeConfig) and type(config.weight_quantizer) is WeightQuantizer:
             q = config.weight_quantizer
-            config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis)
+            table = self.tables.get(name)
+            if table is not None:
+                config.weight_quantizer = ClusterWeightQuantizer(q.bits, q.per_channel, q.channel_axis, *table,
+                                                                 preserve_sparsity=self.preserve_sparsity)
+            elif self.preserve_sparsity:
+                config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis)
         return config
+
+
+def _cluster_tables(model, specs) -> dict:
+    """``{layer name: (clusters, cluster_axis)}`` of the quantized layers whose kernels train as
+    centroid tables (:func:`~keras_qx.compress.cluster.cluster_table`)."""
+    tables = {}
+    for layer in model.layers:
+        inner = _inner(layer)
+        spec, kind = specs.get(inner.name), kernel_kind(inner)
+        if spec is None or not spec.quantize or kind is None or _foreign(layer):
+            continue
+        kernels = [tf.convert_to_tensor(getattr(inner, a)).numpy() for a in kind.weight_attrs]
+        table = cluster_table(kernels, 2 ** spec.weight_bits - 1, kind.channel_axis if kind.per_channel else None)
+        if table is not None:
+            tables[inner.name] = table
+    return tables
 
 
 def _init_sparsity_masks(qat_model) -> None:

@@ -6,6 +6,7 @@ Example:
 from __future__ import annotations
 
 from keras_qx._compat import check_model, keras, quantize_wrapper
+from keras_qx.compress.cluster import kernel_distinct
 from keras_qx.compress.prune import kernel_sparsity
 from keras_qx.quant.cost import LayerCost, layer_cost
 
@@ -40,12 +41,22 @@ def _fmt_bits(bits):
     return "-" if bits is None else str(bits)
 
 
+def _fmt_distinct(found):
+    if found is None:
+        return "-"
+    total, channel = found
+    return f"{channel}/ch" if channel is not None else f"{total:,}"
+
+
 def summary(qat_model, print_fn=print) -> str:
-    """Print (and return) the table: layer, type, weight bits, activation bits, sparsity, params, bytes.
+    """Print (and return) the table: layer, type, weight bits, activation bits, sparsity,
+    distinct values, params, bytes.
 
     Sparsity is the fraction of a layer's kernel values that are zero as the model computes
     with them: after quantization for a QAT model (what the file stores, rounding's zeros
-    included), after the mask for a pruned one.
+    included), after the mask for a pruned one. Values is how many distinct values the kernel
+    holds, likewise (after quantization; ``7/ch``: at most 7 in one output channel, for a kernel
+    quantized per channel, whose channels have scales of their own in the file).
 
     Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT4 where the
     exporter packs, int8 otherwise, int32 biases, float32 for float layers.
@@ -53,9 +64,11 @@ def summary(qat_model, print_fn=print) -> str:
     check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)
     sparsity = kernel_sparsity(qat_model)
-    header = ("Layer", "Type", "W bits", "A bits", "Sparsity", "Params", "Bytes")
+    distinct = kernel_distinct(qat_model)
+    header = ("Layer", "Type", "W bits", "A bits", "Sparsity", "Values", "Params", "Bytes")
     table = [(c.name, c.type, _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),
-              f"{sparsity[c.name]:.1%}" if c.name in sparsity else "-", f"{c.params:,}", f"{c.bytes:,}")
+              f"{sparsity[c.name]:.1%}" if c.name in sparsity else "-", _fmt_distinct(distinct.get(c.name)),
+              f"{c.params:,}", f"{c.bytes:,}")
              for c, a in rows]
     params = sum(c.params for c, _ in rows)
     total = sum(c.bytes for c, _ in rows)

@@ -25,6 +25,7 @@ __all__ = [
     "ACTIVATION_BITS",
     "WeightQuantizer",
     "SparseWeightQuantizer",
+    "ClusterWeightQuantizer",
     "ActivationQuantizer",
     "FixedRangeQuantizer",
     "check_bits",
@@ -160,6 +161,91 @@ class SparseWeightQuantizer(WeightQuantizer):
 
     def __repr__(self):
         return f"SparseWeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class ClusterWeightQuantizer(WeightQuantizer):
+    """A :class:`WeightQuantizer` that keeps a clustered kernel clustered: it holds a fixed map
+    of which cluster each weight belongs to, and the kernel it quantizes has each weight
+    replaced by its cluster's centroid (``qx.quantize(..., preserve_clusters=True)``).
+
+    The map (``cluster_index``, a non-trainable int32 variable of the kernel's shape, flat into
+    a table of ``groups x clusters`` entries) is saved and loaded with the model. Training moves
+    the centroids, not single weights: each weight of a cluster gets the cluster's mean
+    gradient, so the weights of a cluster, equal at the start, stay equal in the kernel variable
+    too, and the quantized kernel is rebuilt from one value per cluster whatever happens. No variable is added to train (an optimizer's state and the
+    ``.keras`` variable order are the plain quantizer's). Rounding to the grid is a function of
+    the value, so distinct values can merge but never split: at most ``clusters`` distinct
+    values per kernel (``cluster_axis=None``) or per slice along ``cluster_axis``, in the
+    simulation and in the file.
+
+    Args:
+        bits, per_channel, channel_axis: as :class:`WeightQuantizer`.
+        clusters: entries of each table (a kernel with fewer distinct values leaves entries
+            unused).
+        cluster_axis: None: one table for the kernel; an axis: one table per index along it
+            (a kernel clustered per output channel).
+        preserve_sparsity: a cluster whose centroid is exactly 0 stays 0 (a fixed 0/1 mask of
+            the table), so a pruned kernel's zeros stay zeros.
+
+    Example:
+        >>> ClusterWeightQuantizer(4, clusters=16).get_config()["clusters"]
+        16
+    """
+
+    def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1, clusters: int = 16,
+                 cluster_axis: int | None = None, preserve_sparsity: bool = False):
+        super().__init__(bits, per_channel, channel_axis)
+        if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 1:
+            raise ValueError(f"ClusterWeightQuantizer(clusters=...) must be a positive integer, got {clusters!r}.")
+        self.clusters = int(clusters)
+        self.cluster_axis = None if cluster_axis is None else int(cluster_axis)
+        self.preserve_sparsity = bool(preserve_sparsity)
+
+    def groups(self, tensor_shape) -> int:
+        """Tables the kernel of ``tensor_shape`` has: 1, or its size along ``cluster_axis``."""
+        return 1 if self.cluster_axis is None else int(tuple(tensor_shape)[self.cluster_axis])
+
+    def build(self, tensor_shape, name, layer):
+        found = super().build(tensor_shape, name, layer)
+        found["cluster_index"] = layer.add_weight(name + "_cluster_index", shape=tuple(tensor_shape), dtype=tf.int32,
+                                                  trainable=False, initializer=keras.initializers.Zeros())
+        if self.preserve_sparsity:
+            found["centroid_mask"] = layer.add_weight(name + "_centroid_mask",
+                                                      shape=(self.groups(tensor_shape), self.clusters),
+                                                      trainable=False, initializer=keras.initializers.Ones())
+        return found
+
+    def centroids(self, inputs, weights):
+        """The ``(groups, clusters)`` table: each cluster's value (0 for an unused entry).
+
+        Its weights share it (they start equal and get the same gradient); the value is read
+        exactly (their largest) and the gradient is the mean's, so each weight of a cluster
+        gets the cluster's mean gradient."""
+        entries = self.groups(inputs.shape) * self.clusters
+        values, index = tf.reshape(inputs, [-1]), tf.reshape(weights["cluster_index"], [-1])
+        mean = tf.math.unsorted_segment_mean(values, index, entries)
+        exact = tf.math.unsorted_segment_max(tf.stop_gradient(values), index, entries)
+        used = tf.math.unsorted_segment_sum(tf.ones_like(values), index, entries) > 0
+        table = tf.where(used, exact, 0.0) + (mean - tf.stop_gradient(mean))
+        if "centroid_mask" in weights:
+            table = table * tf.reshape(weights["centroid_mask"], [-1])
+        return tf.reshape(table, (-1, self.clusters))
+
+    def kernel(self, inputs, weights):
+        """The kernel the layer computes with, before quantization: each weight its centroid."""
+        return tf.gather(tf.reshape(self.centroids(inputs, weights), [-1]), weights["cluster_index"])
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return super().__call__(self.kernel(inputs, weights), training, weights, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "clusters": self.clusters, "cluster_axis": self.cluster_axis,
+                "preserve_sparsity": self.preserve_sparsity}
+
+    def __repr__(self):
+        return (f"ClusterWeightQuantizer(bits={self.bits}, per_channel={self.per_channel}, clusters={self.clusters}, "
+                f"cluster_axis={self.cluster_axis})")
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
