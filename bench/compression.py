@@ -1,5 +1,6 @@
-"""Compression on the digits CNN: float32 / int8 QAT / mixed / pruned + mixed / pruned + 4-bit /
-clustered + int8 / clustered + mixed / pruned + clustered + mixed.
+"""Compression on the digits CNN: float32 / each post-training mode (dynamic, int8, float16,
+int16x8) / int8 QAT / mixed / pruned + mixed / pruned + 4-bit / clustered + int8 / clustered +
+mixed / pruned + clustered + mixed.
 
 Trains ``digits_cnn()`` on ``load_digits()`` (Adam 1e-3, batch 64, ``--epochs``), then per
 variant: prune (``qx.prune``, polynomial schedule from 0 to the target over the first 3/4 of
@@ -32,6 +33,7 @@ from keras_qx.data import digits_cnn, load_digits  # noqa: E402
 from keras_qx.lite.convert import convert, converter_for  # noqa: E402
 from keras_qx.lite.export import file_distinct, file_sparsity  # noqa: E402
 from keras_qx.lite.inspect import inspect_tflite  # noqa: E402
+from keras_qx.lite.ptq import PTQ_MODES  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 W4 = {"default": {"weight_bits": 4, "activation_bits": 8}}
@@ -79,6 +81,11 @@ def run(epochs: int, prune_epochs: int, qat_epochs: int, seed: int, cluster_epoc
         float_file = convert(converter_for(model))[0]
         rows.append({"model": "float32", **qx.evaluate_tflite(float_file, x_test, y_test),
                      "sparsity": inspect_tflite(float_file).kernel_sparsity})
+        for mode in PTQ_MODES:  # post-training: no training, the float model converted
+            tfl = qx.ptq(model, mode, x_train[:300])
+            rows.append({"model": f"PTQ {mode}", **qx.evaluate_tflite(tfl, x_test, y_test),
+                         "sparsity": tfl.report.info.kernel_sparsity})
+            say(f"PTQ {mode}: {rows[-1]['accuracy']:.2%}, {rows[-1]['size_bytes']:,} B")
         mixed = qx.auto_policy(model, train, budget_bytes="0.6x", verbose=False)
         bits = ", ".join(f"{n} {f['weight_bits']}" for n, f in mixed.layers.items())
         variants = [
