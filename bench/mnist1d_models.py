@@ -2,7 +2,7 @@
 uniform int8 vs mixed precision (``auto_policy`` at 0.5x of the int8 kernel bytes), each QAT
 model exported and verified against itself, accuracy measured in the TFLite runtime.
 
-Run: python bench/mnist1d.py   (about 5 minutes on 2 cores; writes bench/results/mnist1d.md)
+Run: python bench/mnist1d_models.py   (about 5 minutes on 2 cores; writes bench/results/mnist1d.md)
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main() -> int:
                   "file in the TFLite runtime on the 1,000 test signals; the LSTM stays float inside (the runtime "
                   "has no integer kernel for its loop), the rest of the model is integer.",
               f"Machine: {platform.platform()}, {os.cpu_count()} CPUs; {time.perf_counter() - start:.0f} s. "
-              "Rerun: `python bench/mnist1d.py`"]
+              "Rerun: `python bench/mnist1d_models.py`"]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
