@@ -12,11 +12,17 @@ from keras_qx._compat import is_quantized_layer, keras, tf
 from keras_qx.quant.configs import KeptFloatQuantizeConfig
 from keras_qx.quant.kinds import treatment
 
-__all__ = ["ExportError", "converter_for", "convert", "convert_qat", "kept_float_layers", "representative"]
+__all__ = ["ExportError", "needs_static_batch", "converter_for", "convert", "convert_qat", "kept_float_layers", "representative"]
 
 
 class ExportError(RuntimeError):
     """The converter failed, or the TFLite file disagrees with the Keras model."""
+
+
+def needs_static_batch(model) -> bool:
+    """A layer of ``model`` converts only at a fixed batch size: recurrent layers (their
+    TensorList) and GroupNormalization (BROADCAST_TO); the runtime runs one sample at a time."""
+    return any(getattr(treatment(getattr(l, "layer", l)), "static_batch", False) for l in model.layers)
 
 
 def converter_for(model, batch=None):
@@ -25,8 +31,8 @@ def converter_for(model, batch=None):
     Converting one traced ``tf.function`` gives the same flatbuffer as ``from_keras_model``
     without its Keras SavedModel export, which traces every layer's call separately (most of
     the convert time: 87 s vs 17 s for the small EfficientNetV2 of tests/families.py, measured).
-    ``batch``: a fixed batch size (a recurrent layer converts only with one: its TensorList
-    needs a static shape)."""
+    ``batch``: a fixed batch size; None: 1 where :func:`needs_static_batch`, else any."""
+    batch = batch or (1 if needs_static_batch(model) else None)
     specs = [tf.TensorSpec((batch, *t.shape[1:]) if batch else t.shape, t.dtype, name=t.name.split(":")[0])
              for t in model.inputs]
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
@@ -73,10 +79,7 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
     even for QAT)."""
     samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
     floats = kept_float_layers(qat_model)
-    # The runtime runs every file one sample at a time; a fixed batch of 1 is what recurrent
-    # layers (their TensorList) and GroupNormalization (BROADCAST_TO) need to convert.
-    static = floats or any(getattr(treatment(getattr(l, "layer", l)), "static_batch", False) for l in qat_model.layers)
-    converter = converter_for(qat_model, batch=1 if static else None)
+    converter = converter_for(qat_model, batch=1 if floats else None)  # kept-float layers may be recurrent
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if not floats:
         converter.representative_dataset = representative(samples, qat_model)
