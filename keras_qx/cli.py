@@ -247,11 +247,14 @@ def _inspect(args) -> int:
           f"{'fully integer' if info.fully_integer else 'float compute ops: ' + ', '.join(info.float_ops)}")
     print("ops: " + ", ".join(info.ops))
     print(f"kernel sparsity: {info.kernel_sparsity:.1%} of the kernel values are 0")
-    print(f"  {'type':<8} {'shape':<20} {'bytes':>12}  {'zeros':>6} {'values':>6}  name")
+    print(f"  {'type':<8} {'shape':<20} {'bytes':>12}  {'zeros':>6} {'values':>10}  name   "
+          "(values: distinct, and the most in one channel of a per-channel tensor)")
     rows = sorted(zip(info.weights, info.weight_stats), key=lambda r: -r[0][3])[: args.top]
     for (name, dtype, shape, nbytes), stats in rows:
         zeros, distinct = (f"{stats.sparsity:.1%}", f"{stats.distinct:,}") if stats is not None else ("-", "-")
-        print(f"  {dtype:<8} {str(shape):<20} {nbytes:>10,} B  {zeros:>6} {distinct:>6}  {name[:70]}")
+        if stats is not None and stats.channel_distinct is not None:
+            distinct += f" ({stats.channel_distinct}/ch)"
+        print(f"  {dtype:<8} {str(shape):<20} {nbytes:>10,} B  {zeros:>6} {distinct:>10}  {name[:70]}")
     return 0
 
 

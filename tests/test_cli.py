@@ -23,7 +23,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys):
     """The README's main job, shortened: prints the table and writes the files."""
     proc = subprocess.run(
         [sys.executable, "-m", "keras_qx.cli", "demo", "--epochs", "6", "--qat-epochs", "1", "--out", str(tmp_path)],
@@ -36,7 +36,10 @@ def test_demo_end_to_end(tmp_path):
     assert "chosen weight bits" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "digits_float.tflite", "digits_int8.tflite", "digits_mixed.tflite", "mixed_policy.json"]
+    capsys.readouterr()
     assert main(["inspect", str(tmp_path / "digits_mixed.tflite")]) == 0
+    shown = capsys.readouterr().out
+    assert "INT4" in shown and "/ch)" in shown  # conv kernels: distinct values per channel too
 
 
 @pytest.mark.slow
