@@ -47,3 +47,19 @@ def test_verification_turns_an_abort_into_an_export_error():
 def test_a_file_the_runtime_refuses_is_named():
     with pytest.raises(RuntimeCrash, match="refused"):
         run(b"TFL3" * 8, np.zeros((1, 4), "float32"))
+
+
+@pytest.mark.slow
+def test_each_sample_starts_from_a_fresh_state():
+    """A float LSTM converts to UNIDIRECTIONAL_SEQUENCE_LSTM, whose state persists between
+    invocations; every sample must see the zero state Keras gives it."""
+    from keras_qx._compat import keras
+    from keras_qx.lite.convert import convert, converter_for
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 3))
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.LSTM(8)(inputs)))
+    data = convert(converter_for(model))[0]
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in qx.inspect_tflite(data).ops
+    x = np.random.default_rng(0).normal(size=(6, 12, 3)).astype("float32")
+    np.testing.assert_allclose(run(data, x).output, model.predict(x, verbose=0), atol=1e-5)
