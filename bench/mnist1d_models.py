@@ -2,7 +2,7 @@
 uniform int8 vs mixed precision (``auto_policy`` at 0.5x of the int8 kernel bytes), each QAT
 model exported and verified against itself, accuracy measured in the TFLite runtime.
 
-Run: python bench/mnist1d_models.py   (about 5 minutes on 2 cores; writes bench/results/mnist1d.md)
+Run: python bench/mnist1d_models.py   (about a minute on 2 cores; writes bench/results/mnist1d.md)
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def main() -> int:
                          f"{ev['latency_ms']:.3f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"MNIST-1D generated offline by `mnist1d` (4,000 train / 1,000 test signals of length 40); float "
-                  f"training {EPOCHS} epochs (Adam 2e-3), then quantize, `qx.calibrate` on 500 signals, QAT "
+                  f"training {EPOCHS['mnist1d_cnn']} (CNN) / {EPOCHS['mnist1d_lstm']} (LSTM) epochs (Adam 2e-3), then quantize, `qx.calibrate` on 500 signals, QAT "
                   f"{QAT_EPOCHS} epochs (Adam 1e-4), export verified on 300 training signals; accuracy of each "
                   "file in the TFLite runtime on the 1,000 test signals; the LSTM stays float inside (the runtime "
                   "has no integer kernel for its loop), the rest of the model is integer.",
