@@ -148,3 +148,23 @@ def test_qat_model_with_scale_shift_layers_saves_and_loads(rng, tmp_path):
     again = qx.load_model(path)
     assert type(again.get_layer("quant_preact_bn").layer) is ScaleShiftBatchNormalization
     np.testing.assert_allclose(again.predict(x, verbose=0), qat.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_attention_projections_match_tflite_own_error(rng):
+    """TFLite runs a (heads, key_dim) projection bias as an ADD of its own after the
+    FULLY_CONNECTED, with an int8 rounding between: keras_qx splits the bias off (BiasAdd) so QAT
+    rounds there too. Each projection's own error (fed the file's own input) is then ~0 steps
+    (it was a mean 0.25 with the bias inside the EinsumDense)."""
+    inputs = keras.Input((8, 8), name="seq")
+    x = keras.layers.Dense(16, name="proj")(inputs)
+    x = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(x, x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling1D()(x)))
+    x = rng.normal(size=(64, 8, 8)).astype("float32")
+    qat = qx.calibrate(qx.quantize(model), x)
+    _calibrate(qat, x, rng)
+    assert isinstance(qat.get_layer("quant_mha_query_bias").layer, keras.layers.Add)
+    cmp = compare_layers(qat, bytes(qx.export_tflite(qat, x, min_agreement=0.0)), x[:16])
+    for part in ("query", "key", "value", "query_bias", "key_bias", "value_bias"):
+        err = cmp[f"mha_{part}"]
+        assert err.own_mean_steps <= 0.02 and err.own_max_steps <= 1.001, (part, err)

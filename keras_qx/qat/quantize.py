@@ -55,10 +55,12 @@ def _flatten(model, policy: Policy):
              and l.name not in keep and l.name in policy.layers]
     if split:
         data = policy.to_dict()
+        present = {l.name for l in flat.layers}
         for name in split:
             entry = data["layers"].pop(name)
             for part in ATTENTION_PARTS:
-                data["layers"].setdefault(f"{name}_{part}", dict(entry))
+                if f"{name}_{part}" in present:
+                    data["layers"].setdefault(f"{name}_{part}", dict(entry))
         policy = Policy.from_dict(data)
     return flat, policy
 

@@ -40,10 +40,11 @@ import math
 
 from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
 
-__all__ = ["flatten_nested", "has_nested", "SequenceDense", "InferenceRandomCrop", "ATTENTION_PARTS"]
+__all__ = ["flatten_nested", "has_nested", "SequenceDense", "BiasAdd", "InferenceRandomCrop", "ATTENTION_PARTS"]
 
 # A decomposed MultiHeadAttention's layers are named f"{name}_{part}".
-ATTENTION_PARTS = ("query", "key", "value", "scale", "scores", "softmax", "combine", "output")
+ATTENTION_PARTS = ("query", "key", "value", "query_bias", "key_bias", "value_bias", "scale", "scores", "softmax",
+                   "combine", "output")  # the *_bias parts exist where the projection has a bias
 
 _KEEP_FUSED = {"linear", "relu"}  # fused activations tfmot quantizes as TFLite fuses them
 
@@ -163,6 +164,36 @@ def has_nested(model, keep=frozenset(), copies: bool = True) -> bool:
     return any(_rewrites(layer, copies) and layer.name not in keep for layer in model.layers)
 
 
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class BiasAdd(keras.layers.Add):
+    """``x + bias`` with a trainable ``bias`` of shape ``bias_shape`` (broadcast over the leading
+    axes): the bias of an attention projection, split off because TFLite adds a (heads,
+    key_dim) bias as an ADD of its own after the FULLY_CONNECTED, with an int8 rounding between
+    that training must see (an ``Add``, so it is quantized as one).
+
+    Example:
+        >>> layer = BiasAdd((2, 4)); layer(keras.Input((6, 2, 4))).shape.as_list()
+        [None, 6, 2, 4]
+    """
+
+    def __init__(self, bias_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.bias_shape = tuple(int(d) for d in bias_shape)
+
+    def build(self, input_shape):
+        self.bias = self.add_weight("bias", shape=self.bias_shape, initializer="zeros", trainable=True)
+        self.built = True
+
+    def call(self, inputs):
+        return inputs + self.bias
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "bias_shape": list(self.bias_shape)}
+
+
 def _copy(layer, name: str, **overrides):
     """A new layer like ``layer``, named ``name``, with config ``overrides`` (the caller copies
     the weights once it is built)."""
@@ -209,9 +240,18 @@ def _attention(layer, args, kwargs):
     from keras_qx.rewrite.tfop import TFOp
 
     def project(sub, x, part):
-        new = _copy(sub, f"{layer.name}_{part}")
+        bias = getattr(sub, "bias", None)
+        if bias is None or len(bias.shape) < 2:  # no bias, or one FULLY_CONNECTED fuses
+            new = _copy(sub, f"{layer.name}_{part}")
+            y = new(x)
+            new.set_weights(sub.get_weights())
+            return y
+        new = _copy(sub, f"{layer.name}_{part}", bias_axes=None)
         y = new(x)
-        new.set_weights(sub.get_weights())
+        new.set_weights([sub.kernel.numpy()])
+        add = BiasAdd(tuple(bias.shape), name=f"{layer.name}_{part}_bias")
+        y = add(y)
+        add.set_weights([bias.numpy()])
         return y
 
     t = lambda i: {"__tensor__": i}  # noqa: E731
