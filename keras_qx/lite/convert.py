@@ -41,13 +41,14 @@ def converter_for(model, batch=None):
     return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function(*specs)], owner)
 
 
-def convert(converter) -> tuple[bytes, float]:
-    """Run ``converter``: ``(flatbuffer, seconds)``; its many error types become ExportError."""
+def convert(converter, run=None) -> tuple[bytes, float]:
+    """Run ``converter`` (or ``run()``, another way of converting with it): ``(flatbuffer,
+    seconds)``; the converter's many error types become ExportError."""
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = converter.convert()
+            data = bytes((run or converter.convert)())
     except Exception as err:  # the converter raises many types; keep its message
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # some have no message
         raise ExportError(f"TFLite conversion failed: {first[:500]}") from err

@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import gzip
-import re
 from typing import Callable, Union
 
 import numpy as np
@@ -97,8 +96,7 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
     """
     info = inspect_tflite(model_bytes_or_path)  # errors name the file
     model = read_model(model_bytes_or_path)
-    specs = [(re.sub(r"^serving_default_|:\d+$", "", name), shape,  # the Keras input's name
-              "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
+    specs = [(name, shape, "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
              for name, kind, shape in info.inputs]
     names = [name for name, _, _ in specs]
     if len(specs) > 1 and not isinstance(x, dict):

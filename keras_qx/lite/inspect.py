@@ -40,6 +40,10 @@ def _source(model_or_path) -> str:
     return "the TFLite data"
 
 
+def _text(name) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def read_model(model_or_path) -> bytes:
     """Bytes of a TFLite model given as bytes or a path (with a clear error otherwise)."""
     if isinstance(model_or_path, (bytes, bytearray, memoryview)):
@@ -100,7 +104,8 @@ class TFLiteInfo:
     ops: list = field(default_factory=list)
     weights: list = field(default_factory=list)  # (name, type, shape, bytes)
     float_ops: list = field(default_factory=list)  # ops computing on float tensors (not QUANTIZE/DEQUANTIZE)
-    inputs: list = field(default_factory=list)  # (name, type, shape without the batch dimension)
+    inputs: list = field(default_factory=list)  # (name, type, shape without the batch dim); the
+    # name is the signature's (the Keras input's, the runtime's key) where the file has one
     activation_types: dict = field(default_factory=dict)  # type -> count of non-constant tensors
     weight_stats: list = field(default_factory=list)  # WeightStats (or None: undecoded type), one per weights entry
 
@@ -152,10 +157,12 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
                          f"({type(err).__name__}: {str(err)[:120]}). Export it again with qx.export_tflite.") from None
     info = TFLiteInfo(size_bytes=len(data))
     main = model.subgraphs[0]
+    signature = {m.tensorIndex: _text(m.name) for m in (model.signatureDefs[0].inputs or [])} \
+        if model.signatureDefs and len(model.signatureDefs) == 1 else {}
     for i in main.inputs:
         t = main.tensors[i]
-        info.inputs.append((t.name.decode() if isinstance(t.name, bytes) else str(t.name),
-                            _TENSOR_TYPE_NAMES.get(t.type, str(t.type)), tuple(int(d) for d in t.shape[1:])))
+        info.inputs.append((signature.get(i, _text(t.name)), _TENSOR_TYPE_NAMES.get(t.type, str(t.type)),
+                            tuple(int(d) for d in t.shape[1:])))
     for graph in model.subgraphs:
         tensors = graph.tensors
         for tensor in tensors:

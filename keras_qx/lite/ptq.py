@@ -126,7 +126,7 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
         if kept:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
             nodes = _denylist(convert(converter_for(model))[0], kept)
-            data, seconds = _selective(converter, dataset, nodes)
+            data, seconds = convert(converter, run=lambda: _selective(converter, dataset, nodes))
         else:
             data, seconds = convert(converter)
     except ExportError as err:
@@ -136,18 +136,11 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
                    verify_samples=verify_samples, print_fn=print_fn)
 
 
-def _selective(converter, dataset, nodes: list[str]) -> tuple[bytes, float]:
+def _selective(converter, dataset, nodes: list[str]) -> bytes:
     """Full-integer conversion with the ops ``nodes`` left float (tf.lite's quantization
     debugger is the converter's one entry point for a denylist)."""
-    import time
-
-    start = time.perf_counter()
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     one = lambda: (sample for _, sample in zip(range(1), dataset()))  # noqa: E731
-    try:
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=one,
-                                                             debug_options=options)
-        data = debugger.get_nondebug_quantized_model()
-    except Exception as err:  # the converter raises many types; keep its message
-        raise ExportError(f"TFLite conversion failed: {str(err).splitlines()[0][:500]}") from err
-    return bytes(data), time.perf_counter() - start
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=one,
+                                                         debug_options=options)
+    return debugger.get_nondebug_quantized_model()
