@@ -59,9 +59,6 @@ _KERNEL_KINDS = (
 )
 
 
-_CUSTOM_KINDS: list = []  # from keras_qx.qat.registry.register_layer; checked first
-
-
 def kernel_kind(layer_or_type) -> KernelKind | None:
     """The :class:`KernelKind` of a layer (by isinstance), or None if it has no kernels."""
     cls = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
@@ -69,7 +66,6 @@ def kernel_kind(layer_or_type) -> KernelKind | None:
         if issubclass(cls, kind.layer_type):
             return kind
     return None
-
 
 
 # From register_layer; checked before the built-in kinds.
