@@ -1,16 +1,20 @@
-"""Pareto sweep on the digits CNN: auto_policy vs random bit mixes vs uniform bits at equal size.
+"""Pareto sweep: auto_policy vs random bit mixes vs uniform bits at equal size, on a task.
 
-Trains ``digits_cnn()`` on ``load_digits()`` (Adam 1e-3, from-logits cross-entropy, batch
-64, seed 0), then ``keras_qx.engine.pareto.pareto``: one sensitivity report, and per kernel-byte
+``--task digits`` (default) trains ``digits_cnn()`` on ``load_digits()`` (Adam 1e-3, 20 epochs);
+``--task mnist1d`` trains ``mnist1d_cnn()`` on MNIST-1D (``load_mnist1d()``, generated offline;
+Adam 2e-3, 30 epochs), a harder task where layers differ in how many bits they need. Both use
+from-logits cross-entropy, batch 64, seed 0; then ``keras_qx.engine.pareto.pareto``: one sensitivity report, and per kernel-byte
 budget (fractions of uniform int8) the auto policy and ``--random`` random per-layer mixes of
 about the same size, plus uniform W8/W4/W2; each QAT-trained ``--qat-epochs``, exported to
-TFLite and evaluated on the test split. Writes ``pareto.md`` and ``pareto.png`` to ``--out``.
+TFLite and evaluated on the test split. Writes ``pareto.md``/``pareto.png`` (digits) or
+``pareto_mnist1d.md``/``pareto_mnist1d.png`` to ``--out``.
 
 The exporter stores 2-bit kernels as INT4 (the same bytes as 4-bit), so the smallest file
 is ~0.5x of int8 and the default 0.3x budget is reported as infeasible: that is expected.
 
 Run:
-    cd /work/main && /work/venv/bin/python bench/pareto.py
+    python bench/pareto.py                    # digits
+    python bench/pareto.py --task mnist1d     # MNIST-1D (pip install 'keras_qx[tasks]')
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import time
 import numpy as np
 
 from keras_qx._compat import keras, tf, tfmot
-from keras_qx.data import digits_cnn, load_digits
+from keras_qx.data import digits_cnn, load_digits, load_mnist1d, mnist1d_cnn
 from keras_qx._io import write_atomic
 from keras_qx.engine.pareto import pareto
 
@@ -42,11 +46,19 @@ def _budgets(text: str) -> tuple:
     return tuple(out)
 
 
-def train_float(x, y, epochs: float, seed: int = 0):
-    """The digits CNN trained ``epochs`` epochs (a fractional part trains on that share of a
+# task -> (title, data loader, model builder, float learning rate, default float epochs, sample noun)
+TASKS = {
+    "digits": ("digits CNN", lambda: load_digits(seed=0), digits_cnn, 1e-3, 20, "images"),
+    "mnist1d": ("MNIST-1D CNN", load_mnist1d, mnist1d_cnn, 2e-3, 30, "signals"),
+}
+
+
+def train_float(x, y, epochs: float, seed: int = 0, task: str = "digits"):
+    """The task's model trained ``epochs`` epochs (a fractional part trains on that share of a
     shuffled copy of the data)."""
-    model = digits_cnn(seed=seed)
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    _, _, build, lr, _, _ = TASKS[task]
+    model = build(seed=seed)
+    model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     whole, part = int(epochs), epochs - int(epochs)
     if whole:
@@ -59,7 +71,9 @@ def train_float(x, y, epochs: float, seed: int = 0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=float, default=20, help="float training epochs (default 20)")
+    p.add_argument("--task", choices=sorted(TASKS), default="digits", help="digits (default) or mnist1d")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="float training epochs (default 20 for digits, 30 for mnist1d)")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs per variant (default 2)")
     p.add_argument("--budgets", type=_budgets, default=(0.75, 0.6, 0.5, 0.3),
                    help="comma-separated fractions of int8 kernel bytes, or byte counts (default 0.75,0.6,0.5,0.3)")
@@ -68,6 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="loss", help="sensitivity method: loss, hessian or sqnr (default loss)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default bench/results)")
     args = p.parse_args(argv)
+    title, load, _, _, default_epochs, noun = TASKS[args.task]
+    if args.epochs is None:
+        args.epochs = default_epochs
     if args.epochs <= 0:
         p.error(f"--epochs must be > 0, got {args.epochs}")
     if args.seeds < 1:
@@ -75,10 +92,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     start = time.perf_counter()
-    (x_train, y_train), (x_test, y_test) = load_digits(seed=0)
+    (x_train, y_train), (x_test, y_test) = load()
     keras.utils.set_random_seed(0)
-    print(f"training the float digits CNN ({len(x_train)} images, {args.epochs:g} epochs)...", flush=True)
-    model = train_float(x_train, y_train, args.epochs)
+    print(f"training the float {title} ({len(x_train)} {noun}, {args.epochs:g} epochs)...", flush=True)
+    model = train_float(x_train, y_train, args.epochs, task=args.task)
     float_acc = float(model.evaluate(x_test, y_test, verbose=0)[1])
     print(f"      float Keras test accuracy {float_acc:.2%} ({time.perf_counter() - start:.0f}s)", flush=True)
     result = pareto(model, (x_train, y_train), (x_test, y_test), args.budgets, method=args.method,
@@ -91,18 +108,19 @@ def main(argv=None) -> int:
     machine = (f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} CPUs, Python {platform.python_version()}; TF {tf.__version__}, "
                f"tfmot {tfmot.__version__}; total {total:.0f} s (sweep {result.seconds:.0f} s).")
-    setup = (f"Digits CNN, float {args.epochs:g} epochs (Keras test accuracy {float_acc:.2%}); each variant: "
+    setup = (f"{title}, float {args.epochs:g} epochs (Keras test accuracy {float_acc:.2%}); each variant: "
              f"`qx.quantize` + {args.qat_epochs} QAT epochs (Adam 1e-4, batch 64) + `qx.export_tflite` "
-             f"(300 calibration samples) + `qx.evaluate_tflite` on {len(x_test)} test images; accuracy is the "
+             f"(300 calibration samples) + `qx.evaluate_tflite` on {len(x_test)} test {noun}; accuracy is the "
              f"mean of {args.seeds} QAT seeds (identical assignments run once). Random mixes: "
              f"per layer uniformly from its non-dominated widths, rejection-sampled into [0.85, 1] x budget "
              f"(cost model), else the largest found within it. Kernel bytes: rank>=2 constant tensors "
              f"in the file.")
     text = "\n\n".join([result.table(print_fn=None), setup, machine, f"Rerun: `{rerun}`"])
     print("\n" + text)
-    md = os.path.join(args.out, "pareto.md")
-    png = os.path.join(args.out, "pareto.png")
-    write_atomic(md, ("# Pareto sweep: auto_policy vs random mixes vs uniform (digits CNN)\n\n" + text + "\n").encode())
+    stem = "pareto" if args.task == "digits" else f"pareto_{args.task}"
+    md = os.path.join(args.out, stem + ".md")
+    png = os.path.join(args.out, stem + ".png")
+    write_atomic(md, (f"# Pareto sweep: auto_policy vs random mixes vs uniform ({title})\n\n" + text + "\n").encode())
     result.plot(png)
     print(f"\nwrote {os.path.relpath(md)} and {os.path.relpath(png)}")
     return 0

@@ -103,11 +103,30 @@ class ParetoResult:
                     f"{r['label']} {r['accuracy']:.2%} ({r['kernel_bytes']:,} B)" for r in fits))
             else:
                 parts.append("| no uniform width fits")
+            if auto is not None:
+                parts.append(self._verdict(auto, [r for r in rows if r["kind"] == "random"], fits))
             lines.append("- " + " ".join(parts))
         for budget, reason in self.skipped:
             where = "uniform" if budget is None else _budget_label(budget)
             lines.append(f"- **{where}** skipped: {reason}")
         return lines
+
+    @staticmethod
+    def _verdict(auto, random_rows, uniform_rows) -> str:
+        """Does auto beat the best uniform width that fits and the random mean by more than the
+        seed spread (the largest max - min over seeds among the variants compared)?"""
+        compared = [auto, *random_rows, *uniform_rows]
+        spread = max(max(r["accuracies"]) - min(r["accuracies"]) for r in compared)
+        margins = []
+        if uniform_rows:
+            margins.append(("best uniform", auto["accuracy"] - max(r["accuracy"] for r in uniform_rows)))
+        if random_rows:
+            margins.append(("random mean", auto["accuracy"] - float(np.mean([r["accuracy"] for r in random_rows]))))
+        if not margins:
+            return ""
+        beats = all(m > spread for _, m in margins)
+        return (f"| margin vs {', '.join(f'{n} {m:+.2%}' for n, m in margins)}; seed spread {spread:.2%} "
+                f"(n={len(auto['accuracies'])}): {'auto wins by more than the spread' if beats else 'not beyond the spread'}")
 
     def table(self, print_fn=print) -> str:
         """Markdown table of the rows, then the per-budget summary."""
