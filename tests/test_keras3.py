@@ -207,3 +207,19 @@ def test_a_tf_keras_model_passes_through_untouched():
     assert as_tf_keras(model) is model
     with pytest.raises(TypeError, match="not a Keras 3 model"):
         from_keras3(model)
+
+
+def test_bit_width_tuner_takes_a_keras3_model(tmp_path):
+    source = sequential()
+    x = random_inputs(source, 64)
+    y = np.random.default_rng(0).integers(0, 4, 64)
+    tuner = qx.BitWidthTuner(source, candidates=(4, 8), budget_bytes="0.75x", max_trials=2, directory=tmp_path,
+                             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                             objective="accuracy", seed=0, print_fn=None)
+    tuner.search(x, y, epochs=1)
+    policy = tuner.best_policy()
+    assert set(policy.layers) == {"fc1", "fc2"}
+    rebuilt = from_keras3(source)
+    int8 = sum(qx.cost.kernel_bytes(rebuilt.get_layer(n), 8) for n in policy.layers)
+    assert sum(qx.cost.kernel_bytes(rebuilt.get_layer(n), s["weight_bits"])
+               for n, s in policy.layers.items()) <= 0.75 * int8

@@ -43,6 +43,7 @@ import time
 from typing import Callable
 
 from keras_qx._compat import check_model, keras, seeded
+from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import write_atomic
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from
@@ -97,8 +98,9 @@ class BitWidthTuner:
     QAT trials on keras-tuner's oracles, under a hard kernel-byte budget or a soft size score.
 
     Args:
-        model: a trained float tf_keras Sequential/Functional model (or give ``hypermodel``).
-        hypermodel: ``build(hp) -> float tf_keras model``; each trial builds, trains float
+        model: a trained float tf_keras Sequential/Functional model, or a Keras 3 one of
+            standard layers (rebuilt as tf_keras, as ``qx.quantize`` does); or give ``hypermodel``.
+        hypermodel: ``build(hp) -> float tf_keras (or Keras 3) model``; each trial builds, trains float
             ``float_epochs`` (compiled by ``build`` or with Adam 1e-3), then quantizes.
         candidates: weight bit widths to choose from per layer/group.
         budget_bytes: kernel-byte budget (int), or ``"0.6x"`` of the uniform-int8 kernel bytes
@@ -129,6 +131,7 @@ class BitWidthTuner:
         if (model is None) == (hypermodel is None):
             raise ValueError("give exactly one of model (a trained float model) or hypermodel (build(hp) -> model).")
         if model is not None:
+            model = as_tf_keras(model)  # a Keras 3 model of standard layers is rebuilt (and checked)
             check_model(model, "BitWidthTuner model")
         if hypermodel is not None:
             if hasattr(hypermodel, "build") and callable(hypermodel.build):
@@ -205,7 +208,7 @@ class BitWidthTuner:
     def _build(self, hp):
         """The hypermodel's float model, with one bits hyperparameter per searched group."""
         keras.backend.clear_session()  # stable auto layer names, and no graph build-up
-        model = self.hypermodel(hp)
+        model = as_tf_keras(self.hypermodel(hp))
         check_model(model, "the model hypermodel returned")
         for u in self.space.units(model):
             hp.Choice(u.hp, list(u.choices), default=max(c for c in u.choices if c != FLOAT))
