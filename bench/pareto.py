@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                f"{os.cpu_count()} CPUs, Python {platform.python_version()}; TF {tf.__version__}, "
                f"tfmot {tfmot.__version__}; total {total:.0f} s (sweep {result.seconds:.0f} s).")
     setup = (f"{title}, float {args.epochs:g} epochs (Keras test accuracy {float_acc:.2%}); each variant: "
-             f"`qx.quantize` + {args.qat_epochs} QAT epochs (Adam 1e-4, batch 64) + `qx.export_tflite` "
+             f"`qx.quantize` + `qx.calibrate` (500 samples) + {args.qat_epochs} QAT epochs (Adam 1e-4, batch 64) + `qx.export_tflite` "
              f"(300 calibration samples) + `qx.evaluate_tflite` on {len(x_test)} test {noun}; accuracy is the "
              f"mean of {args.seeds} QAT seeds (identical assignments run once). Random mixes: "
              f"per layer uniformly from its non-dominated widths, rejection-sampled into [0.85, 1] x budget "

@@ -26,6 +26,7 @@ from keras_qx.quant.cost import kernel_bytes, total_kernel_bytes
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
 from keras_qx.quant.policy import Policy
+from keras_qx.qat.calibrate import calibrate
 from keras_qx.qat.quantize import quantize
 from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits
 from keras_qx.engine.sensitivity import SensitivityReport, infer_loss, quantizable_layers, sensitivity
@@ -36,6 +37,7 @@ WINDOW = 0.85  # random mixes aim for [WINDOW * budget, budget] kernel bytes
 MAX_TRIES = 2000  # rejection-sampling draws per random mix
 BATCH = 64
 LATENCY_RUNS = 20
+CALIBRATION = 500  # samples that set each variant's activation ranges before QAT
 
 
 def _budget_label(budget) -> str:
@@ -267,7 +269,7 @@ def _train_and_score(model, policy, train, test, representative, qat_epochs, see
     accuracies, metrics, tfl = [], None, None
     for s in seeds:
         with seeded(s):
-            qat = quantize(model, policy)
+            qat = calibrate(quantize(model, policy), x_train[:CALIBRATION])  # QAT starts from data ranges
             qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y_train), metrics=["accuracy"])
             if qat_epochs:
                 qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=BATCH, verbose=0)
@@ -291,7 +293,8 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
         budgets: fractions (0 < f <= 1) of the uniform-int8 kernel bytes, or ints > 1 as
             kernel bytes. A budget below the smallest possible size is skipped, with the reason.
         candidates / method: for ``qx.sensitivity`` (ignored when ``report`` is given).
-        qat_epochs: QAT epochs per variant (Adam 1e-4, batch 64).
+        qat_epochs: QAT epochs per variant (Adam 1e-4, batch 64), after ``qx.calibrate`` on
+            500 training samples.
         random_mixes: random assignments per budget; uniform: weight widths of the uniform rows.
         representative: export calibration samples (default ``x_train[:300]``).
         keep: layer names held at 8 bits by auto and random variants.
