@@ -9,6 +9,7 @@ import time
 import warnings
 
 from keras_qx._compat import is_quantized_layer, keras, tf
+from keras_qx.lite.int2 import to_int2
 from keras_qx.quant.configs import KeptFloatQuantizeConfig
 from keras_qx.quant.kinds import treatment
 
@@ -77,7 +78,8 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
     """Convert a QAT model to an integer TFLite flatbuffer: ``(bytes, seconds)``.
 
     ``samples`` (one array per input) calibrate the int8 input/output (the converter needs them
-    even for QAT)."""
+    even for QAT). FULLY_CONNECTED filters trained at 2 bits, which the converter stores as
+    INT4, are then rewritten as INT2 (:func:`keras_qx.lite.int2.to_int2`; the seconds include it)."""
     samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
     floats = kept_float_layers(qat_model)
     converter = converter_for(qat_model, batch=1 if floats else None)  # kept-float layers may be recurrent
@@ -95,4 +97,7 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
         warnings.warn(f"keras_qx: layers kept float ({floats}) stay float32 in the TFLite file, so its "
                       "input and output are float32 too (int8 I/O would quantize them). Quantize every "
                       "layer for int8 I/O.", stacklevel=3)
-    return convert(converter)
+    data, seconds = convert(converter)
+    start = time.perf_counter()
+    data, _ = to_int2(data)
+    return data, seconds + time.perf_counter() - start
