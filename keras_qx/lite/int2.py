@@ -25,6 +25,8 @@ Example:
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from keras_qx._compat import tflite_flatbuffer_utils, tflite_schema
@@ -109,8 +111,16 @@ def to_int2(model_or_path, *, rescale_bias: bool = True) -> tuple[bytes, list[st
             filt.quantization.scale = (np.asarray(filt.quantization.scale, np.float64) * factors).astype(np.float32)
             filt.quantization.min = filt.quantization.max = None
             if rescale_bias:
+                mine = {id(user) for user, _ in users[index]}
+                rescaled: dict[int, int] = {}  # old bias tensor -> its rescaled twin
                 for user, _ in users[index]:
-                    _rescale_bias(model, graph, user, factors, schema)
+                    if len(user.inputs) < 3 or user.inputs[2] < 0:
+                        continue
+                    bias = int(user.inputs[2])
+                    if bias not in rescaled:
+                        own = all(id(other) in mine for other, _ in users.get(bias, []))
+                        rescaled[bias] = _rescale_bias(model, graph, bias, factors, schema, in_place=own)
+                    user.inputs[2] = rescaled[bias]
             renamed.append(filt.name.decode() if isinstance(filt.name, bytes) else str(filt.name))
     if not renamed:
         return data, []
@@ -150,29 +160,25 @@ def _new_buffer(model, schema, raw: bytes) -> int:
     return len(model.buffers) - 1
 
 
-def _rescale_bias(model, graph, op, factors: np.ndarray, schema) -> None:
-    """Give ``op`` its own copy of its int32 bias in steps ``factors`` times larger."""
-    if len(op.inputs) < 3 or op.inputs[2] < 0:
-        return
-    old = graph.tensors[op.inputs[2]]
-    if old.type != schema.TensorType.INT32 or old.quantization is None or old.quantization.scale is None:
-        return
+def _rescale_bias(model, graph, index: int, factors: np.ndarray, schema, in_place: bool) -> int:
+    """Store int32 bias tensor ``index`` in steps ``factors`` times larger (values divided,
+    scales multiplied): in place, or as a new tensor (its other users keep the old one).
+    Returns the index of the rescaled tensor."""
+    old = graph.tensors[index]
     values = np.frombuffer(bytes(model.buffers[old.buffer].data), np.int32).astype(np.int64)
-    per = np.broadcast_to(factors, values.shape) if len(factors) in (1, values.size) else None
-    if per is None:
-        return
-    bias = schema.TensorT()
-    bias.shape, bias.type, bias.name = old.shape, old.type, old.name
-    bias.shapeSignature, bias.isVariable, bias.hasRank = old.shapeSignature, old.isVariable, old.hasRank
-    bias.quantization = schema.QuantizationParametersT()
+    if old.type != schema.TensorType.INT32 or old.quantization is None or old.quantization.scale is None or \
+            len(factors) not in (1, values.size):
+        raise ValueError(f"cannot rescale the bias {old.name!r} of a FULLY_CONNECTED with an INT2 filter.")
+    per = np.broadcast_to(factors, values.shape)
+    bias = old if in_place else copy.copy(old)
+    bias.quantization = copy.copy(old.quantization)
     scales = np.asarray(old.quantization.scale, np.float64)
     bias.quantization.scale = (scales * (per if scales.size == values.size else factors[:1])).astype(np.float32)
-    bias.quantization.zeroPoint = np.zeros(len(bias.quantization.scale), np.int64)
-    bias.quantization.quantizedDimension = old.quantization.quantizedDimension
-    new = np.round(values / per).astype(np.int32)
-    bias.buffer = _new_buffer(model, schema, new.tobytes())
+    bias.buffer = _new_buffer(model, schema, np.round(values / per).astype(np.int32).tobytes())
+    if in_place:
+        return index
     graph.tensors.append(bias)
-    op.inputs[2] = len(graph.tensors) - 1
+    return len(graph.tensors) - 1
 
 
 def _drop_unused_buffers(model) -> None:
