@@ -81,6 +81,7 @@ __all__ = [
     "own_variables",
     "activation_sites",
     "tflite_schema",
+    "tflite_flatbuffer_utils",
     "tf_symbol",
     "seeded",
     "safe_mode_scope",
@@ -323,6 +324,13 @@ def tflite_schema():
     from tensorflow.lite.python import schema_py_generated
 
     return schema_py_generated
+
+
+def tflite_flatbuffer_utils():
+    """TensorFlow's ``flatbuffer_utils``: a ``.tflite`` file to the schema's object API and back."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils
 
 
 def tf_symbol(name: str):

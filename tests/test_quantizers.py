@@ -67,7 +67,7 @@ def _channel_major(a, axis):
 @pytest.mark.parametrize("shape", [(5, 6), (3, 3, 4, 6)], ids=["dense", "conv"])
 def test_weight_quantizer_matches_numpy_reference(shape, bits, per_channel):
     w = np.random.default_rng(bits).normal(size=shape).astype(np.float32)
-    q = WeightQuantizer(bits, per_channel=per_channel)
+    q = WeightQuantizer(bits, per_channel=per_channel, full_range=False)  # 2 bits: see test_full_range...
     weights = _build(q, shape)
     out = _run(q, w, weights)
     ref, scale = ref_weight_fq(w, bits, per_channel)
@@ -91,13 +91,40 @@ def test_weight_quantizer_matches_numpy_reference(shape, bits, per_channel):
         assert np.all(np.abs(np.round(k)) <= n)
 
 
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("shape,axis", [((5, 6), -1), ((3, 3, 4, 6), -1), ((3, 3, 5, 4), -2)])
+def test_full_range_weight_quantizer_matches_numpy_reference(shape, axis, bits, per_channel):
+    """The two's-complement grid {-2**(b-1) .. 2**(b-1) - 1} * max|w| / 2**(b-1) (INT2's -2..1)."""
+    w = np.random.default_rng(bits).normal(size=shape).astype(np.float32)
+    q = WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis, full_range=True)
+    weights = _build(q, shape)
+    out = _run(q, w, weights)
+    half = 2 ** (bits - 1)
+    if per_channel:
+        reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        m = np.max(np.abs(w.astype(np.float64)), axis=reduce, keepdims=True)
+    else:
+        m = np.max(np.abs(w.astype(np.float64)))
+    step = m / half
+    ref = np.clip(np.floor(w / step + 0.5), -half, half - 1) * step
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.max(step))
+    np.testing.assert_allclose(weights["min_var"].numpy(), -np.ravel(m), rtol=1e-6)
+    np.testing.assert_allclose(q.step_for(weights["min_var"].numpy(), weights["max_var"].numpy()), np.ravel(step),
+                               rtol=1e-5)
+    # eval mode reuses the stored range; export mode gives the same values (through the INT4 grid)
+    np.testing.assert_allclose(_run(q, w, weights, training=False), out, rtol=1e-6, atol=1e-7)
+    q.export_mode = True
+    np.testing.assert_allclose(_run(q, w, weights, training=False), out, rtol=1e-5, atol=1e-6 * np.max(step))
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_weight_quantizer_channel_axis_minus_2(bits):
     # Conv2DTranspose kernels are (h, w, out, in): the output channel is axis -2.
     shape = (3, 3, 5, 4)
     w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     w[..., 2, :] *= 10.0  # one channel with a much larger range: a per-tensor scale would differ
-    q = WeightQuantizer(bits, per_channel=True, channel_axis=-2)
+    q = WeightQuantizer(bits, per_channel=True, channel_axis=-2, full_range=False)
     weights = _build(q, shape)
     assert weights["min_var"].shape == (5,)
     out = _run(q, w, weights)

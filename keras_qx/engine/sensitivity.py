@@ -36,20 +36,23 @@ __all__ = ["sensitivity", "SensitivityReport", "fake_quantize", "quantizable_lay
 METHODS = ("loss", "hessian", "sqnr")
 
 
-def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1) -> np.ndarray:
-    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range.
+def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1,
+                  full_range: bool | None = None) -> np.ndarray:
+    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range,
+    or at 2 bits (``full_range``, None: as the quantizer's default) ``{-2, -1, 0, 1} * max|w| / 2``.
 
     Ties round half up, as TF's FakeQuantWithMinMaxVars does (``floor(x + 0.5)``), not half to
     even as ``np.round`` would: a weight exactly between two levels lands where QAT puts it."""
     levels = 2 ** (bits - 1) - 1
+    full_range = bits == 2 if full_range is None else full_range
     if per_channel:
         axis = channel_axis % w.ndim
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         bound = np.abs(w).max(axis=reduce, keepdims=True)
     else:
         bound = np.abs(w).max()
-    scale = np.where(bound > 0, bound / levels, 1.0)
-    return (np.clip(np.floor(w / scale + 0.5), -levels, levels) * scale).astype(w.dtype)
+    scale = np.where(bound > 0, bound / (levels + full_range), 1.0)
+    return (np.clip(np.floor(w / scale + 0.5), -levels - full_range, levels) * scale).astype(w.dtype)
 
 
 def quantizable_layers(model) -> list:
@@ -287,7 +290,8 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         n = sum(w.size for w in originals)
         try:
             for bits in candidates:
-                quantized = [fake_quantize(w, bits, kind.per_channel, kind.channel_axis) for w in originals]
+                quantized = [fake_quantize(w, bits, kind.per_channel, kind.channel_axis,
+                                           full_range=bits == 2 and kind.int2_export) for w in originals]
                 noise = sum(float(np.sum((q - w) ** 2)) for q, w in zip(quantized, originals))
                 if method == "sqnr":
                     damage[layer.name][bits] = noise / max(sum(float(np.sum(w ** 2)) for w in originals), 1e-30)

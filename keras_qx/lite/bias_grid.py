@@ -51,9 +51,8 @@ def _step(quantizer, qvars) -> np.ndarray | None:
     narrow = isinstance(quantizer, WeightQuantizer) or bool(getattr(quantizer, "narrow_range", False))
     lo = np.asarray(qvars["min_var"].numpy(), np.float64)
     hi = np.asarray(qvars["max_var"].numpy(), np.float64)
-    if isinstance(quantizer, WeightQuantizer):  # symmetric: the range is +-max(|min|, |max|)
-        hi = np.maximum(np.abs(lo), np.abs(hi))
-        lo = -hi
+    if isinstance(quantizer, WeightQuantizer):
+        return quantizer.step_for(lo, hi)
     else:  # the range always contains zero
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     return (hi - lo) / (2 ** int(bits) - 1 - int(narrow))

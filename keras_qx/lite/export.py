@@ -45,7 +45,8 @@ class ExportReport:
     distinct: tuple = ()  # (layer, distinct kernel values in the file, most in one channel or None), by file_distinct
 
     def lines(self) -> list[str]:
-        out = [f"TFLite: {self.info.size_bytes:,} bytes, {len(self.info.int4_tensors)} INT4 tensors, "
+        int2 = f"{len(self.info.int2_tensors)} INT2 + " if self.info.int2_tensors else ""
+        out = [f"TFLite: {self.info.size_bytes:,} bytes, {int2}{len(self.info.int4_tensors)} INT4 tensors, "
                f"{'fully integer' if self.info.fully_integer else 'float ops: ' + ', '.join(self.info.float_ops)}"]
         if self.stored_wider:
             out.append("stored wider than trained (the converter packs nothing narrower): " + ", ".join(

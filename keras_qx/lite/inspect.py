@@ -4,7 +4,7 @@ Uses ``ai_edge_litert`` (the maintained TFLite runtime) and TensorFlow's flatbuf
 
 Example:
     >>> info = inspect_tflite(model_bytes)          # doctest: +SKIP
-    >>> info.int4_tensors, info.float_ops           # doctest: +SKIP
+    >>> info.int4_tensors, info.int2_tensors, info.float_ops     # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -70,9 +70,14 @@ _NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "INT32": 
 
 def tensor_values(raw, type_name: str, shape) -> np.ndarray | None:
     """The stored values of a constant tensor from its buffer bytes (INT4: two signed values a
-    byte, the low nibble first), flat; None for a type this does not decode."""
+    byte, the low nibble first; INT2: four a byte, the first in bits 1:0), flat; None for a type
+    this does not decode."""
     raw = np.frombuffer(bytes(raw), dtype=np.uint8)
     count = int(np.prod(shape)) if len(shape) else 1
+    if type_name == "INT2":
+        pairs = np.stack([(raw >> shift) & 0x3 for shift in (0, 2, 4, 6)], axis=1).ravel().astype(np.int8)
+        pairs[pairs >= 2] -= 4
+        return pairs[:count]
     if type_name == "INT4":
         nibbles = np.empty(2 * raw.size, dtype=np.int8)
         nibbles[0::2], nibbles[1::2] = raw & 0x0F, raw >> 4
@@ -124,6 +129,11 @@ class TFLiteInfo:
     @property
     def int4_tensors(self):
         return [w for w in self.weights if w[1] == "INT4"]
+
+    @property
+    def int2_tensors(self):
+        """Weights stored as INT2 (:func:`keras_qx.lite.int2.to_int2`), as ``weights`` entries."""
+        return [w for w in self.weights if w[1] == "INT2"]
 
     @property
     def weight_bytes(self) -> int:

@@ -58,6 +58,7 @@ def annotate(layer, weight_bits: int | None = None, activation_bits: int | None 
         config = KernelQuantizeConfig(
             list(kind.weight_attrs), weight_bits or 8, activation_bits or 8,
             per_channel=kind.per_channel, channel_axis=kind.channel_axis, pinned=pinned,
+            full_range=None if kind.int2_export else False,
         )
     elif weight_bits is not None:
         raise ValueError(

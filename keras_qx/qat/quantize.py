@@ -218,9 +218,10 @@ class _PreservingRegistry(PolicyQuantizeRegistry):
             table = self.tables.get(name)
             if table is not None:
                 config.weight_quantizer = ClusterWeightQuantizer(q.bits, q.per_channel, q.channel_axis, *table,
-                                                                 preserve_sparsity=self.preserve_sparsity)
+                                                                 preserve_sparsity=self.preserve_sparsity,
+                                                                 full_range=q.full_range)
             elif self.preserve_sparsity:
-                config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis)
+                config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis, q.full_range)
         return config
 
 
@@ -313,6 +314,7 @@ def _init_weight_ranges(qat_model) -> None:
                 bound = tf.reduce_max(tf.abs(value), axis=reduce)
             else:
                 bound = tf.reduce_max(tf.abs(value))
-            qvars["min_var"].assign(tf.reshape(-bound, qvars["min_var"].shape))
-            qvars["max_var"].assign(tf.reshape(bound, qvars["max_var"].shape))
+            low, high = quantizer.range_for(bound)
+            qvars["min_var"].assign(tf.reshape(low, qvars["min_var"].shape))
+            qvars["max_var"].assign(tf.reshape(high, qvars["max_var"].shape))
 

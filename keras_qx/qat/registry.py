@@ -114,6 +114,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 per_channel=kind.per_channel,
                 channel_axis=kind.channel_axis,
                 quantize_activation=quantize_activation,
+                full_range=None if kind.int2_export else False,
             )
         if not quantize_activation or (known is not None and not (known.kind == QUANTIZED and known.quantize_output)):
             return NoOpQuantizeConfig()  # pass-through, identity, same-scale pooling

@@ -58,8 +58,8 @@ def summary(qat_model, print_fn=print) -> str:
     holds, likewise (after quantization; ``7/ch``: at most 7 in one output channel, for a kernel
     quantized per channel, whose channels have scales of their own in the file).
 
-    Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT4 where the
-    exporter packs, int8 otherwise, int32 biases, float32 for float layers.
+    Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT2 / INT4 where
+    the exporter packs, int8 otherwise, int32 biases, float32 for float layers.
     """
     check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)

@@ -1,7 +1,8 @@
 """The one cost model: bytes a layer's parameters take in the exported TFLite file.
 
 Shared by ``summary()``, the policy engine and the benchmarks. Kernels cost their bit
-width rounded up to what the exporter really stores: INT4 (two values a byte) for layer
+width rounded up to what the exporter really stores: INT2 (four values a byte) for 2-bit
+kernels that become FULLY_CONNECTED (Dense, EinsumDense), INT4 (two values a byte) for layer
 kinds the TFLite converter packs (Dense, Conv1D, Conv2D), otherwise a full int8 byte; a
 layer kept float, or one TFLite keeps float (Conv3D), costs 4 bytes a value. Biases are int32 (4 bytes) in an integer model.
 
@@ -9,8 +10,8 @@ Example:
     >>> from keras_qx.quant.cost import kernel_bytes
     >>> from keras_qx._compat import keras
     >>> d = keras.layers.Dense(64); d.build((None, 256))
-    >>> kernel_bytes(d, 4), kernel_bytes(d, 8)
-    (8192, 16384)
+    >>> kernel_bytes(d, 2), kernel_bytes(d, 4), kernel_bytes(d, 8)
+    (4096, 8192, 16384)
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def storage_bits(layer, weight_bits: int | None) -> int:
     kind = kernel_kind(layer)
     if weight_bits is None or (kind is not None and not kind.integer_export):
         return FLOAT_BITS
+    if kind is not None and kind.int2_export and weight_bits <= 2:
+        return 2
     if kind is not None and kind.int4_export and weight_bits <= 4:
         return 4
     return 8
@@ -68,7 +71,8 @@ class LayerCost:
 
     @property
     def stored_wider(self) -> bool:
-        """The file stores this layer's kernel in more bits than it trained at (2/3-bit as INT4,
+        """The file stores this layer's kernel in more bits than it trained at (3-bit, or a 2-bit
+        convolution, as INT4,
         or sub-8-bit as int8 where the converter packs nothing narrower)."""
         return bool(self.kernel_bytes) and self.weight_bits is not None and self.storage_bits > self.weight_bits
 

@@ -26,7 +26,9 @@ class KernelKind:
     when its bits are <= 4 (measured on TF 2.21: FULLY_CONNECTED, CONV_2D, which Conv1D
     becomes, and DEPTHWISE_CONV_2D; TRANSPOSE_CONV refuses INT4); ``integer_export`` is False where TFLite has no integer kernel (CONV_3D: the
     converter keeps it float). Per-channel scales only where the converter accepts them
-    (Conv2D, DepthwiseConv2D; Conv1D/Conv3D conversion fails with them).
+    (Conv2D, DepthwiseConv2D; Conv1D/Conv3D conversion fails with them). ``int2_export``: the
+    kernel becomes a FULLY_CONNECTED filter, which ``export_tflite`` stores as INT2 at 2 bits
+    (:mod:`keras_qx.lite.int2`; the runtime takes INT2 in no other op).
     """
 
     layer_type: type
@@ -35,6 +37,7 @@ class KernelKind:
     channel_axis: int = -1
     int4_export: bool = False
     integer_export: bool = True
+    int2_export: bool = False
 
 
 # Ordered: subclasses before their bases (all are Conv subclasses; Conv2DTranspose is a Conv2D).
@@ -51,8 +54,8 @@ _KERNEL_KINDS = (
     KernelKind(_L.Conv2D, ("kernel",), per_channel=True, int4_export=True),
     KernelKind(_L.Conv1D, ("kernel",), per_channel=False, int4_export=True),
     KernelKind(_L.Conv3D, ("kernel",), per_channel=False, integer_export=False),
-    KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True),
-    KernelKind(_L.EinsumDense, ("kernel",), per_channel=False, int4_export=True),
+    KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True, int2_export=True),
+    KernelKind(_L.EinsumDense, ("kernel",), per_channel=False, int4_export=True, int2_export=True),
     KernelKind(_L.Embedding, ("embeddings",), per_channel=False, int4_export=False),
     KernelKind(_L.LocallyConnected1D, ("kernel",), per_channel=False),
     KernelKind(_L.LocallyConnected2D, ("kernel",), per_channel=False),

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
+
 from keras_qx._compat import PACKAGE, keras, quant_ops, tf, tfmot_quantizers
 
 __all__ = [
@@ -80,21 +82,52 @@ class WeightQuantizer(_Quantizer):
     """Symmetric, narrow-range weight quantizer of ``bits`` bits (2..8).
 
     Args:
-        bits: bit width; 4 and below export as packed INT4 for Dense and Conv2D.
+        bits: bit width; 4 and below export as packed INT4 for Dense and Conv2D, and 2-bit
+            FULLY_CONNECTED kernels as INT2 (:mod:`keras_qx.lite.int2`).
         per_channel: one scale per output channel (``channel_axis``) instead of one per tensor.
         channel_axis: axis of the output channels in the kernel (-1 for Dense/Conv,
             -2 for Conv2DTranspose).
+        full_range: the two's-complement grid ``{-2**(b-1), ..., 2**(b-1) - 1} * s`` with
+            ``s = max|w| / 2**(b-1)`` (2 bits: ``{-2, -1, 0, 1} * s``, the INT2 range; the
+            positive tail clips at ``s``) instead of the narrow ``{-(2**(b-1) - 1), ..., 2**(b-1) - 1}
+            * max|w| / (2**(b-1) - 1)`` (2 bits: ``{-1, 0, 1} * max|w|``). Only for 2 and 3 bits;
+            None: True at 2 bits, else False. ``qx.quantize`` uses it at 2 bits for kernels that
+            become FULLY_CONNECTED (Dense, EinsumDense; bench/results/int2.md: MNIST-1D CNN with a
+            2-bit fc1 94% against 77% on the narrow grid) and keeps the narrow grid elsewhere.
 
     Example:
         >>> q = WeightQuantizer(4)
-        >>> q.get_config()["bits"]
-        4
+        >>> q.get_config()["bits"], WeightQuantizer(2).full_range
+        (4, True)
     """
 
-    def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1):
+    def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1, full_range: bool | None = None):
         self.bits = check_bits(bits, "weight bits")
         self.per_channel = bool(per_channel)
         self.channel_axis = int(channel_axis)
+        self.full_range = self.bits == 2 if full_range is None else bool(full_range)
+        if self.full_range and self.bits > 3:
+            raise ValueError(f"WeightQuantizer(full_range=True) is for 2 and 3 bits (the file holds them on the INT4 "
+                             f"grid), got bits={self.bits}; use full_range=False.")
+        self.export_mode = False  # True while keras_qx.lite.convert traces the model for the converter
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs saved before full_range existed trained on the narrow grid.
+        return cls(**{"full_range": False, **config})
+
+    def range_for(self, bound):
+        """``(min, max)`` of the range variables for kernels whose largest magnitude is ``bound``."""
+        if not self.full_range:
+            return -bound, bound
+        half = 2 ** (self.bits - 1)
+        return -bound, bound * (half - 1) / half
+
+    def step_for(self, low, high):
+        """The grid step of range variables ``(low, high)`` (arrays for per-channel ranges)."""
+        if self.full_range:
+            return (high - low) / (2 ** self.bits - 1)
+        return np.maximum(np.abs(low), np.abs(high)) / (2 ** (self.bits - 1) - 1)
 
     def build(self, tensor_shape, name, layer):
         shape = (int(tensor_shape[self.channel_axis]),) if self.per_channel else ()
@@ -114,25 +147,65 @@ class WeightQuantizer(_Quantizer):
         shape = x.shape
         if self.per_channel and shape.rank not in (2, 4):  # tfmot handles rank 2 and 4 only
             x = tf.reshape(x, (1, 1, -1, shape[-1]))
-        x = quant_ops.LastValueQuantize(
-            x,
-            weights["min_var"],
-            weights["max_var"],
-            is_training=training,
-            num_bits=self.bits,
-            per_channel=self.per_channel,
-            symmetric=True,
-            narrow_range=True,
-        )
+        if self.export_mode and self.bits < 4:
+            x = self._on_int4_grid(x, weights)
+        elif self.full_range:
+            x = self._full_range(x, training, weights)
+        else:
+            x = quant_ops.LastValueQuantize(
+                x,
+                weights["min_var"],
+                weights["max_var"],
+                is_training=training,
+                num_bits=self.bits,
+                per_channel=self.per_channel,
+                symmetric=True,
+                narrow_range=True,
+            )
         if x.shape.rank != shape.rank:
             x = tf.reshape(x, shape)
         return tf.transpose(x, perm) if perm else x
 
+    def _full_range(self, x, training, weights):
+        low, high = weights["min_var"], weights["max_var"]
+        if training:  # the last value, as tfmot's LastValueQuantize does for the narrow grid
+            bound = tf.reduce_max(tf.abs(x), axis=list(range(x.shape.rank - 1)) if self.per_channel else None)
+            lo, hi = self.range_for(bound)
+            low, high = low.assign(lo), high.assign(hi)
+        return self._fake_quant(x, low, high, num_bits=self.bits, narrow_range=False)
+
+    def _fake_quant(self, x, low, high, **kwargs):
+        per_channel = self.per_channel and x.shape.rank > 1
+        fake_quant = tf.quantization.fake_quant_with_min_max_vars_per_channel if per_channel else \
+            tf.quantization.fake_quant_with_min_max_vars
+        return fake_quant(x, low, high, **kwargs)
+
+    def _on_int4_grid(self, x, weights):
+        """The kernel on this quantizer's grid (rounded by arithmetic the converter folds, with
+        fake-quant's round-half-up), through a symmetric 4-bit fake-quant of the same step,
+        where it loses nothing: the file then holds the trained integers (-2..1, -4..3, -1..1,
+        -3..3) at step s. The converter stores a kernel under 4 bits as INT4 at the scale of
+        its fake-quant's range: from the 2/3-bit fake-quant it makes the full-range grid a
+        nonzero zero point (which FULLY_CONNECTED and CONV_2D refuse) and the 3-bit narrow grid
+        INT4 at scale max/7 ({-3..3} * s stored as {-7, -5, -2, 0, 2, 5, 7}: measured); two
+        fake-quants in a row break an EinsumDense kernel's conversion (measured)."""
+        low, high = weights["min_var"], weights["max_var"]
+        half = 2 ** (self.bits - 1)
+        if self.full_range:
+            step, lowest, highest = (high - low) / (2 ** self.bits - 1), -half, half - 1
+        else:
+            step, lowest, highest = tf.maximum(tf.abs(low), tf.abs(high)) / (half - 1), 1 - half, half - 1
+        step = tf.where(step > 0, step, 1.0)
+        x = tf.clip_by_value(tf.floor(x / step + 0.5), lowest, highest) * step
+        return self._fake_quant(x, -7 * step, 7 * step, num_bits=4, narrow_range=True)
+
     def get_config(self):
-        return {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis}
+        return {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis,
+                "full_range": self.full_range}
 
     def __repr__(self):
-        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+        grid = ", full_range=True" if self.full_range else ""
+        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel}{grid})"
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
@@ -194,8 +267,8 @@ class ClusterWeightQuantizer(WeightQuantizer):
     """
 
     def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1, clusters: int = 16,
-                 cluster_axis: int | None = None, preserve_sparsity: bool = False):
-        super().__init__(bits, per_channel, channel_axis)
+                 cluster_axis: int | None = None, preserve_sparsity: bool = False, full_range: bool | None = None):
+        super().__init__(bits, per_channel, channel_axis, full_range)
         if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 1:
             raise ValueError(f"ClusterWeightQuantizer(clusters=...) must be a positive integer, got {clusters!r}.")
         self.clusters = int(clusters)
