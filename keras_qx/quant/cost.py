@@ -29,10 +29,11 @@ from keras_qx._compat import keras
 from keras_qx.quant.kinds import kernel_kind
 
 __all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "total_kernel_bytes", "LayerCost",
-           "layer_cost", "SIZES", "check_size", "quantized_kernel", "stored_kernel", "pack", "deflate_bytes",
+           "layer_cost", "SIZES", "SIZE_UNITS", "check_size", "quantized_kernel", "kernel_values", "stored_kernel", "pack", "deflate_bytes",
            "kernel_gzip_bytes", "layer_size", "total_size", "GzipPrediction", "predict_gzip"]
 
 SIZES = ("kernel", "gzip")  # what a size budget counts: stored kernel bytes, or their gzip'd bytes
+SIZE_UNITS = {"kernel": "kernel bytes", "gzip": "gzip'd kernel bytes"}  # for messages
 
 FLOAT_BITS = 32
 
@@ -94,8 +95,9 @@ class LayerCost:
         return 4 * self.params
 
 
-def layer_cost(layer, weight_bits: int | None) -> LayerCost:
-    """Cost of ``layer`` (a float layer, built) with kernels at ``weight_bits``."""
+def layer_cost(layer, weight_bits: int | None, values=None) -> LayerCost:
+    """Cost of ``layer`` (a float layer, built) with kernels at ``weight_bits`` (``values``: its
+    kernels' float values by attribute, where the layer does not hold them, as in a QAT model)."""
     biases = bias_params(layer)
     return LayerCost(
         name=layer.name,
@@ -105,7 +107,7 @@ def layer_cost(layer, weight_bits: int | None) -> LayerCost:
         kernel_bytes=kernel_bytes(layer, weight_bits),
         bias_bytes=4 * biases,
         storage_bits=storage_bits(layer, weight_bits),
-        gzip_bytes=kernel_gzip_bytes(layer, weight_bits),
+        gzip_bytes=kernel_gzip_bytes(layer, weight_bits, values),
     )
 
 
@@ -165,15 +167,25 @@ def _file_layout(layer, attr: str, values: np.ndarray) -> tuple[np.ndarray, int 
     return values, (0 if per_channel else None)
 
 
-def stored_kernel(layer, attr: str, weight_bits: int) -> np.ndarray:
+def kernel_values(layer, attr: str, values=None) -> np.ndarray:
+    """The float values (float32) of ``layer``'s kernel ``attr``: ``values[attr]`` if given, else
+    the layer's. (Inside a QAT model the attribute holds a graph tensor; the wrapper has the
+    variable: ``qx.summary`` passes it.)"""
+    value = values[attr] if values is not None and attr in values else getattr(layer, attr)
+    if not hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+        raise ValueError(f"layer {layer.name!r}: its {attr!r} is not a variable ({type(value).__name__}); pass "
+                         f"its values (values={{{attr!r}: array}}).")
+    return np.asarray(value, dtype=np.float32)
+
+
+def stored_kernel(layer, attr: str, weight_bits: int, values=None) -> np.ndarray:
     """The integers the TFLite file stores for ``layer``'s kernel ``attr`` at ``weight_bits``, in
     file order: the weight quantizer's integers, rescaled to the storage grid (2**(s-1) - 1 levels
     at :func:`storage_bits` s, one scale per file channel, as the converter re-quantizes the
     fake-quantized kernel: 2-bit kernels stored as INT4 hold {-7, 0, 7}; a depthwise kernel
     quantized per tensor gets a scale per channel in the file)."""
-    values = np.asarray(getattr(layer, attr).numpy(), dtype=np.float32)
     per_channel, axis = _grid(layer, attr)
-    ints = quantized_kernel(values, weight_bits, per_channel, axis)
+    ints = quantized_kernel(kernel_values(layer, attr, values), weight_bits, per_channel, axis)
     file_values, file_axis = _file_layout(layer, attr, ints.astype(np.float32))
     levels = 2 ** (storage_bits(layer, weight_bits) - 1) - 1
     bound = _max_abs(file_values, file_axis)
@@ -228,7 +240,7 @@ def deflate_bytes(data) -> float:
     return data.size * float(np.interp(entropy, _ENTROPY, _DEFLATE)) / 8
 
 
-def kernel_gzip_bytes(layer, weight_bits: int | None) -> int:
+def kernel_gzip_bytes(layer, weight_bits: int | None, values=None) -> int:
     """Predicted gzip'd bytes of ``layer``'s kernels in the file at ``weight_bits`` (None: float),
     from the layer's current weights (numpy only; cheap enough to call per layer per candidate).
 
@@ -246,9 +258,9 @@ def kernel_gzip_bytes(layer, weight_bits: int | None) -> int:
     total = 0.0
     for attr in kind.weight_attrs:
         if bits == FLOAT_BITS:
-            stored = pack(np.asarray(getattr(layer, attr).numpy(), dtype=np.float32), FLOAT_BITS)
+            stored = pack(kernel_values(layer, attr, values), FLOAT_BITS)
         else:
-            stored = pack(stored_kernel(layer, attr, weight_bits), bits)
+            stored = pack(stored_kernel(layer, attr, weight_bits, values), bits)
         total += deflate_bytes(stored)
     return int(round(total))
 
