@@ -150,9 +150,13 @@ def quantized_kernel(values, bits: int, per_channel: bool = False, channel_axis:
     """
     values = np.asarray(values, dtype=np.float32)
     levels = 2 ** (bits - 1) - 1
-    bound = _max_abs(values, channel_axis if per_channel else None)
-    step = np.where(bound > 0, bound / np.float32(levels), np.float32(1)).astype(np.float32)
-    return np.clip(np.floor(values / step + np.float32(0.5)), -levels, levels).astype(np.int32)
+    bound = _max_abs(values, channel_axis if per_channel else None).astype(np.float32)
+    # float32 step by step as tf.quantization.fake_quant_with_min_max_vars (narrow range) computes it,
+    # so that ties round the same way: scale from [-bound, bound], shift by the nudged minimum
+    step = np.where(bound > 0, (bound + bound) / np.float32(2 * levels), np.float32(1)).astype(np.float32)
+    nudged_min = (np.float32(-levels) * step).astype(np.float32)
+    shifted = (np.clip(values, nudged_min, -nudged_min) - nudged_min).astype(np.float32)
+    return (np.floor(shifted * (np.float32(1) / step) + np.float32(0.5)) - levels).astype(np.int32)
 
 
 def _file_layout(layer, attr: str, values: np.ndarray) -> tuple[np.ndarray, int | None]:
@@ -277,11 +281,13 @@ def total_size(layers, weight_bits: int | None = 8, size: str = "kernel") -> int
     return sum(layer_size(layer, weight_bits, size) for layer in layers)
 
 
-# Bytes gzip'd per item of what is not a kernel, fitted on the files of bench/gzip_cost.py (least
-# squares on the file's gzip'd bytes minus the kernels' prediction): the graph (a fixed part and
-# one per layer: op, tensors, names, activation quantization), each int32 bias value and each
-# per-channel scale (a float32 scale and an int64 zero point for the filter and for the bias).
-_FILE_FIXED, _PER_LAYER, _PER_BIAS, _PER_SCALE = 1500.0, 150.0, 2.0, 3.0
+# Bytes gzip'd per item of what is not a kernel (bench/gzip_cost.py --fit: least squares on small
+# models that are not in the validation table): a fixed part (header, metadata, signature), each
+# layer (op, tensors, names, activation scales), each nonzero int32 bias value (zeros, as in an
+# untrained model or a folded BatchNorm's, cost next to nothing) and each output channel of a
+# per-channel quantized kernel (a float32 scale for the filter and one for the bias; their int64
+# zero points are zeros).
+_FILE_FIXED, _PER_LAYER, _PER_BIAS, _PER_CHANNEL = 2738.0, 0.0, 0.74, 6.07
 
 
 @dataclass(frozen=True)
@@ -299,18 +305,31 @@ class GzipPrediction:
         return self.kernels + self.biases + self.graph
 
 
-def _bias_and_scales(layer, weight_bits) -> float:
-    if weight_bits is None or kernel_kind(layer) is None or not kernel_kind(layer).integer_export:
-        return 4.0 * bias_params(layer)  # float
-    scales = 0
-    for attr in kernel_kind(layer).weight_attrs:
+def _channels(layer) -> int:
+    """Output channels with a scale of their own in the file (per-channel filters and their biases)."""
+    kind, count = kernel_kind(layer), 0
+    if kind is None or not kind.integer_export:
+        return 0
+    for attr in kind.weight_attrs:
         per_channel, axis = _grid(layer, attr)
         shape = getattr(layer, attr).shape
         if attr == "depthwise_kernel" and isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
-            scales += int(shape[-2] * shape[-1])
+            count += int(shape[-2] * shape[-1])
         elif per_channel:
-            scales += int(shape[axis])
-    return _PER_BIAS * bias_params(layer) + _PER_SCALE * 2 * scales
+            count += int(shape[axis])
+    return count
+
+
+def _nonzero_biases(layer) -> int:
+    bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", False) else None
+    return int(np.count_nonzero(np.asarray(bias))) if hasattr(bias, "numpy") else bias_params(layer)
+
+
+def _non_kernel_features(layers) -> tuple[int, int, int]:
+    """(layers, nonzero biases of kernel layers, per-channel channels) of a model's layers."""
+    layers = [l for l in layers if not isinstance(l, keras.layers.InputLayer)]
+    kernels = [l for l in layers if kernel_kind(l) is not None]
+    return len(layers), sum(_nonzero_biases(l) for l in kernels), sum(_channels(l) for l in kernels)
 
 
 def predict_gzip(layers: Iterable, bits) -> GzipPrediction:
@@ -321,15 +340,16 @@ def predict_gzip(layers: Iterable, bits) -> GzipPrediction:
     Example:
         >>> qx.cost.predict_gzip(model.layers, {"fc1": 4}).total      # doctest: +SKIP
     """
-    per_layer, biases, count = {}, 0.0, 0
+    layers = list(layers)
+    per_layer, floats = {}, 0
     for layer in layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        count += 1
-        if kernel_kind(layer) is None:
+        if kernel_kind(layer) is None or isinstance(layer, keras.layers.InputLayer):
             continue
         b = bits.get(layer.name, 8)
         per_layer[layer.name] = kernel_gzip_bytes(layer, b)
-        biases += _bias_and_scales(layer, b)
+        if b is None or not kernel_kind(layer).integer_export:
+            floats += 4 * bias_params(layer)  # a float layer's float32 bias: next to incompressible
+    count, nonzero, channels = _non_kernel_features(layers)
+    biases = floats + _PER_BIAS * nonzero + _PER_CHANNEL * channels
     return GzipPrediction(sum(per_layer.values()), int(round(biases)), int(round(_FILE_FIXED + _PER_LAYER * count)),
                           per_layer)
