@@ -32,7 +32,7 @@ from keras_qx.qat.annotate import annotate
 from keras_qx.qat.calibrate import calibrate, uncalibrated_ranges
 from keras_qx.qat.quantize import quantize
 from keras_qx.qat.saving import load_model, quantize_scope
-from keras_qx.qat.summary import summary
+from keras_qx.qat.summary import predict_gzip_bytes, summary
 from keras_qx.quant import configs, cost, quantizers
 from keras_qx.quant.kinds import register_layer
 from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
@@ -70,6 +70,7 @@ __all__ = [
     "strip_clustering",
     "inspect_tflite",
     "summary",
+    "predict_gzip_bytes",
     "quantize_scope",
     "load_model",
     "configs",

@@ -4,9 +4,9 @@
         the main job on the digits data: float vs int8 vs auto mixed-precision TFLite
     keras-qx analyze [--model M --data D.npz] [--method loss] [--out DIR]
         per-layer sensitivity table, JSON and plot
-    keras-qx quantize --budget 0.6x [--model M --data D.npz] [--out DIR]
+    keras-qx quantize --budget 0.6x [--size gzip] [--model M --data D.npz] [--out DIR]
         auto_policy under the budget, QAT, export: policy JSON, .tflite and a Markdown report
-    keras-qx search --budget 0.6x [--trials 10] [--oracle bayesian] [--model M --data D.npz] [--out DIR]
+    keras-qx search --budget 0.6x [--size gzip] [--trials 10] [--oracle bayesian] [--model M --data D.npz] [--out DIR]
         KerasTuner search of per-layer bits under the budget (first trial: auto_policy's),
         then export the best: policy JSON, .tflite, results table (CSV, Markdown) and a plot
     keras-qx inspect model.tflite
@@ -140,6 +140,7 @@ def _analyze(args) -> int:
 def _quantize(args) -> int:
     from keras_qx._compat import keras
     from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
+    from keras_qx.quant.cost import SIZE_UNITS
     from keras_qx.lite.evaluate import evaluate_tflite
     from keras_qx._io import write_atomic
     from keras_qx.lite.export import export_tflite
@@ -149,12 +150,13 @@ def _quantize(args) -> int:
 
     parse_budget(args.budget)
     model, ((x, y), (xt, yt)) = _model_and_data(args)
-    budget = budget_from(quantizable_layers(model), budget_bytes=args.budget)
+    unit = SIZE_UNITS[args.size]
+    budget = budget_from(quantizable_layers(model), budget_bytes=args.budget, size=args.size)
     _say(f"sensitivity ({args.method})...")
     report = sensitivity(model, (x, y), args.candidates, method=args.method, verbose=True)
-    policy = auto_policy(model, report=report, budget_bytes=budget, keep=args.keep)
+    policy = auto_policy(model, report=report, budget_bytes=budget, keep=args.keep, size=args.size)
     meta = policy.meta["auto_policy"]
-    _say(f"allocation: {meta['predicted_kernel_bytes']:,} of {budget:,} kernel bytes; QAT {args.qat_epochs} epochs...")
+    _say(f"allocation: {meta['predicted_kernel_bytes']:,} of {budget:,} {unit}; QAT {args.qat_epochs} epochs...")
     qat = quantize(model, policy)
     qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y), metrics=["accuracy"])
     qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)
@@ -162,11 +164,11 @@ def _quantize(args) -> int:
     result = evaluate_tflite(tfl, xt, yt)
     file_kernels = tfl.report.info.kernel_bytes
     lines = ["# keras_qx quantization report", "",
-             f"Budget: {budget:,} kernel bytes ({args.budget}); predicted {meta['predicted_kernel_bytes']:,}; "
-             f"in the file {file_kernels:,} (int8 would be {meta['int8_kernel_bytes']:,}).", "",
+             f"Budget: {budget:,} {unit} ({args.budget}); predicted {meta['predicted_kernel_bytes']:,} "
+             f"(int8 would be {meta['int8_kernel_bytes']:,}); kernel bytes in the file {file_kernels:,}.", "",
              f"TFLite: accuracy {result['accuracy']:.2%}, {result['size_bytes']:,} bytes "
              f"({result['gzip_bytes']:,} gzipped), median latency {result['latency_ms']:.3f} ms.", "",
-             "| layer | bits | kernel bytes | damage |", "|---|---|---|---|"]
+             f"| layer | bits | {unit} | damage |", "|---|---|---|---|"]
     lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['damage']:.4g} |" for n, v in meta["layers"].items()]
     lines += ["", "```", summary(qat, print_fn=None), "```", "", report.table(print_fn=None).replace("\n", "  \n"),
               "", "![sensitivity](sensitivity.png)", ""]
@@ -208,8 +210,8 @@ def _search(args) -> int:
     n_val = max(1, len(x) // 5)  # the last fifth of the training split scores the trials
     tuner = BitWidthTuner(model, candidates=args.candidates, budget_bytes=args.budget, oracle=args.oracle,
                           max_trials=args.trials, directory=args.out, project_name="search",
-                          overwrite=args.overwrite, seed=args.seed, print_fn=_say)
-    _say(f"search: {args.trials} trials ({args.oracle}), budget {tuner.budget_bytes:,} kernel bytes ({args.budget}), "
+                          overwrite=args.overwrite, seed=args.seed, print_fn=_say, size=args.size)
+    _say(f"search: {args.trials} trials ({args.oracle}), budget {tuner.budget_bytes:,} {tuner.unit} ({args.budget}), "
          f"QAT {args.qat_epochs} epoch(s) each...")
     tuner.search(x[:-n_val], y[:-n_val], validation_data=(x[-n_val:], y[-n_val:]), epochs=args.qat_epochs,
                  batch_size=64)
@@ -225,9 +227,9 @@ def _search(args) -> int:
     table = format_results(rows, name, tuner.objective.direction, budget_bytes=tuner.budget_bytes, stats=tuner.stats)
     _plot_search(rows, tuner.budget_bytes, _out_path(args, "search.png"), name)
     lines = ["# keras_qx bit-width search", "",
-             f"Budget: {tuner.budget_bytes:,} kernel bytes ({args.budget}); best trial {meta['trial_id']} predicted "
-             f"{meta['predicted_kernel_bytes']:,}, in the file {tfl.report.info.kernel_bytes:,} "
-             f"(int8 would be {tuner.int8_bytes:,}).", "",
+             f"Budget: {tuner.budget_bytes:,} {tuner.unit} ({args.budget}); best trial {meta['trial_id']} predicted "
+             f"{meta['predicted_kernel_bytes']:,} (int8 would be {tuner.int8_bytes:,}); kernel bytes in the file "
+             f"{tfl.report.info.kernel_bytes:,}.", "",
              f"TFLite (test split): accuracy {result['accuracy']:.2%}, {result['size_bytes']:,} bytes "
              f"({result['gzip_bytes']:,} gzipped), median latency {result['latency_ms']:.3f} ms.", "",
              table, "", "![search](search.png)", ""]
@@ -302,6 +304,8 @@ def main(argv=None) -> int:
     quant = sub.add_parser("quantize", help="auto_policy under a budget, QAT, export and report")
     _model_options(quant)
     quant.add_argument("--budget", required=True, help="kernel bytes, or a fraction of int8's like 0.6x")
+    quant.add_argument("--size", default="kernel", choices=("kernel", "gzip"),
+                       help="what the budget counts: kernel bytes as stored, or their predicted gzip'd bytes")
     quant.add_argument("--keep", type=lambda s: [n for n in s.split(",") if n], default=[],
                        help="layers kept at 8 bits, comma-separated")
     quant.add_argument("--qat-epochs", type=int, default=2)
@@ -311,6 +315,8 @@ def main(argv=None) -> int:
     _model_options(search)
     search.set_defaults(candidates=(4, 8))
     search.add_argument("--budget", required=True, help="kernel bytes, or a fraction of int8's like 0.6x")
+    search.add_argument("--size", default="kernel", choices=("kernel", "gzip"),
+                        help="what the budget counts: kernel bytes as stored, or their predicted gzip'd bytes")
     search.add_argument("--trials", type=int, default=10, help="trained trials (over-budget ones are never trained)")
     search.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs per trial")
     search.add_argument("--oracle", default="bayesian", choices=("bayesian", "random", "hyperband"))

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping, Sequence
 
 from keras_qx._compat import inbound_layers, keras
 from keras_qx.quant.kinds import kernel_kind
-from keras_qx.quant.cost import kernel_bytes, kernel_params, total_kernel_bytes
+from keras_qx.quant.cost import SIZE_UNITS, check_size, kernel_params, layer_size, total_size
 from keras_qx.quant.policy import Policy, PolicyError
 from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, sensitivity
 from keras_qx.rewrite.keras3 import as_tf_keras
@@ -76,12 +76,13 @@ def check_keep(layers, keep: Sequence[str]) -> list[str]:
 
 
 def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
-             ties: Iterable[Sequence[str]] = (), max_states: int = 100_000) -> Allocation:
+             ties: Iterable[Sequence[str]] = (), max_states: int = 100_000, size: str = "kernel") -> Allocation:
     """Choose one bit width per layer minimising damage with total bytes <= budget.
 
     Args:
         options: ``{layer: {bits: (bytes, damage)}}``.
         ties: groups of layers that must share one bit width.
+        size: what the bytes are ("kernel" or "gzip"), for the messages.
     """
     units = choice_units(options, ties)
     unit_options = [sorted((sum(options[n][b][0] for n in group), sum(options[n][b][1] for n in group), b)
@@ -113,17 +114,17 @@ def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
         if not frontier:
             minimum = sum(min(o[0] for o in opts) for opts in unit_options)
             raise InfeasibleBudget(
-                f"no allocation fits {budget_bytes:,} kernel bytes: the smallest possible at these "
-                f"candidates is {minimum:,} bytes (4-bit INT4 packing is the smallest the TFLite "
-                "exporter stores). Raise the budget, or keep fewer layers at 8 bits.",
+                f"no allocation fits {budget_bytes:,} {SIZE_UNITS[size]}: the smallest possible at these "
+                f"candidates is {minimum:,} bytes (the narrowest packing the TFLite exporter stores). "
+                "Raise the budget, or keep fewer layers at 8 bits.",
                 budget_bytes, minimum)
     cost, damage, choices = min(frontier, key=lambda p: (p[1], p[0]))
     bits = {n: b for (group, _), b in zip(units, choices) for n in group}
     return Allocation({n: bits[n] for n in options}, cost, damage, budget_bytes, resolution)
 
 
-def layer_options(layer, report: SensitivityReport, only: int | None = None) -> dict:
-    """``{bits: (kernel bytes, damage)}`` for one layer.
+def layer_options(layer, report: SensitivityReport, only: int | None = None, size: str = "kernel") -> dict:
+    """``{bits: (kernel bytes, damage)}`` for one layer (``size="gzip"``: predicted gzip'd kernel bytes).
 
     Damage is made monotone (fewer bits never damage less: a lower measurement is noise) and
     non-negative, and a width is dropped when more bits cost no more bytes (2- and 3-bit
@@ -138,10 +139,10 @@ def layer_options(layer, report: SensitivityReport, only: int | None = None) -> 
         # A measured difference of zero says "below the noise", not "free": on ties, the
         # 1e-9 per missing bit makes the allocation spend budget it has on more bits.
         damage[b] = worst + 1e-9 * (8 - b)
-    options = {}
+    options, costs = {}, {b: layer_size(layer, b, size) for b in bits_all}
     for b in bits_all:
-        cost = kernel_bytes(layer, b)
-        if any(b2 > b and kernel_bytes(layer, b2) <= cost for b2 in bits_all):
+        cost = costs[b]
+        if any(b2 > b and costs[b2] <= cost for b2 in bits_all):
             continue
         options[b] = (cost, damage[b])
     return options
@@ -193,9 +194,18 @@ def parse_budget(value, name: str = "budget") -> tuple[str, float]:
                          f"kernel bytes (e.g. \"0.6x\"), got {value!r}.") from None
 
 
-def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> int:
+def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None, size: str = "kernel") -> int:
     """Kernel-byte budget from exactly one of: bytes (an int, ``"60000"`` or ``"0.6x"`` of the
-    uniform-int8 kernel bytes), compression vs float32, average bits."""
+    uniform-int8 kernel bytes), compression vs float32, average bits.
+
+    ``size="gzip"``: the budget is on predicted gzip'd kernel bytes: ``"0.3x"`` is 0.3 of the
+    uniform-int8 model's gzip'd kernel bytes, an int is gzip'd bytes, and compression / avg_bits
+    are taken against the same gzip'd int8 reference scaled to float32 (4x) / 8 bits.
+
+    Example:
+        >>> budget_from(layers, budget_bytes="0.3x", size="gzip")       # doctest: +SKIP
+    """
+    check_size(size)
     given = [k for k, v in (("budget_bytes", budget_bytes), ("compression", compression),
                             ("avg_bits", avg_bits)) if v is not None]
     if len(given) != 1:
@@ -209,7 +219,13 @@ def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> i
 
     if budget_bytes is not None:
         unit, amount = parse_budget(budget_bytes, "budget_bytes")
-        return int(amount * total_kernel_bytes(layers, 8)) if unit == "int8" else int(amount)
+        return int(amount * total_size(layers, 8, size)) if unit == "int8" else int(amount)
+    if size == "gzip":  # relative to the gzip'd int8 model: float32 is 4x its bytes, 8 bits 1x
+        int8 = total_size(layers, 8, size)
+        if compression is not None:
+            return int(4 * int8 / number(compression, "compression", 1, 1e6,
+                                         "a ratio >= 1 (float32 kernel bytes / budget)"))
+        return int(int8 * number(avg_bits, "avg_bits", 1, 32, "a number of bits in 1..32") / 8)
     if compression is not None:
         return int(4 * params / number(compression, "compression", 1, 1e6,
                                        "a ratio >= 1 (float32 kernel bytes / budget)"))
@@ -218,7 +234,8 @@ def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None) -> i
 
 def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bits=None,
                 candidates=(2, 4, 8), keep: Sequence[str] = (), ties="auto", method: str = "loss",
-                report: SensitivityReport | None = None, verbose: bool = True, **sensitivity_kwargs) -> Policy:
+                report: SensitivityReport | None = None, verbose: bool = True, size: str = "kernel",
+                **sensitivity_kwargs) -> Policy:
     """The per-layer weight bits that lose least (by ``qx.sensitivity``) within a size budget.
 
     Args:
@@ -228,14 +245,18 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
             the exported file (the shared cost model: INT4 packed where the exporter packs).
         candidates: bit widths to choose from; keep: layer names held at 8 bits.
         ties: "auto" (depthwise+pointwise pairs), or a list of name groups, or ().
+        size: "kernel" (kernel bytes as stored) or "gzip" (their predicted gzip'd bytes, what a
+            download costs: low-bit kernels compress far below their stored width); the
+            budget and ``meta`` are in that size.
 
     Returns:
         A :class:`Policy` with a ``layers`` entry per quantizable layer and the reasoning in
         ``policy.meta["auto_policy"]``.
     """
+    check_size(size)
     model = as_tf_keras(model)
     layers = quantizable_layers(model)
-    budget = budget_from(layers, budget_bytes, compression, avg_bits)
+    budget = budget_from(layers, budget_bytes, compression, avg_bits, size=size)
     keep = check_keep(layers, keep)
     names = [l.name for l in layers]
     if report is None:
@@ -246,12 +267,12 @@ def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bi
     missing = [n for n in names if n not in report.damage]
     if missing:
         raise ValueError(f"the sensitivity report lacks layer(s) {missing}; it was made for another model.")
-    options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
+    options = {n: layer_options(l, report, 8 if n in keep else None, size) for n, l in zip(names, layers)}
     tie_groups = find_ties(model) if ties == "auto" else list(ties or [])
-    result = allocate(options, budget, tie_groups)
-    int8 = total_kernel_bytes(layers, 8)
+    result = allocate(options, budget, tie_groups, size=size)
+    int8 = total_size(layers, 8, size)
     meta = {
-        "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,
+        "size": size, "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,
         "predicted_kernel_bytes": result.kernel_bytes, "int8_kernel_bytes": int8,
         "predicted_damage": result.damage, "resolution_bytes": result.resolution_bytes,
         "ties": tie_groups, "keep": list(keep),

@@ -22,7 +22,7 @@ import numpy as np
 from keras_qx._compat import keras, seeded
 from keras_qx._io import check_xy
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, check_keep, choice_units, find_ties, layer_options
-from keras_qx.quant.cost import kernel_bytes, total_kernel_bytes
+from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
 from keras_qx.quant.policy import Policy
@@ -75,6 +75,7 @@ class ParetoResult:
     method: str
     seconds: float
     report: SensitivityReport | None = field(default=None, repr=False)
+    size: str = "kernel"  # what budgets count (int8_kernel_bytes too): "kernel" or "gzip"
 
     def _by_budget(self):
         budgets = []
@@ -82,6 +83,11 @@ class ParetoResult:
             if r["kind"] != "uniform" and r["budget"] not in budgets:
                 budgets.append(r["budget"])
         return budgets
+
+    @property
+    def _key(self) -> str:
+        """The row entry budgets compare with: the file's kernel bytes, or the predicted gzip'd ones."""
+        return "kernel_bytes" if self.size == "kernel" else "predicted_kernel_bytes"
 
     def summary_lines(self) -> list[str]:
         """Per budget: auto accuracy vs the random mixes and the uniform widths that fit."""
@@ -93,16 +99,16 @@ class ParetoResult:
             cap = rows[0]["budget_bytes"]
             parts = [f"**{_budget_label(budget)}** ({cap:,} B):"]
             if auto is not None:
-                parts.append(f"auto {auto['accuracy']:.2%} ({auto['kernel_bytes']:,} B)")
+                parts.append(f"auto {auto['accuracy']:.2%} ({auto[self._key]:,} B)")
             rand = [r["accuracy"] for r in rows if r["kind"] == "random"]
             if rand:
                 delta = f"; auto {auto['accuracy'] - np.mean(rand):+.2%} vs mean" if auto else ""
                 parts.append(f"| random (n={len(rand)}) mean {np.mean(rand):.2%}, min {min(rand):.2%}, "
                              f"max {max(rand):.2%}{delta}")
-            fits = [r for r in uniform if r["kernel_bytes"] <= cap]
+            fits = [r for r in uniform if r[self._key] <= cap]
             if fits:
                 parts.append("| uniform within budget: " + ", ".join(
-                    f"{r['label']} {r['accuracy']:.2%} ({r['kernel_bytes']:,} B)" for r in fits))
+                    f"{r['label']} {r['accuracy']:.2%} ({r[self._key]:,} B)" for r in fits))
             else:
                 parts.append("| no uniform width fits")
             if auto is not None:
@@ -139,7 +145,9 @@ class ParetoResult:
             bits = " ".join(f"{n}:{b}" for n, b in r["bits"].items())
             out.append(f"| {r['label']} | {budget} | {r['kernel_bytes']:,} | {r['size_bytes']:,} | "
                        f"{r['gzip_bytes']:,} | {r['accuracy']:.2%} | {bits} |")
-        out += ["", f"Budgets are kernel bytes vs uniform int8 ({self.int8_kernel_bytes:,} B); "
+        out += ["", f"Budgets are {SIZE_UNITS[self.size]} vs uniform int8 ({self.int8_kernel_bytes:,} B"
+                    + ("" if self.size == "kernel" else "; predicted_kernel_bytes in to_dict() rows are gzip'd")
+                    + "); "
                     f"sensitivity method {self.method!r}; {self.seconds:.0f} s.", ""]
         out += self.summary_lines()
         text = "\n".join(out)
@@ -150,7 +158,7 @@ class ParetoResult:
     def to_dict(self) -> dict:
         return {"rows": [dict(r, bits=dict(r["bits"])) for r in self.rows],
                 "skipped": [{"budget": b, "reason": reason} for b, reason in self.skipped],
-                "int8_kernel_bytes": self.int8_kernel_bytes, "method": self.method,
+                "int8_kernel_bytes": self.int8_kernel_bytes, "method": self.method, "size": self.size,
                 "seconds": self.seconds,
                 "sensitivity": self.report.to_dict() if self.report is not None else None}
 
@@ -226,24 +234,24 @@ def _check_options(qat_epochs, seeds, random_mixes, uniform) -> list[int]:
     return [check_bits(b, "uniform weight bits", WEIGHT_BITS) for b in uniform]
 
 
-def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say):
+def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size="kernel"):
     """Every variant to train, cheap to make: ``(plan, skipped)``; plan rows are
     ``(kind, label, budget, budget bytes, bits, policy)``."""
     names = [l.name for l in layers]
     plan = [("uniform", f"W{b}", None, None, {n: b for n in names}, Policy.uniform(weight_bits=b)) for b in uniform]
     skipped = []
-    options = {n: layer_options(l, report, 8 if n in keep else None) for n, l in zip(names, layers)}
+    options = {n: layer_options(l, report, 8 if n in keep else None, size) for n, l in zip(names, layers)}
     units = choice_units(options, find_ties(model))
-    int8 = total_kernel_bytes(layers, 8)
+    int8 = total_size(layers, 8, size)
     rng = np.random.default_rng(seed)
     for budget in budgets:
         cap = int(budget * int8) if isinstance(budget, float) else budget
         label = _budget_label(budget)
         try:
-            policy = auto_policy(model, report=report, budget_bytes=cap, keep=keep, verbose=False)
+            policy = auto_policy(model, report=report, budget_bytes=cap, keep=keep, verbose=False, size=size)
         except InfeasibleBudget as err:
             skipped.append((budget, str(err)))
-            say(f"skip {label} ({cap:,} kernel bytes): {err}")
+            say(f"skip {label} ({cap:,} {SIZE_UNITS[size]}): {err}")
             continue
         auto_bits = {n: s["weight_bits"] for n, s in policy.layers.items()}
         plan.append(("auto", f"auto @ {label}", budget, cap, auto_bits, policy))
@@ -283,7 +291,7 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
            candidates: Sequence[int] = (2, 4, 8), method: str = "loss", qat_epochs: int = 2,
            random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), representative=None, seed: int = 0,
            keep: Sequence[str] = (), seeds: int = 1, print_fn=print,
-           report: SensitivityReport | None = None) -> ParetoResult:
+           report: SensitivityReport | None = None, size: str = "kernel") -> ParetoResult:
     """Sweep size budgets: auto policy vs random mixes vs uniform bits, each QAT-trained and exported.
 
     Args:
@@ -302,11 +310,14 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
             mean. One run's accuracy on a small test set moves by a sample or two between
             seeds, so compare variants with several. Identical bit assignments run once.
         print_fn: one progress line per variant; None is silent.
+        size: what budgets count: ``"kernel"`` (kernel bytes as stored) or ``"gzip"`` (their
+            predicted gzip'd bytes; each row's ``predicted_kernel_bytes`` is then gzip'd too).
 
     Returns:
         :class:`ParetoResult`.
     """
     start = time.perf_counter()
+    check_size(size)
     budgets = _check_budgets(budgets)
     train, test = check_xy(train_data, "train_data"), check_xy(test_data, "test_data")
     uniform = _check_options(qat_epochs, seeds, random_mixes, uniform)
@@ -319,7 +330,7 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
         say(f"sensitivity ({method}) of {len(layers)} layers...")
         report = sensitivity(model, train, candidates, method=method, seed=seed, verbose=False)
         say(f"      done in {report.seconds:.1f}s")
-    plan, skipped = _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say)
+    plan, skipped = _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size)
 
     rows, by_name = [], {l.name: l for l in layers}
     measured = {}  # bits -> (metrics, kernel bytes, accuracies): identical assignments run once
@@ -336,9 +347,9 @@ def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *
         metrics, file_kernels, accuracies = measured[key]
         rows.append({"kind": kind, "label": label, "budget": budget, "budget_bytes": cap,
                      "kernel_bytes": file_kernels,
-                     "predicted_kernel_bytes": sum(kernel_bytes(by_name[n], b) for n, b in bits.items()),
+                     "predicted_kernel_bytes": sum(layer_size(by_name[n], b, size) for n, b in bits.items()),
                      "size_bytes": metrics["size_bytes"], "gzip_bytes": metrics["gzip_bytes"],
                      "accuracy": float(np.mean(accuracies)), "accuracies": accuracies, "bits": dict(bits)})
         say(f"[{step}/{len(plan)}] {label}: acc {rows[-1]['accuracy']:.2%}, {file_kernels:,} kernel bytes")
-    return ParetoResult(rows, skipped, total_kernel_bytes(layers, 8), report.method, time.perf_counter() - start,
-                        report)
+    return ParetoResult(rows, skipped, total_size(layers, 8, size), report.method, time.perf_counter() - start,
+                        report, size)

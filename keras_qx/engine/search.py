@@ -49,7 +49,7 @@ from keras_qx._io import write_atomic
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from
 from keras_qx.engine.sensitivity import infer_loss, quantizable_layers
 from keras_qx.qat.quantize import quantize
-from keras_qx.quant.cost import kernel_bytes
+from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.quant.policy import Policy
 from keras_qx.engine.oracles import POOL_LIMIT, REDRAWS, BudgetGuard, bits_bayesian_class, budgeted, fresh_stats
 from keras_qx.engine.search_space import (FLOAT, HP_PREFIX, SearchSpace, SizePenalty, TrainOptions, assignment_cost,
@@ -105,6 +105,8 @@ class BitWidthTuner:
         candidates: weight bit widths to choose from per layer/group.
         budget_bytes: kernel-byte budget (int), or ``"0.6x"`` of the uniform-int8 kernel bytes
             (with ``hypermodel``: of the model built with default hyperparameters).
+        size: what budget_bytes and the size penalty count: ``"kernel"`` (kernel bytes as
+            stored) or ``"gzip"`` (their predicted gzip'd bytes, what a download costs).
         objective: metric name (``"val_accuracy"``) or a ``keras_tuner.Objective``.
         oracle: ``"bayesian"``, ``"random"``, ``"hyperband"`` or a ``keras_tuner.Oracle``
             (its own ``max_trials`` then counts).
@@ -126,7 +128,9 @@ class BitWidthTuner:
                  objective="val_accuracy", oracle="bayesian", max_trials: int = 10, directory=None,
                  project_name: str = "bitwidth_search", overwrite: bool = False, seed: int | None = None,
                  groups=None, allow_float=(), size_penalty=None, warm_start: bool = True,
-                 qat_lr: float | Callable = 1e-4, loss=None, metrics=None, print_fn=print):
+                 qat_lr: float | Callable = 1e-4, loss=None, metrics=None, print_fn=print, size: str = "kernel"):
+        self.size = check_size(size)
+        self.unit = SIZE_UNITS[self.size]
         kt = _keras_tuner()
         if (model is None) == (hypermodel is None):
             raise ValueError("give exactly one of model (a trained float model) or hypermodel (build(hp) -> model).")
@@ -145,7 +149,7 @@ class BitWidthTuner:
         if isinstance(qat_lr, bool) or not (callable(qat_lr) or (isinstance(qat_lr, (int, float)) and qat_lr > 0)):
             raise ValueError(f"qat_lr must be a positive learning rate or a factory returning an optimizer, got {qat_lr!r}.")
         self.space = SearchSpace(tuple(candidates) if isinstance(candidates, list) else candidates,
-                                 tuple(groups or ()), allow_float)
+                                 tuple(groups or ()), allow_float, self.size)
         self.training = TrainOptions(qat_lr, loss, metrics, bool(warm_start), seed)
         self.metric = make_objective(objective, kt)  # what trials measure
         self.penalty = SizePenalty.coerce(size_penalty)
@@ -178,7 +182,7 @@ class BitWidthTuner:
         self._last = None
 
         reference = self.model if model is not None else self._build_default()
-        self.int8_bytes = sum(kernel_bytes(l, 8) for l in quantizable_layers(reference))
+        self.int8_bytes = total_size(quantizable_layers(reference), 8, self.size)
         self.budget_bytes = self._resolve_budget(budget_bytes, reference)
         if model is not None:
             self.units = self.space.units(model)
@@ -186,7 +190,7 @@ class BitWidthTuner:
             if self.budget_bytes is not None and minimum > self.budget_bytes:
                 raise InfeasibleBudget(
                     f"budget_bytes {self.budget_bytes:,}: the smallest assignment of candidates "
-                    f"{self.space.candidates} takes {minimum:,} kernel bytes. Raise the budget or add "
+                    f"{self.space.candidates} takes {minimum:,} {self.unit}. Raise the budget or add "
                     "smaller candidates.", self.budget_bytes, minimum)
         else:
             self.units = None
@@ -197,13 +201,13 @@ class BitWidthTuner:
         if budget is None:
             return None
         if isinstance(budget, str):
-            return budget_from(quantizable_layers(reference), budget_bytes=budget)
+            return budget_from(quantizable_layers(reference), budget_bytes=budget, size=self.size)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"budget_bytes must be kernel bytes (int) or a fraction of int8 like '0.6x', got {budget!r}.")
         if 0 < budget < 1:
             raise ValueError(f"budget_bytes={budget!r} is in bytes; for a fraction of the int8 kernel bytes "
                              f"write budget_bytes='{budget}x'.")
-        return budget_from(quantizable_layers(reference), budget_bytes=budget)
+        return budget_from(quantizable_layers(reference), budget_bytes=budget, size=self.size)
 
     def _build(self, hp):
         """The hypermodel's float model, with one bits hyperparameter per searched group."""
@@ -360,7 +364,7 @@ class BitWidthTuner:
         start = time.perf_counter()
         try:
             policy = auto_policy(self.model, (x, y), budget_bytes=self.budget_bytes, candidates=self.space.candidates,
-                                 ties=ties, verbose=False)
+                                 ties=ties, verbose=False, size=self.size)
         except InfeasibleBudget as err:
             self._say(f"warm start skipped: {err}")
             return None
@@ -369,7 +373,7 @@ class BitWidthTuner:
         for u in self.units:
             bits = policy.layers[u.layers[0]].get("weight_bits", 8)
             if bits not in u.choices:  # auto_policy always has 8; map to a candidate costing no more
-                cost = sum(kernel_bytes(layers[n], bits) for n in u.layers)
+                cost = sum(layer_size(layers[n], bits, self.size) for n in u.layers)
                 fitting = [c for c in u.choices if c != FLOAT and u.costs[c] <= cost]
                 if not fitting:
                     self._say(f"warm start skipped: auto_policy chose {bits} bits for {u.layers}, not a candidate")
@@ -377,7 +381,7 @@ class BitWidthTuner:
                 bits = max(fitting)
             values[u.hp] = bits
         self._say(f"warm start (auto_policy, {time.perf_counter() - start:.1f}s): bits {digest(self.units, values)}, "
-                  f"{assignment_cost(self.units, values):,} of {self.budget_bytes:,} kernel bytes")
+                  f"{assignment_cost(self.units, values):,} of {self.budget_bytes:,} {self.unit}")
         return values
 
     def _run_trial(self, tuner, trial, *_, **__):
@@ -400,7 +404,7 @@ class BitWidthTuner:
             float_model, units = self.model, self.units
         size = assignment_cost(units, values)
         if self.budget_bytes is not None and size > self.budget_bytes:  # never train over budget
-            raise kt.errors.FailedTrialError(f"assignment takes {size:,} kernel bytes, over the budget "
+            raise kt.errors.FailedTrialError(f"assignment takes {size:,} {self.unit}, over the budget "
                                              f"{self.budget_bytes:,}; not trained.")
         policy = assignment_policy(units, values)
         qat_start = time.perf_counter()

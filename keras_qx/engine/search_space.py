@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from keras_qx._compat import keras
 from keras_qx.engine.allocate import find_ties
 from keras_qx.engine.sensitivity import quantizable_layers
-from keras_qx.quant.cost import kernel_bytes
+from keras_qx.quant.cost import check_size, layer_size
 from keras_qx.quant.policy import Policy
 from keras_qx.quant.quantizers import WEIGHT_BITS
 
@@ -41,13 +41,17 @@ class SearchSpace:
             + pointwise pairs) always share one.
         allow_float: layer names or regexes (full match) that may also stay float
             (choice ``FLOAT`` = 32, costing 4 bytes a value).
+        size: what a choice costs: ``"kernel"`` (kernel bytes as stored) or ``"gzip"`` (their
+            predicted gzip'd bytes, :func:`keras_qx.quant.cost.kernel_gzip_bytes`).
     """
 
     candidates: tuple = (4, 8)
     groups: tuple = ()
     allow_float: tuple = ()
+    size: str = "kernel"
 
     def __post_init__(self):
+        check_size(self.size)
         cands = self.candidates
         if isinstance(cands, (str, bytes)) or not isinstance(cands, Sequence) or not cands:
             raise ValueError(f"candidates must be a non-empty sequence of bit widths like (4, 8), got {cands!r}.")
@@ -124,7 +128,8 @@ class SearchSpace:
             choices = list(self.candidates)
             if self.allow_float and all(any(_matches(a, m) for a in self.allow_float) for m in members):
                 choices.append(FLOAT)
-            costs = {c: sum(kernel_bytes(by_name[m], None if c == FLOAT else c) for m in members) for c in choices}
+            costs = {c: sum(layer_size(by_name[m], None if c == FLOAT else c, self.size) for m in members)
+                     for c in choices}
             # a width is dropped where more bits cost no more (2/3-bit kernels are stored as INT4)
             kept = [c for c in choices if not any(c2 > c and costs[c2] <= costs[c] for c2 in choices)]
             units.append(_Unit(HP_PREFIX + label, tuple(members), tuple(kept), {c: costs[c] for c in kept}))

@@ -8,9 +8,29 @@ from __future__ import annotations
 from keras_qx._compat import check_model, keras, quantize_wrapper
 from keras_qx.compress.cluster import kernel_distinct
 from keras_qx.compress.prune import kernel_sparsity
-from keras_qx.quant.cost import LayerCost, layer_cost
+from keras_qx.qat.quantize import resolve
+from keras_qx.quant.cost import GzipPrediction, LayerCost, layer_cost, predict_gzip
+from keras_qx.rewrite.flatten import flatten_nested
+from keras_qx.rewrite.keras3 import as_tf_keras
 
-__all__ = ["summary", "layer_costs"]
+__all__ = ["summary", "layer_costs", "predict_gzip_bytes"]
+
+
+def predict_gzip_bytes(model, policy=None) -> GzipPrediction:
+    """Predicted gzip -9 bytes of the TFLite file ``qx.export_tflite`` would write for the float
+    ``model`` quantized with ``policy`` (anything ``qx.quantize`` takes), from the model's weights
+    with numpy alone (no quantization, no conversion): ``.total``, ``.kernels`` (and by layer in
+    ``.layers``), ``.biases`` and ``.graph``. Measured within a few % of real files
+    (bench/results/gzip_cost.md).
+
+    Example:
+        >>> qx.predict_gzip_bytes(model, qx.Policy.uniform(4)).total      # doctest: +SKIP
+        31250
+    """
+    model = as_tf_keras(model)
+    specs = resolve(model, policy)
+    bits = {name: (spec.weight_bits if spec.quantize else None) for name, spec in specs.items()}
+    return predict_gzip(flatten_nested(model, copies=False).layers, bits)
 
 
 def layer_costs(qat_model) -> list[tuple[LayerCost, int | None]]:
@@ -25,7 +45,9 @@ def layer_costs(qat_model) -> list[tuple[LayerCost, int | None]]:
             a_bits = getattr(config, "activation_bits", None)
             if a_bits is None and (config.get_output_quantizers(inner) or config.get_activations_and_quantizers(inner)):
                 a_bits = 8
-            cost = layer_cost(inner, w_bits)
+            attrs = getattr(config, "weight_attrs", None) or []
+            kernels = [v for v, _, _ in getattr(layer, "_weight_vars", [])]
+            cost = layer_cost(inner, w_bits, dict(zip(attrs, kernels)) if len(attrs) == len(kernels) else None)
         elif isinstance(layer, keras.layers.InputLayer) or not layer.weights:
             continue
         else:  # kept float
@@ -59,16 +81,17 @@ def summary(qat_model, print_fn=print) -> str:
     quantized per channel, whose channels have scales of their own in the file).
 
     Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT2 / INT4 where
-    the exporter packs, int8 otherwise, int32 biases, float32 for float layers.
+    the exporter packs, int8 otherwise, int32 biases, float32 for float layers; "Gzip kernel" is
+    the kernel's predicted gzip'd bytes (``size="gzip"``).
     """
     check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)
     sparsity = kernel_sparsity(qat_model)
     distinct = kernel_distinct(qat_model)
-    header = ("Layer", "Type", "W bits", "A bits", "Sparsity", "Values", "Params", "Bytes")
+    header = ("Layer", "Type", "W bits", "A bits", "Sparsity", "Values", "Params", "Bytes", "Gzip kernel")
     table = [(c.name, c.type, _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),
               f"{sparsity[c.name]:.1%}" if c.name in sparsity else "-", _fmt_distinct(distinct.get(c.name)),
-              f"{c.params:,}", f"{c.bytes:,}")
+              f"{c.params:,}", f"{c.bytes:,}", f"~{c.gzip_bytes:,}" if c.kernel_bytes else "-")
              for c, a in rows]
     params = sum(c.params for c, _ in rows)
     total = sum(c.bytes for c, _ in rows)
@@ -80,7 +103,9 @@ def summary(qat_model, print_fn=print) -> str:
     out += [line.format(*r) for r in table]
     ratio = float_total / total if total else float("nan")
     out += [sep, f"Total params: {params:,}",
-            f"Quantized size: {total:,} bytes (float32: {float_total:,} bytes, {ratio:.2f}x smaller)", sep]
+            f"Quantized size: {total:,} bytes (float32: {float_total:,} bytes, {ratio:.2f}x smaller)",
+            f"Predicted gzip'd kernels: {sum(c.gzip_bytes or 0 for c, _ in rows):,} bytes (stored: "
+            f"{sum(c.kernel_bytes for c, _ in rows):,}; whole file: qx.predict_gzip_bytes)", sep]
     text = "\n".join(out)
     if print_fn is not None:
         for row in out:
