@@ -325,6 +325,20 @@ def tflite_schema():
     return schema_py_generated
 
 
+def tflite_model_object(data: bytes):
+    """A ``.tflite`` flatbuffer as TensorFlow's mutable schema object (``ModelT``)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+
+
+def tflite_model_bytes(model) -> bytes:
+    """Inverse of :func:`tflite_model_object`."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def tf_symbol(name: str):
     """The TF API symbol named ``name`` (``"math.multiply"``), or None."""
     from tensorflow.python.util.tf_export import get_symbol_from_name

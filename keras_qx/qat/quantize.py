@@ -306,13 +306,7 @@ def _init_weight_ranges(qat_model) -> None:
         for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
             if not isinstance(quantizer, WeightQuantizer) or not qvars:
                 continue
-            value = tf.convert_to_tensor(weight)
-            if quantizer.per_channel:
-                axis = quantizer.channel_axis % value.shape.rank
-                reduce = [i for i in range(value.shape.rank) if i != axis]
-                bound = tf.reduce_max(tf.abs(value), axis=reduce)
-            else:
-                bound = tf.reduce_max(tf.abs(value))
+            bound = quantizer.bound(tf.convert_to_tensor(weight))
             qvars["min_var"].assign(tf.reshape(-bound, qvars["min_var"].shape))
             qvars["max_var"].assign(tf.reshape(bound, qvars["max_var"].shape))
 

@@ -5,7 +5,9 @@
 * :class:`OutputQuantizeConfig`: quantize only the layer's output (Add, ReLU, pooling...).
 * :class:`ActivationQuantizeConfig`: a ``keras.layers.Activation`` layer.
 * :class:`NoOpQuantizeConfig`: leave the layer as it is.
-* :class:`KeptFloatQuantizeConfig`: a layer TFLite has no integer kernel for (LSTM, GRU...):
+* :class:`LSTMQuantizeConfig`: an ``LSTM``, which the converter fuses into one integer
+  UNIDIRECTIONAL_SEQUENCE_LSTM: its kernels per gate, its output.
+* :class:`KeptFloatQuantizeConfig`: a layer TFLite has no integer kernel for (GRU, SimpleRNN...):
   float inside, its output quantized so the layers after it stay integer.
 
 Every config is registered under the ``keras_qx`` package, round-trips through
@@ -22,7 +24,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from keras_qx._compat import PACKAGE, keras, tfmot_quantize_config
-from keras_qx.quant.quantizers import ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer
+from keras_qx.quant.quantizers import (ActivationQuantizer, ConverterRangeQuantizer, FixedRangeQuantizer,
+                                       GateWeightQuantizer, WeightQuantizer)
 
 __all__ = [
     "KernelQuantizeConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "ActivationQuantizeConfig",
     "NoOpQuantizeConfig",
     "KeptFloatQuantizeConfig",
+    "LSTMQuantizeConfig",
     "ALL_CONFIGS",
 ]
 
@@ -226,6 +230,51 @@ class KeptFloatQuantizeConfig(OutputQuantizeConfig):
     QUANTIZE, with float32 input and output."""
 
 
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class LSTMQuantizeConfig(_Config):
+    """A ``keras.layers.LSTM``: the TFLite converter fuses it into one UNIDIRECTIONAL_SEQUENCE_LSTM
+    with int8 weights (one scale per gate and matrix), int16 cell state and an int8 output
+    (measured, TF 2.21). QAT simulates what the file rounds: the kernel and recurrent kernel per
+    gate at ``weight_bits`` (:class:`GateWeightQuantizer`) and the output on an 8-bit grid
+    (:class:`ConverterRangeQuantizer`: the converter sets that scale from the representative data).
+    The cell's internal int16 arithmetic is not simulated (measured: the file's logits stay within
+    about 0.1 output steps of the model's on MNIST-1D, bench/results/mnist1d.md).
+
+    Example:
+        >>> LSTMQuantizeConfig(8).get_config()["weight_quantizer"]["config"]
+        {'bits': 8, 'gates': 4}
+    """
+
+    _quantizer_keys = ("weight_quantizer", "activation_quantizer")
+
+    def __init__(self, weight_bits: int = 8, activation_bits: int = 8, weight_quantizer=None,
+                 activation_quantizer=None, pinned: Sequence[str] = ()):
+        self.weight_quantizer = weight_quantizer or GateWeightQuantizer(weight_bits)
+        self.activation_quantizer = activation_quantizer or ConverterRangeQuantizer(activation_bits)
+        self.pinned = list(pinned)
+
+    @property
+    def weight_bits(self):
+        return self.weight_quantizer.bits
+
+    @property
+    def activation_bits(self):
+        return self.activation_quantizer.bits
+
+    def get_weights_and_quantizers(self, layer):
+        return [(layer.cell.kernel, self.weight_quantizer), (layer.cell.recurrent_kernel, self.weight_quantizer)]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        layer.cell.kernel, layer.cell.recurrent_kernel = quantize_weights
+
+    def get_output_quantizers(self, layer):
+        return [self.activation_quantizer]
+
+    def get_config(self):
+        return {"pinned": list(self.pinned), **self._serialized(weight_quantizer=self.weight_quantizer,
+                                                                activation_quantizer=self.activation_quantizer)}
+
+
 ALL_CONFIGS = (KernelQuantizeConfig, OutputQuantizeConfig, ActivationQuantizeConfig, NoOpQuantizeConfig,
-               KeptFloatQuantizeConfig)
+               KeptFloatQuantizeConfig, LSTMQuantizeConfig)
 

@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -28,6 +29,10 @@ __all__ = [
     "ClusterWeightQuantizer",
     "ActivationQuantizer",
     "FixedRangeQuantizer",
+    "GateWeightQuantizer",
+    "ConverterRangeQuantizer",
+    "export_trace",
+    "exporting",
     "check_bits",
     "get",
     "serialize",
@@ -36,6 +41,25 @@ __all__ = [
 
 WEIGHT_BITS = range(2, 9)
 ACTIVATION_BITS = range(2, 17)
+
+_EXPORT_TRACE = [0]
+
+
+@contextlib.contextmanager
+def export_trace():
+    """While the exporter traces a model for the converter: quantizers that must not appear as
+    fake-quant ops in the converted graph (:class:`GateWeightQuantizer`,
+    :class:`ConverterRangeQuantizer`) give the converter what it needs instead."""
+    _EXPORT_TRACE[0] += 1
+    try:
+        yield
+    finally:
+        _EXPORT_TRACE[0] -= 1
+
+
+def exporting() -> bool:
+    """Inside :func:`export_trace`."""
+    return _EXPORT_TRACE[0] > 0
 
 
 def check_bits(value: Any, what: str, allowed: range = WEIGHT_BITS) -> int:
@@ -99,6 +123,14 @@ class WeightQuantizer(_Quantizer):
     def build(self, tensor_shape, name, layer):
         shape = (int(tensor_shape[self.channel_axis]),) if self.per_channel else ()
         return self._range_vars(layer, name, shape)
+
+    def bound(self, value):
+        """The symmetric range bound its range variables start at for weights ``value``: the
+        largest magnitude, per channel or per tensor."""
+        if not self.per_channel:
+            return tf.reduce_max(tf.abs(value))
+        axis = self.channel_axis % value.shape.rank
+        return tf.reduce_max(tf.abs(value), axis=[i for i in range(value.shape.rank) if i != axis])
 
     def _perm(self, rank: int):
         axis = self.channel_axis % rank
@@ -323,6 +355,87 @@ class ActivationQuantizer(_Quantizer):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class GateWeightQuantizer(WeightQuantizer):
+    """Symmetric narrow-range quantizer with one scale per gate: a recurrent kernel of shape
+    (inputs, gates * units) stacks its gates along the last axis (LSTM: i, f, c, o), and TFLite's
+    integer LSTM stores each gate's matrix as its own int8 tensor with one scale.
+
+    While exporting (:func:`export_trace`) it rounds the kernel onto its grid with plain
+    arithmetic: the converter's fused LSTM takes constant float weights and quantizes each gate
+    itself to int8 at ``max|w| / 127`` (a fake-quant op per gate makes it fail), which recovers
+    these values exactly where the largest magnitude sits on the grid's end, as the range bound
+    puts it. Below 8 bits the values are also rounded onto that int8 grid, as the file stores
+    them (int8: the fused LSTM has no narrower weights, so fewer bits save no bytes).
+
+    Example:
+        >>> q = GateWeightQuantizer(8, gates=4)
+        >>> q.get_config()
+        {'bits': 8, 'gates': 4}
+    """
+
+    def __init__(self, bits: int = 8, gates: int = 4):
+        super().__init__(bits, per_channel=True, channel_axis=-1)
+        self.gates = int(gates)
+
+    def build(self, tensor_shape, name, layer):
+        return self._range_vars(layer, name, (self.gates,))
+
+    def _by_gate(self, value):
+        """``value`` (n, gates * units) as (n * units, gates): a gate's values in one column."""
+        n = value.shape[0]
+        return tf.reshape(tf.transpose(tf.reshape(value, (n, self.gates, -1)), (0, 2, 1)), (-1, self.gates))
+
+    def _back(self, value, shape):
+        n = shape[0]
+        return tf.reshape(tf.transpose(tf.reshape(value, (n, -1, self.gates)), (0, 2, 1)), shape)
+
+    def bound(self, value):
+        return tf.reduce_max(tf.abs(self._by_gate(value)), axis=0)
+
+    @staticmethod
+    def _on_grid(x, bound, bits: int):
+        levels = 2 ** (bits - 1) - 1
+        step = bound / levels
+        return tf.clip_by_value(tf.round(x / step), -levels, levels) * step
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        shape = inputs.shape
+        x = self._by_gate(inputs)
+        if exporting():
+            bound = tf.maximum(tf.maximum(-weights["min_var"], weights["max_var"]), 1e-12)
+            x = self._on_grid(x, bound, self.bits)
+        else:
+            x = quant_ops.LastValueQuantize(x, weights["min_var"], weights["max_var"], is_training=training,
+                                            num_bits=self.bits, per_channel=True, symmetric=True, narrow_range=True)
+            bound = tf.maximum(tf.maximum(-weights["min_var"], weights["max_var"]), 1e-12)
+        if self.bits < 8:
+            # The file stores int8 at bound / 127 whatever the bits: the b-bit values as it rounds them.
+            x = x + tf.stop_gradient(self._on_grid(x, bound, 8) - x)
+        return self._back(x, shape)
+
+    def get_config(self):
+        return {"bits": self.bits, "gates": self.gates}
+
+    def __repr__(self):
+        return f"GateWeightQuantizer(bits={self.bits}, gates={self.gates})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class ConverterRangeQuantizer(ActivationQuantizer):
+    """An :class:`ActivationQuantizer` for a tensor whose scale the converter sets from the
+    representative data (a fused LSTM's output: a fake-quant op after it makes conversion fail,
+    measured): Keras quantizes it on its own range, the exported graph leaves it alone."""
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if exporting():
+            return inputs
+        return super().__call__(inputs, training, weights, **kwargs)
+
+    def __repr__(self):
+        return f"ConverterRangeQuantizer(bits={self.bits})"
 
 
 def _alias(name: str):
