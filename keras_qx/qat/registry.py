@@ -107,7 +107,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         if known is not None and known.kind == FLOAT:
             return KeptFloatQuantizeConfig(spec.activation_bits)
         if issubclass(cls, _L.LSTM):
-            return LSTMQuantizeConfig(spec.weight_bits, spec.activation_bits)
+            return LSTMQuantizeConfig(spec.weight_bits)
         kind = kernel_kind(cls)
         if kind is not None:
             return KernelQuantizeConfig(

@@ -30,7 +30,6 @@ __all__ = [
     "ActivationQuantizer",
     "FixedRangeQuantizer",
     "GateWeightQuantizer",
-    "ConverterRangeQuantizer",
     "export_trace",
     "exporting",
     "check_bits",
@@ -48,8 +47,8 @@ _EXPORT_TRACE = [0]
 @contextlib.contextmanager
 def export_trace():
     """While the exporter traces a model for the converter: quantizers that must not appear as
-    fake-quant ops in the converted graph (:class:`GateWeightQuantizer`,
-    :class:`ConverterRangeQuantizer`) give the converter what it needs instead."""
+    fake-quant ops in the converted graph (:class:`GateWeightQuantizer`) give the converter what
+    it needs instead."""
     _EXPORT_TRACE[0] += 1
     try:
         yield
@@ -421,21 +420,6 @@ class GateWeightQuantizer(WeightQuantizer):
 
     def __repr__(self):
         return f"GateWeightQuantizer(bits={self.bits}, gates={self.gates})"
-
-
-@keras.utils.register_keras_serializable(package=PACKAGE)
-class ConverterRangeQuantizer(ActivationQuantizer):
-    """An :class:`ActivationQuantizer` for a tensor whose scale the converter sets from the
-    representative data (a fused LSTM's output: a fake-quant op after it makes conversion fail,
-    measured): Keras quantizes it on its own range, the exported graph leaves it alone."""
-
-    def __call__(self, inputs, training, weights, **kwargs):
-        if exporting():
-            return inputs
-        return super().__call__(inputs, training, weights, **kwargs)
-
-    def __repr__(self):
-        return f"ConverterRangeQuantizer(bits={self.bits})"
 
 
 def _alias(name: str):
