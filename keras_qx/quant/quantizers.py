@@ -365,8 +365,7 @@ class GateWeightQuantizer(WeightQuantizer):
     While exporting (:func:`export_trace`) it rounds the kernel onto its grid with plain
     arithmetic: the converter's fused LSTM takes constant float weights and quantizes each gate
     itself to int8 at ``max|w| / 127`` (a fake-quant op per gate makes it fail), which recovers
-    these values exactly where the largest magnitude sits on the grid's end, as the range bound
-    puts it. Below 8 bits the values are also rounded onto that int8 grid, as the file stores
+    these values exactly, the range bound being each gate's largest magnitude. Below 8 bits the values are also rounded onto that int8 grid, as the file stores
     them (int8: the fused LSTM has no narrower weights, so fewer bits save no bytes).
 
     Example:
@@ -403,13 +402,18 @@ class GateWeightQuantizer(WeightQuantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         shape = inputs.shape
         x = self._by_gate(inputs)
+        # The converter takes each gate's scale from the values it is given (max |w| / 127), so
+        # the bound is always the current weights' (as tfmot's last-value weight ranges are while
+        # training), never a stale range: the file then holds exactly these values.
+        bound = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(x), axis=0), 1e-12))
+        if training is True:
+            weights["min_var"].assign(-bound)
+            weights["max_var"].assign(bound)
         if exporting():
-            bound = tf.maximum(tf.maximum(-weights["min_var"], weights["max_var"]), 1e-12)
             x = self._on_grid(x, bound, self.bits)
-        else:
-            x = quant_ops.LastValueQuantize(x, weights["min_var"], weights["max_var"], is_training=training,
-                                            num_bits=self.bits, per_channel=True, symmetric=True, narrow_range=True)
-            bound = tf.maximum(tf.maximum(-weights["min_var"], weights["max_var"]), 1e-12)
+        else:  # the same grid, with straight-through gradients
+            x = tf.quantization.fake_quant_with_min_max_vars_per_channel(x, -bound, bound, num_bits=self.bits,
+                                                                         narrow_range=True)
         if self.bits < 8:
             # The file stores int8 at bound / 127 whatever the bits: the b-bit values as it rounds them.
             x = x + tf.stop_gradient(self._on_grid(x, bound, 8) - x)
