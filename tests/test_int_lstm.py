@@ -163,3 +163,16 @@ def test_other_recurrent_layers_stay_float_with_the_rest_quantized(rng, rnn, flo
     for layer in ("quant_head", "quant_conv"):  # the layers around it are integer
         assert [t for n, t in kernels if layer in n] == ["INT8"], kernels
     assert tfl.report.mean_error_steps <= 1.0 and tfl.report.max_error_steps <= 4
+
+
+def test_lstm_bits_come_from_the_policy_or_an_annotation():
+    model = _seq_model(L.LSTM(4, name="rnn"))
+    assert qx.quantize(model, {"default": {"weight_bits": 6}}).get_layer("quant_rnn").quantize_config.weight_bits == 6
+    inputs = keras.Input((8, 3))
+    x = L.Conv1D(4, 3, padding="same", name="conv")(inputs)
+    x = qx.annotate(L.LSTM(4, name="rnn"), weight_bits=4)(x)
+    annotated = keras.Model(inputs, L.Dense(2, name="head")(x))
+    wrapper = qx.quantize(annotated).get_layer("quant_rnn")
+    assert isinstance(wrapper.quantize_config, LSTMQuantizeConfig) and wrapper.quantize_config.weight_bits == 4
+    with pytest.raises(ValueError, match="rnn.*output scale.*drop activation_bits"):
+        qx.annotate(L.LSTM(4, name="rnn"), activation_bits=8)
