@@ -81,7 +81,6 @@ __all__ = [
     "own_variables",
     "activation_sites",
     "tflite_schema",
-    "tflite_flatbuffer_utils",
     "tf_symbol",
     "seeded",
     "safe_mode_scope",
@@ -326,11 +325,18 @@ def tflite_schema():
     return schema_py_generated
 
 
-def tflite_flatbuffer_utils():
-    """TensorFlow's ``flatbuffer_utils``: a ``.tflite`` file to the schema's object API and back."""
+def tflite_model_object(data: bytes):
+    """A ``.tflite`` flatbuffer as TensorFlow's mutable schema object (``ModelT``)."""
     from tensorflow.lite.tools import flatbuffer_utils
 
-    return flatbuffer_utils
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(data))  # handles >2 GB offset buffers
+
+
+def tflite_model_bytes(model) -> bytes:
+    """Inverse of :func:`tflite_model_object`."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def tf_symbol(name: str):

@@ -85,7 +85,7 @@ def mnist1d_cnn(seed: int = 0):
 
 def mnist1d_lstm(seed: int = 0):
     """A keyword-spotting-style model for MNIST-1D: a Conv1D front end, an LSTM over time, a
-    Dense head (keras_qx keeps the LSTM float and quantizes the rest)."""
+    Dense head (the TFLite file runs the LSTM as one integer UNIDIRECTIONAL_SEQUENCE_LSTM)."""
     with seeded(seed):
         inputs = keras.Input((40, 1), name="signal")
         x = keras.layers.Conv1D(32, 5, padding="same", activation="relu", name="conv1")(inputs)

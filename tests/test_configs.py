@@ -14,6 +14,7 @@ from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KeptFloatQuantizeConfig,
     KernelQuantizeConfig,
+    LSTMQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
 )
@@ -32,6 +33,7 @@ SAMPLES = {
     ActivationQuantizeConfig: [ActivationQuantizeConfig(8)],
     NoOpQuantizeConfig: [NoOpQuantizeConfig(), NoOpQuantizeConfig(pinned=["quantize"])],
     KeptFloatQuantizeConfig: [KeptFloatQuantizeConfig(8)],
+    LSTMQuantizeConfig: [LSTMQuantizeConfig(8), LSTMQuantizeConfig(4, pinned=["weight_bits"])],
 }
 CASES = [(cls, cfg) for cls in configs.ALL_CONFIGS for cfg in SAMPLES[cls]]
 IDS = [f"{cls.__name__}-{i}" for cls in configs.ALL_CONFIGS for i in range(len(SAMPLES[cls]))]

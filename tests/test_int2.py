@@ -9,7 +9,7 @@ from keras_qx.lite.inspect import inspect_tflite, tensor_values
 from keras_qx.lite.int2 import pack_int2, to_int2
 from keras_qx.qat.summary import layer_costs
 from keras_qx.quant.cost import storage_bits
-from keras_qx.quant.quantizers import WeightQuantizer
+from keras_qx.quant.quantizers import WeightQuantizer, export_trace
 from tests.conftest import compile_classifier
 
 L = keras.layers
@@ -243,7 +243,7 @@ def test_attention_projections_and_feed_forward_int2(rng):
     from keras_qx._runtime import run
     from keras_qx.lite import convert
 
-    with convert._export_mode(qat):
+    with export_trace():
         int4, _ = convert._convert_qat(qat, [x], True)
     assert len(inspect_tflite(int4).int4_tensors) == 5
     result = run(int4, x)

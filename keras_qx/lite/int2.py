@@ -29,7 +29,7 @@ import copy
 
 import numpy as np
 
-from keras_qx._compat import tflite_flatbuffer_utils, tflite_schema
+from keras_qx._compat import tflite_model_bytes, tflite_model_object, tflite_schema
 from keras_qx.lite.inspect import read_model, tensor_values
 
 __all__ = ["INT2_RANGE", "pack_int2", "to_int2"]
@@ -81,7 +81,7 @@ def to_int2(model_or_path, *, rescale_bias: bool = True) -> tuple[bytes, list[st
     """
     data = read_model(model_or_path)
     schema = tflite_schema()
-    model = tflite_flatbuffer_utils().read_model_from_bytearray(bytearray(data))
+    model = tflite_model_object(data)
     fc = schema.BuiltinOperator.FULLY_CONNECTED
     renamed = []
     for graph in model.subgraphs:
@@ -125,7 +125,7 @@ def to_int2(model_or_path, *, rescale_bias: bool = True) -> tuple[bytes, list[st
     if not renamed:
         return data, []
     _drop_unused_buffers(model)
-    return bytes(tflite_flatbuffer_utils().convert_object_to_bytearray(model)), renamed
+    return tflite_model_bytes(model), renamed
 
 
 def _plan(model, graph, index: int, users: dict, fc: int, schema) -> np.ndarray | None:

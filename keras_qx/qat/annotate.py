@@ -13,10 +13,11 @@ from keras_qx._compat import keras, quantize_annotate
 from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
+    LSTMQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
 )
-from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.kinds import integer_lstm, kernel_kind
 from keras_qx.quant.quantizers import ACTIVATION_BITS, check_bits
 
 __all__ = ["annotate", "annotation_fields"]
@@ -60,6 +61,11 @@ def annotate(layer, weight_bits: int | None = None, activation_bits: int | None 
             per_channel=kind.per_channel, channel_axis=kind.channel_axis, pinned=pinned,
             full_range=None if kind.int2_export else False,
         )
+    elif integer_lstm(layer):
+        if activation_bits is not None:
+            raise ValueError(f"layer {layer.name!r} (LSTM): the converter sets an LSTM's output scale from the "
+                             "representative data (int8); drop activation_bits.")
+        config = LSTMQuantizeConfig(weight_bits or 8, pinned=pinned)
     elif weight_bits is not None:
         raise ValueError(
             f"layer {layer.name!r} ({type(layer).__name__}) has no kernels to quantize; "

@@ -307,14 +307,7 @@ def _init_weight_ranges(qat_model) -> None:
         for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
             if not isinstance(quantizer, WeightQuantizer) or not qvars:
                 continue
-            value = tf.convert_to_tensor(weight)
-            if quantizer.per_channel:
-                axis = quantizer.channel_axis % value.shape.rank
-                reduce = [i for i in range(value.shape.rank) if i != axis]
-                bound = tf.reduce_max(tf.abs(value), axis=reduce)
-            else:
-                bound = tf.reduce_max(tf.abs(value))
-            low, high = quantizer.range_for(bound)
+            low, high = quantizer.range_for(quantizer.bound(tf.convert_to_tensor(weight)))
             qvars["min_var"].assign(tf.reshape(low, qvars["min_var"].shape))
             qvars["max_var"].assign(tf.reshape(high, qvars["max_var"].shape))
 

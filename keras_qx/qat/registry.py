@@ -32,6 +32,7 @@ from keras_qx._compat import (
 from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KeptFloatQuantizeConfig,
+    LSTMQuantizeConfig,
     KernelQuantizeConfig,
     NoOpQuantizeConfig,
     OutputQuantizeConfig,
@@ -105,6 +106,8 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         known = treatment(cls)
         if known is not None and known.kind == FLOAT:
             return KeptFloatQuantizeConfig(spec.activation_bits)
+        if issubclass(cls, _L.LSTM):
+            return LSTMQuantizeConfig(spec.weight_bits)
         kind = kernel_kind(cls)
         if kind is not None:
             return KernelQuantizeConfig(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from keras_qx._compat import keras
 
 __all__ = ["KernelKind", "kernel_kind", "register_layer", "unregister_layer", "custom_output",
-           "Treatment", "treatment", "TREATMENTS", "QUANTIZED", "PASS_THROUGH", "IDENTITY", "FLOAT", "REFUSED"]
+           "Treatment", "treatment", "TREATMENTS", "integer_lstm", "QUANTIZED", "PASS_THROUGH", "IDENTITY", "FLOAT", "REFUSED"]
 
 _L = keras.layers
 
@@ -187,7 +187,12 @@ TREATMENTS = {
         _L.RandomRotation, _L.RandomTranslation, _L.RandomZoom)},
     # kept float
     **{c: Treatment(FLOAT, reason=_RNN, static_batch=True) for c in (
-        _L.SimpleRNN, _L.GRU, _L.LSTM, _L.RNN, _L.Bidirectional, _L.ConvLSTM1D, _L.ConvLSTM2D, _L.ConvLSTM3D)},
+        _L.SimpleRNN, _L.GRU, _L.RNN, _L.Bidirectional, _L.ConvLSTM1D, _L.ConvLSTM2D, _L.ConvLSTM3D)},
+    # the converter fuses it into one integer UNIDIRECTIONAL_SEQUENCE_LSTM (int8 weights per gate,
+    # int16 cell state); an LSTM it would not fuse (integer_lstm False) runs as RNN(LSTMCell), kept
+    # float (keras_qx.rewrite.flatten)
+    _L.LSTM: Treatment(QUANTIZED, static_batch=True, reason=(
+        "one integer UNIDIRECTIONAL_SEQUENCE_LSTM in the file: int8 weights per gate, int16 cell state")),
     _L.TimeDistributed: Treatment(FLOAT, reason=(
         "keras_qx does not simulate quantization inside a TimeDistributed wrapper yet (the converter may "
         "still run a simple inner layer integer, with weight scales of its own)")),
@@ -204,6 +209,18 @@ TREATMENTS = {
         "safe mode refuses for Python lambdas: write it as TF calls on tensors (x * 2.0, tf.math...), "
         "or as a layer class registered with qx.register_layer")),
 }
+
+
+def integer_lstm(layer) -> bool:
+    """``layer`` is an LSTM the converter fuses into its integer UNIDIRECTIONAL_SEQUENCE_LSTM:
+    Keras's fused-kernel conditions (tanh/sigmoid, bias, no recurrent dropout, not unrolled) and
+    one output, a fresh state per sample, batch-major and forward in time."""
+    if type(layer) is not _L.LSTM:
+        return False
+    config = layer.get_config()
+    return (config["activation"] == "tanh" and config["recurrent_activation"] == "sigmoid" and config["use_bias"]
+            and not config["recurrent_dropout"] and not any(config[k] for k in (
+                "unroll", "return_state", "stateful", "go_backwards", "time_major")))
 
 
 def treatment(layer_or_type) -> Treatment | None:

@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -30,6 +31,9 @@ __all__ = [
     "ClusterWeightQuantizer",
     "ActivationQuantizer",
     "FixedRangeQuantizer",
+    "GateWeightQuantizer",
+    "export_trace",
+    "exporting",
     "check_bits",
     "get",
     "serialize",
@@ -38,6 +42,25 @@ __all__ = [
 
 WEIGHT_BITS = range(2, 9)
 ACTIVATION_BITS = range(2, 17)
+
+_EXPORT_TRACE = [0]
+
+
+@contextlib.contextmanager
+def export_trace():
+    """While the exporter traces a model for the converter: quantizers that must not appear as
+    fake-quant ops in the converted graph (:class:`GateWeightQuantizer`) give the converter what
+    it needs instead."""
+    _EXPORT_TRACE[0] += 1
+    try:
+        yield
+    finally:
+        _EXPORT_TRACE[0] -= 1
+
+
+def exporting() -> bool:
+    """Inside :func:`export_trace`."""
+    return _EXPORT_TRACE[0] > 0
 
 
 def check_bits(value: Any, what: str, allowed: range = WEIGHT_BITS) -> int:
@@ -109,7 +132,6 @@ class WeightQuantizer(_Quantizer):
         if self.full_range and self.bits > 3:
             raise ValueError(f"WeightQuantizer(full_range=True) is for 2 and 3 bits (the file holds them on the INT4 "
                              f"grid), got bits={self.bits}; use full_range=False.")
-        self.export_mode = False  # True while keras_qx.lite.convert traces the model for the converter
 
     @classmethod
     def from_config(cls, config):
@@ -133,6 +155,14 @@ class WeightQuantizer(_Quantizer):
         shape = (int(tensor_shape[self.channel_axis]),) if self.per_channel else ()
         return self._range_vars(layer, name, shape)
 
+    def bound(self, value):
+        """The symmetric range bound its range variables start at for weights ``value``: the
+        largest magnitude, per channel or per tensor."""
+        if not self.per_channel:
+            return tf.reduce_max(tf.abs(value))
+        axis = self.channel_axis % value.shape.rank
+        return tf.reduce_max(tf.abs(value), axis=[i for i in range(value.shape.rank) if i != axis])
+
     def _perm(self, rank: int):
         axis = self.channel_axis % rank
         if not self.per_channel or axis == rank - 1:
@@ -147,7 +177,7 @@ class WeightQuantizer(_Quantizer):
         shape = x.shape
         if self.per_channel and shape.rank not in (2, 4):  # tfmot handles rank 2 and 4 only
             x = tf.reshape(x, (1, 1, -1, shape[-1]))
-        if self.export_mode and self.bits < 4:
+        if exporting() and self.bits < 4:
             x = self._on_int4_grid(x, weights)
         elif self.full_range:
             x = self._full_range(x, training, weights)
@@ -396,6 +426,76 @@ class ActivationQuantizer(_Quantizer):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class GateWeightQuantizer(WeightQuantizer):
+    """Symmetric narrow-range quantizer with one scale per gate: a recurrent kernel of shape
+    (inputs, gates * units) stacks its gates along the last axis (LSTM: i, f, c, o), and TFLite's
+    integer LSTM stores each gate's matrix as its own int8 tensor with one scale.
+
+    While exporting (:func:`export_trace`) it rounds the kernel onto its grid with plain
+    arithmetic: the converter's fused LSTM takes constant float weights and quantizes each gate
+    itself to int8 at ``max|w| / 127`` (a fake-quant op per gate makes it fail), which recovers
+    these values exactly, the range bound being each gate's largest magnitude. Below 8 bits the values are also rounded onto that int8 grid, as the file stores
+    them (int8: the fused LSTM has no narrower weights, so fewer bits save no bytes).
+
+    Example:
+        >>> q = GateWeightQuantizer(8, gates=4)
+        >>> q.get_config()
+        {'bits': 8, 'gates': 4}
+    """
+
+    def __init__(self, bits: int = 8, gates: int = 4):
+        super().__init__(bits, per_channel=True, channel_axis=-1)
+        self.gates = int(gates)
+
+    def build(self, tensor_shape, name, layer):
+        return self._range_vars(layer, name, (self.gates,))
+
+    def _by_gate(self, value):
+        """``value`` (n, gates * units) as (n * units, gates): a gate's values in one column."""
+        n = value.shape[0]
+        return tf.reshape(tf.transpose(tf.reshape(value, (n, self.gates, -1)), (0, 2, 1)), (-1, self.gates))
+
+    def _back(self, value, shape):
+        n = shape[0]
+        return tf.reshape(tf.transpose(tf.reshape(value, (n, -1, self.gates)), (0, 2, 1)), shape)
+
+    def bound(self, value):
+        return tf.reduce_max(tf.abs(self._by_gate(value)), axis=0)
+
+    @staticmethod
+    def _on_grid(x, bound, bits: int):
+        levels = 2 ** (bits - 1) - 1
+        step = bound / levels
+        return tf.clip_by_value(tf.round(x / step), -levels, levels) * step
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        shape = inputs.shape
+        x = self._by_gate(inputs)
+        # The converter takes each gate's scale from the values it is given (max |w| / 127), so
+        # the bound is always the current weights' (as tfmot's last-value weight ranges are while
+        # training), never a stale range: the file then holds exactly these values.
+        bound = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(x), axis=0), 1e-12))
+        if training is True:
+            weights["min_var"].assign(-bound)
+            weights["max_var"].assign(bound)
+        if exporting():
+            x = self._on_grid(x, bound, self.bits)
+        else:  # the same grid, with straight-through gradients
+            x = tf.quantization.fake_quant_with_min_max_vars_per_channel(x, -bound, bound, num_bits=self.bits,
+                                                                         narrow_range=True)
+        if self.bits < 8:
+            # The file stores int8 at bound / 127 whatever the bits: the b-bit values as it rounds them.
+            x = x + tf.stop_gradient(self._on_grid(x, bound, 8) - x)
+        return self._back(x, shape)
+
+    def get_config(self):
+        return {"bits": self.bits, "gates": self.gates}
+
+    def __repr__(self):
+        return f"GateWeightQuantizer(bits={self.bits}, gates={self.gates})"
 
 
 def _alias(name: str):

@@ -15,10 +15,12 @@
 * A kernel layer with a fused activation other than ReLU/linear (``Dense(activation="gelu")``)
   becomes the layer without it plus ``Activation`` (``<name>_activation``): tfmot only
   quantizes a few fused activations, and TFLite needs the pre-activation quantized.
-* ``LSTM`` (also inside ``Bidirectional``) becomes ``RNN(LSTMCell)`` with the same weights: the
-  TFLite converter fuses an LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM, which fails to convert
-  inside a quantize wrapper ("cannot duplicate the value since it's not constant", measured);
-  the generic RNN loop converts, kept float (keras_qx.quant.kinds.TREATMENTS).
+* An ``LSTM`` inside ``Bidirectional``, or one the converter would not fuse into its integer
+  UNIDIRECTIONAL_SEQUENCE_LSTM (``keras_qx.quant.kinds.integer_lstm``: stateful, unrolled,
+  other activations...), becomes ``RNN(LSTMCell)`` with the same weights, kept float
+  (keras_qx.quant.kinds.TREATMENTS): a fused LSTM kept float inside a quantize wrapper fails to
+  convert ("cannot duplicate the value since it's not constant", measured), the generic RNN
+  loop converts. Any other LSTM stays whole and becomes one integer op.
 * ``SpectralNormalization(layer)`` becomes ``layer``: at inference it calls its layer with the
   kernel it normalized while training (QAT then trains the kernel without the normalization).
 * ``RandomCrop`` becomes :class:`InferenceRandomCrop`, the same layer taking ``training=None``
@@ -108,9 +110,13 @@ def _copied(layer) -> bool:
 
 
 def _fused_lstm(layer) -> bool:
+    """An LSTM to run as ``RNN(LSTMCell)``: inside a Bidirectional (kept float), or one the
+    converter would not fuse into its integer LSTM (:func:`~keras_qx.quant.kinds.integer_lstm`)."""
+    from keras_qx.quant.kinds import integer_lstm
+
     if isinstance(layer, keras.layers.Bidirectional):
-        return _fused_lstm(layer.forward_layer) and _fused_lstm(layer.backward_layer)
-    return type(layer) is keras.layers.LSTM
+        return all(type(l) is keras.layers.LSTM for l in (layer.forward_layer, layer.backward_layer))
+    return type(layer) is keras.layers.LSTM and not integer_lstm(layer)
 
 
 _LSTM_CELL_KEYS = ("units", "activation", "recurrent_activation", "use_bias", "kernel_initializer",
