@@ -32,6 +32,7 @@ from keras_qx.lite.int2 import to_int2  # noqa: E402
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LATENCY_RUNS = 300
+ROUNDING: list = []  # rows of the rounding table, filled by files_table
 
 
 def _int4_file(qat, x) -> bytes:
@@ -132,12 +133,66 @@ def files_table() -> list[str]:
         int2, renamed = to_int2(int4)
         for label, data in (("INT4", int4), (f"INT2 ({len(renamed)} rewritten)", int2)):
             lines.append(f"| {name} | {label} | {len(data):,} | {_agreement(data, qat, test)} |")
+        ROUNDING.extend(rounding_rows(f"{name.split(' (')[0]}, {label.split(' (')[0]} file", data, test[:200])
+                        for label, data in (("INT4", int4), ("INT2", int2)))
     qat, int4, test = _narrow_dense()
     for label, data in (("INT4 {-7,0,7} at s/7 (converter)", int4), ("INT2 {-1,0,1} at s, bias /7", to_int2(int4)[0]),
                         ("INT2 {-1,0,1} at s, bias left as is", to_int2(int4, rescale_bias=False)[0]),
                         ("INT2 {-1,0,1} at s, bias scale x7, values left", _bias_values_kept(to_int2(int4)[0], int4))):
         lines.append(f"| Dense 64->16, narrow 2-bit grid | {label} | {len(data):,} | {_agreement(data, qat, test)} |")
     return lines
+
+
+def _half_away(v):
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def rounding_rows(name: str, data: bytes, x) -> list[str]:
+    """For each FULLY_CONNECTED with a packed (INT2/INT4) filter: its outputs on the built-in
+    kernels against numpy recomputations from its own int8 input, one with a single rounding
+    of ``acc * M`` and one with the runtime's two (gemmlowp-style: a rounding doubling high
+    multiply by M * 2**shift, then a rounding right shift), fraction of outputs that differ."""
+    from keras_qx._compat import tflite_schema
+    from keras_qx._runtime import debug_interpreter, quantize_input
+    from keras_qx.lite.inspect import tensor_values
+
+    schema = tflite_schema()
+    names = {schema.TensorType.INT2: "INT2", schema.TensorType.INT4: "INT4"}
+    model = tflite_flatbuffer_utils().read_model_from_bytearray(bytearray(data))
+    graph = model.subgraphs[0]
+    it = debug_interpreter(data)
+    detail = it.get_input_details()[0]
+    ops = []
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.FULLY_CONNECTED and \
+                graph.tensors[op.inputs[1]].type in names:
+            ops.append(op)
+    seen = {int(i): [] for op in ops for i in (op.inputs[0], op.outputs[0])}
+    for xi in x:
+        it.set_tensor(detail["index"], quantize_input(xi[None], detail))
+        it.invoke()
+        for index, values in seen.items():
+            values.append(it.get_tensor(index).astype(np.int64))
+    rows = []
+    for op in ops:
+        filt = graph.tensors[op.inputs[1]]
+        inp, out = graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]]
+        xs = np.concatenate(seen[int(op.inputs[0])]).reshape(-1, int(filt.shape[1]))
+        ys = np.concatenate(seen[int(op.outputs[0])]).reshape(-1, int(filt.shape[0]))
+        u = tensor_values(model.buffers[filt.buffer].data, names[filt.type], filt.shape).astype(np.int64)
+        b = np.frombuffer(bytes(model.buffers[graph.tensors[op.inputs[2]].buffer].data), np.int32) \
+            if len(op.inputs) > 2 and op.inputs[2] >= 0 else 0
+        multiplier = float(inp.quantization.scale[0]) * float(filt.quantization.scale[0]) / float(out.quantization.scale[0])
+        real = ((xs - int(inp.quantization.zeroPoint[0])) @ u.reshape(filt.shape).T + b) * multiplier
+        low = int(out.quantization.zeroPoint[0]) if op.builtinOptions.fusedActivationFunction == 1 else -128
+        shift = -int(np.floor(np.log2(multiplier))) - 1
+        single = np.clip(_half_away(real) + out.quantization.zeroPoint[0], low, 127)
+        double = np.clip(_half_away(np.round(real * 2.0 ** shift) / 2.0 ** shift) + out.quantization.zeroPoint[0],
+                         low, 127)
+        rows.append(f"| {name} | {names[filt.type]} {tuple(int(d) for d in filt.shape)} | {multiplier:.4f} | {shift} | "
+                    f"{np.mean(ys != single):.2%} | {np.mean(ys != double):.2%} |")
+    return rows
 
 
 def _fc_file(n: int, bits: int) -> tuple[bytes, np.ndarray]:
@@ -203,7 +258,10 @@ def main() -> int:
     start = time.perf_counter()
     parts = [("(a) File bytes and agreement with Keras, INT2 against INT4 filters", files_table()),
              ("(b) One FULLY_CONNECTED in LiteRT, int8 input", latency_table()),
-             ("(c) The 2-bit grid (bench/int2_grid.py)", grid_table())]
+             ("(c) The 2-bit grid (bench/int2_grid.py)", grid_table()),
+             ("(d) Why INT2 and INT4 files differ from Keras at all: the runtime's requantization", [
+                 "| file | filter | multiplier M | right shift | outputs != single rounding | outputs != double rounding |",
+                 "|---|---|---|---|---|---|", *[row for rows in ROUNDING for row in rows]])]
     out = [f"# INT2 kernels (python bench/int2.py, {time.perf_counter() - start:.0f} s; {platform.machine()}, "
            f"{os.cpu_count()} cores, 1 thread)", ""]
     for title, lines in parts:
