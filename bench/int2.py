@@ -264,8 +264,24 @@ def main() -> int:
                  "|---|---|---|---|---|---|", *[row for rows in ROUNDING for row in rows]])]
     out = [f"# INT2 kernels (python bench/int2.py, {time.perf_counter() - start:.0f} s; {platform.machine()}, "
            f"{os.cpu_count()} cores, 1 thread)", ""]
+    notes = {
+        parts[0][0]: "INT4: the file as converted (sub-4-bit kernels through a 4-bit fake-quant of their own step); "
+                     "INT2: the same file after `keras_qx.lite.int2.to_int2`. Agreement on held-out samples, in "
+                     "output quantization steps: as `export_tflite` verifies (LiteRT with XNNPACK where it takes "
+                     "the graph), and on the built-in kernels only. The last rows rebuild the earlier failed "
+                     "rewrite (a narrow-grid 2-bit Dense, INT4 {-7, 0, 7}) with and without the bias rescale.",
+        parts[1][0]: "A Dense n->n (2-bit for INT4/INT2, 8-bit for int8), batch 1, one thread; "
+                     "`keras_qx._runtime.run(..., latency_runs=N)` times each invoke in a child process.",
+        parts[2][0]: "fc1 trained at 2 bits, everything else 8-bit; float model per seed, then 3 QAT epochs per "
+                     "grid. sym3: {-1,0,1}*max|w| (the old grid); sym3-half: {-1,0,1}*max|w|/2; 4level-twos: "
+                     "tfmot's two's-complement range [-2a, a], a = max(max w, -min w / 2); 4level-half: "
+                     "{-2,-1,0,1}*max|w|/2 (the new default for 2-bit Dense/EinsumDense).",
+        parts[3][0]: "Each packed FULLY_CONNECTED's int8 outputs on the built-in kernels against numpy from its own "
+                     "int8 inputs: acc * M rounded once, or rounded at M's right shift first and then again "
+                     "(gemmlowp's SaturatingRoundingDoublingHighMul + RoundingDivideByPOT).",
+    }
     for title, lines in parts:
-        out += [f"## {title}", "", *lines, ""]
+        out += [f"## {title}", "", notes[title], "", *lines, ""]
         print("\n".join([title, *lines]), flush=True)
     text = "\n".join(out)
     write_atomic(os.path.join(HERE, "results", "int2.md"), text.encode())
