@@ -10,7 +10,7 @@ import pytest
 import keras_qx as qx
 from keras_qx._compat import keras
 from keras_qx.engine.allocate import layer_options, allocate, budget_from, find_ties
-from keras_qx.quant.cost import kernel_bytes, kernel_params
+from keras_qx.quant.cost import storage_bits, kernel_bytes, kernel_params
 from keras_qx.quant.policy import Policy, PolicyError
 from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers
 from tests.conftest import compile_classifier, tiny_model
@@ -220,9 +220,9 @@ def _report(layer, damage, candidates):
                              kernel_bytes={}, params={layer.name: kernel_params(layer)})
 
 
-def testlayer_options_dense_drops_int4_dominated_widths():
-    dense = keras.layers.Dense(10, name="d")
-    dense.build((None, 33))
+def testlayer_options_drops_int4_dominated_widths():
+    dense = keras.layers.Conv1D(10, 3, name="d")  # 2-bit convolutions are stored as INT4
+    dense.build((None, 8, 11))
     measured = {2: 0.5, 3: 0.7, 4: 0.1, 8: 0.2}  # not monotone: 3 > 2 and 4 < 8
     options = layer_options(dense, _report(dense, measured, (2, 3, 4, 8)))
     assert sorted(options) == [4, 8]
@@ -234,6 +234,11 @@ def testlayer_options_dense_drops_int4_dominated_widths():
     # the full monotone profile, seen through widths that are not dominated
     options_all = layer_options(dense, _report(dense, measured, (2, 3, 4, 5, 8)))
     assert sorted(options_all) == [4, 8]  # 5 bits stores as int8: 8 bits costs the same
+    # a Dense at 2 bits is INT2, half the bytes of 4: not dominated
+    fc = keras.layers.Dense(10, name="fc")
+    fc.build((None, 33))
+    assert sorted(layer_options(fc, _report(fc, measured, (2, 3, 4, 8)))) == [2, 4, 8]
+    assert kernel_bytes(fc, 2) == math.ceil(330 / 4)
 
     negative = {2: -0.3, 4: -0.5, 8: -0.1}
     opts = layer_options(dense, _report(dense, negative, (2, 4, 8)))
@@ -257,7 +262,8 @@ def testlayer_options_only_and_missing_8():
     dense.build((None, 8))
     report = _report(dense, {2: 0.3, 4: 0.2}, (2, 4))
     opts = layer_options(dense, report)
-    assert sorted(opts) == [4, 8]  # 8 is always offered
+    assert sorted(opts) == [2, 4, 8]  # 8 is always offered; 2 bits is INT2 for a Dense
+    assert opts[2][0] == 8 and opts[2][1] == pytest.approx(0.3, abs=1e-8)
     assert opts[4][0] == 16 and opts[4][1] == pytest.approx(0.2, abs=1e-8)
     assert opts[8][0] == 32 and opts[8][1] == pytest.approx(0.0, abs=1e-8)
     only = layer_options(dense, report, only=8)
@@ -327,7 +333,8 @@ def test_auto_policy_respects_ties():
 # ---- auto_policy on the trained digits CNN ------------------------------------------------
 def _cnn_sizes(model):
     layers = quantizable_layers(model)
-    return (sum(kernel_bytes(l, 4) for l in layers), sum(kernel_bytes(l, 8) for l in layers),
+    """(smallest kernel bytes: each layer at its cheapest of 2 / 4 bits, int8 bytes, layers)."""
+    return (sum(min(kernel_bytes(l, 2), kernel_bytes(l, 4)) for l in layers), sum(kernel_bytes(l, 8) for l in layers),
             {l.name: l for l in layers})
 
 
@@ -336,7 +343,9 @@ def _check_policy(policy, model, budget, keep=()):
     int4, int8, layers = _cnn_sizes(model)
     assert set(policy.layers) == set(CNN_LAYERS) == set(layers)
     bits = {n: spec["weight_bits"] for n, spec in policy.layers.items()}
-    assert set(bits.values()) <= {4, 8}  # 2 bits packs as INT4: 4 bits dominates it
+    assert set(bits.values()) <= {2, 4, 8}
+    # 2 bits only where it is stored as INT2 (Dense): elsewhere it packs as INT4, dominated by 4
+    assert all(storage_bits(layers[n], 2) == 2 for n, b in bits.items() if b == 2)
     assert meta["budget_bytes"] == budget
     assert meta["predicted_kernel_bytes"] == sum(kernel_bytes(layers[n], b) for n, b in bits.items())
     assert meta["predicted_kernel_bytes"] <= budget
@@ -351,7 +360,7 @@ def _check_policy(policy, model, budget, keep=()):
 def test_auto_policy_on_trained_cnn(trained_cnn, digits, method):
     (x, y), _ = digits
     int4, int8, layers = _cnn_sizes(trained_cnn)
-    assert (int4, int8) == (19080, 38160)
+    assert (int4, int8) == (72 + 2304 + 8192 + 160, 38160)  # convs INT4, Dense INT2
     before = [w.copy() for w in trained_cnn.get_weights()]
     report = qx.sensitivity(trained_cnn, (x, y), (2, 4, 8), method=method, verbose=False)
 
@@ -380,14 +389,14 @@ def test_auto_policy_on_trained_cnn(trained_cnn, digits, method):
         previous = damage
     assert previous == pytest.approx(sum(o[8][1] for o in options.values()), abs=1e-12)
 
-    with pytest.raises(PolicyError, match="19,080"):
+    with pytest.raises(PolicyError, match=f"{int4:,}"):
         qx.auto_policy(trained_cnn, budget_bytes=int4 - 1, report=report, verbose=False)
 
     # keep logits at 8, even at the tightest budget that allows it
-    tight = int4 - kernel_bytes(layers["logits"], 4) + kernel_bytes(layers["logits"], 8)
+    tight = int4 - kernel_bytes(layers["logits"], 2) + kernel_bytes(layers["logits"], 8)
     p = qx.auto_policy(trained_cnn, budget_bytes=tight, keep=["logits"], report=report, verbose=False)
     bits = _check_policy(p, trained_cnn, tight, keep=["logits"])
-    assert bits == {"conv1": 4, "conv2": 4, "fc1": 4, "logits": 8}
+    assert bits == {"conv1": 4, "conv2": 4, "fc1": 2, "logits": 8}
     assert p.meta["auto_policy"]["keep"] == ["logits"]
     with pytest.raises(PolicyError, match=f"{tight - 1:,}"):
         qx.auto_policy(trained_cnn, budget_bytes=tight - 1, keep=["logits"], report=report, verbose=False)

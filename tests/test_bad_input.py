@@ -232,10 +232,10 @@ def test_bad_budget(model, budget):
 
 
 def test_26_budget_below_the_smallest_file(model):
-    with pytest.raises(qx.InfeasibleBudget, match=both("fits 10 kernel bytes", "smallest possible", "48 bytes",
+    with pytest.raises(qx.InfeasibleBudget, match=both("fits 10 kernel bytes", "smallest possible", "24 bytes",
                                                        "Raise the budget")) as err:
         qx.auto_policy(model, budget_bytes=10, method="sqnr", verbose=False)
-    assert err.value.minimum_bytes == 48
+    assert err.value.minimum_bytes == 24  # 96 Dense kernel values at 2 bits (INT2)
 
 
 def test_27_two_budgets_at_once(model):

@@ -83,7 +83,7 @@ def check_on_symmetric_grid(out, w, bits, per_channel, axis):
 @example((np.zeros((2, 3), F32), -1), 4, True)
 def test_weight_quantizer_grid_range_idempotent(kernel, bits, per_channel):
     w, axis = kernel
-    q = WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis)
+    q = WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis, full_range=False)
     out, weights = _weight_quantize(q, w)
     check_on_symmetric_grid(out, w, bits, per_channel, axis)
 
@@ -99,7 +99,7 @@ def test_weight_quantizer_grid_range_idempotent(kernel, bits, per_channel):
     tol = 1e-6 * np.max(np.abs(w)) + 1e-30
     again, _ = _weight_quantize(q, out, weights, training=False)
     np.testing.assert_allclose(again, out, rtol=0, atol=tol)
-    fresh, _ = _weight_quantize(WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis), out)
+    fresh, _ = _weight_quantize(WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis, full_range=False), out)
     np.testing.assert_allclose(fresh, out, rtol=0, atol=tol)
 
 
@@ -115,7 +115,7 @@ def test_numpy_twin_grid_range_idempotent_and_agrees(kernel, bits, per_channel):
 
     # Same values as WeightQuantizer, except where w/scale is within float32 rounding of a
     # tie (TF rounds (w + n*scale) / scale in float32): there, one step either way.
-    tfq, _ = _weight_quantize(WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis), w)
+    tfq, _ = _weight_quantize(WeightQuantizer(bits, per_channel=per_channel, channel_axis=axis, full_range=False), w)
     n = 2 ** (bits - 1) - 1
     for a, b, src in zip(_groups(out, per_channel, axis), _groups(tfq, per_channel, axis),
                          _groups(w, per_channel, axis)):
@@ -138,7 +138,7 @@ def test_numpy_twin_breaks_exact_ties_like_weight_quantizer(bits, exponent, data
     scale = 2.0 ** exponent
     ks = data.draw(st.lists(st.integers(-n, n - 1), min_size=1, max_size=6))
     w = np.array([[n * scale] + [(k + 0.5) * scale for k in ks]], F32).T  # (len, 1): one channel
-    tfq, _ = _weight_quantize(WeightQuantizer(bits, per_channel=True), w)
+    tfq, _ = _weight_quantize(WeightQuantizer(bits, per_channel=True, full_range=False), w)
     np.testing.assert_array_equal(tfq[1:, 0], (np.array(ks) + 1) * scale)  # TF: half up
     np.testing.assert_array_equal(fake_quantize(w, bits, True), tfq)
 

@@ -112,8 +112,10 @@ def test_search_space_groups_ties_and_float_costs():
     assert units["bits/type=Dense"].layers == ("fc", "out")
     assert units["bits/type=Dense"].costs == {4: 576 + 12, 8: 1152 + 24}
     assert units["bits/conv"].choices == (4, 8, 32) and units["bits/conv"].costs[32] == 36 * 4
-    # 2-bit kernels cost what 4-bit ones do (INT4): the dominated width is not searched
-    assert [u.choices for u in SearchSpace((2, 4, 8)).units(model)] == [(4, 8)] * 3
+    # a 2-bit conv costs what a 4-bit one does (INT4): the dominated width is not searched; a
+    # 2-bit Dense is INT2, half the bytes
+    assert {u.layers: u.choices for u in SearchSpace((2, 4, 8)).units(model)} == {
+        ("conv",): (4, 8), ("fc",): (2, 4, 8), ("out",): (2, 4, 8)}
     # a depthwise + pointwise pair is one choice even when no group says so
     inputs = keras.Input((8, 8, 3))
     h = keras.layers.DepthwiseConv2D(3, name="dw")(inputs)

@@ -20,20 +20,26 @@ sens = importlib.import_module("keras_qx.engine.sensitivity")
 CNN_LAYERS = ["conv1", "conv2", "fc1", "logits"]
 
 
-def ref_fake_quantize(w, bits, per_channel, axis=-1):
-    """float64 reference of the symmetric narrow-range weight grid."""
+def ref_fake_quantize(w, bits, per_channel, axis=-1, full_range=False):
+    """float64 reference of the symmetric narrow-range weight grid (``full_range``: the
+    two's-complement grid, -2**(b-1)..2**(b-1)-1 steps of max|w| / 2**(b-1))."""
     w = np.asarray(w, np.float64)
     n = 2 ** (bits - 1) - 1
     if per_channel:
         m = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis % w.ndim), keepdims=True)
     else:
         m = np.abs(w).max()
-    scale = m / n
-    return np.clip(np.round(w / scale), -n, n) * scale
+    scale = m / (n + full_range)
+    return np.clip(np.round(w / scale), -n - full_range, n) * scale
 
 
-def weight_quantizer_output(w, bits, per_channel, axis=-1):
-    quantizer = WeightQuantizer(bits, per_channel, axis)
+def grid(kind, bits) -> bool:
+    """The grid qx.quantize trains ``kind`` on at ``bits``: full range for 2-bit FULLY_CONNECTED kernels."""
+    return bits == 2 and kind.int2_export
+
+
+def weight_quantizer_output(w, bits, per_channel, axis=-1, full_range=False):
+    quantizer = WeightQuantizer(bits, per_channel, axis, full_range)
     weights = quantizer.build(tf.TensorShape(w.shape), "kernel", keras.layers.Layer())
     return quantizer(tf.constant(w), True, weights).numpy()
 
@@ -110,7 +116,7 @@ def test_loss_damage_matches_predict(trained_cnn, digits):
         kind = kernel_kind(layer)
         original = layer.kernel.numpy()
         for bits in (2, 4, 8):
-            layer.kernel.assign(fake_quantize(original, bits, kind.per_channel, kind.channel_axis))
+            layer.kernel.assign(fake_quantize(original, bits, kind.per_channel, kind.channel_axis, grid(kind, bits)))
             expected = _ce(clone.predict(x[:n], verbose=0), y[:n]) - baseline
             layer.kernel.assign(original)
             assert report.damage[name][bits] == pytest.approx(expected, rel=1e-3, abs=2e-5), (name, bits)
@@ -196,7 +202,7 @@ def test_hessian_trace_matches_exact(rng):
         assert report.params[name] == w.size
         implied = []
         for bits in candidates:
-            noise = float(np.sum((fake_quantize(w, bits, False) - w) ** 2))
+            noise = float(np.sum((fake_quantize(w, bits, False, full_range=bits == 2) - w) ** 2))  # Dense: INT2 grid
             implied.append(report.damage[name][bits] * report.params[name] / noise)
         # damage = trace / n * ||Q(w) - w||^2: one trace behind every bit width
         np.testing.assert_allclose(implied, implied[0], rtol=1e-6)
@@ -234,10 +240,10 @@ def test_sqnr_exact_and_decreasing(rng):
         w = layer.kernel.numpy()
         damages = []
         for bits in candidates:
-            q = fake_quantize(w, bits, kind.per_channel, kind.channel_axis)
+            q = fake_quantize(w, bits, kind.per_channel, kind.channel_axis, grid(kind, bits))
             expected = float(np.sum((q - w) ** 2)) / float(np.sum(w ** 2))
             assert report.damage[layer.name][bits] == pytest.approx(expected, rel=1e-12, abs=0)
-            ref = ref_fake_quantize(w, bits, kind.per_channel, kind.channel_axis)
+            ref = ref_fake_quantize(w, bits, kind.per_channel, kind.channel_axis, grid(kind, bits))
             w64 = w.astype(np.float64)
             assert report.damage[layer.name][bits] == pytest.approx(
                 np.sum((ref - w64) ** 2) / np.sum(w64 ** 2), rel=1e-4)
@@ -267,7 +273,7 @@ def test_report_to_dict_and_costs(sqnr_report):
         for b in (2, 4, 8):
             assert entry["damage"][str(b)] == sqnr_report.damage[layer.name][b]
             assert entry["kernel_bytes"][str(b)] == kernel_bytes(layer, b)
-    assert data["layers"]["fc"]["kernel_bytes"] == {"2": 576, "4": 576, "8": 1152}
+    assert data["layers"]["fc"]["kernel_bytes"] == {"2": 288, "4": 576, "8": 1152}  # INT2, INT4, int8
 
 
 def test_report_table(sqnr_report):

@@ -37,22 +37,21 @@ METHODS = ("loss", "hessian", "sqnr")
 
 
 def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1,
-                  full_range: bool | None = None) -> np.ndarray:
+                  full_range: bool = False) -> np.ndarray:
     """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range,
-    or at 2 bits (``full_range``, None: as the quantizer's default) ``{-2, -1, 0, 1} * max|w| / 2``.
+    or (``full_range``) two's complement, ``{-2, -1, 0, 1} * max|w| / 2`` at 2 bits.
 
     Ties round half up, as TF's FakeQuantWithMinMaxVars does (``floor(x + 0.5)``), not half to
     even as ``np.round`` would: a weight exactly between two levels lands where QAT puts it."""
     levels = 2 ** (bits - 1) - 1
-    full_range = bits == 2 if full_range is None else full_range
     if per_channel:
         axis = channel_axis % w.ndim
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         bound = np.abs(w).max(axis=reduce, keepdims=True)
     else:
         bound = np.abs(w).max()
-    scale = np.where(bound > 0, bound / (levels + full_range), 1.0)
-    return (np.clip(np.floor(w / scale + 0.5), -levels - full_range, levels) * scale).astype(w.dtype)
+    scale = np.where(bound > 0, bound / (levels + int(full_range)), 1.0)
+    return (np.clip(np.floor(w / scale + 0.5), -levels - int(full_range), levels) * scale).astype(w.dtype)
 
 
 def quantizable_layers(model) -> list:
