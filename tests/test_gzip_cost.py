@@ -39,11 +39,12 @@ def test_numpy_quantization_equals_qat_kernel(digits, bits):
         for variable, quantizer, qvars in getattr(layer, "_weight_vars", []):
             simulated = quantizer(variable, training=False, weights=qvars).numpy()
             w = variable.numpy()
-            ints = quantized_kernel(w, bits, quantizer.per_channel, quantizer.channel_axis)
-            levels = 2 ** (bits - 1) - 1
+            ints = quantized_kernel(w, bits, quantizer.per_channel, quantizer.channel_axis, quantizer.full_range)
+            half = 2 ** (bits - 1)  # full range (2-bit Dense): -half..half-1 at max|w| / half
+            levels = half if quantizer.full_range else half - 1
             axes = tuple(range(w.ndim - 1)) if quantizer.per_channel else None
             step = np.max(np.abs(w), axis=axes) / levels
-            assert np.abs(ints).max() <= levels
+            assert ints.min() >= -levels and ints.max() <= half - 1
             # value for value: the QAT kernel is exactly these integers on the grid
             np.testing.assert_array_equal(np.round(simulated / step).astype(np.int32), ints)
             np.testing.assert_allclose(simulated, ints * step, rtol=1e-5, atol=1e-7)

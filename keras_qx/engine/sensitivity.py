@@ -27,7 +27,7 @@ import numpy as np
 from keras_qx._compat import check_float_model, keras, tf
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params
-from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits
+from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits, full_range_for, grid_integers
 from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["sensitivity", "SensitivityReport", "fake_quantize", "quantizable_layers", "infer_loss",
@@ -38,20 +38,11 @@ METHODS = ("loss", "hessian", "sqnr")
 
 def fake_quantize(w: np.ndarray, bits: int, per_channel: bool, channel_axis: int = -1,
                   full_range: bool = False) -> np.ndarray:
-    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: symmetric, narrow range,
-    or (``full_range``) two's complement, ``{-2, -1, 0, 1} * max|w| / 2`` at 2 bits.
-
-    Ties round half up, as TF's FakeQuantWithMinMaxVars does (``floor(x + 0.5)``), not half to
-    even as ``np.round`` would: a weight exactly between two levels lands where QAT puts it."""
-    levels = 2 ** (bits - 1) - 1
-    if per_channel:
-        axis = channel_axis % w.ndim
-        reduce = tuple(i for i in range(w.ndim) if i != axis)
-        bound = np.abs(w).max(axis=reduce, keepdims=True)
-    else:
-        bound = np.abs(w).max()
-    scale = np.where(bound > 0, bound / (levels + int(full_range)), 1.0)
-    return (np.clip(np.floor(w / scale + 0.5), -levels - int(full_range), levels) * scale).astype(w.dtype)
+    """Numpy twin of :class:`~keras_qx.quant.quantizers.WeightQuantizer`: the kernel QAT computes
+    with (:func:`~keras_qx.quant.quantizers.grid_integers` times its step; ties round half up,
+    as TF's FakeQuantWithMinMaxVars does, so a weight between two levels lands where QAT puts it)."""
+    ints, step = grid_integers(w, bits, per_channel, channel_axis, full_range)
+    return (ints * step).astype(w.dtype)
 
 
 def quantizable_layers(model) -> list:
@@ -290,7 +281,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         try:
             for bits in candidates:
                 quantized = [fake_quantize(w, bits, kind.per_channel, kind.channel_axis,
-                                           full_range=bits == 2 and kind.int2_export) for w in originals]
+                                           full_range=full_range_for(bits, kind.int2_export)) for w in originals]
                 noise = sum(float(np.sum((q - w) ** 2)) for q, w in zip(quantized, originals))
                 if method == "sqnr":
                     damage[layer.name][bits] = noise / max(sum(float(np.sum(w ** 2)) for w in originals), 1e-30)

@@ -28,6 +28,7 @@ import numpy as np
 
 from keras_qx._compat import keras
 from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.quantizers import full_range_for, grid_integers, max_abs
 
 __all__ = ["storage_bits", "kernel_params", "bias_params", "kernel_bytes", "total_kernel_bytes", "LayerCost",
            "layer_cost", "SIZES", "SIZE_UNITS", "check_size", "quantized_kernel", "kernel_values", "stored_kernel", "pack", "deflate_bytes",
@@ -135,32 +136,17 @@ def _grid(layer, attr: str) -> tuple[bool, int]:
     return kind.per_channel, kind.channel_axis
 
 
-def _max_abs(values: np.ndarray, axis: int | None) -> np.ndarray:
-    if axis is None:
-        return np.max(np.abs(values), keepdims=True) if values.size else np.zeros((1,) * values.ndim)
-    reduce = tuple(i for i in range(values.ndim) if i != axis % values.ndim)
-    return np.max(np.abs(values), axis=reduce, keepdims=True)
-
-
-def quantized_kernel(values, bits: int, per_channel: bool = False, channel_axis: int = -1) -> np.ndarray:
-    """Integers of ``values`` on the symmetric narrow-range ``bits`` grid (int32), as
-    :class:`~keras_qx.quant.quantizers.WeightQuantizer` quantizes them: the range is the largest
-    |value| (per channel along ``channel_axis`` if ``per_channel``), the step range / (2**(bits-1) - 1),
-    rounding half up (TF's fake_quant); the kernel the model computes with is integers x step.
+def quantized_kernel(values, bits: int, per_channel: bool = False, channel_axis: int = -1,
+                     full_range: bool = False) -> np.ndarray:
+    """Integers of ``values`` on the ``bits`` grid (int32), as
+    :class:`~keras_qx.quant.quantizers.WeightQuantizer` quantizes them
+    (:func:`~keras_qx.quant.quantizers.grid_integers`).
 
     Example:
         >>> quantized_kernel(np.array([[0.5, -1.0], [0.26, 0.1]]), 2).tolist()
         [[1, -1], [0, 0]]
     """
-    values = np.asarray(values, dtype=np.float32)
-    levels = 2 ** (bits - 1) - 1
-    bound = _max_abs(values, channel_axis if per_channel else None).astype(np.float32)
-    # float32 step by step as tf.quantization.fake_quant_with_min_max_vars (narrow range) computes it,
-    # so that ties round the same way: scale from [-bound, bound], shift by the nudged minimum
-    step = np.where(bound > 0, (bound + bound) / np.float32(2 * levels), np.float32(1)).astype(np.float32)
-    nudged_min = (np.float32(-levels) * step).astype(np.float32)
-    shifted = (np.clip(values, nudged_min, -nudged_min) - nudged_min).astype(np.float32)
-    return (np.floor(shifted * (np.float32(1) / step) + np.float32(0.5)) - levels).astype(np.int32)
+    return grid_integers(values, bits, per_channel, channel_axis, full_range)[0]
 
 
 def _file_layout(layer, attr: str, values: np.ndarray) -> tuple[np.ndarray, int | None]:
@@ -188,15 +174,19 @@ def kernel_values(layer, attr: str, values=None) -> np.ndarray:
 
 def stored_kernel(layer, attr: str, weight_bits: int, values=None) -> np.ndarray:
     """The integers the TFLite file stores for ``layer``'s kernel ``attr`` at ``weight_bits``, in
-    file order: the weight quantizer's integers, rescaled to the storage grid (2**(s-1) - 1 levels
-    at :func:`storage_bits` s, one scale per file channel, as the converter re-quantizes the
-    fake-quantized kernel: 2-bit kernels stored as INT4 hold {-7, 0, 7}; a depthwise kernel
-    quantized per tensor gets a scale per channel in the file)."""
+    file order: the weight quantizer's integers. A kernel under 4 bits reaches the converter on
+    the INT4 grid of its own step (``WeightQuantizer._on_int4_grid``), so an INT4 or INT2 file
+    holds those integers; otherwise the converter re-quantizes the fake-quantized kernel to the
+    storage grid (2**(s-1) - 1 levels at :func:`storage_bits` s, one scale per file channel: a
+    depthwise kernel quantized per tensor gets a scale per channel in the file)."""
     per_channel, axis = _grid(layer, attr)
-    ints = quantized_kernel(kernel_values(layer, attr, values), weight_bits, per_channel, axis)
+    full = full_range_for(weight_bits, getattr(kernel_kind(layer), "int2_export", False))
+    ints = quantized_kernel(kernel_values(layer, attr, values), weight_bits, per_channel, axis, full)
     file_values, file_axis = _file_layout(layer, attr, ints.astype(np.float32))
+    if weight_bits < 4 and storage_bits(layer, weight_bits) <= 4:
+        return file_values.astype(np.int32)
     levels = 2 ** (storage_bits(layer, weight_bits) - 1) - 1
-    bound = _max_abs(file_values, file_axis)
+    bound = max_abs(file_values, file_axis)
     scale = np.where(bound > 0, bound / levels, 1.0)
     return np.clip(np.round(file_values / scale), -levels, levels).astype(np.int32)
 

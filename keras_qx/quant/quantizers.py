@@ -34,6 +34,9 @@ __all__ = [
     "GateWeightQuantizer",
     "export_trace",
     "exporting",
+    "full_range_for",
+    "max_abs",
+    "grid_integers",
     "check_bits",
     "get",
     "serialize",
@@ -61,6 +64,47 @@ def export_trace():
 def exporting() -> bool:
     """Inside :func:`export_trace`."""
     return _EXPORT_TRACE[0] > 0
+
+
+def max_abs(values: np.ndarray, axis: int | None) -> np.ndarray:
+    """Largest magnitude of ``values``, per channel along ``axis`` (None: of all), keeping dims."""
+    if axis is None:
+        return np.max(np.abs(values), keepdims=True) if values.size else np.zeros((1,) * values.ndim)
+    reduce = tuple(i for i in range(values.ndim) if i != axis % values.ndim)
+    return np.max(np.abs(values), axis=reduce, keepdims=True)
+
+
+def full_range_for(bits: int, int2_export: bool) -> bool:
+    """Whether a kernel at ``bits`` trains on the two's-complement grid: 2-bit kernels of kinds
+    whose file holds INT2 (``KernelKind.int2_export``); every other kernel is narrow range."""
+    return bits == 2 and bool(int2_export)
+
+
+def grid_integers(values, bits: int, per_channel: bool = False, channel_axis: int = -1,
+                  full_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy twin of :class:`WeightQuantizer` with its range at the values' largest magnitude
+    (per channel along ``channel_axis`` if ``per_channel``): ``(integers (int32), step)``, the
+    kernel it computes with being ``integers * step`` (step broadcastable against ``values``).
+    Narrow range: ``-(2**(b-1) - 1) .. 2**(b-1) - 1`` at ``max|w| / (2**(b-1) - 1)``; full
+    range: ``-2**(b-1) .. 2**(b-1) - 1`` at ``max|w| / 2**(b-1)``. In float32, step by step as
+    ``tf.quantization.fake_quant_with_min_max_vars`` computes it, so ties round half up where
+    QAT rounds them.
+
+    Example:
+        >>> grid_integers(np.array([[0.5, -1.0], [0.26, 0.1]]), 2)[0].tolist()
+        [[1, -1], [0, 0]]
+    """
+    values = np.asarray(values, dtype=np.float32)
+    half = 2 ** (bits - 1)
+    bound = max_abs(values, channel_axis if per_channel else None).astype(np.float32)
+    lowest, highest = (-half, half - 1) if full_range else (1 - half, half - 1)
+    high = (bound * np.float32((half - 1) / half)).astype(np.float32) if full_range else bound
+    step = np.where(bound > 0, (high + bound) / np.float32(highest - lowest), np.float32(1)).astype(np.float32)
+    nudged_min = (np.float32(lowest) * step).astype(np.float32)
+    nudged_max = (np.float32(highest) * step).astype(np.float32)
+    shifted = (np.clip(values, nudged_min, nudged_max) - nudged_min).astype(np.float32)
+    ints = (np.floor(shifted * (np.float32(1) / step) + np.float32(0.5)) + lowest).astype(np.int32)
+    return ints, step
 
 
 def check_bits(value: Any, what: str, allowed: range = WEIGHT_BITS) -> int:
@@ -447,8 +491,12 @@ class GateWeightQuantizer(WeightQuantizer):
     """
 
     def __init__(self, bits: int = 8, gates: int = 4):
-        super().__init__(bits, per_channel=True, channel_axis=-1)
+        super().__init__(bits, per_channel=True, channel_axis=-1, full_range=False)  # int8 in the file
         self.gates = int(gates)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     def build(self, tensor_shape, name, layer):
         return self._range_vars(layer, name, (self.gates,))
