@@ -31,7 +31,7 @@ SMALL = {"digits": (8, 4, 2), "mnist1d": (8, 4, 2)}
 # variants, minus the three that are full size there, and two MLPs), so the table is a validation.
 FIT_FAMILIES = ("ConvNeXt", "DenseNet", "EfficientNet", "EfficientNetV2", "InceptionResNetV2", "MobileNet",
                 "MobileNetV2", "MobileNetV3", "NASNet", "RegNet", "ResNet", "ResNetRS", "ResNetV2")
-FIT_MODELS = ("fit-mlp", "fit-sparse") + tuple(f"fit-{f}" for f in FIT_FAMILIES)
+FIT_MODELS = ("fit-mlp", "fit-sparse", "fit-cnn", "fit-conv1d") + tuple(f"fit-{f}" for f in FIT_FAMILIES)
 
 
 def rows():
@@ -65,6 +65,20 @@ def build(name: str, cache: str):
             w, b = model.get_layer("hidden").get_weights()
             w[np.random.default_rng(0).random(w.shape) < 0.9] = 0  # a pruned kernel
             model.get_layer("hidden").set_weights([w, b])
+    elif name in ("fit-cnn", "fit-conv1d"):  # small trained models unlike the table's two
+        one_d = name == "fit-conv1d"
+        (x, y), _ = (load_mnist1d if one_d else load_digits)()
+        conv, pool = (keras.layers.Conv1D, keras.layers.MaxPooling1D) if one_d else (keras.layers.Conv2D,
+                                                                                    keras.layers.MaxPooling2D)
+        with seeded(2):
+            inputs = keras.Input(x.shape[1:])
+            h = pool(2)(conv(16, 7 if one_d else 3, padding="same", activation="relu")(inputs))
+            h = conv(48, 3, padding="same", activation="relu")(h)
+            h = keras.layers.Dense(64, activation="relu")(keras.layers.Flatten()(h))
+            model = keras.Model(inputs, keras.layers.Dense(10)(h))
+            if not os.path.exists(weights):
+                model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                model.fit(x, y, epochs=4, batch_size=64, verbose=0)
     elif name.startswith("fit-"):
         from tests.families import build as tiny
 
@@ -184,7 +198,7 @@ def fit_deflate(knots=(0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 
 
 def fit_rest(cache: str):
     """Least squares (non-negative, in relative error of the file) of the file's gzip'd bytes minus
-    the kernels' prediction on [1, layers, nonzero biases, per-channel channels], on FIT_MODELS."""
+    the kernels' prediction on [1, ops, nonzero biases, per-channel channels], on FIT_MODELS."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -231,7 +245,7 @@ def main(argv=None) -> int:
                 if error:
                     print(f"{name}: {error}", file=sys.stderr, flush=True)
         coef, fitted, err = fit_rest(args.cache)
-        print("_FILE_FIXED, _PER_LAYER, _PER_BIAS, _PER_CHANNEL = " + ", ".join(f"{c:.2f}" for c in coef))
+        print("_FILE_FIXED, _PER_OP, _PER_BIAS, _PER_CHANNEL = " + ", ".join(f"{c:.2f}" for c in coef))
         for (label, *_), e in zip(fitted, err):
             print(f"  fit row {label}: {e:+.2%}")
         return 0
