@@ -1,8 +1,11 @@
 """Coverage: one variant of every tf_keras.applications family, quantized by keras_qx and by
 tfmot's quantize_model, exported to int8 TFLite; fully integer? agreement with Keras? size.
 
-Run: python bench/coverage.py [FAMILY ...]   (all 16 take tens of minutes on 2 cores)
-     python bench/coverage.py --tiny           (the reduced variants the tests use)
+Run: python bench/coverage.py                        (all 16 take tens of minutes on 2 cores)
+     python bench/coverage.py --families RegNet,ResNet --no-tfmot   (rerun some rows, keras_qx only)
+     python bench/coverage.py --tiny                 (the reduced variants the tests use)
+Deterministic: each row seeds Keras (weights, data) and turns on TensorFlow's op determinism, so
+a rerun of a row gives the same figures on the same machine.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests.families: the tiny variants and calibrate()
 CALIBRATION_STEPS = 10
+SEED = 0
 
 
 def families():
@@ -56,12 +60,16 @@ def _measure(family: str, tool: str, tiny: bool = False) -> dict:
     import numpy as np
 
     import keras_qx as qx
-    from keras_qx._compat import tfmot
+    from keras_qx._compat import keras, tf, tfmot
     from keras_qx.lite.inspect import TFLiteRunner
     from tests.families import build, calibrate
 
     start = time.perf_counter()
     try:
+        # The weights' initializers and the SGD steps: the same numbers on every run (without
+        # op determinism the steps' reductions vary between runs and so did the figures).
+        keras.utils.set_random_seed(SEED)
+        tf.config.experimental.enable_op_determinism()
         model = build(family) if tiny else families()[family]()
         x = 255 * np.random.default_rng(0).random((16, *model.input_shape[1:])).astype("float32")
         qat = qx.quantize(model) if tool == "keras_qx" else tfmot.quantization.keras.quantize_model(model)
@@ -75,12 +83,29 @@ def _measure(family: str, tool: str, tiny: bool = False) -> dict:
         nudged[mask] = np.where(nudged[mask] < 254, nudged[mask] + 1, nudged[mask] - 1)
         step = TFLiteRunner(bytes(tfl)).output_step
         self_noise = float(np.abs(qat.predict(nudged, verbose=0) - qat.predict(x, verbose=0)).mean() / step)
+        worst = _worst_own(qat, bytes(tfl), x)
         return ({"ok": True, "fully_integer": r.info.fully_integer, "float_ops": sorted(set(r.info.float_ops)),
                    "mean_steps": r.mean_error_steps, "max_steps": r.max_error_steps, "self_noise": self_noise,
-                   "bytes": len(tfl), "seconds": time.perf_counter() - start})
+                   "bytes": len(tfl), "seconds": time.perf_counter() - start, **worst})
     except Exception as err:  # report any failure as a row
         return ({"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
                    "seconds": time.perf_counter() - start})
+
+
+def _worst_own(qat, data: bytes, x) -> dict:
+    """The op with the largest own error (``compare_layers``: each layer fed the file's values of
+    its inputs), by max then mean, in steps of that op's output scale; and the largest own mean."""
+    from keras_qx.lite.fidelity import compare_layers
+
+    cmp = compare_layers(qat, data, x)
+    own = [e for e in cmp.layers if e.own_max_steps is not None]
+    if not own:
+        return {"own": None}
+    top = max(own, key=lambda e: (round(e.own_max_steps), e.own_mean_steps))
+    top_mean = max(own, key=lambda e: e.own_mean_steps)
+    return {"own": (top.own_max_steps, top.own_mean_steps, top.layer, top.op),
+            "own_mean": (top_mean.own_mean_steps, top_mean.layer, top_mean.op),
+            "output_own": (own[-1].own_mean_steps, own[-1].own_max_steps) if own[-1] is cmp.layers[-1] else None}
 
 
 def run(family: str, tool: str, tiny: bool = False, timeout: int = 900) -> dict:
@@ -106,15 +131,38 @@ def _cell(r: dict) -> str:
             f"{r['bytes']:,} B")
 
 
+def _own_cell(r: dict) -> str:
+    if not r["ok"] or r.get("own") is None:
+        return "-"
+    mx, mean, layer, op = r["own"]
+    m, m_layer, m_op = r["own_mean"]
+    cell = f"{mx:.0f} (mean {mean:.2f}) {layer} ({op})"
+    return cell + (f"; top mean {m:.2f} {m_layer} ({m_op})" if m_layer != layer else "")
+
+
 def main(argv=None) -> int:
-    args = list(argv if argv is not None else sys.argv[1:])
-    tiny = "--tiny" in args
-    names = [a for a in args if a != "--tiny"] or list(families())
-    lines = ["| family | keras_qx: fully integer; output error mean / max (steps) (nudge); file | tfmot quantize_model |",
-             "|---|---|---|"]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="families (as --families)")
+    parser.add_argument("--families", default="", help="comma-separated families, e.g. RegNet,ResNet (default all)")
+    parser.add_argument("--tiny", action="store_true", help="the reduced variants of tests/families.py")
+    parser.add_argument("--no-tfmot", action="store_true", help="skip tfmot's column")
+    opts = parser.parse_args(argv)
+    tiny = opts.tiny
+    known = sorted(families())
+    names = [n for n in opts.names + opts.families.split(",") if n] or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown family {', '.join(unknown)}; pick from {', '.join(known)}")
+    whole = names == known and not opts.no_tfmot
+    lines = ["| family | keras_qx: fully integer; output error mean / max (steps) (nudge); file "
+             "| worst own error (steps): max (mean) layer (op) | tfmot quantize_model |",
+             "|---|---|---|---|"]
     for name in names:
-        ours, theirs = run(name, "keras_qx", tiny), run(name, "tfmot", tiny)
-        lines.append(f"| {name} | {_cell(ours)} | {_cell(theirs)} |")
+        ours = run(name, "keras_qx", tiny)
+        theirs = {"ok": False, "error": "not run (--no-tfmot)"} if opts.no_tfmot else run(name, "tfmot", tiny)
+        lines.append(f"| {name} | {_cell(ours)} | {_own_cell(ours)} | {_cell(theirs)} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"Untrained models (weights=None) at small inputs{' (reduced variants: tests/families.py)' if tiny else ''}; "
                   f"{CALIBRATION_STEPS} SGD steps on 16 random 0-255 images with random labels set the activation "
@@ -126,7 +174,7 @@ def main(argv=None) -> int:
               f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py`"]
     text = "\n".join(lines)
     print(text)
-    if argv is None and not sys.argv[1:] or args == ["--tiny"]:
+    if whole:
         from keras_qx._io import write_atomic
 
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
