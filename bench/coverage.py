@@ -110,12 +110,33 @@ def _measure(family: str, tool: str, tiny: bool = False, seed: int = SEED) -> di
         nudged[mask] = np.where(nudged[mask] < x.max() - in_step, nudged[mask] + in_step, nudged[mask] - in_step)
         self_noise = float(np.abs(qat.predict(nudged, verbose=0) - qat.predict(x, verbose=0)).mean() / step)
         worst = _worst_own(qat, bytes(tfl), x)
+        kernels = _kernels_apart(bytes(tfl), x, runner.predict(x), step)
         return ({"ok": True, "fully_integer": r.info.fully_integer, "float_ops": sorted(set(r.info.float_ops)),
                    "mean_steps": r.mean_error_steps, "max_steps": r.max_error_steps, "self_noise": self_noise,
-                   "bytes": len(tfl), "seconds": time.perf_counter() - start, **worst})
+                   "bytes": len(tfl), "seconds": time.perf_counter() - start, "kernels": kernels, **worst})
     except Exception as err:  # report any failure as a row
         return ({"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
                    "seconds": time.perf_counter() - start})
+
+
+def _kernels_apart(data: bytes, x, xnnpack_out, step: float) -> tuple:
+    """The file run by TFLite's built-in int8 kernels against its XNNPACK run (the default, which
+    ``export_tflite`` verifies with): mean and max difference in output steps. Two correct integer
+    implementations of one file: how far one-step requantization differences travel."""
+    import numpy as np
+
+    from keras_qx._runtime import interpreter, quantize_input
+
+    it = interpreter(data, xnnpack=False)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    got = []
+    for sample in x:
+        it.set_tensor(inp["index"], quantize_input(sample[None], inp))
+        it.invoke()
+        got.append(it.get_tensor(out["index"])[0])
+    scale, zero = out["quantization"]
+    diff = np.abs((np.stack(got).astype(np.float32) - zero) * scale - xnnpack_out) / step
+    return float(diff.mean()), float(diff.max())
 
 
 def _worst_own(qat, data: bytes, x) -> dict:
@@ -157,6 +178,10 @@ def _cell(r: dict) -> str:
             f"{r['bytes']:,} B")
 
 
+def _kernels_cell(r: dict) -> str:
+    return f"{r['kernels'][0]:.2f} / {r['kernels'][1]:.0f}" if r["ok"] and r.get("kernels") else "-"
+
+
 def _own_cell(r: dict) -> str:
     if not r["ok"] or r.get("own") is None:
         return "-"
@@ -184,13 +209,14 @@ def main(argv=None) -> int:
         parser.error(f"unknown family {', '.join(unknown)}; pick from {', '.join(known)}")
     whole = names == known and not opts.no_tfmot and opts.seed == SEED
     lines = ["| family | keras_qx: fully integer; output error mean / max (steps) (nudge); file "
-             "| worst own error (steps): max (mean) layer (op) | tfmot quantize_model |",
-             "|---|---|---|---|"]
+             "| built-in vs XNNPACK kernels, same file (steps) | worst own error (steps): max (mean) layer (op) "
+             "| tfmot quantize_model |",
+             "|---|---|---|---|---|"]
     for name in names:
         ours = run(name, "keras_qx", tiny, seed=opts.seed)
         theirs = ({"ok": False, "error": "not run (--no-tfmot)"} if opts.no_tfmot
                   else run(name, "tfmot", tiny, seed=opts.seed))
-        lines.append(f"| {name} | {_cell(ours)} | {_own_cell(ours)} | {_cell(theirs)} |")
+        lines.append(f"| {name} | {_cell(ours)} | {_kernels_cell(ours)} | {_own_cell(ours)} | {_cell(theirs)} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"Untrained models (weights=None) at small inputs{' (reduced variants: tests/families.py)' if tiny else ''}; "
                   f"{CALIBRATION_STEPS} SGD steps on 16 random 0-255 images with random labels set the activation "
