@@ -219,13 +219,20 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {_cell(ours)} | {_kernels_cell(ours)} | {_own_cell(ours)} | {_cell(theirs)} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"Untrained models (weights=None) at small inputs{' (reduced variants: tests/families.py)' if tiny else ''}; "
-                  f"{CALIBRATION_STEPS} SGD steps on 16 random 0-255 images with random labels set the activation "
-                  "ranges and BatchNorm statistics (one forward pass leaves an untrained net ill-conditioned: "
-                  "zero-variance BatchNorm channels amplify 1-step rounding differences ~100x); the error is "
-                  "TFLite vs the Keras QAT model on those images, in output quantization steps, mean / max; "
-                  "'nudge' is the Keras model's own mean output change when 0.5% of the input pixels move by one "
-                  "grey level (how strongly the untrained network amplifies a tiny difference).",
-              f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py`"]
+                  f"seed {opts.seed}: Keras' random seed and TensorFlow's op determinism make every row repeatable. "
+                  f"{CALIBRATION_STEPS} SGD steps on 16 random 0-255 images (N(0, 1) sequences for the transformer "
+                  "block) with random labels set the activation ranges and BatchNorm statistics (one forward pass "
+                  "leaves an untrained net ill-conditioned: zero-variance BatchNorm channels amplify 1-step rounding "
+                  "differences ~100x). Output error: the TFLite file (XNNPACK, as export_tflite verifies it) vs the "
+                  "Keras QAT model on those inputs, in output quantization steps, mean / max. 'nudge': the Keras "
+                  "model's own mean output change when 0.5% of the input values move by one input step (how "
+                  "strongly the untrained network amplifies a tiny difference). 'built-in vs XNNPACK': the same "
+                  "file run by TFLite's built-in int8 kernels against its XNNPACK run (two integer implementations "
+                  "of one file that round some requantizations differently by one step). 'worst own error': "
+                  "qx.compare_layers with the built-in kernels, each Keras layer fed the file's values of its "
+                  "inputs; the layer with the largest max (then mean) own error, in steps of its own tensor.",
+              f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py` "
+              "(one row: `--families RegNet --no-tfmot`)"]
     text = "\n".join(lines)
     print(text)
     if whole:
