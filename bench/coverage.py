@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                   "file run by TFLite's built-in int8 kernels against its XNNPACK run (two integer implementations "
                   "of one file that round some requantizations differently by one step). 'worst own error': "
                   "qx.compare_layers with the built-in kernels, each Keras layer fed the file's values of its "
-                  "inputs; the layer with the largest max (then mean) own error, in steps of its own tensor.",
+                  "inputs; the layer with the largest max (rounded to a whole step, then the largest mean) own error, in steps of its own tensor.",
               f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py` "
               "(one row: `--families RegNet --no-tfmot`)"]
     text = "\n".join(lines)
