@@ -81,13 +81,19 @@ def lstm_facts(data: bytes) -> dict:
             "n_gate_weights": len(gates), "int16_tensors": len(state)}
 
 
-def lstm_qat_rows(model, data) -> list:
-    """The QAT model's file as converted, and with its LSTM biases rescaled (what export does)."""
-    (x, y), (xt, yt) = data
+def trained_qat(model, x, y):
+    """The default-policy QAT model: calibrated on 500 signals, then QAT_EPOCHS epochs (seed 0)."""
     with seeded(0):
         qat = qx.calibrate(qx.quantize(model), x[:500])
         qat.compile(keras.optimizers.Adam(1e-4), LOSS, metrics=["accuracy"])
         qat.fit(x, y, epochs=QAT_EPOCHS, batch_size=64, verbose=0)
+    return qat
+
+
+def lstm_qat_rows(model, data) -> list:
+    """The QAT model's file as converted, and with its LSTM biases rescaled (what export does)."""
+    (x, y), (xt, yt) = data
+    qat = trained_qat(model, x, y)
     keras_acc = qat.evaluate(xt, yt, verbose=0)[1]
     snap_biases(qat)  # as export_tflite does first
     converter = converter_for(qat)
@@ -131,10 +137,7 @@ def convert_in_child(kind: str) -> str:
 
 def qat_row(model, data) -> tuple:
     (x, y), (xt, yt) = data
-    with seeded(0):
-        qat = qx.calibrate(qx.quantize(model), x[:500])
-        qat.compile(keras.optimizers.Adam(1e-4), LOSS, metrics=["accuracy"])
-        qat.fit(x, y, epochs=QAT_EPOCHS, batch_size=64, verbose=0)
+    qat = trained_qat(model, x, y)
     tfl = qx.export_tflite(qat, x[:300])
     ver, info = tfl.report.verification, tfl.report.info
     integer = "yes" if info.fully_integer else "no: " + ", ".join(sorted(set(info.float_ops)))
