@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 
-from keras_qx._compat import check_model, tf
+from keras_qx._compat import check_model, keras, tf
 from keras_qx._io import check_inputs, check_writable, model_input_specs
 from keras_qx._runtime import interpreter, ops_details
 from keras_qx.lite.convert import ExportError, convert, converter_for, representative
 from keras_qx.lite.export import ExportReport, TFLiteModel, check_options, deliver
 from keras_qx.lite.inspect import inspect_tflite
+from keras_qx.quant.kinds import integer_lstm
 from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["ptq", "PTQ_MODES"]
@@ -74,6 +75,20 @@ def _denylist(float_file: bytes, layers: list[str]) -> list[str]:
     return nodes
 
 
+def _check_no_crashing_rnn(model, mode: str) -> None:
+    """The converter's full-integer modes end the process with a segmentation fault on every
+    recurrent layer but a fused LSTM (GRU, SimpleRNN, RNN(cell), ConvLSTM, inside Bidirectional
+    too; measured on TF 2.21): refuse before converting, naming the layers and the fixes."""
+    crashing = sorted({m.name for m in model.submodules
+                       if isinstance(m, keras.layers.RNN) and not integer_lstm(m)})
+    if crashing:
+        raise ExportError(
+            f"PTQ mode {mode!r} cannot convert recurrent layer(s) {crashing}: TF's converter crashes the "
+            "whole process (segmentation fault) quantizing them to integers. Use mode 'dynamic' or "
+            "'float16', or qx.quantize + qx.export_tflite, which keeps them float and quantizes the rest "
+            "(a plain LSTM becomes one integer LSTM op).")
+
+
 def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, keep_float=None, path=None,
         verify: bool = True, min_agreement: float = 0.9, verify_samples: int = 256, print_fn=None) -> TFLiteModel:
     """Convert a float tf_keras model to TFLite with a post-training quantization mode.
@@ -104,6 +119,8 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
         raise ValueError(f"PTQ mode {mode!r} needs representative_data (a few hundred training samples): "
                          "to calibrate activation ranges and to verify the file (or verify=False for "
                          "dynamic/float16).")
+    if mode in ("int8", "int16x8"):
+        _check_no_crashing_rnn(model, mode)
     samples = check_inputs(representative_data, model_input_specs(model)) if representative_data is not None else []
     if path is not None:
         check_writable(path)
