@@ -68,7 +68,8 @@ Covered elsewhere (same standard: the error names the thing and the fix):
    calls off the allowlist in saved files, pickled .npz data to the CLI, simulate_only models
    after save/load/clone (tests/test_safety.py); a read-only output directory, even as root
    (tests/test_export.py writes to /proc); several inputs given as one array, a dict missing an
-   input, a metric per output miscounted (tests/test_multi_io.py).
+   input, a metric per output miscounted (tests/test_multi_io.py); a GRU/SimpleRNN/ConvLSTM to a
+   full-integer qx.ptq mode, which would crash TF's converter (tests/test_ptq.py).
 
 Left out on purpose:
  - BitWidthTuner.search mistakes: each needs keras-tuner and a trial (seconds); its argument
