@@ -1,7 +1,7 @@
 """``qx.compare``: several roads to a small model judged side by side in the TFLite runtime.
 
 One row per file: the task metric, bytes, gzip'd bytes, the size ratio to a reference file,
-the kernel sparsity and INT4 tensor count measured in the file, and the median latency over
+the kernel sparsity and INT4 / INT2 tensor counts measured in the file, and the median latency over
 repeated single-sample runs (thread count stated). Each file runs in a child process.
 
 Example:
@@ -31,13 +31,13 @@ class Comparison:
     def table(self) -> str:
         """A Markdown table of the rows."""
         head = (f"| road | {self.metric} | bytes | gzip bytes | gzip vs {self.reference} | kernel sparsity "
-                "| INT4 tensors | latency ms (median) |")
+                "| INT4 / INT2 tensors | latency ms (median) |")
         lines = [head, "|" + "---|" * 8]
         for r in self.rows:
             score = r.get(self.metric)
             shown = "-" if score is None else f"{score:.2%}" if self.metric == "accuracy" else f"{score:.4g}"
             lines.append(f"| {r['road']} | {shown} | {r['size_bytes']:,} | {r['gzip_bytes']:,} | "
-                         f"{r['gzip_ratio']:.1f}x | {r['kernel_sparsity']:.1%} | {r['int4_tensors']} | "
+                         f"{r['gzip_ratio']:.1f}x | {r['kernel_sparsity']:.1%} | {r['int4_tensors']} / {r['int2_tensors']} | "
                          f"{r['latency_ms']:.3f} |")
         lines.append(f"\nLatency: median of single-sample runs, {self.rows[0]['threads']} thread(s), delegate "
                      + ", ".join(sorted({r['delegate'] for r in self.rows})) + ".")
@@ -91,7 +91,7 @@ def compare(roads: dict, x, y=None, *, metric="accuracy", reference: str | None 
         info = inspect_tflite(data)
         result = evaluate_tflite(data, x, y, metric=metric, latency_runs=latency_runs, num_threads=num_threads)
         rows.append({"road": name, **result, "kernel_sparsity": info.kernel_sparsity,
-                     "int4_tensors": len(info.int4_tensors), "fully_integer": info.fully_integer,
+                     "int4_tensors": len(info.int4_tensors), "int2_tensors": len(info.int2_tensors), "fully_integer": info.fully_integer,
                      "path": os.fspath(roads[name]) if isinstance(roads[name], (str, os.PathLike)) else None})
     reference = reference or max(rows, key=lambda r: r["size_bytes"])["road"]
     ref = next(r for r in rows if r["road"] == reference)
