@@ -23,7 +23,7 @@ import keras_qx as qx  # noqa: E402
 from keras_qx._compat import keras, seeded  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx._runtime import Runner, RuntimeCrash, interpreter, io_details, run  # noqa: E402
-from keras_qx._compat import tflite_flatbuffer_utils  # noqa: E402
+from keras_qx._compat import tflite_model_bytes, tflite_model_object  # noqa: E402
 from keras_qx.data import digits_cnn, load_digits  # noqa: E402
 from keras_qx.lite import convert  # noqa: E402
 from keras_qx.lite.bias_grid import snap_biases  # noqa: E402
@@ -38,8 +38,7 @@ ROUNDING: list = []  # rows of the rounding table, filled by files_table
 def _int4_file(qat, x) -> bytes:
     """The file export_tflite writes before the INT2 rewrite (biases snapped the same way)."""
     snap_biases(qat)
-    with convert._export_mode(qat):
-        return convert._convert_qat(qat, [x], True)[0]
+    return convert._convert_qat(qat, [x], True)[0]
 
 
 def _builtin(data: bytes) -> Runner:
@@ -68,13 +67,12 @@ def _agreement(data: bytes, qat, x) -> str:
 def _bias_values_kept(int2: bytes, int4: bytes) -> bytes:
     """``int2`` with its FULLY_CONNECTED bias holding the INT4 file's int32 values again (its
     scale still the rescaled one): the runtime then accepts it and adds 7x the bias."""
-    utils = tflite_flatbuffer_utils()
-    new, old = utils.read_model_from_bytearray(bytearray(int2)), utils.read_model_from_bytearray(bytearray(int4))
+    new, old = tflite_model_object(int2), tflite_model_object(int4)
     for model in (new, old):
         graph = model.subgraphs[0]
         model._bias = next(graph.tensors[op.inputs[2]] for op in graph.operators if len(op.inputs) > 2 and op.inputs[2] >= 0)
     new.buffers[new._bias.buffer].data = old.buffers[old._bias.buffer].data
-    return bytes(utils.convert_object_to_bytearray(new))
+    return tflite_model_bytes(new)
 
 
 def _digits():
@@ -158,7 +156,7 @@ def rounding_rows(name: str, data: bytes, x) -> list[str]:
 
     schema = tflite_schema()
     names = {schema.TensorType.INT2: "INT2", schema.TensorType.INT4: "INT4"}
-    model = tflite_flatbuffer_utils().read_model_from_bytearray(bytearray(data))
+    model = tflite_model_object(data)
     graph = model.subgraphs[0]
     it = debug_interpreter(data)
     detail = it.get_input_details()[0]
