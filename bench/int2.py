@@ -28,6 +28,7 @@ from keras_qx.data import digits_cnn, load_digits  # noqa: E402
 from keras_qx.lite import convert  # noqa: E402
 from keras_qx.lite.bias_grid import snap_biases  # noqa: E402
 from keras_qx.lite.int2 import to_int2  # noqa: E402
+from keras_qx.quant import quantizers  # noqa: E402
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -120,7 +121,14 @@ def _narrow_dense():
         qat.compile("adam", "mse")
         qat.fit(x, target, epochs=2, verbose=0)
     snap_biases(qat)
-    return qat, convert._convert_qat(qat, [x[:256]], True)[0], x[256:]
+    # the converter's own storage of the fake-quantized kernel, as before export handed sub-4-bit
+    # kernels over on the INT4 grid of their own step (quantizers.exporting)
+    saved, quantizers.exporting = quantizers.exporting, lambda: False
+    try:
+        int4 = convert._convert_qat(qat, [x[:256]], True)[0]
+    finally:
+        quantizers.exporting = saved
+    return qat, int4, x[256:]
 
 
 def files_table() -> list[str]:
