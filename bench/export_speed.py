@@ -1,5 +1,5 @@
 """Export speed: TFLiteConverter.from_keras_model (a Keras SavedModel export that traces every
-layer) vs keras_qx.lite.export.converter_for (one traced tf.function), on the same QAT models, with
+layer) vs keras_qx.lite.convert.converter_for (one traced tf.function), on the same QAT models, with
 the same converter settings. Same flatbuffer content? (op list and kernel bytes compared.)
 
 Run: python bench/export_speed.py
@@ -36,7 +36,7 @@ def main() -> int:
 
     import keras_qx as qx
     from keras_qx.data import digits_cnn
-    from keras_qx.lite.export import converter_for
+    from keras_qx.lite.convert import converter_for
     from keras_qx.lite.inspect import inspect_tflite
     from tests.families import build, calibrate
 
