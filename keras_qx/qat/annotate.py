@@ -18,7 +18,7 @@ from keras_qx.quant.configs import (
     OutputQuantizeConfig,
 )
 from keras_qx.quant.kinds import integer_lstm, kernel_kind
-from keras_qx.quant.quantizers import ACTIVATION_BITS, check_bits
+from keras_qx.quant.quantizers import ACTIVATION_BITS, check_bits, full_range_for
 
 __all__ = ["annotate", "annotation_fields"]
 
@@ -59,7 +59,7 @@ def annotate(layer, weight_bits: int | None = None, activation_bits: int | None 
         config = KernelQuantizeConfig(
             list(kind.weight_attrs), weight_bits or 8, activation_bits or 8,
             per_channel=kind.per_channel, channel_axis=kind.channel_axis, pinned=pinned,
-            full_range=None if kind.int2_export else False,
+            full_range=full_range_for(weight_bits or 8, kind.int2_export),
         )
     elif integer_lstm(layer):
         if activation_bits is not None:

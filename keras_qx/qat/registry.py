@@ -39,6 +39,7 @@ from keras_qx.quant.configs import (
 )
 from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, kernel_kind, treatment
 from keras_qx.quant.policy import LayerSpec
+from keras_qx.quant.quantizers import full_range_for
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp
 
@@ -117,7 +118,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 per_channel=kind.per_channel,
                 channel_axis=kind.channel_axis,
                 quantize_activation=quantize_activation,
-                full_range=None if kind.int2_export else False,
+                full_range=full_range_for(spec.weight_bits, kind.int2_export),
             )
         if not quantize_activation or (known is not None and not (known.kind == QUANTIZED and known.quantize_output)):
             return NoOpQuantizeConfig()  # pass-through, identity, same-scale pooling
