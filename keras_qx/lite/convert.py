@@ -93,7 +93,6 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
     return data, seconds + time.perf_counter() - start
 
 
-
 def _convert_qat(qat_model, samples: list, int8_io: bool) -> tuple[bytes, float]:
     floats = kept_float_layers(qat_model)
     converter = converter_for(qat_model, batch=1 if floats else None)  # kept-float layers may be recurrent

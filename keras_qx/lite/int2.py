@@ -31,6 +31,7 @@ import numpy as np
 
 from keras_qx._compat import tflite_model_bytes, tflite_model_object, tflite_schema
 from keras_qx.lite.inspect import read_model, tensor_values
+from keras_qx.quant.cost import pack
 
 __all__ = ["INT2_RANGE", "pack_int2", "to_int2"]
 
@@ -47,9 +48,7 @@ def pack_int2(values) -> bytes:
     v = np.asarray(values).ravel()
     if v.size and (v.min() < INT2_RANGE[0] or v.max() > INT2_RANGE[1]):
         raise ValueError(f"INT2 holds -2..1, got values in {int(v.min())}..{int(v.max())}.")
-    v = np.concatenate([v.astype(np.int64), np.zeros(-v.size % 4, np.int64)]).astype(np.uint8) & 0x3
-    v = v.reshape(-1, 4)
-    return (v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)).astype(np.uint8).tobytes()
+    return pack(v, 2).tobytes()  # the cost model's packing: the bytes it predicts are these
 
 
 def _factors(values: np.ndarray, groups: int) -> np.ndarray | None:
