@@ -62,6 +62,19 @@ Interrupted runs
  86. verification fails: nothing written, the old file untouched
  87. KeyboardInterrupt inside write_atomic: the old file intact, no temporary file left
  88. KeyboardInterrupt in the CLI: exit 130 and one line, no traceback
+Loss against targets (one check, engine/sensitivity.check_targets, before any work in
+qx.sensitivity, qx.auto_policy, BitWidthTuner.search and the CLI; these used to surface as
+TensorFlow's graph error from inside keras_qx, or not at all)
+ 89. class ids (n,) to a model compiled with mse and a 10-unit output
+ 90. binary cross-entropy with class ids on a multi-unit output
+ 91. binary cross-entropy on a one-unit output with class ids 0..3 (was: silently wrong loss)
+ 92. sparse cross-entropy on a one-unit output with ids above 0
+ 93. one-hot rows of the wrong width for a categorical cross-entropy
+ 94. regression targets of the wrong width for mse
+ 95. a custom loss that cannot take the targets (probed on two samples)
+ 96. BitWidthTuner.search with mse and class ids, or too few validation labels (before any trial)
+ 97. the CLI with a model compiled with mse and class-id labels in the .npz (before training)
+ 98. the CLI with x_val but no y_val
 
 Covered elsewhere (same standard: the error names the thing and the fix):
  - a model that never saw data exported (tests/test_calibrate.py); Lambda layers and raw TF
@@ -72,8 +85,8 @@ Covered elsewhere (same standard: the error names the thing and the fix):
    full-integer qx.ptq mode, which would crash TF's converter (tests/test_ptq.py).
 
 Left out on purpose:
- - BitWidthTuner.search mistakes: each needs keras-tuner and a trial (seconds); its argument
-   checks have their own tests in tests/test_search.py.
+ - BitWidthTuner.search mistakes other than in its data (96): its argument checks have their
+   own tests in tests/test_search.py.
  - evaluate_tflite(latency_runs=0): NaN latencies are a usable "don't time it", not a mistake.
 """
 import os
@@ -468,6 +481,79 @@ def test_58_max_samples_zero(model, data):
         qx.sensitivity(model, data, max_samples=0, verbose=False)
 
 
+# ---- loss against targets ----------------------------------------------------------------
+
+def compiled(loss, units=4):
+    """A tiny model with ``units`` outputs compiled with ``loss``."""
+    inputs = keras.Input((8,), name="x")
+    h = keras.layers.Dense(8, activation="relu", name="fc1")(inputs)
+    m = keras.Model(inputs, keras.layers.Dense(units, name="out")(h))
+    m.compile("adam", loss)
+    return m
+
+
+def test_89_mse_with_class_ids(data):
+    """The issue's case: used to be 'Dimensions must be equal, but are 10 and 32 for
+    {{node SquaredDifference}}' from inside the sensitivity's graph."""
+    m = compiled("mse", units=10)
+    match = both("the model's compiled loss mean_squared_error", "element by element", "y has shape (32,)",
+                 "outputs (None, 10)", "SparseCategoricalCrossentropy(from_logits=True)", "to_categorical(y, 10)")
+    with pytest.raises(ValueError, match=match):
+        qx.sensitivity(m, data, verbose=False)
+    with pytest.raises(ValueError, match=match):
+        qx.auto_policy(m, data, avg_bits=6, verbose=False)
+    # the fixes it names both work
+    x, y = data
+    assert qx.sensitivity(m, (x, np.eye(10)[y]), verbose=False).method == "loss"
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert qx.sensitivity(m, data, loss=loss, verbose=False).baseline_loss > 0
+
+
+@pytest.mark.parametrize("loss, units, targets, error, parts", [
+    ("binary_crossentropy", 4, lambda y: y, ValueError,
+     ("compiled loss binary_crossentropy", "each of the model's 4 output units", "class ids shaped (32,)",
+      "SparseCategoricalCrossentropy", "0/1 rows shaped (n, 4)")),
+    (keras.losses.BinaryCrossentropy(from_logits=True), 1, lambda y: y, ValueError,
+     ("BinaryCrossentropy takes 0/1 targets", "values 0..3", "outputs (None, 1)", "one output unit per class")),
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True), 1, lambda y: y, ValueError,
+     ("SparseCategoricalCrossentropy", "outputs (None, 1) (one unit)", "ids 0..3", "BinaryCrossentropy")),
+    ("categorical_crossentropy", 4, lambda y: np.eye(3)[y % 3], ValueError,
+     ("categorical_crossentropy compares y", "shape (32, 3)", "outputs (None, 4)", "targets shaped (n, 4)")),
+    ("mse", 4, lambda y: np.zeros((32, 3), "float32"), ValueError,
+     ("mean_squared_error compares y", "shape (32, 3)", "outputs (None, 4)", "targets shaped (n, 4)")),
+], ids=["90-binary-ce-ids-4-units", "91-binary-ce-ids-1-unit", "92-sparse-ce-1-unit", "93-one-hot-width",
+        "94-regression-width"])
+def test_loss_against_targets(data, loss, units, targets, error, parts):
+    x, y = data
+    with pytest.raises(error, match=both(*parts)):
+        qx.sensitivity(compiled(loss, units), (x, targets(y)), verbose=False)
+
+
+def test_95_custom_loss_probed_on_two_samples(data):
+    def pairwise(y_true, y_pred):  # a custom loss that needs targets shaped like the output
+        return tf.reduce_mean(tf.reshape(y_true, (-1, 4)) - y_pred, axis=-1)
+
+    with pytest.raises(ValueError, match=both("the loss pairwise cannot score y (shape (32,))",
+                                              "output (None, 4)", "Pass targets the loss takes")):
+        qx.sensitivity(tiny(), data, loss=pairwise, verbose=False)
+
+
+def test_96_search_checks_its_data_before_any_trial(data, tmp_path):
+    pytest.importorskip("keras_tuner")
+    from keras_qx.engine.search import BitWidthTuner
+
+    x, y = data
+    tuner = BitWidthTuner(compiled("mse", units=10), max_trials=1, directory=tmp_path, print_fn=None)
+    with pytest.raises(ValueError, match=both("compiled loss mean_squared_error", "y has shape (32,)",
+                                              "outputs (None, 10)", "SparseCategoricalCrossentropy")):
+        tuner.search(x, y, validation_data=(x, y))
+    tuner = BitWidthTuner(tiny(), max_trials=1, directory=tmp_path, print_fn=None)
+    with pytest.raises(ValueError, match=both("validation_data x has 32 samples but validation_data y has 8",
+                                              "one target per sample")):
+        tuner.search(x, y, validation_data=(x, y[:8]))
+    assert not (tmp_path / "bitwidth_search").exists()  # no trial started
+
+
 @pytest.mark.parametrize("kwargs, error, parts", [
     ({"min_agreement": 90}, ValueError, ("min_agreement is a fraction in 0..1", "0.9 means 90%", "got 90")),
     ({"verify_samples": 0}, ValueError, ("verify_samples must be an integer >= 1", "got 0")),
@@ -686,3 +772,26 @@ def test_88_interrupt_in_the_cli(capsys, files, monkeypatch):
     monkeypatch.setattr(cli_module, "_inspect", interrupted)
     code, err = cli(capsys, "inspect", files / "good.tflite")
     assert code == 130 and err.strip() == "keras-qx: interrupted."
+
+
+def test_97_cli_mse_model_with_class_ids(capsys, tmp_path, data):
+    x, y = data
+    compiled("mse", units=10).save(tmp_path / "mse.keras")
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    code = main(["quantize", "--budget", "0.6x", "--model", str(tmp_path / "mse.keras"), "--data",
+                 str(tmp_path / "d.npz"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = next(l for l in err.splitlines() if l.startswith("keras-qx: error:"))
+    for part in ("compiled loss mean_squared_error", "y_train has shape (32,)", "outputs (None, 10)",
+                 "SparseCategoricalCrossentropy", "to_categorical(y_train, 10)"):
+        assert part in line, (part, line)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_98_cli_x_val_without_y_val(capsys, tmp_path, files, data):
+    x, y = data
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y, x_val=x)
+    assert main(["analyze", "--model", str(files / "good.keras"), "--data", str(tmp_path / "d.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "has x_val but not y_val" in err and "x_val=..., y_val=..." in err

@@ -45,9 +45,9 @@ from typing import Callable
 from keras_qx._compat import check_model, keras, seeded
 from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
-from keras_qx._io import write_atomic
+from keras_qx._io import check_inputs, model_input_specs, write_atomic
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from
-from keras_qx.engine.sensitivity import infer_loss, quantizable_layers
+from keras_qx.engine.sensitivity import check_targets, infer_loss, quantizable_layers
 from keras_qx.qat.quantize import quantize
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.quant.policy import Policy
@@ -333,7 +333,7 @@ class BitWidthTuner:
             copy.deepcopy(callbacks)
         except Exception as err:  # noqa: BLE001
             raise TypeError(f"callbacks are copied for each trial and must be deep-copyable ({err}).") from None
-        loss = self.training.loss or infer_loss(self.model if self.model is not None else self._build_default(), y)
+        loss = self._checked_loss(x, y, validation_data)
         self._fit = dict(x=x, y=y, validation_data=validation_data, validation_split=validation_split,
                          epochs=epochs, batch_size=batch_size, callbacks=callbacks, float_epochs=float_epochs,
                          loss=loss, fit_kwargs=fit_kwargs)
@@ -353,6 +353,25 @@ class BitWidthTuner:
                       f"rejected, {stats['repaired']} repaired"
                       + (f"; best trial {best.trial_id}: {self.objective.name}={best.score:.4f}" if best else ""))
         return self
+
+    def _checked_loss(self, x, y, validation_data):
+        """The trials' loss, with the targets (and the validation targets) checked against it and
+        the model's output before any trial (:func:`~keras_qx.engine.sensitivity.check_targets`);
+        data given as a tf.data.Dataset or a generator is left to ``fit``."""
+        reference = self.model if self.model is not None else self._build_default()
+        if y is None or _is_stream(x):
+            return self.training.loss or infer_loss(reference, y)
+        specs = model_input_specs(reference)
+
+        def first(samples, what):  # two checked samples for the loss probe
+            head = check_inputs(_head(samples, 2), specs, what)
+            return head[0] if len(head) == 1 else head
+
+        loss_fn, _ = check_targets(reference, first(x, "x"), y, self.training.loss, "y", n=_count(x))
+        if isinstance(validation_data, (tuple, list)) and len(validation_data) >= 2 and not _is_stream(validation_data[0]):
+            vx, vy = validation_data[0], validation_data[1]
+            check_targets(reference, first(vx, "validation_data x"), vy, loss_fn, "validation_data y", n=_count(vx))
+        return self.training.loss or loss_fn
 
     def _warm_needed(self, oracle) -> bool:
         return (self.training.warm_start and self.model is not None and self.budget_bytes is not None
@@ -593,6 +612,29 @@ class BitWidthTuner:
         if out is not None:
             out(text)
         return text
+
+
+def _is_stream(x) -> bool:
+    """A tf.data.Dataset, a generator or a keras Sequence: not an array of samples."""
+    return hasattr(x, "as_numpy_iterator") or hasattr(x, "__next__") or type(x).__name__.endswith(("Sequence", "Dataset"))
+
+
+def _head(x, k: int):
+    """The first ``k`` samples of ``x`` (an array, a list per input, or a dict by input name)."""
+    if isinstance(x, dict):
+        return {name: v[:k] for name, v in x.items()}
+    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
+        return [v[:k] for v in x]
+    return x[:k]
+
+
+def _count(x) -> int:
+    """How many samples ``x`` holds (the first input's, for several)."""
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
+        return len(x[0])
+    return len(x)
 
 
 def format_results(rows, objective="metric", direction="max", *, budget_bytes=None, stats=None, fmt="markdown") -> str:

@@ -31,7 +31,7 @@ from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits, full_range_for, g
 from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["sensitivity", "SensitivityReport", "fake_quantize", "quantizable_layers", "infer_loss",
-           "METHODS"]
+           "check_targets", "METHODS"]
 
 METHODS = ("loss", "hessian", "sqnr")
 
@@ -82,33 +82,141 @@ def _one_hot(y: np.ndarray, classes: int) -> bool:
             and bool(np.isin(y, (0, 1)).all()) and bool((y.sum(1) == 1).all()))
 
 
-def _check_targets(model, loss_fn, y, n: int) -> np.ndarray:
-    """``y`` checked against the loss before any work: class ids in range for a sparse
-    cross-entropy, one-hot rows for a categorical one, finite numbers otherwise."""
-    from keras_qx._io import check_labels
+ELEMENTWISE_LOSSES = frozenset({
+    "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
+    "mean_squared_logarithmic_error", "huber", "log_cosh", "binary_crossentropy", "binary_focal_crossentropy",
+    "categorical_crossentropy", "categorical_focal_crossentropy", "categorical_hinge", "hinge", "squared_hinge",
+    "kl_divergence", "poisson", "cosine_similarity"})
+"""Losses (by function name) that compare the targets to the output element by element: ``y``
+must have the output's shape (a trailing axis of 1 aside)."""
 
+
+def _loss_name(loss_fn) -> tuple[str, str]:
+    """``(kind, name)``: the loss function's name (``mean_squared_error``), and what to call it
+    in an error (the class name of a Loss object, else the function's name)."""
     fn = getattr(loss_fn, "fn", loss_fn)  # a Loss instance wraps its function
     kind = getattr(fn, "__name__", "")
     name = type(loss_fn).__name__ if isinstance(loss_fn, keras.losses.Loss) else kind or type(loss_fn).__name__
-    classes = int(model.output_shape[-1] or 1)
-    y = np.asarray(y)
+    return kind, name
+
+
+def _shapes_match(y_tail: tuple, out_tail: tuple) -> bool:
+    """Targets shaped ``(n, *y_tail)`` fit an output ``(n, *out_tail)`` as Keras losses line them
+    up (``None`` matches any size; a trailing axis of 1 on either side is squeezed)."""
+    if len(y_tail) == len(out_tail):
+        return all(o is None or o == t for t, o in zip(y_tail, out_tail))
+    if len(y_tail) + 1 == len(out_tail) and out_tail[-1] in (1, None):
+        return _shapes_match(y_tail, out_tail[:-1])
+    if len(y_tail) == len(out_tail) + 1 and y_tail[-1] == 1:
+        return _shapes_match(y_tail[:-1], out_tail)
+    return False
+
+
+def _from_logits(model) -> bool:
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    return activation not in ("softmax", "sigmoid") and not isinstance(last, keras.layers.Softmax)
+
+
+def check_targets(model, x, y, loss=None, what: str = "y", n: int | None = None):
+    """``(loss_fn, y)``: the loss (``loss``, else the model's compiled one, else inferred from
+    ``y``) and the targets ``y`` checked against it and the model's output before any work.
+
+    One check for every entry that scores a model on user data (``qx.sensitivity``,
+    ``qx.auto_policy``, ``BitWidthTuner.search``, the CLI), so a mistake in the data is named
+    with the loss, the label shape, the output shape and the fix instead of surfacing as
+    TensorFlow's graph error from inside a trial: labels not one per sample, one-hot rows for
+    a sparse cross-entropy, class ids for a categorical one or for an element-wise loss (MSE
+    on a 10-unit output), a binary cross-entropy on class ids or on a 10-unit output; any other
+    loss is run on two samples and its error re-raised with the shapes.
+
+    ``x`` is the checked samples (an array, or a list per input) or their first few, with ``n``
+    the number of samples; for a sparse cross-entropy ``y`` comes back as integer ids (``(n, 1)``
+    columns flattened)."""
+    from keras_qx._io import check_labels
+
+    if n is None:
+        n = len(x[0]) if isinstance(x, (list, tuple)) else len(x)
+    if y is None:
+        raise ValueError(f"{what} is None: pass targets, one per sample ({n} samples), e.g. data=(x, y).")
+    if loss is not None:
+        loss_fn = keras.losses.get(loss)
+        origin = "the loss"
+    else:
+        compiled = getattr(model, "compiled_loss", None) is not None and isinstance(model.loss, (str, keras.losses.Loss))
+        loss_fn = infer_loss(model, y)
+        origin = "the model's compiled loss" if compiled else "the loss inferred from the targets,"
+    if len(getattr(model, "outputs", None) or [None]) > 1:
+        return loss_fn, y  # several outputs: their targets are checked by the caller (a list or dict)
+    try:
+        y = np.asarray(y)
+    except ValueError as err:
+        raise TypeError(f"{what} must be an array of targets, got something ragged: {err}") from None
     if y.ndim == 0 or len(y) != n:
-        raise ValueError(f"x has {n} samples but y has {len(y) if y.ndim else 1} targets; pass one target per sample.")
-    if kind.startswith("sparse_categorical"):
-        if y.ndim == 2 and y.shape[1] == classes > 1:
-            raise ValueError(f"y looks one-hot (shape {y.shape}), but the loss {name} takes integer class ids; "
-                             "pass y.argmax(-1), or compile the model with CategoricalCrossentropy.")
-        return check_labels(y, n, "y", classes)
-    if kind.startswith("categorical_") and y.ndim == 1:
-        raise ValueError(f"y holds class ids (shape {y.shape}), but the loss {name} takes one-hot rows "
-                         f"(n, {classes}); pass keras.utils.to_categorical(y, {classes}), or compile the model "
-                         "with SparseCategoricalCrossentropy.")
+        raise ValueError(f"{what.replace('y', 'x', 1)} has {n} samples but {what} has {len(y) if y.ndim else 1} "
+                         "targets; pass one target per sample.")
     if y.dtype.kind not in "biuf":
-        raise TypeError(f"y must be numeric targets, got {y.dtype} values such as {y.ravel()[:3].tolist()}; "
-                        "map class names to ids first.")
+        raise TypeError(f"{what} must be numeric targets, got {y.dtype} values such as {y.ravel()[:3].tolist()}; "
+                        "map class names to ids first, e.g. np.unique(y, return_inverse=True)[1].")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise ValueError(f"y contains {int((~np.isfinite(y)).sum())} NaN/inf values; clean the targets.")
-    return y
+        raise ValueError(f"{what} contains {int((~np.isfinite(y)).sum())} NaN/inf values; clean the targets.")
+    kind, name = _loss_name(loss_fn)
+    loss_text = f"{origin} {name}"
+    out_shape = tuple(model.output_shape)
+    out_tail = out_shape[1:]
+    units = int(out_tail[-1]) if out_tail and out_tail[-1] is not None else 1
+    ids = y.ndim == 1 and _integral(y)
+    sparse_fix = (f"compile the model with keras.losses.SparseCategoricalCrossentropy(from_logits={_from_logits(model)})"
+                  " (or pass loss=...)")
+    if kind.startswith("sparse_categorical"):
+        if y.ndim == 2 and y.shape[1] == units > 1 and _one_hot(y, units):
+            raise ValueError(f"{what} looks one-hot (shape {y.shape}), but {loss_text} takes integer class ids; "
+                             f"pass {what}.argmax(-1), or compile the model with CategoricalCrossentropy.")
+        if units == 1 and ids and len(y) and y.max() > 0:
+            raise ValueError(f"{loss_text} takes class ids below the model's output units, but the model outputs "
+                             f"{out_shape} (one unit) and {what} holds ids {int(y.min())}..{int(y.max())}: for 0/1 "
+                             "labels compile with keras.losses.BinaryCrossentropy; for more classes give the model "
+                             "one output unit per class.")
+        y = check_labels(y, n, what, units)
+    elif kind.startswith("categorical_") and y.ndim == 1:
+        raise ValueError(f"{what} holds class ids (shape {y.shape}), but {loss_text} takes one-hot rows "
+                         f"(n, {units}); pass keras.utils.to_categorical({what}, {units}), or {sparse_fix}.")
+    elif kind.startswith("binary_") and units > 1 and ids:
+        raise ValueError(f"{loss_text} scores each of the model's {units} output units as its own yes/no and "
+                         f"takes targets shaped (n, {units}), but {what} holds class ids shaped {y.shape} "
+                         f"(model output {out_shape}): for one class per sample {sparse_fix}; for multi-label "
+                         f"targets pass 0/1 rows shaped (n, {units}).")
+    elif kind.startswith("binary_") and len(y) and (y.min() < 0 or y.max() > 1):
+        raise ValueError(f"{loss_text} takes 0/1 targets (probabilities), but {what} (shape {y.shape}) holds values "
+                         f"{y.min():g}..{y.max():g} and the model outputs {out_shape}: for class ids give the model "
+                         f"one output unit per class and {sparse_fix}.")
+    elif kind in ELEMENTWISE_LOSSES and not _shapes_match(y.shape[1:], out_tail):
+        hint = (f"if {what} holds class ids, {sparse_fix}, or one-hot the labels with "
+                f"keras.utils.to_categorical({what}, {units})" if ids and units > 1 and y.min() >= 0
+                and y.max() < units else
+                f"pass targets shaped (n, {', '.join(str(d) for d in out_tail)}) like the output, or a loss for "
+                "these targets")
+        raise ValueError(f"{loss_text} compares {what} with the model's output element by element, but {what} has "
+                         f"shape {y.shape} and the model outputs {out_shape}; {hint}.")
+    _probe_loss(model, loss_fn, x, y, loss_text, what, out_shape)
+    return loss_fn, y
+
+
+def _probe_loss(model, loss_fn, x, y, loss_text, what, out_shape) -> None:
+    """Run the loss on two samples: a loss the checks above do not know (a custom one) fails
+    here with the shapes named instead of inside a compiled graph."""
+    try:
+        xb = [xi[:2] for xi in x] if isinstance(x, (list, tuple)) else x[:2]
+        pred = model(xb, training=False)
+    except Exception:  # noqa: BLE001 - the model's own errors are reported where it runs
+        return
+    try:
+        loss_fn(tf.constant(y[:2]), pred)
+    except (ValueError, TypeError, tf.errors.OpError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"{loss_text} cannot score {what} (shape {y.shape}) against the model's output "
+                         f"{out_shape}: {first[:300]}. Pass targets the loss takes, or compile the model with a "
+                         "loss for these targets (or pass loss=...).") from None
 
 
 def _kernels(layer):
@@ -261,9 +369,7 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         max_samples = check_count(max_samples, "max_samples")
         check_count(batch_size, "batch_size")
         x = check_samples(data[0], model.input_shape[1:], "x")
-        y = np.asarray(data[1])
-        loss_fn = keras.losses.get(loss) if loss is not None else infer_loss(model, y)
-        y = _check_targets(model, loss_fn, y, len(x))
+        loss_fn, y = check_targets(model, x, data[1], loss)
         x, y = x[:max_samples], y[:max_samples]
 
     damage = {l.name: {} for l in layers}
