@@ -14,8 +14,12 @@
     keras-qx eval a.tflite b.tflite ... --data D.npz [--metric accuracy] [--plot roads.png]
         one table comparing the files in the runtime: metric, bytes, gzip, sparsity, latency
 
-Without ``--model``, analyze and quantize train the digits CNN first. ``--data`` is an
-``.npz`` with ``x_train, y_train, x_test, y_test``.
+Without ``--model``, analyze, quantize and search train the digits CNN first (on four fifths of
+its training split). ``--data`` is an ``.npz`` with ``x_train, y_train, x_test, y_test`` and,
+best, ``x_val, y_val``: data the float model did not train on. QAT trains on ``x_train``; the
+policy is chosen (sensitivity, the search's trials) on ``x_val``, else on ``x_test`` with a
+warning that the test accuracy is then optimistic; the report names the split. The targets of
+every split are checked against the model's loss and output before any work.
 """
 from __future__ import annotations
 
@@ -31,25 +35,99 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _model_and_data(args):
-    from keras_qx.demo import train_digits
+class _Data:
+    """The CLI's splits: ``train`` (QAT trains on it), ``test`` (the file is scored on it) and
+    ``val``, where sensitivity and the search's trials are scored: data the float model has not
+    trained on (see :func:`_validation`). ``val_name`` and ``note`` say which, for the report."""
 
+    def __init__(self, train, test, val, val_name, note=""):
+        self.train, self.test, self.val, self.val_name, self.note = train, test, val, val_name, note
+
+    def describe(self) -> str:
+        return f"Validation split (chose the policy): {self.val_name}, {len(self.val[0]):,} samples.{self.note}"
+
+
+def _model_and_data(args) -> tuple:
+    """``(model, _Data)``: the user's model and .npz, or the digits CNN trained here with a fifth
+    of its training split held out for validation. The targets of every split are checked
+    against the model's loss and output before any work."""
     if args.model is None:
         if args.data is not None:
             raise ValueError("--data needs --model (the digits data comes with the default model).")
-        return train_digits(args.epochs, print_fn=_say)
+        return _train_default(args.epochs)
     from keras_qx.qat.saving import load_model
 
     if args.data is None:
-        raise ValueError("--model needs --data: an .npz with x_train, y_train, x_test, y_test.")
-    data = _load_data(args.data)  # the cheap check first
-    return load_model(args.model), data
+        raise ValueError("--model needs --data: an .npz with x_train, y_train, x_test, y_test (and x_val, y_val).")
+    arrays = _load_data(args.data)  # the cheap check first
+    model = load_model(args.model)
+    data = _validation(arrays, args.data)
+    _check_splits(model, data)
+    return model, data
 
 
-def _load_data(path: str):
-    """``((x_train, y_train), (x_test, y_test))`` from an ``.npz`` (see :func:`_read_npz`)."""
+def _train_default(epochs: int):
+    """The digits CNN trained on four fifths of the digits training split; the last fifth,
+    never trained on, is the validation split."""
+    from keras_qx._compat import keras, seeded
+    from keras_qx.data import digits_cnn, load_digits
+
+    (x, y), test = load_digits()
+    n_val = len(x) // 5
+    (x, y), val = (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+    _say(f"training the float digits CNN ({len(x)} images, {epochs} epochs; {n_val} held out for validation)...")
+    with seeded(0):
+        model = digits_cnn(seed=0)
+        model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return model, _Data((x, y), test, val, "the last fifth of the digits training split, held out of float training")
+
+
+def _load_data(path: str) -> dict:
+    """The arrays of an ``.npz``: ``x_train, y_train, x_test, y_test``, and ``x_val, y_val``
+    if it has them (both or neither)."""
+    import numpy as np
+
     arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"))
-    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+    with np.load(path, allow_pickle=False) as npz:
+        present = [k for k in ("x_val", "y_val") if k in npz.files]
+    if len(present) == 1:
+        other = ({"x_val", "y_val"} - set(present)).pop()
+        raise ValueError(f"--data {path!r} has {present[0]} but not {other}; save both (np.savez(path, ..., "
+                         "x_val=..., y_val=...)) or neither.")
+    if present:
+        arrays.update(_read_npz(path, ("x_val", "y_val")))
+    return arrays
+
+
+def _validation(arrays: dict, path: str) -> "_Data":
+    """Where the policy is chosen (sensitivity, the search's trials): ``x_val, y_val`` if the
+    .npz has them; else the test split, with a warning that the test figures are then
+    optimistic (the float model trained on ``x_train``, so its tail is no validation)."""
+    train, test = (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+    if "x_val" in arrays:
+        return _Data(train, test, (arrays["x_val"], arrays["y_val"]), "x_val/y_val")
+    note = (f" {os.path.basename(path)} has no x_val/y_val, so the test split chose the policy and the test "
+            "accuracy is optimistic; add x_val, y_val (held out of the float model's training) for an unbiased "
+            "test figure.")
+    _say("warning:" + note)
+    return _Data(train, test, test, "x_test/y_test (no x_val in the data)", note)
+
+
+def _check_splits(model, data: "_Data") -> None:
+    """Every split's samples and targets checked against the model's input, loss and output
+    (:func:`~keras_qx.engine.sensitivity.check_targets`), before any work."""
+    from keras_qx._io import check_inputs, model_input_specs
+    from keras_qx.engine.sensitivity import check_targets
+
+    specs = model_input_specs(model)
+    splits = [("train", data.train), ("test", data.test)]
+    if data.val is not data.test:
+        splits.append(("val", data.val))
+    for name, (x, y) in splits:
+        head = check_inputs(x[:2], specs, f"x_{name}")
+        check_targets(model, head[0] if len(head) == 1 else head, y, what=f"y_{name}", n=len(x))
 
 
 def _read_npz(path: str, keys: tuple, alternatives: tuple = ()) -> dict:
@@ -125,9 +203,10 @@ def _analyze(args) -> int:
     from keras_qx._io import write_atomic
     from keras_qx.engine.sensitivity import sensitivity
 
-    model, ((x, y), _) = _model_and_data(args)
+    model, data = _model_and_data(args)
     _say(f"sensitivity ({args.method}) of {model.name}...")
-    report = sensitivity(model, (x, y), args.candidates, method=args.method, verbose=True)
+    report = sensitivity(model, data.val, args.candidates, method=args.method, verbose=True)
+    print(f"Sensitivity measured on {data.val_name}, {len(data.val[0]):,} samples.")
     report.table(print_fn=print)
     print(f"({report.seconds:.2f}s)")
     if args.out:
@@ -149,11 +228,12 @@ def _quantize(args) -> int:
     from keras_qx.qat.summary import summary
 
     parse_budget(args.budget)
-    model, ((x, y), (xt, yt)) = _model_and_data(args)
+    model, data = _model_and_data(args)
+    (x, y), (xt, yt) = data.train, data.test
     unit = SIZE_UNITS[args.size]
     budget = budget_from(quantizable_layers(model), budget_bytes=args.budget, size=args.size)
-    _say(f"sensitivity ({args.method})...")
-    report = sensitivity(model, (x, y), args.candidates, method=args.method, verbose=True)
+    _say(f"sensitivity ({args.method}) on {data.val_name}, {len(data.val[0]):,} samples...")
+    report = sensitivity(model, data.val, args.candidates, method=args.method, verbose=True)
     policy = auto_policy(model, report=report, budget_bytes=budget, keep=args.keep, size=args.size)
     meta = policy.meta["auto_policy"]
     _say(f"allocation: {meta['predicted_kernel_bytes']:,} of {budget:,} {unit}; QAT {args.qat_epochs} epochs...")
@@ -166,8 +246,10 @@ def _quantize(args) -> int:
     lines = ["# keras_qx quantization report", "",
              f"Budget: {budget:,} {unit} ({args.budget}); predicted {meta['predicted_kernel_bytes']:,} "
              f"(int8 would be {meta['int8_kernel_bytes']:,}); kernel bytes in the file {file_kernels:,}.", "",
-             f"TFLite: accuracy {result['accuracy']:.2%}, {result['size_bytes']:,} bytes "
-             f"({result['gzip_bytes']:,} gzipped), median latency {result['latency_ms']:.3f} ms.", "",
+             f"TFLite (test split, {len(xt):,} samples): accuracy {result['accuracy']:.2%}, "
+             f"{result['size_bytes']:,} bytes ({result['gzip_bytes']:,} gzipped), median latency "
+             f"{result['latency_ms']:.3f} ms.", "",
+             data.describe() + " The sensitivity (damage below) was measured there.", "",
              f"| layer | bits | {unit} | damage |", "|---|---|---|---|"]
     lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['damage']:.4g} |" for n, v in meta["layers"].items()]
     lines += ["", "```", summary(qat, print_fn=None), "```", "", report.table(print_fn=None).replace("\n", "  \n"),
@@ -175,7 +257,7 @@ def _quantize(args) -> int:
     report.plot(_out_path(args, "sensitivity.png"))
     write_atomic(_out_path(args, "policy.json"), policy.to_json().encode())
     write_atomic(_out_path(args, "report.md"), "\n".join(lines).encode())
-    print("\n".join(lines[:5]))
+    print("\n".join(lines[:7]))
     _say(f"wrote {args.out}/policy.json, model.tflite, report.md, sensitivity.png")
     return 0
 
@@ -206,15 +288,15 @@ def _search(args) -> int:
     from keras_qx.engine.search import BitWidthTuner, format_results
 
     parse_budget(args.budget)
-    model, ((x, y), (xt, yt)) = _model_and_data(args)
-    n_val = max(1, len(x) // 5)  # the last fifth of the training split scores the trials
+    model, data = _model_and_data(args)
+    (x, y), (xt, yt) = data.train, data.test
     tuner = BitWidthTuner(model, candidates=args.candidates, budget_bytes=args.budget, oracle=args.oracle,
                           max_trials=args.trials, directory=args.out, project_name="search",
                           overwrite=args.overwrite, seed=args.seed, print_fn=_say, size=args.size)
     _say(f"search: {args.trials} trials ({args.oracle}), budget {tuner.budget_bytes:,} {tuner.unit} ({args.budget}), "
          f"QAT {args.qat_epochs} epoch(s) each...")
-    tuner.search(x[:-n_val], y[:-n_val], validation_data=(x[-n_val:], y[-n_val:]), epochs=args.qat_epochs,
-                 batch_size=64)
+    _say(f"trials validated on {data.val_name}, {len(data.val[0]):,} samples")
+    tuner.search(x, y, validation_data=data.val, epochs=args.qat_epochs, batch_size=64)
     policy = tuner.best_policy()
     meta = policy.meta["search"]
     qat = tuner.best_model()
@@ -230,11 +312,13 @@ def _search(args) -> int:
              f"Budget: {tuner.budget_bytes:,} {tuner.unit} ({args.budget}); best trial {meta['trial_id']} predicted "
              f"{meta['predicted_kernel_bytes']:,} (int8 would be {tuner.int8_bytes:,}); kernel bytes in the file "
              f"{tfl.report.info.kernel_bytes:,}.", "",
-             f"TFLite (test split): accuracy {result['accuracy']:.2%}, {result['size_bytes']:,} bytes "
-             f"({result['gzip_bytes']:,} gzipped), median latency {result['latency_ms']:.3f} ms.", "",
+             f"TFLite (test split, {len(xt):,} samples): accuracy {result['accuracy']:.2%}, "
+             f"{result['size_bytes']:,} bytes ({result['gzip_bytes']:,} gzipped), median latency "
+             f"{result['latency_ms']:.3f} ms.", "",
+             data.describe() + f" The trials' {name} below is measured there.", "",
              table, "", "![search](search.png)", ""]
     write_atomic(_out_path(args, "results.md"), "\n".join(lines).encode())
-    print("\n".join(lines[:5]))
+    print("\n".join(lines[:7]))
     _say(f"wrote {args.out}/policy.json, model.tflite, results.csv, results.md, search.png")
     return 0
 
@@ -280,7 +364,8 @@ def _eval(args) -> int:
 
 def _model_options(parser):
     parser.add_argument("--model", help="a float model (.keras, .h5, SavedModel); default: train the digits CNN")
-    parser.add_argument("--data", help=".npz with x_train, y_train, x_test, y_test (with --model)")
+    parser.add_argument("--data", help=".npz with x_train, y_train, x_test, y_test and, best, x_val, y_val held out "
+                        "of the float model's training: the policy is chosen on x_val (else x_test, with a warning)")
     parser.add_argument("--epochs", type=int, default=20, help="float training epochs for the digits CNN")
     parser.add_argument("--method", default="loss", choices=("loss", "hessian", "sqnr"), help="sensitivity method")
     parser.add_argument("--candidates", type=_candidates, default=(2, 4, 8), help="bit widths, e.g. 2,4,8")

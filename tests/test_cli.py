@@ -83,3 +83,97 @@ def test_analyze_verb_and_user_model(tmp_path, digits, trained_cnn, capsys):
 def test_budget_errors(capsys):
     assert main(["quantize", "--budget", "lots", "--epochs", "1"]) == 2
     assert "budget must be kernel bytes" in (err := capsys.readouterr().err) and "got 'lots'" in err
+
+
+# ---- which split chooses the policy -------------------------------------------------------
+
+def _task(n, seed):
+    """Separable 4-class samples: the class is the largest of the first four features."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).normal(size=(n, 8)).astype("float32")
+    return x, x[:, :4].argmax(1)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    """A small trained float model saved as .keras (compiled with a sparse cross-entropy)."""
+    from keras_qx._compat import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,), name="x")
+    h = keras.layers.Dense(16, activation="relu", name="fc1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(*_task(256, 0), epochs=20, verbose=0)
+    path = tmp_path_factory.mktemp("model") / "float.keras"
+    model.save(path)
+    return path
+
+
+def test_validation_split_choice(tmp_path, capsys):
+    """x_val when the .npz has it; else the test split, with a warning that the test figure is
+    then optimistic. Never the tail of x_train (the float model trained on it)."""
+    import numpy as np
+
+    from keras_qx.cli import _load_data, _validation
+
+    (x, y), (xv, yv), (xt, yt) = _task(64, 1), _task(37, 2), _task(24, 3)
+    np.savez(tmp_path / "with_val.npz", x_train=x, y_train=y, x_val=xv, y_val=yv, x_test=xt, y_test=yt)
+    data = _validation(_load_data(str(tmp_path / "with_val.npz")), "with_val.npz")
+    assert data.val_name == "x_val/y_val" and len(data.val[0]) == 37 and len(data.train[0]) == 64
+    assert data.describe() == "Validation split (chose the policy): x_val/y_val, 37 samples."
+    assert "warning" not in capsys.readouterr().err
+    np.savez(tmp_path / "no_val.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    data = _validation(_load_data(str(tmp_path / "no_val.npz")), str(tmp_path / "no_val.npz"))
+    assert data.val is data.test and len(data.val[0]) == 24
+    err = capsys.readouterr().err
+    assert "warning: no_val.npz has no x_val/y_val" in err and "test accuracy is optimistic" in err
+    assert "x_test/y_test" in data.describe() and "optimistic" in data.describe()
+
+
+@pytest.mark.slow
+def test_search_validates_on_x_val(tmp_path, capsys, monkeypatch, float_model):
+    """The trials are scored on x_val (37 samples), QAT trains on all of x_train (64), and the
+    report and the printed summary name the split."""
+    import numpy as np
+
+    from keras_qx.engine.search import BitWidthTuner
+
+    (x, y), (xv, yv), (xt, yt) = _task(64, 1), _task(37, 2), _task(24, 3)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_val=xv, y_val=yv, x_test=xt, y_test=yt)
+    seen = {}
+    original = BitWidthTuner.search
+
+    def spy(self, x, y=None, **kwargs):
+        seen["train"], seen["val"] = len(x), len(kwargs["validation_data"][0])
+        seen["same"] = np.array_equal(kwargs["validation_data"][0], xv)
+        return original(self, x, y, **kwargs)
+
+    monkeypatch.setattr(BitWidthTuner, "search", spy)
+    out = tmp_path / "s"
+    assert main(["search", "--model", str(float_model), "--data", str(tmp_path / "d.npz"), "--budget", "0.8x",
+                 "--trials", "1", "--qat-epochs", "1", "--out", str(out)]) == 0
+    assert seen == {"train": 64, "val": 37, "same": True}
+    captured = capsys.readouterr()
+    line = "Validation split (chose the policy): x_val/y_val, 37 samples."
+    assert line in captured.out and line in (out / "results.md").read_text()
+    assert "trials validated on x_val/y_val, 37 samples" in captured.err
+    assert "TFLite (test split, 24 samples)" in captured.out
+
+
+@pytest.mark.slow
+def test_quantize_without_x_val_says_the_test_split_chose(tmp_path, capsys, float_model):
+    import numpy as np
+
+    (x, y), (xt, yt) = _task(64, 1), _task(24, 3)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(float_model), "--data", str(tmp_path / "d.npz"), "--budget", "0.8x",
+                 "--qat-epochs", "1", "--candidates", "4,8", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    report = (out / "report.md").read_text()
+    assert "Validation split (chose the policy): x_test/y_test (no x_val in the data), 24 samples." in report
+    assert "test accuracy is optimistic" in report and "test accuracy is optimistic" in captured.out
+    assert "sensitivity (loss) on x_test/y_test (no x_val in the data), 24 samples" in captured.err
