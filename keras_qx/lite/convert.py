@@ -130,6 +130,9 @@ def fix_lstm_bias_scales(data: bytes) -> tuple[bytes, int]:
     file's LSTM output drifting from Keras's by 3.5 output steps after 20 time steps, 2.6 at the
     logits (0.13 rescaled). Rescaling moves each int32 value by at most half a step.
 
+    Also sets each integer LSTM's int16 cell-state scale into the range the runtime computes
+    with (:func:`_clamp_lstm_cell_scale`); the count includes those.
+
     Example:
         >>> data, fixed = fix_lstm_bias_scales(data)      # doctest: +SKIP
     """
@@ -139,7 +142,7 @@ def fix_lstm_bias_scales(data: bytes) -> tuple[bytes, int]:
         for op in graph.operators or []:
             code = model.operatorCodes[op.opcodeIndex]
             if ops.get(max(code.builtinCode, code.deprecatedBuiltinCode)) == "UNIDIRECTIONAL_SEQUENCE_LSTM":
-                fixed += _rescale_lstm_biases(model, graph, op)
+                fixed += _rescale_lstm_biases(model, graph, op) + _clamp_lstm_cell_scale(graph, op)
     return (tflite_model_bytes(model) if fixed else data), fixed
 
 
@@ -165,3 +168,32 @@ def _rescale_lstm_biases(model, graph, op) -> int:
         bias.quantization.scale = [want]
         fixed += 1
     return fixed
+
+
+# UNIDIRECTIONAL_SEQUENCE_LSTM's cell-state operand; the integer kernel takes the tanh of the cell
+# with 15 + log2(scale) integer bits and only has 0..6 (TFLite's ApplyTanh: any other count
+# leaves the tanh's buffer unwritten, and the output saturates).
+_LSTM_CELL_STATE = 19
+_CELL_SCALES = (2.0 ** -15, 2.0 ** -9)  # cell range +-1 .. +-64
+
+
+def _clamp_lstm_cell_scale(graph, op) -> int:
+    """1 if the integer LSTM's cell-state scale was moved into ``_CELL_SCALES``, else 0.
+
+    The converter sets it to the power of two that bounds the calibrated cell values, so an
+    LSTM whose cells stay within +-0.5 (small inputs, e.g. an Embedding's initial +-0.05 table)
+    gets 2^-16 or less, which the runtime cannot run: measured on Embedding(50, 8) -> LSTM(8),
+    cell scale 2^-17, every LSTM output at int8 127, the logits 50 mean / 100 max output steps
+    off the QAT model; at 2^-15, 0.28 / 2 (int16 still resolves 3e-5 there).
+    """
+    if len(op.inputs) <= _LSTM_CELL_STATE or op.inputs[_LSTM_CELL_STATE] < 0:
+        return 0
+    quant = graph.tensors[op.inputs[_LSTM_CELL_STATE]].quantization
+    if quant is None or quant.scale is None or len(quant.scale) != 1:
+        return 0  # a float LSTM
+    have = float(quant.scale[0])
+    want = min(max(have, _CELL_SCALES[0]), _CELL_SCALES[1])
+    if want == have:
+        return 0
+    quant.scale = [want]
+    return 1
