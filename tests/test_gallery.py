@@ -1,0 +1,87 @@
+"""The gallery corpus (tests/gallery.py), each model the way a user takes it to a file: train the
+float model briefly -> ``qx.quantize`` (default policy) -> ``qx.calibrate`` -> one QAT epoch ->
+``qx.export_tflite`` (verified) -> the file run on the test split in the TFLite runtime.
+
+What is asserted, and why these tolerances:
+- the float model learnt its task (beats the majority class / the mean by a wide margin), else
+  the comparison says nothing;
+- accuracies: the file within ``ACC_POINTS`` (5 points) of the float model. The test splits hold
+  256 samples (one sample is 0.4 points); the QAT epoch (at 0.3x the float learning rate) moves
+  the model by a point or two either way, and int8 rounding flips only near-tied decisions. A
+  broken file (e.g. the issue's Embedding->LSTM at 95 mean steps) loses tens of points;
+- mse: the file keeps at least ``MSE_GAIN`` (90%) of the float model's improvement over
+  predicting the mean: int8 outputs add about step^2/12 of error, far below that;
+- the export's own check of the file against its QAT model: mean error at most ``MEAN_STEPS``
+  and max at most ``MAX_STEPS`` output quantization steps. Faithful files measure 0.3-1 mean /
+  2-5 max (bench/results/gallery.md, bench/coverage.py); the worst known faithful case (held-out
+  EfficientNetV2B1, issue 18) is 3.5 / 12, a broken one 95 / 191.
+
+Models that fail today because of pieces being built (issue 18) are ``xfail(strict=False)``
+with the error seen: remove the mark as each fix lands.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gallery import GALLERY, baseline, higher_is_better, predict, run_keras_qx, scores, take, train_float
+
+ACC_POINTS = 0.05
+MSE_GAIN = 0.9
+MEAN_STEPS = 1.5
+MAX_STEPS = 12
+LEARNT_POINTS = 0.2  # accuracy above the majority class the float model must reach
+LEARNT_MSE = 0.5  # fraction of the mean-predictor's mse the float model must stay under
+
+# name -> the failure seen today (issue 18's pieces in progress); see the module docstring.
+XFAIL: dict[str, str] = {}
+
+
+def _param(name):
+    marks = [pytest.mark.slow]
+    if name in XFAIL:
+        marks.append(pytest.mark.xfail(strict=False, reason=XFAIL[name]))
+    return pytest.param(name, marks=marks, id=name)
+
+
+def test_corpus_size_and_shapes():
+    """At least 20 models; each builder gives a built model whose outputs fit its targets."""
+    assert len(GALLERY) >= 20
+    for name, builder in GALLERY.items():
+        task = builder()
+        assert task.model.built, name
+        outputs = predict(task.model, take(task.x_test, 2))
+        targets = task.targets_test
+        assert len(outputs) == len(targets) == len(task.metrics), name
+        for out, y, kind in zip(outputs, targets, task.metrics):
+            y = np.asarray(y)[:2]
+            if kind == "accuracy":
+                assert out.shape[:-1] == y.shape, (name, out.shape, y.shape)
+            else:
+                assert out.size == y.size, (name, out.shape, y.shape)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in GALLERY])
+def test_gallery_model_to_file(name):
+    task = train_float(GALLERY[name]())
+    float_scores = scores(task, predict(task.model, task.x_test))
+    y_trains = task.y_train if isinstance(task.metric, (list, tuple)) else [task.y_train]
+    for kind, value, y_tr, y_te in zip(task.metrics, float_scores, y_trains, task.targets_test):
+        base = baseline(kind, y_tr, y_te)
+        if higher_is_better(kind):
+            assert value >= base + LEARNT_POINTS, f"the float model did not learn its task: {kind} {value:.3f} vs {base:.3f}"
+        else:
+            assert value <= LEARNT_MSE * base, f"the float model did not learn its task: mse {value:.4f} vs {base:.4f}"
+
+    result = run_keras_qx(task)
+
+    report = result["report"]
+    assert report.mean_error_steps <= MEAN_STEPS and report.max_error_steps <= MAX_STEPS, \
+        f"file vs QAT model: {report.mean_error_steps:.2f} mean / {report.max_error_steps:.0f} max steps"
+    for kind, f, q, y_tr, y_te in zip(task.metrics, result["float"], result["file"], y_trains, task.targets_test):
+        if higher_is_better(kind):
+            assert q >= f - ACC_POINTS, f"{kind}: float {f:.3f}, file {q:.3f} (QAT model {result['qat']})"
+        else:
+            base = baseline(kind, y_tr, y_te)
+            assert base - q >= MSE_GAIN * (base - f), \
+                f"mse: float {f:.4f}, file {q:.4f}, mean predictor {base:.4f} (QAT model {result['qat']})"
