@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "interpreter", "quantize_input", "io_details",
-           "debug_interpreter", "ops_details"]
+           "debug_interpreter", "ops_details", "run_tensors", "TensorsResult"]
 
 TIMEOUT_S = 600
 
@@ -194,10 +194,68 @@ def ops_details(interpreter) -> list:
     return interpreter._get_ops_details()
 
 
+@dataclass
+class TensorsResult:
+    """Every intermediate tensor of a file run sample by sample (built-in kernels), by
+    :func:`run_tensors`: the graph's description and the raw (quantized) values."""
+
+    tensors: dict  # index -> {"name", "dtype" (numpy name), "shape", "quantization": (scale, zero)}
+    ops: list  # each op of the main graph: {"index", "op_name", "inputs", "outputs"}
+    inputs: list  # the input tensor indices, in the file's order
+    outputs: list  # the output tensor indices, in the file's (subgraph) order
+    values: dict  # tensor index -> (n, ...) raw values, one row per sample
+
+
+def _child_tensors(workdir: str, job: dict) -> None:
+    """The child's side of :func:`run_tensors`."""
+    with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
+        model = fh.read()
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    inputs = interp.get_input_details()
+    dynamic = any((np.asarray(d.get("shape_signature", d["shape"])) < 0).any() for d in inputs)
+    if not dynamic:
+        interp.allocate_tensors()
+    arrays = [np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(len(job["inputs"]))]
+    details = {int(d["index"]): d for d in interp.get_tensor_details()}
+    ops = [{"index": int(op["index"]), "op_name": str(op["op_name"]), "inputs": [int(t) for t in op["inputs"]],
+            "outputs": [int(t) for t in op["outputs"]]} for op in ops_details(interp)]
+    wanted = sorted({t for op in ops for t in op["outputs"] if t in details} | {int(d["index"]) for d in inputs})
+    rows = {t: [] for t in wanted}
+    for i in range(len(arrays[0]) if arrays else 0):
+        if dynamic:  # a dynamic dimension is fixed to this sample's lengths before it runs
+            for detail, xi in zip(inputs, arrays):
+                interp.resize_tensor_input(detail["index"], [1, *np.shape(xi[i])], strict=True)
+            interp.allocate_tensors()
+        interp.reset_all_variables()  # a recurrent op's state starts from zeros per sample, as in Keras
+        for detail, xi in zip(inputs, arrays):
+            interp.set_tensor(detail["index"], quantize_input(np.asarray(xi[i])[None], detail))
+        interp.invoke()
+        for t in list(rows):
+            try:
+                rows[t].append(np.array(interp.get_tensor(t))[0])
+            except (ValueError, IndexError):  # a tensor without data, or a scalar: nothing per sample
+                del rows[t]
+    np.savez(os.path.join(workdir, "tensors.npz"), **{f"t{t}": np.stack(v) for t, v in rows.items() if v})
+    meta = {"tensors": {str(t): {"name": d["name"], "dtype": np.dtype(d["dtype"]).name,
+                                 "shape": [int(s) for s in d["shape"]],
+                                 "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]}
+                        for t, d in details.items()},
+            "ops": ops, "inputs": [int(d["index"]) for d in inputs],
+            "outputs": [int(d["index"]) for d in interp.get_output_details()]}
+    with open(os.path.join(workdir, "meta.json.tmp"), "w") as fh:
+        json.dump(meta, fh)
+    os.replace(os.path.join(workdir, "meta.json.tmp"), os.path.join(workdir, "meta.json"))
+
+
 def _child(workdir: str) -> None:
     """The child's side of :func:`run`: read the job from ``workdir``, write the results there."""
     with open(os.path.join(workdir, "job.json")) as fh:
         job = json.load(fh)
+    if job.get("all_tensors"):
+        return _child_tensors(workdir, job)
     with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
         runner = Runner(fh.read(), job["num_threads"])
     arrays = [np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(len(job["inputs"]))]
@@ -232,6 +290,48 @@ def _crash_message(returncode: int, stderr: str) -> str:
     lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith(("INFO:", "WARNING: All log"))]
     said = " | ".join(lines[-3:])[-600:]
     return f"the TFLite runtime {how} while running the model" + (f": {said}" if said else "")
+
+
+def _launch(model: bytes, x, job: dict, timeout: float, workdir: str) -> dict:
+    """Write the job to ``workdir``, run the child on it and return its ``meta.json``."""
+    with open(os.path.join(workdir, "model.tflite"), "wb") as fh:
+        fh.write(bytes(model))
+    names, xs = (list(x), list(x.values())) if isinstance(x, dict) else \
+        ([None] * len(x), list(x)) if isinstance(x, (list, tuple)) else ([None], [x])
+    for i, xi in enumerate(xs):
+        np.save(os.path.join(workdir, f"x{i}.npy"), np.asarray(xi))
+    with open(os.path.join(workdir, "job.json"), "w") as fh:
+        json.dump({**job, "inputs": names}, fh)
+    cmd = [sys.executable, "-I", os.path.abspath(__file__), workdir]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    except subprocess.TimeoutExpired:
+        raise RuntimeCrash(f"the TFLite runtime did not finish within {timeout:.0f} s on this model.") from None
+    meta_path = os.path.join(workdir, "meta.json")
+    if proc.returncode != 0 or not os.path.exists(meta_path):
+        if proc.returncode > 0 and "Traceback" in proc.stderr:  # a Python error: the runtime's refusal
+            raise RuntimeCrash("the TFLite runtime refused the model: " + proc.stderr.strip().splitlines()[-1][-600:])
+        raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))
+    with open(meta_path) as fh:
+        return json.load(fh)
+
+
+def run_tensors(model: bytes, x, timeout: float = TIMEOUT_S) -> TensorsResult:
+    """Run ``model`` on samples ``x`` (an array, or a list with one array per input in the file's
+    order) one sample at a time in a child process with the built-in kernels, keeping every
+    intermediate tensor: for layer-by-layer comparisons (``qx.compare_layers``).
+
+    Raises:
+        RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.
+    """
+    with tempfile.TemporaryDirectory(prefix="keras_qx-tensors-") as workdir:
+        meta = _launch(model, list(x) if isinstance(x, (list, tuple)) else [x], {"all_tensors": True}, timeout, workdir)
+        with np.load(os.path.join(workdir, "tensors.npz"), allow_pickle=False) as npz:
+            values = {int(k[1:]): npz[k] for k in npz.files}
+    tensors = {int(t): {**d, "quantization": (d["quantization"][0], d["quantization"][1])}
+               for t, d in meta["tensors"].items()}
+    return TensorsResult(tensors, meta["ops"], meta["inputs"], meta["outputs"], values)
 
 
 def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: float = TIMEOUT_S) -> RunResult:

@@ -347,6 +347,11 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         method: ``"loss"``, ``"hessian"`` or ``"sqnr"`` (see the module docstring).
         loss: a Keras loss; default: the compiled loss, else inferred from ``y``.
         verbose: show a progress bar.
+
+    Raises:
+        ValueError: before any work, if the targets do not fit the loss and the model's output
+            (:func:`check_targets`: e.g. class ids to a model compiled with MSE), naming the
+            loss, both shapes and the fix.
     """
     model = as_tf_keras(model)
     layers = quantizable_layers(model)

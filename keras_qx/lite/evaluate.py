@@ -16,7 +16,7 @@ from keras_qx._io import check_inputs, check_labels
 from keras_qx._runtime import run
 from keras_qx.lite.inspect import inspect_tflite, read_model
 
-__all__ = ["evaluate_tflite", "gzip_size", "METRICS"]
+__all__ = ["evaluate_tflite", "gzip_size", "METRICS", "unit_threshold"]
 
 Metric = Union[str, Callable]
 
@@ -26,15 +26,26 @@ def gzip_size(data: bytes) -> int:
     return len(gzip.compress(bytes(data), compresslevel=9, mtime=0))
 
 
-def _accuracy(y, pred):
-    """Top-1 accuracy: ``y`` as integer labels or one-hot; a single (sigmoid) unit is a binary
-    classifier thresholded at 0.5."""
+def unit_threshold(pred) -> float:
+    """The decision threshold of a single-unit output read from its values: 0.5 for a
+    probability (every value inside [0, 1], as a sigmoid gives), 0.0 for a logit (any value
+    outside [0, 1]). A logit output whose values all happen to fall inside [0, 1] reads as a
+    probability: pass ``threshold=0.0`` (or ``from_logits=True``) to ``evaluate_tflite`` then."""
+    pred = np.asarray(pred)
+    return 0.5 if pred.size == 0 or (pred.min() >= 0.0 and pred.max() <= 1.0) else 0.0
+
+
+def _accuracy(y, pred, threshold: float | None = None):
+    """Top-1 accuracy: ``y`` as integer labels or one-hot; a single unit is a binary classifier
+    with labels 0/1, thresholded at ``threshold`` (None: :func:`unit_threshold`, 0.5 for a
+    probability, 0 for a logit)."""
     if pred.ndim == 2 and pred.shape[1] > 1:  # the usual classifier: ids or one-hot, checked
         return float((pred.argmax(1) == check_labels(y, len(pred), "y", classes=pred.shape[1])).mean())
     if pred.shape[-1] == 1:
         if y.size != pred.size:
             raise ValueError(f"labels of shape {y.shape} do not fit the single-unit output {pred.shape}.")
-        return float(((pred.reshape(y.shape) > 0.5) == (y > 0.5)).mean())
+        cut = unit_threshold(pred) if threshold is None else float(threshold)
+        return float(((pred.reshape(y.shape) > cut) == (y > 0.5)).mean())
     if y.shape == pred.shape:
         y = y.argmax(-1)
     if y.shape != pred.shape[:-1]:
@@ -59,13 +70,32 @@ METRICS = {
 }
 
 
-def _metric_fn(metric: Metric) -> tuple[str, Callable]:
+def _metric_fn(metric: Metric, threshold: float | None = None) -> tuple[str, Callable]:
     if callable(metric):
         return getattr(metric, "__name__", "metric"), metric
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {sorted(METRICS)} or a function "
                          "metric(y_true, y_pred) -> float.")
+    if metric == "accuracy":
+        return metric, lambda y, pred: _accuracy(y, pred, threshold)
     return metric, METRICS[metric]
+
+
+def _single_unit_threshold(threshold, from_logits) -> float | None:
+    """The threshold ``evaluate_tflite`` scores a single unit at: ``threshold`` if given, 0 for
+    ``from_logits=True``, 0.5 for ``False``, None (read from the outputs) for None."""
+    if from_logits is not None and not isinstance(from_logits, bool):
+        raise TypeError(f"evaluate_tflite(from_logits=...) must be True, False or None (read from the outputs), "
+                        f"got {from_logits!r}.")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not np.isfinite(threshold):
+            raise ValueError(f"evaluate_tflite(threshold=...) is the decision value of a single-unit output (0.5 for "
+                             f"a probability, 0.0 for a logit), got {threshold!r}.")
+        if from_logits is not None and float(threshold) != (0.0 if from_logits else 0.5):
+            raise ValueError(f"evaluate_tflite got threshold={threshold!r} and from_logits={from_logits!r}, which "
+                             "disagree; pass one of them.")
+        return float(threshold)
+    return None if from_logits is None else (0.0 if from_logits else 0.5)
 
 
 def _per_output(value, n: int, what: str) -> list:
@@ -78,7 +108,8 @@ def _per_output(value, n: int, what: str) -> list:
 
 
 def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "accuracy",
-                    latency_runs: int = 200, num_threads: int = 1) -> dict:
+                    latency_runs: int = 200, num_threads: int = 1, from_logits: bool | None = None,
+                    threshold: float | None = None) -> dict:
     """Evaluate a TFLite model in the runtime (run in a child process: an abort cannot end yours).
 
     Args:
@@ -89,11 +120,16 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
         metric: ``"accuracy"``, ``"mae"``, ``"mse"``, ``"rmse"`` or a function
             ``metric(y_true, y_pred) -> float``; a list for one metric per output.
         latency_runs: single-sample invocations timed for the median latency (after warm-up).
+        from_logits, threshold: how ``"accuracy"`` decides a single-unit (binary) output: at
+            ``threshold`` if given; ``from_logits=True`` means 0 (a logit), ``False`` 0.5 (a
+            probability); both None read it from the outputs: 0.5 when every value is inside
+            [0, 1] (a sigmoid), else 0 (a logit). Labels are 0/1 either way.
 
     Returns:
         ``{<metric>: value, "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n",
         "delegate", "threads"}``; a multi-output model's metrics are keyed ``"<metric>/output_<i>"``.
     """
+    cut = _single_unit_threshold(threshold, from_logits)
     info = inspect_tflite(model_bytes_or_path)  # errors name the file
     model = read_model(model_bytes_or_path)
     specs = [(name, shape, "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
@@ -112,7 +148,7 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
     if y is not None:
         targets = y if n_out == 1 else _per_output(y, n_out, "y")
         targets = [targets] if n_out == 1 else targets
-        metrics = [_metric_fn(m) for m in _per_output(metric, n_out, "metric")]
+        metrics = [_metric_fn(m, cut) for m in _per_output(metric, n_out, "metric")]
         for i, (target, (name, fn), pred) in enumerate(zip(targets, metrics, result.outputs)):
             target = np.asarray(target)
             if len(target) != len(xs[0]):

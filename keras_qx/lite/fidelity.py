@@ -1,6 +1,7 @@
 """Layer-by-layer comparison of a QAT model with its TFLite file: where do they part?
 
-``compare_layers`` runs the TFLite file with every intermediate tensor preserved, maps each
+``compare_layers`` runs the TFLite file with every intermediate tensor preserved (in a child
+process, :func:`keras_qx._runtime.run_tensors`, so a runtime abort cannot end the caller), maps each
 TFLite tensor to the Keras layer that produced it (by the layer names the converter keeps in
 tensor names), and measures the difference in steps of that tensor's own quantization scale.
 The first layer whose error exceeds ``threshold`` steps is where the simulation and the file
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_qx._compat import call_count, graph_nodes, inbound_layers, keras, outbound_layers, output_in, tf
-from keras_qx._runtime import debug_interpreter, ops_details, quantize_input
+from keras_qx._runtime import RuntimeCrash, run_tensors
 from keras_qx.lite.inspect import read_model
 
 __all__ = ["LayerError", "LayerComparison", "compare_layers"]
@@ -126,13 +127,19 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
         half of a BatchNorm, are listed as ``intermediates``), in the Keras layers' order.
     """
     data = read_model(tflite_model)
-    interpreter = debug_interpreter(data)
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    x = np.asarray(x, dtype=np.float32)
+    try:  # in a child process, like every runner: a runtime abort cannot end the caller
+        run = run_tensors(data, x)
+    except RuntimeCrash as err:
+        raise RuntimeError(f"compare_layers could not run the file: {err}. Check the file with "
+                           "qx.evaluate_tflite on the same samples; a file the runtime aborts on cannot be "
+                           "compared layer by layer.") from None
+    details = run.tensors
     layers = [l for l in qat_model.layers if not isinstance(l, keras.layers.InputLayer)]
     order = {layer.name: i for i, layer in enumerate(qat_model.layers)}
-    outputs = {int(d["index"]): qat_model.outputs[i].node.layer.name
-               for i, d in enumerate(interpreter.get_output_details()) if i < len(qat_model.outputs)}
-    ops = ops_details(interpreter)
+    outputs = {t: qat_model.outputs[i].node.layer.name
+               for i, t in enumerate(run.outputs) if i < len(qat_model.outputs)}
+    ops = run.ops
     consumers = {}
     for op in ops:
         for t in op["inputs"]:
@@ -141,24 +148,17 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
     for op in ops:
         for t in op["outputs"]:
             d = details.get(int(t))
-            if d is None or d["dtype"] == np.int32 or not d["quantization"][0]:
+            if d is None or d["dtype"] == "int32" or not d["quantization"][0] or int(t) not in run.values:
                 continue
             names = _tensor_layers(d["name"], order) + ([outputs[int(t)]] if int(t) in outputs else [])
             if names:
                 tensors.append((op["index"], op["op_name"], int(t), names))
 
     # Keras side: every layer's output; TFLite side: every tensor above, sample by sample.
-    x = np.asarray(x, dtype=np.float32)
     probe = keras.Model(qat_model.inputs, [output_in(qat_model, l) for l in layers])
     ref = probe.predict(x, verbose=0, batch_size=64)
     ref = dict(zip([l.name for l in layers], ref if isinstance(ref, list) else [ref]))
-    inp = interpreter.get_input_details()[0]
-    got = {t: [] for _, _, t, _ in tensors}
-    for sample in x:
-        interpreter.set_tensor(inp["index"], quantize_input(sample[None], inp))
-        interpreter.invoke()
-        for t in got:
-            got[t].append(interpreter.get_tensor(t)[0])
+    got = {t: run.values[t] for _, _, t, _ in tensors}
 
     def error(layer_name, t):
         scale, zero = details[t]["quantization"]
