@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "interpreter", "quantize_input", "io_details",
-           "debug_interpreter", "ops_details", "run_tensors", "TensorsResult"]
+           "debug_interpreter", "ops_details", "dynamic_inputs", "resize_inputs", "run_tensors", "TensorsResult"]
 
 TIMEOUT_S = 600
 
@@ -47,16 +47,34 @@ class RunResult:
         return self.outputs[0]
 
 
-def interpreter(model: bytes, num_threads: int = 1, xnnpack: bool = True, preserve_all_tensors: bool = False):
-    """An allocated LiteRT interpreter; ``xnnpack=False``: the built-in kernels only."""
+def interpreter(model: bytes, num_threads: int = 1, xnnpack: bool = True, preserve_all_tensors: bool = False,
+                allocate: bool = True):
+    """A LiteRT interpreter, allocated unless ``allocate=False`` (a file with dynamic input
+    dimensions is allocated after :func:`resize_inputs`); ``xnnpack=False``: the built-in
+    kernels only."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     result = Interpreter(model_content=bytes(model), num_threads=num_threads,
                          experimental_preserve_all_tensors=preserve_all_tensors,
                          experimental_op_resolver_type=resolver)
-    result.allocate_tensors()
+    if allocate:
+        result.allocate_tensors()
     return result
+
+
+def dynamic_inputs(interp) -> bool:
+    """Whether an input of the file has a dynamic dimension (-1 in its shape signature)."""
+    return any((np.asarray(d.get("shape_signature", d["shape"])) < 0).any() for d in interp.get_input_details())
+
+
+def resize_inputs(interp, shapes) -> None:
+    """Resize the inputs to ``shapes`` (one full shape, batch axis included, per input in the
+    file's order) and allocate: XNNPACK (and every kernel) plans its buffers per shape, so a
+    dynamic dimension must be fixed before each new length is run."""
+    for detail, shape in zip(interp.get_input_details(), shapes):
+        interp.resize_tensor_input(detail["index"], [int(s) for s in shape], strict=True)
+    interp.allocate_tensors()
 
 
 def quantize_input(x, detail) -> np.ndarray:
@@ -100,9 +118,25 @@ class Runner:
         self.model = bytes(model)
         self.num_threads = num_threads
         self.delegate = "xnnpack"
-        self.interpreter = interpreter(self.model, num_threads)
+        self.interpreter = interpreter(self.model, num_threads, allocate=False)
+        self.dynamic = dynamic_inputs(self.interpreter)
+        self._shapes = None  # the input shapes the interpreter is allocated for
+        if not self.dynamic:
+            self._allocate(None)
         self.inputs, self.outputs = io_details(self.interpreter)
         self.input, self.output = self.inputs[0], self.outputs[0]
+
+    def _allocate(self, shapes) -> None:
+        """Allocate for ``shapes`` (full input shapes; None: the file's own), resizing a file with
+        dynamic dimensions first, only when the shapes change."""
+        if shapes is None or not self.dynamic:
+            if self._shapes is None:
+                self.interpreter.allocate_tensors()
+                self._shapes = "static"
+            return
+        if shapes != self._shapes:
+            resize_inputs(self.interpreter, shapes)
+            self._shapes = shapes
 
     @property
     def input_shape(self):
@@ -110,7 +144,9 @@ class Runner:
 
     @property
     def input_shapes(self) -> list:
-        return [tuple(int(s) for s in d["shape"][1:]) for d in self.inputs]
+        """Each input's shape without the batch axis; None where the file's is dynamic."""
+        return [tuple(int(s) if s >= 0 else None for s in d.get("shape_signature", d["shape"])[1:])
+                for d in self.inputs]
 
     @property
     def output_step(self) -> float:
@@ -132,6 +168,7 @@ class Runner:
         # A fused recurrent op (UNIDIRECTIONAL_SEQUENCE_LSTM) keeps its state in variable tensors
         # across invocations; a Keras model starts each sample from zeros (measured: without the
         # reset, an LSTM file's outputs drift up to 0.93 from Keras's, with it 5e-7).
+        self._allocate([(1, *np.shape(sample)) for sample in samples])  # batch 1, the sample's lengths
         self.interpreter.reset_all_variables()
         for detail, sample in zip(self.inputs, samples):
             self.interpreter.set_tensor(detail["index"], quantize_input(sample[None], detail))
@@ -147,7 +184,8 @@ class Runner:
             if self.delegate != "xnnpack" or "XNNPACK" not in str(err):
                 raise
             self.delegate = "builtin"
-            self.interpreter = interpreter(self.model, self.num_threads, xnnpack=False)
+            self.interpreter = interpreter(self.model, self.num_threads, xnnpack=False, allocate=False)
+            self._shapes = None
             self._invoke(samples)
         return [self._dequantize(self.interpreter.get_tensor(d["index"]), d)[0] for d in self.outputs]
 
@@ -171,9 +209,11 @@ class Runner:
         out = []
         for detail, shape, xi in zip(self.inputs, self.input_shapes, xs):
             xi = np.asarray(xi, dtype=np.float32 if detail["quantization"][0] else detail["dtype"])
-            if xi.shape[1:] != shape:
-                raise ValueError(f"input {detail.get('signature_name', detail['name'])!r}: shape {xi.shape[1:]} "
-                                 f"does not match the model's {shape}.")
+            if len(xi.shape) != len(shape) + 1 or any(s is not None and s != v for s, v in zip(shape, xi.shape[1:])):
+                shown = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+                raise ValueError(f"input {detail.get('signature_name', detail['name'])!r}: samples shaped {xi.shape[1:]} "
+                                 f"do not fit the file's input {shown} (per sample; 'any' is a dynamic dimension); "
+                                 "pass samples of that shape, or export the model again from data of this shape.")
             out.append(xi)
         return out
 

@@ -16,7 +16,7 @@ from keras_qx.quant.configs import KeptFloatQuantizeConfig
 from keras_qx.quant.kinds import treatment
 from keras_qx.quant.quantizers import export_trace
 
-__all__ = ["ExportError", "needs_static_batch", "converter_for", "convert", "convert_qat", "kept_float_layers", "representative",
+__all__ = ["ExportError", "needs_static_batch", "dynamic_dims", "converter_for", "convert", "convert_qat", "kept_float_layers", "representative",
            "fix_lstm_bias_scales"]
 
 
@@ -30,16 +30,25 @@ def needs_static_batch(model) -> bool:
     return any(getattr(treatment(getattr(l, "layer", l)), "static_batch", False) for l in model.layers)
 
 
-def converter_for(model, batch=None):
+def dynamic_dims(model) -> dict:
+    """``{input name: shape without the batch axis}`` of the inputs with a ``None`` (dynamic)
+    time or spatial dimension."""
+    return {t.name.split(":")[0]: tuple(t.shape[1:]) for t in model.inputs if None in tuple(t.shape[1:])}
+
+
+def converter_for(model, batch=None, lengths=None):
     """A ``TFLiteConverter`` for ``model``'s inference function.
 
     Converting one traced ``tf.function`` gives the same flatbuffer as ``from_keras_model``
     without its Keras SavedModel export, which traces every layer's call separately (most of
     the convert time: 87 s vs 17 s for the small EfficientNetV2 of tests/families.py, measured).
-    ``batch``: a fixed batch size; None: 1 where :func:`needs_static_batch`, else any."""
+    ``batch``: a fixed batch size; None: 1 where :func:`needs_static_batch`, else any.
+    ``lengths``: one shape without the batch axis per input, fixing the model's ``None`` time
+    or spatial dimensions; None keeps them dynamic (-1 in the file's shape signature)."""
     batch = batch or (1 if needs_static_batch(model) else None)
-    specs = [tf.TensorSpec((batch, *t.shape[1:]) if batch else t.shape, t.dtype, name=t.name.split(":")[0])
-             for t in model.inputs]
+    shapes = [tuple(t.shape[1:]) if lengths is None else tuple(lengths[i]) for i, t in enumerate(model.inputs)]
+    specs = [tf.TensorSpec((batch, *shape), t.dtype, name=t.name.split(":")[0])
+             for t, shape in zip(model.inputs, shapes)]
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
     owner = tf.Module()
     owner.variables_ = list(model.variables)  # the converter saves these, not the Keras layers
@@ -94,8 +103,30 @@ def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]
 
 
 def _convert_qat(qat_model, samples: list, int8_io: bool) -> tuple[bytes, float]:
+    """A model with dynamic (``None``) time or spatial dimensions keeps them in the file; where the
+    converter cannot (a layer needing static shapes), they are fixed at the samples' lengths, with
+    a warning (the report's ``fixed_lengths`` names them)."""
+    try:
+        return _convert_qat_at(qat_model, samples, int8_io, None)
+    except ExportError as err:
+        dynamic = dynamic_dims(qat_model)
+        if not dynamic:
+            raise
+        lengths = [xi.shape[1:] for xi in samples]
+        try:
+            result = _convert_qat_at(qat_model, samples, int8_io, lengths)
+        except ExportError:
+            raise err from err.__cause__
+        warnings.warn(f"keras_qx: the converter cannot keep the dynamic dimensions of input(s) {dynamic} "
+                      f"({str(err)[:200]}); the file takes the representative data's shape "
+                      f"{[tuple(l) for l in lengths]} only. Pass representative data of the length the "
+                      "file will run at.", stacklevel=4)
+        return result
+
+
+def _convert_qat_at(qat_model, samples: list, int8_io: bool, lengths) -> tuple[bytes, float]:
     floats = kept_float_layers(qat_model)
-    converter = converter_for(qat_model, batch=1 if floats else None)  # kept-float layers may be recurrent
+    converter = converter_for(qat_model, batch=1 if floats else None, lengths=lengths)  # kept-float layers may be recurrent
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if not floats:
         converter.representative_dataset = representative(samples, qat_model)

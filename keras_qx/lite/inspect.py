@@ -109,7 +109,7 @@ class TFLiteInfo:
     ops: list = field(default_factory=list)
     weights: list = field(default_factory=list)  # (name, type, shape, bytes)
     float_ops: list = field(default_factory=list)  # ops computing on float tensors (not QUANTIZE/DEQUANTIZE)
-    inputs: list = field(default_factory=list)  # (name, type, shape without the batch dim); the
+    inputs: list = field(default_factory=list)  # (name, type, shape without the batch dim, None where dynamic); the
     # name is the signature's (the Keras input's, the runtime's key) where the file has one
     activation_types: dict = field(default_factory=dict)  # type -> count of non-constant tensors
     weight_stats: list = field(default_factory=list)  # WeightStats (or None: undecoded type), one per weights entry
@@ -171,8 +171,9 @@ def inspect_tflite(model_or_path) -> TFLiteInfo:
         if model.signatureDefs and len(model.signatureDefs) == 1 else {}
     for i in main.inputs:
         t = main.tensors[i]
+        dims = t.shapeSignature if t.shapeSignature is not None and len(t.shapeSignature) else t.shape
         info.inputs.append((signature.get(i, _text(t.name)), _TENSOR_TYPE_NAMES.get(t.type, str(t.type)),
-                            tuple(int(d) for d in t.shape[1:])))
+                            tuple(int(d) if d >= 0 else None for d in dims[1:])))
     for graph in model.subgraphs:
         tensors = graph.tensors
         for tensor in tensors:
