@@ -111,7 +111,7 @@ CASES = {
     "ReLU": _case(VEC, lambda: L.ReLU()),
     "LeakyReLU": _case(VEC, lambda: L.LeakyReLU(0.2)),
     "PReLU": _case(VEC, lambda: L.PReLU(alpha_initializer=keras.initializers.Constant(0.25))),
-    "ELU": _case(VEC, lambda: L.ELU()),
+    "ELU": _case(VEC, lambda: L.ELU(), head=True),
     "ThresholdedReLU": _case(VEC, lambda: L.ThresholdedReLU(0.1)),
     "Softmax": _case(VEC, lambda: L.Softmax()),
     "BatchNormalization": _case(IMG, lambda: L.BatchNormalization()),
@@ -260,3 +260,97 @@ def measure(name: str) -> dict:
             "kernels": [w[1] for w in info.weights if len(w[2]) >= 2 and w[1] != "INT32"],
             "mean": tfl.report.mean_error_steps, "max": tfl.report.max_error_steps,
             "warnings": [str(w.message) for w in caught if "keras_qx" in str(w.message)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# In position: each class between a kernel layer before it and a Dense after it, trained a step.
+
+# Classes whose in-position model is adapted, and how (bench/results/layers.md lists these).
+IN_POSITION_ADAPTED = {
+    "Embedding": "must be first (it takes token ids): Input -> Embedding -> Conv1D -> Flatten -> Dense",
+    "MultiHeadAttention": "self-attention: Conv1D -> MultiHeadAttention(x, x) -> Flatten -> Dense",
+    "RandomContrast": ("first (Input -> RandomContrast -> Conv2D -> Flatten -> Dense): TF has no gradient for "
+                       "AdjustContrastv2, so a float model with a kernel before it cannot train either"),
+    "RandomHeight": "GlobalAveragePooling2D before the Dense (it changes the height while training)",
+    "RandomWidth": "GlobalAveragePooling2D before the Dense (it changes the width while training)",
+    "ConvLSTM1D": "a Dense on each position before it (no Conv takes its 4D input)",
+    "ConvLSTM2D": "a Dense on each position before it (no Conv takes its 5D input)",
+    "ConvLSTM3D": ("Reshape -> Conv1D -> Reshape before it (a Dense on a 6D input converts to a BatchMatMul "
+                   "TFLite has no kernel for)"),
+}
+_FIRST = {"Embedding", "RandomContrast"}  # the layer comes first, the kernel layer after it
+_POOLED = {"RandomHeight", "RandomWidth"}
+
+
+def _before(shape, name):
+    """A kernel layer that keeps ``shape``: Conv1D on sequences, Conv2D on images, Conv3D on
+    volumes, Dense on vectors (and on the per-position features of higher ranks)."""
+    conv = {2: L.Conv1D, 3: L.Conv2D, 4: L.Conv3D}.get(len(shape))
+    if conv is None:
+        return L.Dense(shape[-1], name=name)
+    return conv(shape[-1], 3, padding="same", name=name)
+
+
+def _before_6d(t, name):
+    shape = tuple(t.shape[1:])
+    flat = L.Reshape((-1, shape[-1]), name=f"{name}_flat")(t)
+    return L.Reshape(shape, name=f"{name}_back")(L.Conv1D(shape[-1], 3, padding="same", name=name)(flat))
+
+
+def in_position_names() -> list:
+    """The classes swept in position: every constructible class but the refused ones (a refusal
+    needs no model around it: tests/test_every_layer.py)."""
+    return [n for n in sorted(CASES) if label(n) != "refused"]
+
+
+def in_position(name: str):
+    """``(model, x, y)``: class ``name`` between a kernel layer and a Dense head (``head``,
+    4 logits), with 16 samples and class labels (IN_POSITION_ADAPTED: where it differs). The
+    layer is a fresh copy of its tiny case's layer (same config), on inputs of its shapes."""
+    tiny, x = CASES[name]()
+    layer = [l for l in tiny.layers if type(l).__name__ == name][0]
+    fresh = type(layer).from_config(layer.get_config())
+    xs = x if isinstance(x, list) else [x]
+    if name in _FIRST:
+        inputs = [keras.Input(tiny.inputs[0].shape[1:], dtype=tiny.inputs[0].dtype, name="x")]
+        y = fresh(inputs[0])
+        y = _before(tuple(y.shape[1:]), "after")(y)
+    else:
+        inputs = [keras.Input(t.shape[1:], name=t.name.split(":")[0]) for t in tiny.inputs]
+        pre = [_before_6d(t, f"before_{i}") if len(t.shape) > 5 else _before(t.shape[1:], f"before_{i}")(t)
+               for i, t in enumerate(inputs)]
+        if name == "MultiHeadAttention":
+            y = fresh(pre[0], pre[0])
+        else:
+            y = fresh(pre if len(pre) > 1 else pre[0])
+    if name in _POOLED:
+        y = L.GlobalAveragePooling2D(name="pool")(y)
+    if len(y.shape) > 2:
+        y = L.Flatten(name="flat")(y)
+    out = L.Dense(4, name="head")(y)
+    model = keras.Model(inputs if len(inputs) > 1 else inputs[0], out, name="in_position")
+    labels = np.random.default_rng(3).integers(0, 4, len(xs[0]))
+    return model, (xs if len(xs) > 1 else xs[0]), labels
+
+
+def measure_in_position(name: str) -> dict:
+    """``in_position(name)``: quantize, calibrate, one ``fit`` epoch, calibrate again, export
+    (verified against the QAT model): ``{"treatment", "mean", "max", "float_ops", "seconds"}``."""
+    import time
+    import warnings
+
+    import keras_qx as qx
+
+    start = time.perf_counter()
+    keras.backend.clear_session()
+    model, x, y = in_position(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = qx.quantize(model)
+        qx.calibrate(qat, x)
+        qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        qat.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        tfl = qx.export_tflite(qat, x, min_agreement=0.0)
+    report = tfl.report
+    return {"treatment": label(name), "mean": report.mean_error_steps, "max": report.max_error_steps,
+            "float_ops": sorted(set(report.info.float_ops)), "seconds": time.perf_counter() - start}

@@ -9,7 +9,7 @@ Example:
 """
 from __future__ import annotations
 
-from keras_qx._compat import keras, quantize_annotate
+from keras_qx._compat import keras, quantize_annotate, quantize_wrapper
 from keras_qx.quant.configs import (
     ActivationQuantizeConfig,
     KernelQuantizeConfig,
@@ -90,3 +90,51 @@ def annotation_fields(config) -> dict:
     if "activation_bits" in pinned:
         fields["activation_bits"] = config.activation_bits
     return fields
+
+
+# tfmot's wrappers, made to act as the layer they wrap in two things tfmot leaves out (both met
+# with standard layers in position, tests/test_in_position.py):
+# * masks: a wrapper's ``call(**kwargs)`` makes Keras pass it the mask of a masked input
+#   (after Masking, Embedding(mask_zero=True)), which it forwards to a layer whose ``call``
+#   takes none (Flatten, Conv1D: "TypeError: call() got an unexpected keyword argument 'mask'");
+#   and the wrapper dropped the mask its layer passes on. Now the mask reaches the inner
+#   layer only if its ``call`` takes one, and the wrapper's output mask is the inner layer's.
+# * activity regularization (ActivityRegularization, ``activity_regularizer=``): the wrapper
+#   runs its layer's ``call``, not ``__call__``, so the layer never added its loss in training
+#   and ``fit`` met the symbolic loss left from building the model ("tensor ... is out of scope
+#   and cannot be used here"). Now the wrapper adds the layer's activity loss on each call.
+def _annotate_call(original):
+    def call(self, *args, **kwargs):
+        if "mask" in kwargs and not self.layer._expects_mask_arg:
+            kwargs.pop("mask")
+        return original(self, *args, **kwargs)
+    call._keras_qx = True
+    return call
+
+
+def _wrapper_call(original):
+    def call(self, inputs, training=None, **kwargs):
+        if "mask" in kwargs and not self.layer._expects_mask_arg:
+            kwargs.pop("mask")
+        outputs = original(self, inputs, training=training, **kwargs)
+        if getattr(self.layer, "activity_regularizer", None) is not None:
+            self.layer._handle_activity_regularization(inputs, outputs)
+        return outputs
+    call._keras_qx = True
+    return call
+
+
+def _inner_mask(self, inputs, mask=None):
+    return self.layer.compute_mask(inputs, mask) if self.layer.supports_masking else None
+
+
+def _install_wrapper_fixes() -> None:
+    """Patch tfmot's QuantizeAnnotate and QuantizeWrapper once (idempotent)."""
+    for cls, patch in ((quantize_annotate.QuantizeAnnotate, _annotate_call),
+                       (quantize_wrapper.QuantizeWrapper, _wrapper_call)):
+        if not getattr(cls.__dict__["call"], "_keras_qx", False):
+            cls.call = patch(cls.__dict__["call"])
+        cls.compute_mask = _inner_mask
+
+
+_install_wrapper_fixes()
