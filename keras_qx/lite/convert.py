@@ -5,6 +5,11 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 import warnings
 
@@ -62,13 +67,37 @@ def convert(converter, run=None) -> tuple[bytes, float]:
     seconds)``; the converter's many error types become ExportError."""
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stderr_copy() as logged:
             warnings.simplefilter("ignore")
             data = bytes((run or converter.convert)())
     except Exception as err:  # the converter raises many types; keep its message
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # some have no message
-        raise ExportError(f"TFLite conversion failed: {first[:500]}") from err
+        # its MLIR diagnostics ("error: 'tfl.reshape' op ...") go to stderr, not into the exception
+        found = [re.sub(r'^loc\(".*?"\): ', "", l.split("error: ", 1)[1].strip())
+                 for l in logged[0].splitlines() if "error: " in l]
+        detail = "; ".join(dict.fromkeys(e for e in found if e not in first))[:800]
+        raise ExportError(f"TFLite conversion failed: {first[:500]}" + (f" (converter: {detail})" if detail else "")) from err
     return data, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _stderr_copy():
+    """What the process writes to file descriptor 2 meanwhile, in ``box[0]`` (also passed on to it)."""
+    box = [""]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield box
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            raw = tmp.read()
+            box[0] = raw.decode(errors="replace")
+            os.write(2, raw)
 
 
 def representative(samples: list, model, limit: int = 500):
