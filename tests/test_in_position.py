@@ -1,0 +1,110 @@
+"""Every class of the layer table in position: between a kernel layer before it (Conv1D on
+sequences, Conv2D on images, Conv3D on volumes, Dense on vectors) and a Dense head after it,
+quantized, calibrated, trained one ``fit`` epoch, exported, and the file's output checked
+against its QAT model in output quantization steps. Cases: tests/layer_cases.py
+(``in_position``; ``IN_POSITION_ADAPTED`` says where the model differs); table: bench/layers.py.
+
+Alone, a layer can pass where it fails in a model (found by this sweep): Masking's mask reached
+layers whose call takes none (TypeError in tfmot's wrappers), ActivityRegularization broke
+``fit`` ("tensor is out of scope"), ELU's float op failed to convert before a reshape."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import keras_qx as qx
+from keras_qx._compat import keras
+from keras_qx.lite.convert import ExportError, convert
+from tests.layer_cases import (CASES, IN_POSITION_ADAPTED, in_position, in_position_names, label, layer_classes,
+                               measure_in_position)
+
+L = keras.layers
+NAMES = in_position_names()
+# What a faithful file shows (measured over the sweep: worst mean 0.8, worst max 3 steps).
+MAX_MEAN_STEPS, MAX_STEPS = 1.0, 4.0
+CHUNKS = 8  # parametrized in chunks so pytest-xdist spreads them
+
+
+def test_the_sweep_covers_every_class_but_refusals():
+    assert set(NAMES) == {n for n in CASES if label(n) != "refused"}
+    assert len(NAMES) >= 90, len(NAMES)
+    assert set(IN_POSITION_ADAPTED) <= set(NAMES)
+    assert all(n in layer_classes() for n in NAMES)
+
+
+@pytest.mark.parametrize("name", ["Dense", "Masking", "ELU", "Embedding", "Add", "ConvLSTM3D", "RandomContrast"])
+def test_in_position_models_put_a_kernel_layer_on_each_side(name):
+    model, x, y = in_position(name)
+    kinds = [type(l).__name__ for l in model.layers]
+    assert kinds[-1] == "Dense" and model.output_shape == (None, 4)
+    mine = [i for i, l in enumerate(model.layers) if type(l).__name__ == name
+            and not l.name.startswith(("before", "after", "head"))][0]
+    kernels = [i for i, k in enumerate(kinds) if k in ("Dense", "Conv1D", "Conv2D", "Conv3D")]
+    assert any(i > mine for i in kernels[:-1]) if name in ("Embedding", "RandomContrast") else \
+        any(i < mine for i in kernels), kinds
+    assert len(y) == len(x[0] if isinstance(x, list) else x) == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_every_class_in_position_exports_within_steps_of_its_qat_model(chunk):
+    failures = []
+    for name in NAMES[chunk::CHUNKS]:
+        try:
+            got = measure_in_position(name)
+        except Exception as err:  # a raw error is a finding: report them all
+            failures.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
+            continue
+        if not (got["mean"] <= MAX_MEAN_STEPS and got["max"] <= MAX_STEPS):
+            failures.append(f"{name}: {got}")
+    assert not failures, "\n".join(failures)
+
+
+def test_a_mask_reaches_the_layers_that_take_one_in_the_qat_model():
+    """Masking -> GlobalAveragePooling1D: the QAT model averages the unmasked steps as the float
+    model does (without the mask it would average all 6: twice off with half of them masked);
+    Masking -> Flatten: Flatten takes no mask, the wrappers no longer pass it one."""
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 6, 4)).astype("float32")
+    x[:, 3:] = 0.0
+    for consumer in (L.GlobalAveragePooling1D(), L.Flatten()):
+        inputs = keras.Input((6, 4))
+        h = L.Masking(0.0)(L.Conv1D(4, 1, use_bias=False)(inputs))
+        model = keras.Model(inputs, L.Dense(3)(consumer(h)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qat = qx.quantize(model)
+        qx.calibrate(qat, x)
+        gap = np.abs(model.predict(x, verbose=0) - qat.predict(x, verbose=0)).max()
+        scale = np.abs(model.predict(x, verbose=0)).max()
+        assert gap < 0.1 * scale, (type(consumer).__name__, gap, scale)
+
+
+def test_activity_regularization_trains_in_the_qat_model():
+    """The wrapper adds its layer's activity loss in each step (before: fit failed with 'tensor
+    is out of scope'): the loss fit reports grows with the regularization factor."""
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 8)).astype("float32")
+    losses = []
+    for l1 in (0.0, 10.0):
+        keras.backend.clear_session()
+        inputs = keras.Input((8,))
+        h = L.ActivityRegularization(l1=l1)(L.Dense(8)(inputs))
+        h = L.Dense(8, activity_regularizer=keras.regularizers.l2(l1))(h)
+        model = keras.Model(inputs, L.Dense(2)(h))
+        qat = qx.quantize(model)
+        qx.calibrate(qat, x)
+        qat.compile(keras.optimizers.SGD(0.0), "mse")
+        losses.append(qat.fit(x, np.zeros((16, 2)), epochs=1, verbose=0).history["loss"][0])
+    assert losses[1] > losses[0] + 1.0, losses
+
+
+def test_a_failed_conversion_carries_the_converters_error_text():
+    """The converter prints its MLIR diagnostics to stderr and raises a bare RuntimeError."""
+    class Failing:
+        def convert(self):
+            os.write(2, b'loc("model/flat/Reshape"): error: \'tfl.reshape\' op quantization parameters '
+                        b'violate the same scale constraint\n')
+            raise RuntimeError()
+
+    with pytest.raises(ExportError, match="RuntimeError.*'tfl.reshape' op quantization parameters violate"):
+        convert(Failing())
