@@ -212,8 +212,11 @@ class Runner:
             if len(xi.shape) != len(shape) + 1 or any(s is not None and s != v for s, v in zip(shape, xi.shape[1:])):
                 shown = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
                 raise ValueError(f"input {detail.get('signature_name', detail['name'])!r}: samples shaped {xi.shape[1:]} "
-                                 f"do not fit the file's input {shown} (per sample; 'any' is a dynamic dimension); "
-                                 "pass samples of that shape, or export the model again from data of this shape.")
+                                 f"do not fit the file's input {shown} (per sample"
+                                 + ("; 'any' is a dynamic dimension" if None in shape else
+                                    "; a model's None dimension is fixed in a file exported at one length") +
+                                 "); pass samples of that shape (crop or pad them), or export the model again "
+                                 "with representative data of this shape.")
             out.append(xi)
         return out
 
@@ -399,6 +402,9 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
             raise RuntimeCrash(f"the TFLite runtime did not finish within {timeout:.0f} s on this model.") from None
         meta_path = os.path.join(workdir, "meta.json")
         if proc.returncode != 0 or not os.path.exists(meta_path):
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+            if proc.returncode > 0 and last.startswith("ValueError: input "):  # samples that do not fit the file
+                raise ValueError(last[len("ValueError: "):])
             if proc.returncode > 0 and "Traceback" in proc.stderr:  # a Python error: the runtime's refusal
                 raise RuntimeCrash("the TFLite runtime refused the model: " + proc.stderr.strip().splitlines()[-1][-600:])
             raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))

@@ -118,14 +118,17 @@ def kept_float_layers(qat_model) -> list[str]:
             or isinstance(getattr(l, "quantize_config", None), KeptFloatQuantizeConfig)]
 
 
-def convert_qat(qat_model, samples, int8_io: bool = True) -> tuple[bytes, float]:
+def convert_qat(qat_model, samples, int8_io: bool = True, *, lengths=None) -> tuple[bytes, float]:
     """Convert a QAT model to an integer TFLite flatbuffer: ``(bytes, seconds)``.
 
     ``samples`` (one array per input) calibrate the int8 input/output (the converter needs them
     even for QAT). FULLY_CONNECTED filters trained at 2 bits, which the converter stores as
-    INT4, are then rewritten as INT2 (:func:`keras_qx.lite.int2.to_int2`; the seconds include it)."""
+    INT4, are then rewritten as INT2 (:func:`keras_qx.lite.int2.to_int2`; the seconds include it).
+    ``lengths``: one shape without the batch axis per input, fixing the ``None`` dimensions;
+    None keeps them dynamic where the converter can."""
     samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
-    data, seconds = _convert_qat(qat_model, samples, int8_io)
+    data, seconds = (_convert_qat(qat_model, samples, int8_io) if lengths is None
+                     else _convert_qat_at(qat_model, samples, int8_io, lengths))
     start = time.perf_counter()
     data, _ = to_int2(data)
     return data, seconds + time.perf_counter() - start

@@ -13,12 +13,13 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 
 from keras_qx._compat import check_model, keras, tf
 from keras_qx._io import check_inputs, check_writable, model_input_specs
 from keras_qx._runtime import interpreter, ops_details
 from keras_qx.lite.convert import ExportError, convert, converter_for, representative
-from keras_qx.lite.export import ExportReport, TFLiteModel, check_options, deliver
+from keras_qx.lite.export import ExportReport, LengthError, TFLiteModel, check_options, deliver
 from keras_qx.lite.inspect import inspect_tflite
 from keras_qx.quant.kinds import integer_lstm
 from keras_qx.rewrite.keras3 import as_tf_keras
@@ -125,7 +126,20 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
     if path is not None:
         check_writable(path)
     kept = _resolve_keep_float(model, keep_float) if keep_float else []
-    converter = converter_for(model)
+    options = dict(verify=verify, min_agreement=min_agreement, verify_samples=verify_samples, print_fn=print_fn)
+    try:
+        return _convert(model, mode, samples, int8_io, kept, path, None, options)
+    except LengthError as err:  # faithful at the representative data's length only: fix it there
+        lengths = [xi.shape[1:] for xi in samples]
+        warnings.warn(f"keras_qx: {err} The file is converted again at the representative data's shape "
+                      f"{[tuple(l) for l in lengths]}, which it then takes only.", stacklevel=2)
+        return _convert(model, mode, samples, int8_io, kept, path, lengths, options)
+
+
+def _convert(model, mode: str, samples: list, int8_io: bool, kept: list, path, lengths, options: dict) -> TFLiteModel:
+    """One conversion of :func:`ptq` (``lengths``: fixed input shapes, or None to keep dynamic
+    dimensions), verified and delivered."""
+    converter = converter_for(model, lengths=lengths)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     dataset = representative(samples, model) if samples else None
     if mode in ("int8", "int16x8"):
@@ -142,15 +156,14 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
     try:
         if kept:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-            nodes = _denylist(convert(converter_for(model))[0], kept)
+            nodes = _denylist(convert(converter_for(model, lengths=lengths))[0], kept)
             data, seconds = convert(converter, run=lambda: _selective(converter, dataset, nodes))
         else:
             data, seconds = convert(converter)
     except ExportError as err:
         raise ExportError(f"({mode}) {err}") from err.__cause__
     report = ExportReport(inspect_tflite(data), None, None, None, 0, seconds, kept_float=tuple(kept))
-    return deliver(model, data, report, samples, path, verify=verify, min_agreement=min_agreement,
-                   verify_samples=verify_samples, print_fn=print_fn)
+    return deliver(model, data, report, samples, path, **options)
 
 
 def _selective(converter, dataset, nodes: list[str]) -> bytes:
