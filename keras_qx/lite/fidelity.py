@@ -131,9 +131,9 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
     try:  # in a child process, like every runner: a runtime abort cannot end the caller
         run = run_tensors(data, x)
     except RuntimeCrash as err:
-        raise RuntimeError(f"compare_layers could not run the file: {err}. Check the file with "
-                           "qx.evaluate_tflite on the same samples; a file the runtime aborts on cannot be "
-                           "compared layer by layer.") from None
+        raise RuntimeCrash(f"compare_layers could not run the file: {err}. A file the runtime aborts on cannot be "
+                           "compared layer by layer: export it again with verification (qx.export_tflite(..., "
+                           "verify=True) refuses it), or keep the layer that fails float by policy.") from None
     details = run.tensors
     layers = [l for l in qat_model.layers if not isinstance(l, keras.layers.InputLayer)]
     order = {layer.name: i for i, layer in enumerate(qat_model.layers)}
