@@ -1,5 +1,7 @@
 """Verification judges correctly: agreement only where the Keras model is decisive, along the
 last axis (per pixel for a map), errors in steps with a high percentile, and names samples."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,64 @@ def test_a_file_wrong_everywhere_cannot_excuse_itself():
     assert result.decisive > 0.5 and result.agreement < 0.2
     with pytest.raises(qx.ExportError, match="disagrees"):
         check_agreement(result, 0.9)
+
+
+def test_every_output_kind_is_judged_on_its_error():
+    from keras_qx.lite.verify import MAX_MEAN_STEPS, check_error
+
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(-1, 1, size=(100, 1)).astype("float32")  # a regression / single-logit output
+    step = 2 / 255
+    check_agreement(judge(ref + rng.choice([-1, 0, 1], size=ref.shape) * step, ref, step), 0.9)  # rounding
+    off = judge(ref + 6 * step, ref, step)  # 6 steps off everywhere: top-1 has nothing to say
+    assert not off.classifier and off.mean_error_steps == pytest.approx(6.0, abs=1e-3) and 6.0 > MAX_MEAN_STEPS
+    with pytest.raises(qx.ExportError, match=r"mean 6\.00 .* above the 4 steps.*qx\.calibrate.*compare_layers"):
+        check_agreement(off, 0.0)  # min_agreement does not excuse the error
+    check_error(off, max_mean_steps=8)  # the bars are arguments
+
+
+def test_a_map_broken_in_one_region_is_refused_by_its_p99():
+    rng = np.random.default_rng(4)
+    ref = rng.uniform(0, 1, size=(16, 8, 8, 1)).astype("float32")  # an autoencoder's images
+    step = 1 / 255
+    ours = ref.copy()
+    ours[:, :2, :, 0] = 1 - ours[:, :2, :, 0]  # a quarter of every image inverted
+    result = judge(ours, ref, step)
+    assert result.mean_error_steps < 40 and result.p99_error_steps > 200
+    with pytest.raises(qx.ExportError, match="far from the Keras model"):
+        check_agreement(result, 0.9)
+
+
+def test_a_fine_output_step_is_judged_on_the_int8_grid_of_its_range():
+    rng = np.random.default_rng(5)
+    ref = rng.uniform(-1, 1, size=(64, 1)).astype("float32")
+    step = 2 / 65535  # an int16 output: faithful rounding at the int8 level is 257 of its steps
+    result = judge(ref + rng.choice([-1, 1], size=ref.shape) * 2 / 255, ref, step)
+    assert result.mean_error_steps > 200 and result.unit_steps == pytest.approx(result.range_steps / 255)
+    check_agreement(result, 0.9)  # one int8 step of its range: accepted
+    with pytest.raises(qx.ExportError, match=r"in units of .* output steps"):
+        check_agreement(judge(ref + 10 * 2 / 255, ref, step), 0.9)  # ten: refused
+
+
+def test_a_multi_output_verification_names_the_broken_output():
+    from keras_qx.lite.verify import combine
+
+    rng = np.random.default_rng(6)
+    cls = rng.normal(size=(32, 3)).astype("float32")
+    reg = rng.normal(size=(32, 1)).astype("float32")
+    step = float(np.ptp(reg)) / 255
+    good = replace(judge(cls, cls, 0.05), output="cls")
+    bad = replace(judge(reg + 20 * step, reg, step), output="reg")
+    with pytest.raises(qx.ExportError, match=r"^output 'reg' of the TFLite model is far"):
+        check_agreement(combine([good, bad]), 0.9)
+
+
+def test_compare_layers_survives_an_aborting_file():
+    import pathlib
+
+    from keras_qx._runtime import RuntimeCrash
+
+    x = np.random.default_rng(0).random((2, 16, 8)).astype("float32")
+    aborts = pathlib.Path(__file__).parent / "data" / "aborts_litert.tflite"
+    with pytest.raises(RuntimeCrash, match="compare_layers could not run the file.*SIGABRT.*verify=True"):
+        qx.compare_layers(None, aborts, x)  # in the child runtime: the caller lives on
