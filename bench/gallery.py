@@ -43,6 +43,8 @@ def fmt(kinds, values) -> str:
 
 def error_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
+        lines = [f"{lines[0]} {lines[1]}"]  # Keras wraps the error: its second line is the cause
     text = f"{type(err).__name__}: {lines[0] if lines else ''}"
     return text.replace("|", "/")[:240]
 

@@ -934,6 +934,12 @@ def run_tfmot(task: Task, calib: int = 64, qat_epochs: int = 1, result: dict | N
         data = converter.convert()
     result["bytes"] = len(data)
     result["stage"] = "run file"
-    result["file"] = scores(task, run_file(data, task.x_test))
+    outputs = run_file(data, task.x_test)
+    # the converter may list a multi-output model's outputs in another order: match them by shape
+    ordered = []
+    for shape in [tuple(o.shape[1:]) for o in task.model.outputs]:
+        j = next(k for k, o in enumerate(outputs) if tuple(o.shape[1:]) == shape)
+        ordered.append(outputs.pop(j))
+    result["file"] = scores(task, ordered)
     result["stage"] = "done"
     return result

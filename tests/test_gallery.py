@@ -12,7 +12,7 @@ What is asserted, and why these tolerances:
 - mse: the file keeps at least ``MSE_GAIN`` (90%) of the float model's improvement over
   predicting the mean: int8 outputs add about step^2/12 of error, far below that;
 - the export's own check of the file against its QAT model: mean error at most ``MEAN_STEPS``
-  and max at most ``MAX_STEPS`` output quantization steps. Faithful files measure 0.3-1 mean /
+  and max at most ``MAX_STEPS`` output quantization steps. Faithful files measure 0-0.5 mean /
   2-5 max (bench/results/gallery.md, bench/coverage.py); the worst known faithful case (held-out
   EfficientNetV2B1, issue 18) is 3.5 / 12, a broken one 95 / 191.
 
@@ -28,13 +28,22 @@ from gallery import GALLERY, baseline, higher_is_better, predict, run_keras_qx, 
 
 ACC_POINTS = 0.05
 MSE_GAIN = 0.9
-MEAN_STEPS = 1.5
+MEAN_STEPS = 1.0
 MAX_STEPS = 12
 LEARNT_POINTS = 0.2  # accuracy above the majority class the float model must reach
 LEARNT_MSE = 0.5  # fraction of the mean-predictor's mse the float model must stay under
 
 # name -> the failure seen today (issue 18's pieces in progress); see the module docstring.
-XFAIL: dict[str, str] = {}
+XFAIL: dict[str, str] = {
+    "siamese": "qx.quantize refuses the gallery's Lambda(euclidean_distance) (PolicyError: 'a Lambda runs Python "
+               "code keras_qx cannot see'); issue 18 wants what cannot be traced kept float, not the model refused",
+    "vit_small": "qx.quantize: inlining PatchEncoder calls it on a probe of the wrong length (InvalidArgumentError "
+                 "'Incompatible shapes: [4,8,16] vs. [16,16]'): Patches' output has a None patch axis",
+    "tabular": "the QAT model's Normalization layers do not normalize (adapted mean/variance copied, but "
+               "finalize_state() never run): QAT model and file 50% vs float 96%",
+    "unet_small": "file vs QAT model 0.45 mean / 23 max output steps (> MAX_STEPS) on the per-pixel softmax map",
+    "mlp_mixer": "file vs QAT model 1.42 mean / 8 max output steps (> MEAN_STEPS)",
+}
 
 
 def _param(name):
