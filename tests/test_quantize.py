@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras
+from keras_qx._compat import keras, tf
 from keras_qx.quant.configs import KernelQuantizeConfig
 from tests.conftest import tiny_model
 
@@ -142,18 +142,23 @@ def test_simulate_only_trains_but_refuses_export(rng):
 
 
 class Twice(keras.layers.Layer):
-    """A custom layer keras_qx knows nothing about."""
+    """A custom layer keras_qx knows nothing about, whose call branches on a tensor's value."""
 
     def call(self, x):
+        if tf.reduce_max(x) > 100.0:  # Python branching on a value: cannot be traced
+            return x
         return 2 * x
 
 
-def test_unsupported_layer_names_layer_and_fix():
+def test_untraceable_custom_layer_is_kept_float_with_a_warning_naming_it_and_the_fix():
     inputs = keras.Input((8, 4))
     x = Twice(name="ln")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
-    with pytest.raises(qx.PolicyError, match="ln .*quantize"):
-        qx.quantize(model)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(x)))
+    with pytest.warns(UserWarning, match="custom layer 'ln' .Twice. whole and float.*register_layer"):
+        qat = qx.quantize(model)
+    assert any(isinstance(l, Twice) for l in qat.layers)  # unwrapped: float
+    wrapped = {l.layer.name for l in qat.layers if hasattr(l, "layer")}
+    assert "out" in wrapped and "ln" not in wrapped
     qat = qx.quantize(model, {"layers": {"ln": {"quantize": False}}})
     assert any(isinstance(l, Twice) for l in qat.layers)
 

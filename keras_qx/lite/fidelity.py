@@ -99,10 +99,14 @@ def _layer_name(layer) -> str:
 def _tensor_layers(tensor_name: str, known: dict) -> list:
     """Keras layer names (wrapper names, as in the graph) mentioned in a TFLite tensor name."""
     found = []
+    nested = [n for n in known if "/" in n]  # layers inlined from custom layers: "quant_block/att_query"
     for part in tensor_name.split(";"):
         for piece in part.split("/"):
             if piece in known:
                 found.append(piece)
+        for name in nested:
+            if f"/{name}/" in f"/{part}/":
+                found.append(name)
     return found
 
 

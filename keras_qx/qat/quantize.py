@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -14,6 +15,7 @@ from keras_qx._compat import check_float_model, check_model, keras, quantize_ann
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
+from keras_qx.rewrite.inline import is_custom_layer
 from keras_qx.quant.quantizers import ClusterWeightQuantizer, SparseWeightQuantizer, WeightQuantizer
 from keras_qx.quant.configs import KernelQuantizeConfig
 from keras_qx.compress.cluster import check_not_clustered, cluster_table, init_cluster_tables
@@ -45,22 +47,25 @@ def _annotation(layer):
 def _flatten(model, policy: Policy):
     """``(flatten_nested(model), policy)``, leaving whole the layers the policy keeps float (a
     masked MultiHeadAttention, say); a policy entry naming a decomposed MultiHeadAttention
-    applies to each of its parts."""
+    or an inlined custom layer applies to each of its parts (more specific entries win)."""
     _refuse(model)
     keep = {_inner(l).name for l in model.layers if not isinstance(_inner(l), keras.Model)
             and not isinstance(l, keras.layers.InputLayer)
             and not policy.spec_for(_inner(l), _annotation(l)).quantize}
     flat = flatten_nested(model, keep)
-    split = [l.name for l in model.layers if isinstance(l, keras.layers.MultiHeadAttention)
-             and l.name not in keep and l.name in policy.layers]
+    present = {l.name for l in flat.layers}
+
+    def parts(name):  # a decomposed MultiHeadAttention's parts, an inlined custom layer's layers
+        return [p for p in present if p.startswith(f"{name}/")
+                or any(p == f"{name}_{part}" for part in ATTENTION_PARTS)]
+
+    split = [name for name in policy.layers if name not in present and name not in keep and parts(name)]
     if split:
         data = policy.to_dict()
-        present = {l.name for l in flat.layers}
-        for name in split:
+        for name in sorted(split, key=len, reverse=True):  # the most specific entry first: it wins
             entry = data["layers"].pop(name)
-            for part in ATTENTION_PARTS:
-                if f"{name}_{part}" in present:
-                    data["layers"].setdefault(f"{name}_{part}", dict(entry))
+            for part in sorted(parts(name)):
+                data["layers"].setdefault(part, dict(entry))
         policy = Policy.from_dict(data)
     return flat, policy
 
@@ -161,6 +166,10 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
         warnings.warn("keras_qx keeps these layers float, their outputs quantized (the rest of the model is "
                       "quantized; the TFLite file runs them in float32): "
                       + "; ".join(f"{names}: {reason}" for reason, names in by_reason.items()) + ".", stacklevel=2)
+    opaque = [l for l in model.layers if is_custom_layer(_inner(l)) and not _foreign(l)
+              and specs.get(_inner(l).name, LayerSpec(quantize=False)).quantize]
+    for l in opaque:  # not inlined by flatten_nested (it warned why): float, its neighbours quantized
+        specs[_inner(l).name] = dataclasses.replace(specs[_inner(l).name], quantize=False)
     if not simulate_only:
         specs = _clamp_to_exportable(model, specs)
     registry = (_PreservingRegistry if preserve_sparsity or preserve_clusters else PolicyQuantizeRegistry)(
@@ -170,7 +179,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
         registry.tables = _cluster_tables(model, specs) if preserve_clusters else {}
 
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
-                   if _inner(l).name in specs and specs[_inner(l).name].quantize
+                   if _inner(l).name in specs and specs[_inner(l).name].quantize and not is_custom_layer(_inner(l))
                    and not _foreign(l) and not registry.supports(_inner(l))]
     if unsupported:
         raise PolicyError(

@@ -41,7 +41,7 @@ from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, kernel_kind, treatme
 from keras_qx.quant.policy import LayerSpec
 from keras_qx.quant.quantizers import full_range_for
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
-from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp
+from keras_qx.rewrite.tfop import INDEX_OPS, VALUE_PRESERVING, TFOp
 
 __all__ = ["PolicyQuantizeRegistry", "PolicyQuantizeScheme", "DEPTHWISE_SUFFIX"]
 
@@ -129,7 +129,8 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         if cls.__name__ in _BY_NAME:
             return OutputQuantizeConfig(spec.activation_bits) if _BY_NAME[cls.__name__] else NoOpQuantizeConfig()
         if issubclass(cls, TFOp):
-            return NoOpQuantizeConfig() if symbol in VALUE_PRESERVING else OutputQuantizeConfig(spec.activation_bits)
+            return (NoOpQuantizeConfig() if symbol in VALUE_PRESERVING or symbol in INDEX_OPS
+                    else OutputQuantizeConfig(spec.activation_bits))
         info = _tfmot_info(cls)
         if info is not None and getattr(info, "quantize_output", False):
             return OutputQuantizeConfig(spec.activation_bits)

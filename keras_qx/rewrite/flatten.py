@@ -39,8 +39,10 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
 from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
+from keras_qx.rewrite.inline import NotTraceable, check_agrees, is_custom_layer, trace_layer
 
 __all__ = ["flatten_nested", "has_nested", "SequenceDense", "BiasAdd", "InferenceRandomCrop", "ATTENTION_PARTS"]
 
@@ -110,8 +112,8 @@ def _copied(layer) -> bool:
 
 
 def _fused_lstm(layer) -> bool:
-    """An LSTM to run as ``RNN(LSTMCell)``: inside a Bidirectional (kept float), or one the
-    converter would not fuse into its integer LSTM (:func:`~keras_qx.quant.kinds.integer_lstm`)."""
+    """An LSTM to rewrite (:func:`_unfused_lstm`): inside a Bidirectional, or one the converter
+    would not fuse into its integer LSTM (:func:`~keras_qx.quant.kinds.integer_lstm`)."""
     from keras_qx.quant.kinds import integer_lstm
 
     if isinstance(layer, keras.layers.Bidirectional):
@@ -133,7 +135,33 @@ def _generic_lstm(config: dict, name: str):
 
 
 def _unfused_lstm(layer, args, kwargs):
+    """A Bidirectional of two LSTMs the converter fuses becomes two integer LSTMs:
+    ``<name>_forward`` on the input, ``<name>_backward`` on it reversed in time (``TFOp`` tf.reverse,
+    ``<name>_reverse_input``; its outputs reversed back with return_sequences), merged as the
+    wrapper's ``merge_mode`` by a layer named ``<name>`` (REVERSE_V2, two
+    UNIDIRECTIONAL_SEQUENCE_LSTM and CONCATENATION/ADD/MUL in the file). Any other LSTM here runs
+    as ``RNN(LSTMCell)``, kept float."""
+    from keras_qx.quant.kinds import integer_lstm
+    from keras_qx.rewrite.tfop import TFOp
+
     if isinstance(layer, keras.layers.Bidirectional):
+        merges = {"concat": keras.layers.Concatenate, "sum": keras.layers.Add, "mul": keras.layers.Multiply,
+                  "ave": keras.layers.Average}
+        fwd_config = {**layer.forward_layer.get_config(), "name": f"{layer.name}_forward"}
+        bwd_config = {**layer.backward_layer.get_config(), "name": f"{layer.name}_backward", "go_backwards": False}
+        fwd, bwd = keras.layers.LSTM.from_config(fwd_config), keras.layers.LSTM.from_config(bwd_config)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
+        if (layer.merge_mode in merges and integer_lstm(fwd) and integer_lstm(bwd) and len(args) == 1
+                and not kwargs and not layer.forward_layer.go_backwards):
+            x = args[0]
+            reverse = {"args": [{"__tensor__": 0}, [1]]}  # batch-major: time is axis 1
+            y_fwd = fwd(x)
+            y_bwd = bwd(TFOp("reverse", reverse, name=f"{layer.name}_reverse_input")(x))
+            if fwd_config.get("return_sequences"):
+                y_bwd = TFOp("reverse", reverse, name=f"{layer.name}_reverse_output")(y_bwd)
+            fwd.set_weights(layer.forward_layer.get_weights())
+            bwd.set_weights(layer.backward_layer.get_weights())
+            return merges[layer.merge_mode](name=layer.name)([y_fwd, y_bwd])
         new = keras.layers.Bidirectional(_generic_lstm(layer.forward_layer.get_config(), layer.forward_layer.name),
                                          merge_mode=layer.merge_mode, name=layer.name,
                                          backward_layer=_generic_lstm(layer.backward_layer.get_config(),
@@ -161,7 +189,7 @@ def _activation(x, activation, name: str):
 
 def _rewrites(layer, copies: bool = True) -> bool:
     return (isinstance(layer, keras.Model) or _tf_op(layer) or isinstance(layer, keras.layers.SpectralNormalization)
-            or (copies and _copied(layer)))
+            or is_custom_layer(layer) or (copies and _copied(layer)))
 
 
 def has_nested(model, keep=frozenset(), copies: bool = True) -> bool:
@@ -305,6 +333,8 @@ def _call(layer, args, kwargs, keep, copies):
         return outputs[0] if len(outputs) == 1 else outputs
     if layer.name in keep or (not copies and _copied(layer)):
         return layer(*args, **kwargs)
+    if is_custom_layer(layer):
+        return _inline(layer, args, kwargs, keep, copies)
     if isinstance(layer, keras.layers.SpectralNormalization):
         return _call(layer.layer, args, {k: v for k, v in kwargs.items() if k != "training"}, keep, copies)
     if isinstance(layer, keras.layers.MultiHeadAttention):
@@ -325,13 +355,70 @@ def _call(layer, args, kwargs, keep, copies):
     return layer(*args, **kwargs)
 
 
+def _inline(layer, args, kwargs, keep, copies):
+    """A custom layer's call as its sublayers and ops (:mod:`keras_qx.rewrite.inline`), rewritten
+    in turn; the layer whole, with a warning, where that cannot be done faithfully."""
+    try:
+        graph, tensors = trace_layer(layer, args, kwargs)
+        structure = (tuple(args), {k: v for k, v in kwargs.items() if k != "training"})
+        flat = tf.nest.flatten(structure)
+
+        def original(s):
+            it = iter(s)
+            a, k = tf.nest.pack_sequence_as(structure, [next(it) if hasattr(v, "_keras_history") else v for v in flat])
+            return layer(*a, **k)
+
+        check_agrees(original, graph, graph.inputs, "its traced graph")
+        outputs = _apply(graph, tensors, keep, copies)
+    except (NotTraceable, ValueError) as why:  # ValueError: an op a TFOp may not call
+        warnings.warn(
+            f"keras_qx keeps custom layer {layer.name!r} ({type(layer).__name__}) whole and float: {why}. To quantize "
+            f"it, teach keras_qx its kernels with qx.register_layer({type(layer).__name__}, weight_attrs=[...]) or "
+            "annotate it with a tfmot QuantizeConfig.", stacklevel=4)
+        return layer(*args, **kwargs)
+    return tf.nest.pack_sequence_as(graph._nested_outputs, outputs)
+
+
+def _float_id_inputs(model) -> set:
+    """Indices of the float inputs that only feed ``Embedding`` lookups (and shape ops): token ids
+    declared as ``Input(shape=(maxlen,))``, float32 by default. Quantized to int8 as a float input
+    is, ids come back a fraction below themselves and the lookup truncates them to the previous
+    token (measured: a text transformer fell from 100% to 80.5%), so they become int32 inputs."""
+    if not has_graph(model):
+        return set()
+    from keras_qx.rewrite.tfop import INDEX_OPS
+
+    levels, _ = graph_nodes(model)
+    found = set()
+    for i, ref in enumerate(model.inputs):
+        if not ref.dtype.is_floating:
+            continue
+        consumers = [node.layer for level in levels for node in level
+                     if not node.is_input and str(id(ref)) in node.flat_input_ids]
+        if consumers and all(isinstance(l, keras.layers.Embedding) or getattr(l, "symbol", None) in INDEX_OPS
+                             for l in consumers):
+            found.add(i)
+    return found
+
+
+def _inputs_like(model, ids=frozenset()):
+    return [keras.Input(batch_shape=t.shape, dtype="int32" if i in ids else t.dtype, name=t.name.split(":")[0])
+            for i, t in enumerate(model.inputs)]
+
+
 def flatten_nested(model, keep=frozenset(), copies: bool = True):
     """A functional model equal to ``model`` with the rewrites above done (``model`` itself if
     none applies); layers named in ``keep`` (e.g. kept float by the policy) stay whole;
     ``copies=False`` only does the rewrites that share the original layers (sensitivity
-    analysis perturbs the model's own kernels)."""
-    if not has_nested(model, keep, copies):
+    analysis perturbs the model's own kernels). Float inputs that only feed Embedding lookups
+    become int32 inputs (:func:`_float_id_inputs`; Keras casts the float ids it is given)."""
+    if not has_nested(model, keep, copies) and not _float_id_inputs(model):
         return model
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
-    outputs = _apply(model, inputs, frozenset(keep), copies)
-    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
+    for _ in range(2):  # a second pass when inlining revealed float token-id inputs
+        ids = _float_id_inputs(model)
+        inputs = _inputs_like(model, ids)
+        outputs = _apply(model, inputs, frozenset(keep), copies)
+        model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
+        if not _float_id_inputs(model):
+            break
+    return model

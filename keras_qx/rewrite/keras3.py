@@ -20,7 +20,7 @@ import inspect
 
 import numpy as np
 
-from keras_qx._compat import (keras, keras3_init_defaults, keras3_layer_weights, keras3_model_kind, keras3_predict,
+from keras_qx._compat import (is_graph_model, keras, keras3_init_defaults, keras3_layer_weights, keras3_model_kind, keras3_predict,
                               keras3_submodel)
 
 __all__ = ["from_keras3", "as_tf_keras", "is_keras3_model", "tf_keras_config", "Keras3Error", "TOLERANCE"]
@@ -49,8 +49,16 @@ def is_keras3_model(model) -> bool:
 
 
 def as_tf_keras(model, what: str = "model"):
-    """``model`` itself unless it is a Keras 3 model, which is rebuilt by :func:`from_keras3`."""
-    return from_keras3(model, what) if is_keras3_model(model) else model
+    """``model`` itself unless it is a Keras 3 model, which is rebuilt by :func:`from_keras3`, or a
+    subclassed tf_keras model, traced into a Functional one by
+    :func:`~keras_qx.rewrite.inline.as_functional`."""
+    if is_keras3_model(model):
+        return from_keras3(model, what)
+    if isinstance(model, keras.Model) and not is_graph_model(model) and model.built:
+        from keras_qx.rewrite.inline import as_functional
+
+        return as_functional(model, what)
+    return model
 
 
 def from_keras3(model, what: str = "model", samples=None, tolerance: float = TOLERANCE):

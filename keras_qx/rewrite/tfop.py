@@ -21,12 +21,16 @@ import json
 
 from keras_qx._compat import PACKAGE, keras, tf, tf_symbol
 
-__all__ = ["TFOp", "from_tf_op_lambda", "VALUE_PRESERVING", "SAFE_TF_OPS", "is_safe_tf_op", "check_tf_op"]
+__all__ = ["TFOp", "from_tf_op_lambda", "VALUE_PRESERVING", "INDEX_OPS", "SAFE_TF_OPS", "is_safe_tf_op", "check_tf_op"]
 
 # Ops that only move values: no new range, so no output quantizer of their own.
 VALUE_PRESERVING = {"__operators__.getitem", "reshape", "transpose", "compat.v1.transpose",
                     "identity", "expand_dims", "squeeze", "compat.v1.squeeze", "split", "concat",
                     "stack", "nn.relu", "math.maximum", "math.minimum", "nn.relu6"}
+
+# Ops whose outputs are shapes, positions or masks (integers or booleans), not activations: no
+# quantizer (e.g. ``tf.range(tf.shape(x)[-1])`` feeding a position Embedding).
+INDEX_OPS = {"shape", "compat.v1.shape", "range", "rank", "size", "compat.v1.size", "argsort", "sequence_mask"}
 
 
 # The TF ops a TFOp may call, by the name TFOpLambda records (TF 2.x canonical names, some of
@@ -44,7 +48,8 @@ SAFE_TF_OPS = frozenset({
     "broadcast_to", "shape", "compat.v1.shape", "rank", "size", "compat.v1.size", "cast", "zeros_like",
     "ones_like", "compat.v1.zeros_like", "compat.v1.ones_like", "where", "compat.v1.where", "clip_by_value",
     "one_hot", "sort", "argsort", "repeat", "roll", "boolean_mask", "compat.v1.boolean_mask", "stop_gradient",
-    "sequence_mask",
+    "sequence_mask", "range", "zeros", "ones", "fill", "eye", "linspace", "image.extract_patches",
+    "compat.v1.image.extract_image_patches", "math.reduce_mean",
     # products and norms
     "einsum", "linalg.matmul", "tensordot", "norm", "compat.v1.norm", "linalg.norm",
     # tf.nn activations and fixed computations
