@@ -303,8 +303,6 @@ def test_distributed_chief_and_two_workers_share_one_search(tmp_path):
 
 @pytest.mark.slow
 def test_cli_search_writes_policy_model_tables_and_plot(tmp_path):
-    from keras_qx.cli import main
-
     proc = subprocess.run(
         [sys.executable, "-m", "keras_qx.cli", "search", "--budget", "0.6x", "--trials", "2", "--epochs", "2",
          "--qat-epochs", "1", "--oracle", "random", "--out", str(tmp_path)],
@@ -317,9 +315,22 @@ def test_cli_search_writes_policy_model_tables_and_plot(tmp_path):
     csv_rows = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("trial_id,status,conv1,conv2,fc1,logits,kernel_bytes") and len(csv_rows) == 3
     assert "in the file" in proc.stdout and "(warm)" in (tmp_path / "results.md").read_text()
-    with pytest.raises(SystemExit):
+
+
+def test_cli_search_argument_errors(tmp_path, capsys):
+    """A bad --trials is argparse's usage error (exit 2) naming the flag; a bad --budget returns 2
+    with the budget's message naming the value, before any model is trained or directory written."""
+    from keras_qx.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
         main(["search", "--budget", "0.6x", "--trials", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "keras-qx: error: --trials must be at least 1" in err and "unrecognized arguments" not in err, err
     assert main(["search", "--budget", "lots", "--out", str(tmp_path / "x")]) == 2
+    captured = capsys.readouterr()
+    assert "keras-qx: error: budget must be kernel bytes" in captured.err and "got 'lots'" in captured.err, captured.err
+    assert not captured.out and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
