@@ -151,8 +151,16 @@ def test_plan_resolution_order():
     assert (plan["head"].sparsity, plan["head"].block_size) == (0.9, (4, 1)) and plan["probe"].sparsity == 0.8
     pruned = qx.prune(model, 0.8, layers={"probe": {"sparsity": 0}})
     assert [l.name for l in pruned.layers if l.name.startswith("prune_")] == ["prune_low_magnitude_head"]
-    assert not np.array_equal(pruned.get_layer("probe").kernel, np.zeros(1))  # model copied, not shared
-    assert pruned.get_layer("probe") is not model.get_layer("probe")
+    # the model is copied, not shared: the unpruned probe is a distinct layer with equal weights...
+    probe, original = pruned.get_layer("probe"), model.get_layer("probe")
+    assert type(probe) is keras.layers.Conv2D and probe is not original
+    assert probe.kernel.shape == original.kernel.shape and np.any(original.kernel.numpy() != 0)
+    for copied, source in zip(probe.get_weights(), original.get_weights()):
+        np.testing.assert_array_equal(copied, source)
+    # ...whose variables are its own: zeroing the copy leaves the user's model as it was
+    before = original.kernel.numpy().copy()
+    probe.kernel.assign(np.zeros(probe.kernel.shape, "float32"))
+    np.testing.assert_array_equal(original.kernel.numpy(), before)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
