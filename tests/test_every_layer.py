@@ -81,12 +81,16 @@ def _check(name, kind, got):
     if kind == "quantized":
         assert set(got["float_ops"]) <= ALLOWED_FLOAT.get(name, set()), where
         assert all(k in ("INT8", "INT4") for k in got["kernels"]), where
+        # exported with min_agreement=0.0 (random tiny models have near-ties): the error in output
+        # steps is the check (worst measured alone: 0.66 mean / 3 max, LayerNormalization)
+        assert got["mean"] <= 1.0 and got["max"] <= 4.0, where
     elif kind == "pass-through":
         assert ("QUANTIZE" not in got["ops"] or name in REQUANTIZES) and set(got["float_ops"]) <= ALLOWED_FLOAT.get(name, set()), where
         assert got["max"] <= (0.51 if name in BILINEAR else 1e-3), where
     elif kind == "identity":
         assert got["ops"] == [] and got["max"] == 0, where
     elif kind == "kept float":
+        assert got["mean"] <= 1.0 and got["max"] <= 4.0, where
         assert got["float_ops"] or name in CONVERTER_QUANTIZES, where
         assert any("float" in w and name.lower()[:4] in w.lower() for w in got["warnings"]), where
         if treatment(CLASSES[name]).kind == "float":  # float inside, the Dense head after it integer

@@ -8,6 +8,7 @@ Alone, a layer can pass where it fails in a model (found by this sweep): Masking
 layers whose call takes none (TypeError in tfmot's wrappers), ActivityRegularization broke
 ``fit`` ("tensor is out of scope"), ELU's float op failed to convert before a reshape."""
 import os
+import re
 import warnings
 
 import numpy as np
@@ -108,3 +109,30 @@ def test_a_failed_conversion_carries_the_converters_error_text():
 
     with pytest.raises(ExportError, match="RuntimeError.*'tfl.reshape' op quantization parameters violate"):
         convert(Failing())
+
+
+@pytest.mark.slow
+def test_quantize_false_in_the_middle_is_reported_as_the_file_holds_it():
+    """Dense -> Dense(quantize: false) -> Dense: the converter stores the middle kernel int8 anyway
+    (read from the file); the export report, its warning and summary(tflite=...) say so, and the
+    file still follows its QAT model."""
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 8)).astype("float32")
+    inputs = keras.Input((8,))
+    h = L.Dense(16, activation="relu", name="a")(inputs)
+    h = L.Dense(16, activation="relu", name="mid")(h)
+    model = keras.Model(inputs, L.Dense(4, name="c")(h))
+    qat = qx.quantize(model, {"layers": {"mid": {"quantize": False}}})
+    qx.calibrate(qat, x)
+    assert re.search(r"^mid\s+Dense\s+-\s", qx.summary(qat, print_fn=None), re.M)  # trained float
+    with pytest.warns(UserWarning, match=r"'mid': 'INT8'.*kept float by the policy"):
+        tfl = qx.export_tflite(qat, x, min_agreement=0.0)
+    mine = [w for w in tfl.report.info.weights if "/quant_mid/" in w[0] and len(w[2]) == 2]
+    assert [w[1] for w in mine] == ["INT8"]  # what the file holds
+    assert tfl.report.integer_anyway == (("mid", "INT8"),)
+    assert any("integer in the file" in line and "mid INT8" in line for line in tfl.report.lines())
+    text = qx.summary(qat, print_fn=None, tflite=tfl)
+    assert "float (file: INT8)" in text and "integer in the file: mid" in text
+    assert qx.summary(qat, print_fn=None, tflite=tfl.report.info) == text
+    assert tfl.report.mean_error_steps <= MAX_MEAN_STEPS and tfl.report.max_error_steps <= MAX_STEPS
+    # a model with every layer quantized lists nothing
+    assert not qx.export_tflite(qx.calibrate(qx.quantize(model), x), x, min_agreement=0.0).report.integer_anyway

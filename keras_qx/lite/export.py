@@ -22,7 +22,7 @@ from keras_qx.lite.convert import ExportError, convert_qat
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.verify import Verification, check_agreement, verify as verify_tflite
 from keras_qx.qat.calibrate import uncalibrated_ranges
-from keras_qx.qat.summary import layer_costs
+from keras_qx.qat.summary import float_layers_stored_integer, layer_costs
 from keras_qx.qat.quantize import unexportable_layers
 
 __all__ = ["export_tflite", "ExportReport", "TFLiteModel", "ExportError", "file_sparsity", "file_distinct",
@@ -43,6 +43,7 @@ class ExportReport:
     stored_wider: tuple = ()  # (layer, trained bits, bits in the file) where the file stores more bits
     sparsity: tuple = ()  # (layer, fraction of its kernel values stored as 0 in the file), by file_sparsity
     kept_float: tuple = ()  # layers the file keeps float32 on request (qx.ptq's keep_float)
+    integer_anyway: tuple = ()  # (layer, type) the policy keeps float, stored integer by the converter
     distinct: tuple = ()  # (layer, distinct kernel values in the file, most in one channel or None), by file_distinct
     fixed_lengths: tuple = ()  # (input, the model's shape, the file's) where the file fixes a dynamic (None) dimension
     other_length: Verification | None = None  # a model with dynamic dims: the file checked again at twice the length
@@ -56,6 +57,9 @@ class ExportReport:
                 f"{name} {bits}-bit as {'INT4' if stored == 4 else 'int8'}" for name, bits, stored in self.stored_wider))
         if self.kept_float:
             out.append("kept float on request: " + ", ".join(self.kept_float))
+        if self.integer_anyway:
+            out.append("kept float by the policy, integer in the file (the converter quantized them between quantized "
+                       "layers): " + ", ".join(f"{name} {kind}" for name, kind in self.integer_anyway))
         if self.sparsity:
             out.append("kernel sparsity in the file: " + ", ".join(f"{name} {value:.1%}" for name, value in self.sparsity))
         if self.distinct:
@@ -216,6 +220,12 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
                               stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)
                                                  for c, _ in layer_costs(qat_model) if c.stored_wider))
         report.sparsity = file_sparsity(qat_model, report.info)
+    report.integer_anyway = tuple(float_layers_stored_integer(qat_model, report.info).items())
+    if report.integer_anyway:
+        warnings.warn(f"keras_qx: {dict(report.integer_anyway)}: kept float by the policy (quantize: false), but the "
+                      "converter stores them integer, quantized between quantized layers with weight scales QAT did not "
+                      "train. Quantize them, or for float32 ops convert the float model with qx.ptq(..., keep_float=[...]).",
+                      stacklevel=2)
         report.distinct = file_distinct(qat_model, report.info)
         try:
             return deliver(qat_model, data, report, samples, path, verify=verify, min_agreement=min_agreement,

@@ -13,7 +13,7 @@ from keras_qx.quant.cost import GzipPrediction, LayerCost, layer_cost, predict_g
 from keras_qx.rewrite.flatten import flatten_nested
 from keras_qx.rewrite.keras3 import as_tf_keras
 
-__all__ = ["summary", "layer_costs", "predict_gzip_bytes"]
+__all__ = ["summary", "layer_costs", "predict_gzip_bytes", "float_layers_stored_integer"]
 
 
 def predict_gzip_bytes(model, policy=None) -> GzipPrediction:
@@ -59,6 +59,38 @@ def layer_costs(qat_model) -> list[tuple[LayerCost, int | None]]:
     return rows
 
 
+def float_layers_stored_integer(qat_model, info) -> dict[str, str]:
+    """``{layer: storage type}`` of the layers ``qat_model`` trains with float kernels (the policy's
+    ``quantize: false``) whose kernel the TFLite file (``info``: ``qx.inspect_tflite`` of it, or
+    an export's ``report.info``) stores as an integer type anyway.
+
+    The converter does that to a float layer between quantized ones (measured, TF 2.21: Dense ->
+    Dense(quantize: false) -> Dense gives three int8 FULLY_CONNECTED, with or without
+    representative data): tfmot quantizes the float layer's output for the next layer, so the op
+    has int8 edges, and the converter then quantizes its weights itself (its own scale, not
+    trained). Layers kept float by keras_qx (recurrent: no integer kernel) stay float and are not
+    listed."""
+    from keras_qx.quant.kinds import kernel_kind
+
+    found = {}
+    stored = [(name, kind) for name, kind, shape, *_ in info.weights if len(shape) >= 2 and kind != "INT32"]
+    for layer in qat_model.layers:
+        inner = getattr(layer, "layer", layer)
+        config = getattr(layer, "quantize_config", None)
+        if kernel_kind(inner) is None or isinstance(inner, keras.Model):
+            continue
+        if config is not None and (getattr(config, "weight_bits", None) is not None
+                                   or config.get_weights_and_quantizers(inner)):
+            continue  # its kernel is quantized in training
+        if type(config).__name__ == "KeptFloatQuantizeConfig":
+            continue
+        kinds = {kind for name, kind in stored if f"/{layer.name}/" in f"/{name}" or f"/{inner.name}/" in f"/{name}"}
+        integer = sorted(k for k in kinds if k not in ("FLOAT32", "FLOAT16"))
+        if integer:
+            found[inner.name] = integer[0]
+    return found
+
+
 def _fmt_bits(bits):
     return "-" if bits is None else str(bits)
 
@@ -70,7 +102,7 @@ def _fmt_distinct(found):
     return f"{channel}/ch" if channel is not None else f"{total:,}"
 
 
-def summary(qat_model, print_fn=print) -> str:
+def summary(qat_model, print_fn=print, tflite=None) -> str:
     """Print (and return) the table: layer, type, weight bits, activation bits, sparsity,
     distinct values, params, bytes.
 
@@ -83,13 +115,26 @@ def summary(qat_model, print_fn=print) -> str:
     Bytes follow the shared cost model (:mod:`keras_qx.quant.cost`): packed INT2 / INT4 where
     the exporter packs, int8 otherwise, int32 biases, float32 for float layers; "Gzip kernel" is
     the kernel's predicted gzip'd bytes (``size="gzip"``).
+
+    ``tflite``: the exported file (``qx.export_tflite``'s result, its bytes or
+    ``qx.inspect_tflite`` of it): a layer the policy keeps float whose kernel the file stores as
+    an integer anyway (the converter quantizes a float layer between quantized ones) shows the
+    file's type, e.g. ``float (file: INT8)``, with a note (:func:`float_layers_stored_integer`).
     """
     check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)
+    in_file = {}
+    if tflite is not None:
+        from keras_qx.lite.inspect import inspect_tflite
+
+        info = getattr(getattr(tflite, "report", None), "info", None) or (
+            tflite if hasattr(tflite, "weights") else inspect_tflite(bytes(tflite)))
+        in_file = float_layers_stored_integer(qat_model, info)
     sparsity = kernel_sparsity(qat_model)
     distinct = kernel_distinct(qat_model)
     header = ("Layer", "Type", "W bits", "A bits", "Sparsity", "Values", "Params", "Bytes", "Gzip kernel")
-    table = [(c.name, c.type, _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),
+    table = [(c.name, c.type, f"float (file: {in_file[c.name]})" if c.name in in_file
+              else _fmt_bits(c.weight_bits) if c.params else "-", _fmt_bits(a),
               f"{sparsity[c.name]:.1%}" if c.name in sparsity else "-", _fmt_distinct(distinct.get(c.name)),
               f"{c.params:,}", f"{c.bytes:,}", f"~{c.gzip_bytes:,}" if c.kernel_bytes else "-")
              for c, a in rows]
@@ -106,6 +151,11 @@ def summary(qat_model, print_fn=print) -> str:
             f"Quantized size: {total:,} bytes (float32: {float_total:,} bytes, {ratio:.2f}x smaller)",
             f"Predicted gzip'd kernels: {sum(c.gzip_bytes or 0 for c, _ in rows):,} bytes (stored: "
             f"{sum(c.kernel_bytes for c, _ in rows):,}; whole file: qx.predict_gzip_bytes)", sep]
+    if in_file:
+        out += [f"Kept float by the policy but integer in the file: {', '.join(sorted(in_file))} (the converter "
+                "quantizes a float layer between quantized ones with weight scales of its own; Bytes counts it "
+                "float32). Quantize it, so that QAT trains the scales the file uses, or for a float32 op convert the "
+                "float model with qx.ptq(..., keep_float=[...]).", sep]
     text = "\n".join(out)
     if print_fn is not None:
         for row in out:
