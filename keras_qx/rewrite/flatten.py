@@ -112,8 +112,8 @@ def _copied(layer) -> bool:
 
 
 def _fused_lstm(layer) -> bool:
-    """An LSTM to rewrite (:func:`_unfused_lstm`): inside a Bidirectional, or one the converter
-    would not fuse into its integer LSTM (:func:`~keras_qx.quant.kinds.integer_lstm`)."""
+    """An LSTM to run as ``RNN(LSTMCell)``: inside a Bidirectional (kept float), or one the
+    converter would not fuse into its integer LSTM (:func:`~keras_qx.quant.kinds.integer_lstm`)."""
     from keras_qx.quant.kinds import integer_lstm
 
     if isinstance(layer, keras.layers.Bidirectional):
@@ -135,33 +135,7 @@ def _generic_lstm(config: dict, name: str):
 
 
 def _unfused_lstm(layer, args, kwargs):
-    """A Bidirectional of two LSTMs the converter fuses becomes two integer LSTMs:
-    ``<name>_forward`` on the input, ``<name>_backward`` on it reversed in time (``TFOp`` tf.reverse,
-    ``<name>_reverse_input``; its outputs reversed back with return_sequences), merged as the
-    wrapper's ``merge_mode`` by a layer named ``<name>`` (REVERSE_V2, two
-    UNIDIRECTIONAL_SEQUENCE_LSTM and CONCATENATION/ADD/MUL in the file). Any other LSTM here runs
-    as ``RNN(LSTMCell)``, kept float."""
-    from keras_qx.quant.kinds import integer_lstm
-    from keras_qx.rewrite.tfop import TFOp
-
     if isinstance(layer, keras.layers.Bidirectional):
-        merges = {"concat": keras.layers.Concatenate, "sum": keras.layers.Add, "mul": keras.layers.Multiply,
-                  "ave": keras.layers.Average}
-        fwd_config = {**layer.forward_layer.get_config(), "name": f"{layer.name}_forward"}
-        bwd_config = {**layer.backward_layer.get_config(), "name": f"{layer.name}_backward", "go_backwards": False}
-        fwd, bwd = keras.layers.LSTM.from_config(fwd_config), keras.layers.LSTM.from_config(bwd_config)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
-        if (layer.merge_mode in merges and integer_lstm(fwd) and integer_lstm(bwd) and len(args) == 1
-                and not kwargs and not layer.forward_layer.go_backwards):
-            x = args[0]
-            reverse = {"args": [{"__tensor__": 0}, [1]]}  # batch-major: time is axis 1
-            y_fwd = fwd(x)
-            y_bwd = bwd(TFOp("reverse", reverse, name=f"{layer.name}_reverse_input")(x))
-            if fwd_config.get("return_sequences"):
-                y_bwd = TFOp("reverse", reverse, name=f"{layer.name}_reverse_output")(y_bwd)
-            fwd.set_weights(layer.forward_layer.get_weights())
-            bwd.set_weights(layer.backward_layer.get_weights())
-            return merges[layer.merge_mode](name=layer.name)([y_fwd, y_bwd])
         new = keras.layers.Bidirectional(_generic_lstm(layer.forward_layer.get_config(), layer.forward_layer.name),
                                          merge_mode=layer.merge_mode, name=layer.name,
                                          backward_layer=_generic_lstm(layer.backward_layer.get_config(),
