@@ -39,7 +39,7 @@ from keras_qx.quant.configs import (
 )
 from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, kernel_kind, treatment
 from keras_qx.quant.policy import LayerSpec
-from keras_qx.quant.quantizers import full_range_for
+from keras_qx.quant.quantizers import InputGridQuantizer, full_range_for
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.rewrite.tfop import INDEX_OPS, VALUE_PRESERVING, TFOp
 
@@ -120,8 +120,10 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 quantize_activation=quantize_activation,
                 full_range=full_range_for(spec.weight_bits, kind.int2_export),
             )
+        if quantize_activation and known is not None and known.kind == QUANTIZED and not known.quantize_output:
+            return input_grid_config(spec.activation_bits)  # same-scale pooling: the output on its input's grid
         if not quantize_activation or (known is not None and not (known.kind == QUANTIZED and known.quantize_output)):
-            return NoOpQuantizeConfig()  # pass-through, identity, same-scale pooling
+            return NoOpQuantizeConfig()  # pass-through, identity
         if issubclass(cls, (_L.Activation, _L.Softmax)):
             return ActivationQuantizeConfig(spec.activation_bits)
         if known is not None:
@@ -146,7 +148,30 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 f"keras_qx has no quantize config for layer {layer.name!r} ({type(layer).__name__}). "
                 f"Keep it float with policy layers {{{layer.name!r}: {{'quantize': false}}}}."
             )
-        return self.config_for(layer.name, type(layer), symbol=getattr(layer, "symbol", None))
+        config = self.config_for(layer.name, type(layer), symbol=getattr(layer, "symbol", None))
+        if type(config) is OutputQuantizeConfig and squeezes_onto_input_grid(layer):
+            return input_grid_config(self.spec(layer.name).activation_bits)
+        return config
+
+
+def input_grid_config(activation_bits: int | None = 8):
+    """The output on its input's grid (:class:`~keras_qx.quant.quantizers.InputGridQuantizer`,
+    whose bits are the input's): for ops the runtime computes onto their input's scale."""
+    return OutputQuantizeConfig(activation_quantizer=InputGridQuantizer())
+
+
+def squeezes_onto_input_grid(layer) -> bool:
+    """A squeeze-excite squeeze: a ``GlobalAveragePooling2D`` with ``keepdims=True``, or whose
+    every consumer is a ``Reshape`` (EfficientNet's ``se_squeeze`` -> ``se_reshape``). Its int8
+    MEAN then has its input's scale: the built-in kernel rounds it to nearest as XNNPACK does,
+    where on a scale of its own it rounds the zero-point term apart (one step up on ~13% of
+    values, tests/test_runtime_rounding.py). A classifier head's pooling keeps its own range."""
+    if not isinstance(layer, _L.GlobalAveragePooling2D):
+        return False
+    if getattr(layer, "keepdims", False):
+        return True
+    consumers = [node.outbound_layer for node in getattr(layer, "_outbound_nodes", [])]
+    return bool(consumers) and all(isinstance(c, _L.Reshape) for c in consumers)
 
 
 class _KernelReLU(t8.LayerReLUQuantize):
