@@ -134,7 +134,8 @@ class Treatment:
 
     ``kind`` is one of QUANTIZED, PASS_THROUGH, IDENTITY, FLOAT, REFUSED; ``quantize_output``
     (QUANTIZED only): the layer's output gets its own quantizer (False: it keeps its input's
-    scale, as TFLite's int8 AVERAGE_POOL_2D requires); ``float_op`` (QUANTIZED only): trained
+    scale, as TFLite's int8 AVERAGE_POOL_2D requires, and QAT rounds it onto that grid, as the
+    file does: :class:`~keras_qx.quant.quantizers.InputGridQuantizer`); ``float_op`` (QUANTIZED only): trained
     quantized, but the converter runs the op itself in float between DEQUANTIZE and QUANTIZE
     (no integer kernel; the file keeps int8 edges); ``reason``: why (the warning or error of
     FLOAT, REFUSED and ``float_op`` quotes it).
@@ -148,7 +149,8 @@ class Treatment:
 
 
 _OUT = Treatment(QUANTIZED)
-_SAME_SCALE = Treatment(QUANTIZED, quantize_output=False, reason="TFLite's int8 average pool keeps the input scale")
+_SAME_SCALE = Treatment(QUANTIZED, quantize_output=False,
+                        reason="TFLite's int8 average pool computes onto its input's grid")
 _PASS = Treatment(PASS_THROUGH)
 _IDENT = Treatment(IDENTITY)
 _RNN = ("the TFLite runtime has no integer kernel for a recurrent layer's loop (the converter keeps "
