@@ -495,7 +495,8 @@ class InputGridQuantizer(_Quantizer):
         if isinstance(low, float):
             return tf.quantization.fake_quant_with_min_max_args(inputs, low, high, num_bits=num_bits,
                                                                 narrow_range=narrow_range)
-        return tf.quantization.fake_quant_with_min_max_vars(inputs, low, high, num_bits=num_bits, narrow_range=narrow_range)
+        return tf.quantization.fake_quant_with_min_max_vars(inputs, low, high, num_bits=num_bits,
+                                                            narrow_range=narrow_range)
 
     def get_config(self):
         return {}
