@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras, keras3
+from keras_qx._compat import keras, keras3, quantize_wrapper
 from keras_qx._runtime import Runner
 from keras_qx.rewrite.keras3 import Keras3Error, from_keras3
 
@@ -85,6 +85,20 @@ def as_list(y):
     return [np.asarray(v) for v in (y if isinstance(y, (list, tuple)) else [y])]
 
 
+def assert_quantized_copy(qat, source, name, cls):
+    """``quant_<name>`` in the QAT model is a tfmot QuantizeWrapper around a tf_keras ``cls`` whose
+    weights equal the Keras 3 layer ``name``'s (get_layer raises on a missing name, so checking for
+    None proves nothing)."""
+    wrapper = qat.get_layer(f"quant_{name}")
+    assert isinstance(wrapper, quantize_wrapper.QuantizeWrapper), type(wrapper)
+    assert type(wrapper.layer) is cls and wrapper.layer.name == name, type(wrapper.layer)
+    want = [np.asarray(w) for w in source.get_layer(name).get_weights()]
+    got = [v.numpy() for v in wrapper.weights if v.name.startswith(f"{name}/")]  # the wrapped layer's own
+    assert [w.shape for w in got] == [w.shape for w in want] and want
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.parametrize("build", [cnn, attention, sequential, nested, more_layers, recurrent])
 def test_the_rebuilt_model_predicts_as_the_keras3_one(build):
     k3.utils.set_random_seed(0)
@@ -103,7 +117,9 @@ def test_a_keras3_model_goes_through_quantize_fit_export(rng):
     x = rng.random((64, 12, 12, 3)).astype("float32") * 4
     y = rng.integers(0, 3, 64)
     qat = qx.quantize(source, {"rules": [{"type": "Dense", "weight_bits": 4}]})
-    assert isinstance(qat, keras.Model) and qat.get_layer("quant_conv") is not None
+    assert isinstance(qat, keras.Model)
+    assert_quantized_copy(qat, source, "conv", keras.layers.Conv2D)
+    assert_quantized_copy(qat, source, "fc", keras.layers.Dense)
     qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x, y, epochs=1, batch_size=32, verbose=0)
     tfl = qx.export_tflite(qat, x[:32], min_agreement=0.8)
@@ -123,7 +139,7 @@ def test_auto_policy_sensitivity_and_ptq_take_a_keras3_model():
     assert set(report.layers) == {"fc1", "fc2"}
     policy = qx.auto_policy(source, budget_bytes="0.6x", candidates=(4, 8), method="sqnr", verbose=False)
     assert set(policy.layers) == {"fc1", "fc2"}
-    assert qx.quantize(source, policy).get_layer("quant_fc1") is not None
+    assert_quantized_copy(qx.quantize(source, policy), source, "fc1", keras.layers.Dense)
     tfl = qx.ptq(source, "dynamic", x)  # verified against the rebuilt model
     assert tfl[4:8] == b"TFL3" and tfl.report.verification.mean_error_steps < 2
 
@@ -137,7 +153,7 @@ def test_load_model_rebuilds_a_keras3_file(tmp_path, suffix):
     assert isinstance(loaded, keras.Model) and loaded.name == "k3_cnn"
     x = random_inputs(source)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), source.predict(x, verbose=0), atol=1e-5, rtol=0)
-    assert qx.quantize(loaded).get_layer("quant_out") is not None
+    assert_quantized_copy(qx.quantize(loaded), source, "out", keras.layers.Dense)
 
 
 def test_load_model_keeps_safe_mode_for_keras3_files(tmp_path):
