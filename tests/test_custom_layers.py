@@ -251,3 +251,81 @@ def test_subclassed_model_becomes_functional_and_exports(tmp_path):
     assert len(tfl.report.info.int4_tensors) == 1
     assert tfl.report.max_error_steps <= 2
     assert tfl.report.mean_error_steps <= 0.5
+
+
+def test_a_lambda_of_tf_ops_is_inlined_and_a_shared_tower_is_rewritten_once():
+    """The siamese example: one embedding model on two inputs, a Lambda distance."""
+
+    def euclidean_distance(vects):
+        x, y = vects
+        sum_square = tf.math.reduce_sum(tf.math.square(x - y), axis=1, keepdims=True)
+        return tf.math.sqrt(tf.math.maximum(sum_square, keras.backend.epsilon()))
+
+    inp = L.Input((6,))
+    tower = keras.Model(inp, L.Dense(4, activation="tanh", name="embed")(inp))  # tanh: split, so copied
+    left, right = L.Input((6,), name="left"), L.Input((6,), name="right")
+    dist = L.Lambda(euclidean_distance)([tower(left), tower(right)])
+    model = keras.Model([left, right], L.Dense(1, activation="sigmoid", name="out")(dist))
+    flat = flatten_nested(model)
+    assert not any(isinstance(l, L.Lambda) for l in flat.layers)
+    assert [l.name for l in flat.layers].count("embed") == 1  # one copy, called twice
+    x = [np.random.default_rng(i).normal(size=(4, 6)).astype("float32") for i in (0, 1)]
+    np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    qat = qx.quantize(model)
+    assert "out" in {l.layer.name for l in qat.layers if hasattr(l, "layer")}
+
+
+class Patches(L.Layer):
+    def __init__(self, patch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+
+    def call(self, images):
+        batch_size = tf.shape(images)[0]
+        p = self.patch_size
+        patches = tf.image.extract_patches(images=images, sizes=[1, p, p, 1], strides=[1, p, p, 1],
+                                           rates=[1, 1, 1, 1], padding="VALID")
+        return tf.reshape(patches, [batch_size, -1, patches.shape[-1]])
+
+
+class PatchEncoder(L.Layer):
+    def __init__(self, num_patches, projection_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.num_patches = num_patches
+        self.projection = L.Dense(units=projection_dim)
+        self.position_embedding = L.Embedding(input_dim=num_patches, output_dim=projection_dim)
+
+    def call(self, patch):
+        positions = tf.range(start=0, limit=self.num_patches, delta=1)  # eager: a constant in the graph
+        return self.projection(patch) + self.position_embedding(positions)
+
+
+def test_vit_patches_inline_to_ops_the_converter_has_and_a_none_axis_is_checked_on_the_whole_model():
+    inputs = keras.Input((8, 8, 1))
+    x = PatchEncoder(16, 8, name="encoder")(Patches(2, name="patches")(inputs))  # a None patch axis between
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(x)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # both inlined, nothing kept float
+        flat = flatten_nested(model)
+    assert "encoder/projection" in {l.name for l in flat.layers}
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    qat = qx.quantize(model)
+    qx.calibrate(qat, x)
+    tfl = qx.export_tflite(qat, x)  # no EXTRACT_IMAGE_PATCHES: RESHAPE / TRANSPOSE
+    assert "TRANSPOSE" in tfl.report.info.ops and tfl.report.max_error_steps <= 2
+
+
+def test_adapted_normalization_keeps_its_statistics_in_the_qat_model():
+    """tfmot's clone sets the adapted weights; the QAT model must normalize with them."""
+    rng = np.random.default_rng(0)
+    age = rng.uniform(20, 70, (256, 1)).astype("float32")
+    other = keras.Input((1,), name="other")
+    inp = keras.Input((1,), name="age")
+    norm = L.Normalization(name="norm")
+    norm.adapt(age)
+    model = keras.Model([inp, other], L.Dense(1, name="out")(L.concatenate([norm(inp), other])))
+    qat = qx.quantize(model)
+    probe = keras.Model(qat.inputs, qat.get_layer("quant_norm").output)
+    got = probe.predict([age, age], verbose=0)
+    np.testing.assert_allclose(got, (age - age.mean()) / age.std(), atol=0.05)

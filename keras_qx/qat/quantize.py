@@ -48,11 +48,11 @@ def _flatten(model, policy: Policy):
     """``(flatten_nested(model), policy)``, leaving whole the layers the policy keeps float (a
     masked MultiHeadAttention, say); a policy entry naming a decomposed MultiHeadAttention
     or an inlined custom layer applies to each of its parts (more specific entries win)."""
-    _refuse(model)
     keep = {_inner(l).name for l in model.layers if not isinstance(_inner(l), keras.Model)
             and not isinstance(l, keras.layers.InputLayer)
             and not policy.spec_for(_inner(l), _annotation(l)).quantize}
     flat = flatten_nested(model, keep)
+    _refuse(flat)  # after inlining: a Lambda of TF ops is inlined, one that cannot be is refused
     present = {l.name for l in flat.layers}
 
     def parts(name):  # a decomposed MultiHeadAttention's parts, an inlined custom layer's layers

@@ -42,7 +42,7 @@ import math
 import warnings
 
 from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
-from keras_qx.rewrite.inline import NotTraceable, check_agrees, is_custom_layer, trace_layer
+from keras_qx.rewrite.inline import NotTraceable, ProbeFailed, check_agrees, is_inlinable, trace_layer
 
 __all__ = ["flatten_nested", "has_nested", "SequenceDense", "BiasAdd", "InferenceRandomCrop", "ATTENTION_PARTS"]
 
@@ -156,14 +156,14 @@ def _activation(x, activation, name: str):
     """``Activation(activation)`` applied to ``x``, with swish as sigmoid and Multiply."""
     fn = keras.activations.get(activation)
     if getattr(fn, "__name__", "") in ("swish", "silu"):
-        gate = keras.layers.Activation("sigmoid", name=f"{name}_sigmoid")(x)
-        return keras.layers.Multiply(name=name)([x, gate])
-    return keras.layers.Activation(activation, name=name)(x)
+        gate = _once(f"{name}_sigmoid", lambda: keras.layers.Activation("sigmoid", name=f"{name}_sigmoid"))(x)
+        return _once(name, lambda: keras.layers.Multiply(name=name))([x, gate])
+    return _once(name, lambda: keras.layers.Activation(activation, name=name))(x)
 
 
 def _rewrites(layer, copies: bool = True) -> bool:
     return (isinstance(layer, keras.Model) or _tf_op(layer) or isinstance(layer, keras.layers.SpectralNormalization)
-            or is_custom_layer(layer) or (copies and _copied(layer)))
+            or is_inlinable(layer) or (copies and _copied(layer)))
 
 
 def has_nested(model, keep=frozenset(), copies: bool = True) -> bool:
@@ -202,11 +202,22 @@ class BiasAdd(keras.layers.Add):
         return {**super().get_config(), "bias_shape": list(self.bias_shape)}
 
 
+_made: dict = {}  # name -> layer made by a rewrite in this flatten_nested pass
+
+
+def _once(name: str, make):
+    """The layer named ``name`` this pass made already (a shared layer, or a nested model called
+    twice, is rewritten once and its copies shared too), else ``make()``."""
+    if name not in _made:
+        _made[name] = make()
+    return _made[name]
+
+
 def _copy(layer, name: str, **overrides):
     """A new layer like ``layer``, named ``name``, with config ``overrides`` (the caller copies
     the weights once it is built)."""
     config = {**layer.get_config(), "name": name, **overrides}
-    return type(layer).from_config(config)
+    return _once(name, lambda: type(layer).from_config(config))
 
 
 def _split_activation(layer, args, kwargs):
@@ -216,10 +227,10 @@ def _split_activation(layer, args, kwargs):
     activation = config["activation"] if _activation_name(layer) is not None else None
     if _sequence_dense(layer):
         letters = "abcdefgh"[: len(layer.input_shape)]
-        new = SequenceDense(f"{letters},{letters[-1]}z->{letters[:-1]}z",
+        new = _once(layer.name, lambda: SequenceDense(f"{letters},{letters[-1]}z->{letters[:-1]}z",
                             output_shape=tuple(layer.output_shape[1:]), bias_axes="z" if layer.use_bias else None,
                             activation=None if activation else config["activation"], name=layer.name,
-                            dtype=layer.dtype_policy)
+                            dtype=layer.dtype_policy))
     else:
         new = _copy(layer, layer.name, activation="linear")
     x = new(*args, **kwargs)
@@ -257,7 +268,7 @@ def _attention(layer, args, kwargs):
         new = _copy(sub, f"{layer.name}_{part}", bias_axes=None)
         y = new(x)
         new.set_weights([sub.kernel.numpy()])
-        add = BiasAdd(tuple(bias.shape), name=f"{layer.name}_{part}_bias")
+        add = _once(f"{layer.name}_{part}_bias", lambda: BiasAdd(tuple(bias.shape), name=f"{layer.name}_{part}_bias"))
         y = add(y)
         add.set_weights([bias.numpy()])
         return y
@@ -267,12 +278,14 @@ def _attention(layer, args, kwargs):
     q = project(parts["query"], query, "query")
     k = project(parts["key"], key, "key")
     v = project(parts["value"], value, "value")
-    q = TFOp("math.multiply", {"args": [t(0), 1.0 / math.sqrt(float(parts["key_dim"]))]},
-             name=f"{layer.name}_scale")(q)
-    scores = TFOp("einsum", {"args": [parts["dot_product_equation"], t(0), t(1)]},
-                  name=f"{layer.name}_scores")([k, q])
-    probs = keras.layers.Softmax(axis=parts["softmax_axis"], name=f"{layer.name}_softmax")(scores)
-    out = TFOp("einsum", {"args": [parts["combine_equation"], t(0), t(1)]}, name=f"{layer.name}_combine")([probs, v])
+    q = _once(f"{layer.name}_scale", lambda: TFOp("math.multiply", {"args": [t(0), 1.0 / math.sqrt(
+        float(parts["key_dim"]))]}, name=f"{layer.name}_scale"))(q)
+    scores = _once(f"{layer.name}_scores", lambda: TFOp("einsum", {"args": [parts["dot_product_equation"], t(0), t(1)]},
+                                                        name=f"{layer.name}_scores"))([k, q])
+    probs = _once(f"{layer.name}_softmax", lambda: keras.layers.Softmax(axis=parts["softmax_axis"],
+                                                                         name=f"{layer.name}_softmax"))(scores)
+    out = _once(f"{layer.name}_combine", lambda: TFOp("einsum", {"args": [parts["combine_equation"], t(0), t(1)]},
+                                                      name=f"{layer.name}_combine"))([probs, v])
     return project(parts["output"], out, "output")
 
 
@@ -307,7 +320,7 @@ def _call(layer, args, kwargs, keep, copies):
         return outputs[0] if len(outputs) == 1 else outputs
     if layer.name in keep or (not copies and _copied(layer)):
         return layer(*args, **kwargs)
-    if is_custom_layer(layer):
+    if is_inlinable(layer):
         return _inline(layer, args, kwargs, keep, copies)
     if isinstance(layer, keras.layers.SpectralNormalization):
         return _call(layer.layer, args, {k: v for k, v in kwargs.items() if k != "training"}, keep, copies)
@@ -316,7 +329,7 @@ def _call(layer, args, kwargs, keep, copies):
     if _fused_lstm(layer):
         return _unfused_lstm(layer, args, kwargs)
     if type(layer) is keras.layers.RandomCrop:
-        return InferenceRandomCrop.from_config(layer.get_config())(*args, **kwargs)
+        return _once(layer.name, lambda: InferenceRandomCrop.from_config(layer.get_config()))(*args, **kwargs)
     if _swish(layer):
         return _activation(args[0] if args else kwargs["inputs"], "swish", layer.name)
     if _activation_name(layer) is not None or _sequence_dense(layer):
@@ -329,9 +342,13 @@ def _call(layer, args, kwargs, keep, copies):
     return layer(*args, **kwargs)
 
 
+_unverified: list = []  # inlined layers whose own check could not run (see flatten_nested)
+
+
 def _inline(layer, args, kwargs, keep, copies):
-    """A custom layer's call as its sublayers and ops (:mod:`keras_qx.rewrite.inline`), rewritten
-    in turn; the layer whole, with a warning, where that cannot be done faithfully."""
+    """A custom layer's (or a Lambda's) call as its sublayers and ops
+    (:mod:`keras_qx.rewrite.inline`), rewritten in turn; the layer whole, with a warning, where
+    that cannot be done faithfully (a Lambda left whole is refused later, with the reason)."""
     try:
         graph, tensors = trace_layer(layer, args, kwargs)
         structure = (tuple(args), {k: v for k, v in kwargs.items() if k != "training"})
@@ -342,13 +359,17 @@ def _inline(layer, args, kwargs, keep, copies):
             a, k = tf.nest.pack_sequence_as(structure, [next(it) if hasattr(v, "_keras_history") else v for v in flat])
             return layer(*a, **k)
 
-        check_agrees(original, graph, graph.inputs, "its traced graph")
+        try:
+            check_agrees(original, graph, graph.inputs, "its traced graph")
+        except ProbeFailed:
+            _unverified.append(layer.name)  # checked with the whole model instead
         outputs = _apply(graph, tensors, keep, copies)
     except (NotTraceable, ValueError) as why:  # ValueError: an op a TFOp may not call
-        warnings.warn(
-            f"keras_qx keeps custom layer {layer.name!r} ({type(layer).__name__}) whole and float: {why}. To quantize "
-            f"it, teach keras_qx its kernels with qx.register_layer({type(layer).__name__}, weight_attrs=[...]) or "
-            "annotate it with a tfmot QuantizeConfig.", stacklevel=4)
+        if type(layer) is not keras.layers.Lambda:
+            warnings.warn(
+                f"keras_qx keeps custom layer {layer.name!r} ({type(layer).__name__}) whole and float: {why}. To "
+                f"quantize it, teach keras_qx its kernels with qx.register_layer({type(layer).__name__}, "
+                "weight_attrs=[...]) or annotate it with a tfmot QuantizeConfig.", stacklevel=4)
         return layer(*args, **kwargs)
     return tf.nest.pack_sequence_as(graph._nested_outputs, outputs)
 
@@ -388,11 +409,28 @@ def flatten_nested(model, keep=frozenset(), copies: bool = True):
     become int32 inputs (:func:`_float_id_inputs`; Keras casts the float ids it is given)."""
     if not has_nested(model, keep, copies) and not _float_id_inputs(model):
         return model
-    for _ in range(2):  # a second pass when inlining revealed float token-id inputs
-        ids = _float_id_inputs(model)
-        inputs = _inputs_like(model, ids)
-        outputs = _apply(model, inputs, frozenset(keep), copies)
-        model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
-        if not _float_id_inputs(model):
-            break
+    original, keep = model, frozenset(keep)
+    saved, saved_made = list(_unverified), dict(_made)
+    _unverified.clear()
+    _made.clear()
+    try:
+        for _ in range(2):  # a second pass when inlining revealed float token-id inputs
+            ids = _float_id_inputs(model)
+            inputs = _inputs_like(model, ids)
+            outputs = _apply(model, inputs, keep, copies)
+            model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
+            if not _float_id_inputs(model):
+                break
+        unverified = list(_unverified)
+    finally:
+        _unverified[:] = saved
+        _made.clear()
+        _made.update(saved_made)
+    if unverified:
+        try:
+            check_agrees(lambda s: original(s if len(s) > 1 else s[0]), lambda s: model(s if len(s) > 1 else s[0]),
+                         original.inputs, "the model with them inlined")
+        except (NotTraceable, ProbeFailed) as why:
+            warnings.warn(f"keras_qx keeps custom layers {unverified} whole and float: {why}.", stacklevel=2)
+            return flatten_nested(original, keep | set(unverified), copies)
     return model

@@ -39,7 +39,8 @@ import numpy as np
 
 from keras_qx._compat import keras, tf
 
-__all__ = ["is_custom_layer", "trace_layer", "as_functional", "NotTraceable", "sample_inputs", "TOLERANCE"]
+__all__ = ["is_custom_layer", "is_inlinable", "trace_layer", "as_functional", "check_agrees", "NotTraceable",
+           "ProbeFailed", "sample_inputs", "TOLERANCE"]
 
 TOLERANCE = 1e-4  # largest output difference allowed between a layer and its inlined graph, relative to scale
 
@@ -51,6 +52,10 @@ class NotTraceable(Exception):
     """Why a custom layer or subclassed model cannot be inlined (the message says)."""
 
 
+class ProbeFailed(Exception):
+    """Random samples could not be run through the layer (shapes only known in the whole model)."""
+
+
 def is_custom_layer(layer) -> bool:
     """A user's ``Layer`` subclass that keras_qx has not been told how to quantize."""
     from keras_qx.quant.kinds import custom_output, kernel_kind
@@ -60,6 +65,12 @@ def is_custom_layer(layer) -> bool:
     if (type(layer).__module__ or "").startswith(_STANDARD_MODULES):
         return False
     return custom_output(type(layer)) is None and kernel_kind(layer) is None
+
+
+def is_inlinable(layer) -> bool:
+    """A custom layer, or a ``Lambda`` (whose Python function usually composes TF ops: the Keras
+    examples' ``Lambda(euclidean_distance)``), which tfmot cannot clone in safe mode."""
+    return is_custom_layer(layer) or type(layer) is keras.layers.Lambda
 
 
 def _own_weights(layer) -> list:
@@ -169,7 +180,10 @@ def check_agrees(reference, candidate, tensors, what: str, tolerance: float = TO
         ref = tf.nest.flatten(reference(samples))
     except (tf.errors.InvalidArgumentError, ValueError):
         samples = sample_inputs(tensors, ids=True)
-        ref = tf.nest.flatten(reference(samples))
+        try:
+            ref = tf.nest.flatten(reference(samples))
+        except Exception as err:  # e.g. a None axis whose real length only the whole model knows
+            raise ProbeFailed(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
     got = tf.nest.flatten(candidate(samples))
     worst = 0.0
     for r, g in zip(ref, got):

@@ -81,9 +81,28 @@ def check_tf_op(symbol, layer: str | None = None, loading: bool = False) -> None
                      f"file I/O, print or call Python. {fix}")
 
 
+def _extract_patches(images, sizes, strides, rates, padding, name=None):
+    """``tf.image.extract_patches`` as RESHAPE and TRANSPOSE where the patches do not overlap
+    (the ViT example's ``sizes == strides``, ``rates`` 1, VALID): TFLite has no
+    EXTRACT_IMAGE_PATCHES kernel, so the converter refuses the op itself. The last axis keeps
+    TF's order (patch row, patch column, channel)."""
+    sizes, strides, rates = list(sizes), list(strides), list(rates)
+    h, w, c = images.shape[1:]
+    ph, pw = sizes[1], sizes[2]
+    if (sizes != strides or any(r != 1 for r in rates) or str(padding).upper() != "VALID"
+            or None in (h, w, c) or h % ph or w % pw):
+        return tf.image.extract_patches(images, sizes, strides, rates, padding, name=name)
+    x = tf.reshape(images, [-1, h // ph, ph, w // pw, pw, c])
+    x = tf.transpose(x, [0, 1, 3, 2, 4, 5])
+    return tf.reshape(x, [-1, h // ph, w // pw, ph * pw * c])
+
+
+_OWN = {"image.extract_patches": _extract_patches}  # computed as ops the converter has
+
+
 def _symbol(name: str, layer: str | None = None):
     check_tf_op(name, layer)
-    fn = tf_symbol(name)
+    fn = _OWN.get(name) or tf_symbol(name)
     if fn is None:
         raise ValueError(f"unknown TF symbol {name!r} in TFOp layer {layer!r}.")
     return fn
@@ -91,9 +110,13 @@ def _symbol(name: str, layer: str | None = None):
 
 def _encode(value, tensors: list):
     """Constants -> JSON-able; Keras tensors -> ``{"__tensor__": i}`` placeholders."""
-    if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "_keras_history"):
+    if hasattr(value, "_keras_history") or (isinstance(value, (tf.Tensor, tf.Variable))
+                                            and not hasattr(value, "numpy")):
         tensors.append(value)
         return {"__tensor__": len(tensors) - 1}
+    if isinstance(value, tf.Tensor):  # an eager constant (e.g. computed in a custom layer's call
+        # from Python ints: the Keras examples' position embeddings of tf.range(num_patches))
+        return {"__array__": value.numpy().tolist(), "__array_dtype__": value.dtype.name}
     if isinstance(value, slice):
         return {"__slice__": [_encode(v, tensors) for v in (value.start, value.stop, value.step)]}
     if value is Ellipsis:
@@ -130,7 +153,7 @@ def _decode(value, tensors):
         if "__dtype__" in value:
             return tf.as_dtype(value["__dtype__"])
         if "__array__" in value:
-            return tf.constant(value["__array__"])
+            return tf.constant(value["__array__"], dtype=value.get("__array_dtype__"))
         return {k: _decode(v, tensors) for k, v in value.items()}
     return value
 
