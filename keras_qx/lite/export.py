@@ -220,12 +220,12 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
                               stored_wider=tuple((c.name, c.weight_bits, c.storage_bits)
                                                  for c, _ in layer_costs(qat_model) if c.stored_wider))
         report.sparsity = file_sparsity(qat_model, report.info)
-    report.integer_anyway = tuple(float_layers_stored_integer(qat_model, report.info).items())
-    if report.integer_anyway:
-        warnings.warn(f"keras_qx: {dict(report.integer_anyway)}: kept float by the policy (quantize: false), but the "
-                      "converter stores them integer, quantized between quantized layers with weight scales QAT did not "
-                      "train. Quantize them, or for float32 ops convert the float model with qx.ptq(..., keep_float=[...]).",
-                      stacklevel=2)
+        report.integer_anyway = tuple(float_layers_stored_integer(qat_model, report.info).items())
+        if report.integer_anyway:
+            warnings.warn(f"keras_qx: {dict(report.integer_anyway)}: kept float by the policy (quantize: false), but the "
+                          "converter stores them integer, quantized between quantized layers with weight scales QAT did not "
+                          "train. Quantize them, or for float32 ops convert the float model with qx.ptq(..., keep_float=[...]).",
+                          stacklevel=2)
         report.distinct = file_distinct(qat_model, report.info)
         try:
             return deliver(qat_model, data, report, samples, path, verify=verify, min_agreement=min_agreement,
