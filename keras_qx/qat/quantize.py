@@ -23,7 +23,7 @@ from keras_qx.compress.prune import check_not_pruned
 from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
 from keras_qx.qat.registry import PolicyQuantizeRegistry, PolicyQuantizeScheme
-from keras_qx.qat.saving import quantize_scope
+from keras_qx.qat.saving import quantize_scope, refresh_normalization
 
 __all__ = ["quantize", "resolve", "unexportable_layers", "EXPORTABLE_ACTIVATION_BITS"]
 
@@ -208,6 +208,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
     with quantize_scope(own_classes):
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
     init_cluster_tables(qat)
+    refresh_normalization(qat)
     _init_weight_ranges(qat)
     _init_sparsity_masks(qat)
     return qat

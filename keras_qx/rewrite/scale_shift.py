@@ -73,10 +73,6 @@ class ScaleShiftNormalization(keras.layers.Normalization):
     statistics only; others run as the base class)."""
 
     def call(self, inputs):
-        if self.input_mean is None and self.built:
-            # adapted statistics live in variables; ``mean``/``variance`` are tensors made from them
-            # when the layer was built, stale once a clone's weights are set (tfmot's quantize_apply)
-            self.finalize_state()
         shape = list(getattr(self, "_broadcast_shape", None) or [])
         if not shape or any(d != 1 for d in shape[:-1]) or inputs.shape.rank != len(shape):
             return super().call(inputs)
