@@ -221,6 +221,11 @@ NOT_A_MODEL_LAYER = {
 }
 
 
+# A Lambda of TF ops is inlined into those ops (keras_qx.rewrite.inline) and quantized as they are;
+# one that does not trace stays refused (tests/test_custom_layers.py).
+INLINED = {"Lambda"}
+
+
 def label(name: str) -> str:
     """The treatment keras_qx's table gives class ``name``: quantized, pass-through, identity,
     kept float (also a quantized layer whose op the file runs in float), refused, not a model
@@ -229,6 +234,8 @@ def label(name: str) -> str:
 
     if name in NOT_A_MODEL_LAYER:
         return "not a model layer"
+    if name in INLINED:
+        return "quantized"
     known = treatment(layer_classes()[name])
     if known is None:
         return "unknown"

@@ -43,9 +43,13 @@ def _model():
     return keras.Model(inputs, keras.layers.Dense(3, name="out")(keras.layers.ReLU()(x)))
 
 
-def test_unregistered_is_refused():
-    with pytest.raises(qx.PolicyError, match="mine"):
-        qx.quantize(_model())
+def test_unregistered_custom_layer_with_its_own_kernel_stays_float_with_a_warning():
+    """MyDense computes with its own add_weight kernel: not inlined, kept float, named, the fix
+    given; MyScale (TF ops only) is inlined and quantized."""
+    with pytest.warns(UserWarning, match="custom layer 'mine' .MyDense. whole and float.*register_layer"):
+        qat = qx.quantize(_model())
+    assert any(isinstance(l, MyDense) for l in qat.layers)  # unwrapped: float
+    assert not any(isinstance(getattr(l, "layer", l), MyScale) for l in qat.layers)  # inlined into TF ops
 
 
 @pytest.mark.slow

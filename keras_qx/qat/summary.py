@@ -116,19 +116,19 @@ def summary(qat_model, print_fn=print, tflite=None) -> str:
     the exporter packs, int8 otherwise, int32 biases, float32 for float layers; "Gzip kernel" is
     the kernel's predicted gzip'd bytes (``size="gzip"``).
 
-    ``tflite``: the exported file (``qx.export_tflite``'s result, its bytes or
-    ``qx.inspect_tflite`` of it): a layer the policy keeps float whose kernel the file stores as
+    ``tflite``: the exported file (``qx.export_tflite``'s result, or ``qx.inspect_tflite`` of
+    the file): a layer the policy keeps float whose kernel the file stores as
     an integer anyway (the converter quantizes a float layer between quantized ones) shows the
     file's type, e.g. ``float (file: INT8)``, with a note (:func:`float_layers_stored_integer`).
     """
     check_model(qat_model, "qat_model")
     rows = layer_costs(qat_model)
     in_file = {}
-    if tflite is not None:
-        from keras_qx.lite.inspect import inspect_tflite
-
-        info = getattr(getattr(tflite, "report", None), "info", None) or (
-            tflite if hasattr(tflite, "weights") else inspect_tflite(bytes(tflite)))
+    if tflite is not None:  # (qat/ may not import lite/: a file's bytes are read by qx.inspect_tflite)
+        info = getattr(getattr(tflite, "report", None), "info", None) or (tflite if hasattr(tflite, "weights") else None)
+        if info is None:
+            raise TypeError(f"summary(tflite=...) takes qx.export_tflite's result or qx.inspect_tflite(file), got "
+                            f"{type(tflite).__name__}; for a file's bytes or path pass qx.inspect_tflite(it).")
         in_file = float_layers_stored_integer(qat_model, info)
     sparsity = kernel_sparsity(qat_model)
     distinct = kernel_distinct(qat_model)
