@@ -353,6 +353,9 @@ def _launch(model: bytes, x, job: dict, timeout: float, workdir: str) -> dict:
         raise RuntimeCrash(f"the TFLite runtime did not finish within {timeout:.0f} s on this model.") from None
     meta_path = os.path.join(workdir, "meta.json")
     if proc.returncode != 0 or not os.path.exists(meta_path):
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        if proc.returncode > 0 and last.startswith("ValueError: input "):  # samples that do not fit the file
+            raise ValueError(last[len("ValueError: "):])
         if proc.returncode > 0 and "Traceback" in proc.stderr:  # a Python error: the runtime's refusal
             raise RuntimeCrash("the TFLite runtime refused the model: " + proc.stderr.strip().splitlines()[-1][-600:])
         raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))
@@ -385,31 +388,8 @@ def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: f
         RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.
     """
     with tempfile.TemporaryDirectory(prefix="keras_qx-run-") as workdir:
-        with open(os.path.join(workdir, "model.tflite"), "wb") as fh:
-            fh.write(bytes(model))
-        names, xs = (list(x), list(x.values())) if isinstance(x, dict) else \
-            ([None] * len(x), list(x)) if isinstance(x, (list, tuple)) else ([None], [x])
-        for i, xi in enumerate(xs):
-            np.save(os.path.join(workdir, f"x{i}.npy"), np.asarray(xi))
-        with open(os.path.join(workdir, "job.json"), "w") as fh:
-            json.dump({"num_threads": int(num_threads), "latency_runs": int(latency_runs), "inputs": names}, fh)
-        # -I: no script directory or user site on sys.path (this file sits among keras_qx's modules).
-        cmd = [sys.executable, "-I", os.path.abspath(__file__), workdir]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        except subprocess.TimeoutExpired:
-            raise RuntimeCrash(f"the TFLite runtime did not finish within {timeout:.0f} s on this model.") from None
-        meta_path = os.path.join(workdir, "meta.json")
-        if proc.returncode != 0 or not os.path.exists(meta_path):
-            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-            if proc.returncode > 0 and last.startswith("ValueError: input "):  # samples that do not fit the file
-                raise ValueError(last[len("ValueError: "):])
-            if proc.returncode > 0 and "Traceback" in proc.stderr:  # a Python error: the runtime's refusal
-                raise RuntimeCrash("the TFLite runtime refused the model: " + proc.stderr.strip().splitlines()[-1][-600:])
-            raise RuntimeCrash(_crash_message(proc.returncode, proc.stderr))
-        with open(meta_path) as fh:
-            meta = json.load(fh)
+        meta = _launch(model, x, {"num_threads": int(num_threads), "latency_runs": int(latency_runs)}, timeout,
+                       workdir)
         outputs = [np.load(os.path.join(workdir, f"y{j}.npy"), allow_pickle=False) for j in range(len(meta["output_steps"]))]
     return RunResult(outputs, meta["output_steps"], meta["delegate"], meta["times"])
 

@@ -14,39 +14,8 @@ from keras_qx.rewrite.flatten import flatten_nested
 L = keras.layers
 
 
-class TransformerBlock(L.Layer):
-    """keras.io "Text classification with Transformer", as published (no get_config)."""
-
-    def __init__(self, embed_dim, num_heads, ff_dim, rate=0.1):
-        super().__init__()
-        self.att = L.MultiHeadAttention(num_heads=num_heads, key_dim=embed_dim)
-        self.ffn = keras.Sequential([L.Dense(ff_dim, activation="relu"), L.Dense(embed_dim)])
-        self.layernorm1 = L.LayerNormalization(epsilon=1e-6)
-        self.layernorm2 = L.LayerNormalization(epsilon=1e-6)
-        self.dropout1 = L.Dropout(rate)
-        self.dropout2 = L.Dropout(rate)
-
-    def call(self, inputs, training=False):
-        attn_output = self.att(inputs, inputs)
-        attn_output = self.dropout1(attn_output, training=training)
-        out1 = self.layernorm1(inputs + attn_output)
-        ffn_output = self.ffn(out1)
-        ffn_output = self.dropout2(ffn_output, training=training)
-        return self.layernorm2(out1 + ffn_output)
-
-
-class TokenAndPositionEmbedding(L.Layer):
-    def __init__(self, maxlen, vocab_size, embed_dim):
-        super().__init__()
-        self.token_emb = L.Embedding(input_dim=vocab_size, output_dim=embed_dim)
-        self.pos_emb = L.Embedding(input_dim=maxlen, output_dim=embed_dim)
-
-    def call(self, x):
-        maxlen = tf.shape(x)[-1]
-        positions = tf.range(start=0, limit=maxlen, delta=1)
-        positions = self.pos_emb(positions)
-        x = self.token_emb(x)
-        return x + positions
+# The keras.io examples' custom layers, as published (no get_config), shared with the gallery.
+from gallery import Patches, PatchEncoder, TokenAndPositionEmbedding, TransformerBlock  # noqa: E402
 
 
 MAXLEN, VOCAB = 16, 40
@@ -273,31 +242,6 @@ def test_a_lambda_of_tf_ops_is_inlined_and_a_shared_tower_is_rewritten_once():
     np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     qat = qx.quantize(model)
     assert "out" in {l.layer.name for l in qat.layers if hasattr(l, "layer")}
-
-
-class Patches(L.Layer):
-    def __init__(self, patch_size, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = patch_size
-
-    def call(self, images):
-        batch_size = tf.shape(images)[0]
-        p = self.patch_size
-        patches = tf.image.extract_patches(images=images, sizes=[1, p, p, 1], strides=[1, p, p, 1],
-                                           rates=[1, 1, 1, 1], padding="VALID")
-        return tf.reshape(patches, [batch_size, -1, patches.shape[-1]])
-
-
-class PatchEncoder(L.Layer):
-    def __init__(self, num_patches, projection_dim, **kwargs):
-        super().__init__(**kwargs)
-        self.num_patches = num_patches
-        self.projection = L.Dense(units=projection_dim)
-        self.position_embedding = L.Embedding(input_dim=num_patches, output_dim=projection_dim)
-
-    def call(self, patch):
-        positions = tf.range(start=0, limit=self.num_patches, delta=1)  # eager: a constant in the graph
-        return self.projection(patch) + self.position_embedding(positions)
 
 
 def test_vit_patches_inline_to_ops_the_converter_has_and_a_none_axis_is_checked_on_the_whole_model():
