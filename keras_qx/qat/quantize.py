@@ -179,7 +179,7 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
         registry.tables = _cluster_tables(model, specs) if preserve_clusters else {}
 
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
-                   if _inner(l).name in specs and specs[_inner(l).name].quantize and not is_custom_layer(_inner(l))
+                   if _inner(l).name in specs and specs[_inner(l).name].quantize
                    and not _foreign(l) and not registry.supports(_inner(l))]
     if unsupported:
         raise PolicyError(

@@ -407,7 +407,8 @@ def flatten_nested(model, keep=frozenset(), copies: bool = True):
     ``copies=False`` only does the rewrites that share the original layers (sensitivity
     analysis perturbs the model's own kernels). Float inputs that only feed Embedding lookups
     become int32 inputs (:func:`_float_id_inputs`; Keras casts the float ids it is given)."""
-    if not has_nested(model, keep, copies) and not _float_id_inputs(model):
+    ids = _float_id_inputs(model)
+    if not has_nested(model, keep, copies) and not ids:
         return model
     original, keep = model, frozenset(keep)
     saved, saved_made = list(_unverified), dict(_made)
@@ -415,11 +416,11 @@ def flatten_nested(model, keep=frozenset(), copies: bool = True):
     _made.clear()
     try:
         for _ in range(2):  # a second pass when inlining revealed float token-id inputs
-            ids = _float_id_inputs(model)
             inputs = _inputs_like(model, ids)
             outputs = _apply(model, inputs, keep, copies)
             model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
-            if not _float_id_inputs(model):
+            ids = _float_id_inputs(model)
+            if not ids:
                 break
         unverified = list(_unverified)
     finally:
