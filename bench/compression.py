@@ -86,7 +86,7 @@ def run(epochs: int, prune_epochs: int, qat_epochs: int, seed: int, cluster_epoc
             rows.append({"model": f"PTQ {mode}", **qx.evaluate_tflite(tfl, x_test, y_test),
                          "sparsity": tfl.report.info.kernel_sparsity})
             say(f"PTQ {mode}: {rows[-1]['accuracy']:.2%}, {rows[-1]['size_bytes']:,} B")
-        mixed = qx.auto_policy(model, train, budget_bytes="0.6x", verbose=False)
+        mixed = qx.auto_policy(model, *train, budget="0.6x", verbose=False)
         bits = ", ".join(f"{n} {f['weight_bits']}" for n, f in mixed.layers.items())
         variants = [
             ("int8 QAT", None, None, {}),

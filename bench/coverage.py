@@ -142,9 +142,9 @@ def _kernels_apart(data: bytes, x, xnnpack_out, step: float) -> tuple:
 def _worst_own(qat, data: bytes, x) -> dict:
     """The op with the largest own error (``compare_layers``: each layer fed the file's values of
     its inputs), by max then mean, in steps of that op's output scale; and the largest own mean."""
-    from keras_qx.lite.fidelity import compare_layers
+    from keras_qx.lite.fidelity import debug_tflite
 
-    cmp = compare_layers(qat, data, x)
+    cmp = debug_tflite(qat, data, x)
     own = [e for e in cmp.layers if e.own_max_steps is not None]
     if not own:
         return {"own": None}
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                   "strongly the untrained network amplifies a tiny difference). 'built-in vs XNNPACK': the same "
                   "file run by TFLite's built-in int8 kernels against its XNNPACK run (two integer implementations "
                   "of one file that round some requantizations differently by one step). 'worst own error': "
-                  "qx.compare_layers with the built-in kernels, each Keras layer fed the file's values of its "
+                  "qx.debug_tflite with the built-in kernels, each Keras layer fed the file's values of its "
                   "inputs; the layer with the largest max (rounded to a whole step, then the largest mean) own error, in steps of its own tensor.",
               f"Machine: {platform.platform()}, {os.cpu_count()} CPUs. Rerun: `python bench/coverage.py` "
               "(one row: `--families RegNet --no-tfmot`)"]

@@ -37,7 +37,7 @@ def rows_for(build, data, seed: int = 0) -> list:
         model.fit(x, y, epochs=EPOCHS[name], batch_size=64, verbose=0)
     f32 = convert(converter_for(model))[0]
     rows = [(name, "float32", qx.evaluate_tflite(f32, xt, yt, latency_runs=50), None, len(f32), None)]
-    policies = {"int8": None, "mixed (auto 0.5x)": qx.auto_policy(model, (x[:512], y[:512]), budget_bytes="0.5x",
+    policies = {"int8": None, "mixed (auto 0.5x)": qx.auto_policy(model, x[:512], y[:512], budget="0.5x",
                                                                   verbose=False)}
     for label, policy in policies.items():
         with seeded(seed):

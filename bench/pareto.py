@@ -39,13 +39,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _budgets(text: str) -> tuple:
+    """Comma-separated budgets in keras_qx's syntax ("0.6x", bytes, "4bits"); a bare fraction
+    such as 0.6 is read as "0.6x" (the script's flags predate the syntax)."""
+    from keras_qx.engine.allocate import parse_budget
+
     out = []
     for part in text.split(","):
         part = part.strip()
         try:
-            out.append(int(part) if part.isdigit() else float(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"budget {part!r} is not a number") from None
+            value = int(part) if part.isdigit() else f"{float(part):g}x" if part.replace(".", "", 1).isdigit() else part
+            parse_budget(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        out.append(value)
     return tuple(out)
 
 
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=None,
                    help="float training epochs (default 20 for digits, 30 for mnist1d)")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs per variant (default 2)")
-    p.add_argument("--budgets", type=_budgets, default=(0.75, 0.6, 0.5, 0.3),
+    p.add_argument("--budgets", type=_budgets, default=("0.75x", "0.6x", "0.5x", "0.3x"),
                    help="comma-separated fractions of int8 kernel bytes, or byte counts (default 0.75,0.6,0.5,0.3)")
     p.add_argument("--size", choices=("kernel", "gzip"), default="kernel",
                    help="what budgets count: kernel bytes as stored (default) or their predicted gzip'd bytes")
@@ -103,9 +109,9 @@ def main(argv=None) -> int:
     model = train_float(x_train, y_train, args.epochs, task=args.task)
     float_acc = float(model.evaluate(x_test, y_test, verbose=0)[1])
     print(f"      float Keras test accuracy {float_acc:.2%} ({time.perf_counter() - start:.0f}s)", flush=True)
-    result = pareto(model, (x_train, y_train), (x_test, y_test), args.budgets, method=args.method,
-                    qat_epochs=args.qat_epochs, random_mixes=args.random, seed=0, seeds=args.seeds, size=args.size,
-                    print_fn=lambda s: print(s, flush=True))
+    result = pareto(model, x_train, y_train, validation_data=(x_test, y_test), budgets=args.budgets,
+                    method=args.method, qat_epochs=args.qat_epochs, random_mixes=args.random, seed=0,
+                    seeds=args.seeds, size=args.size, verbose=1)
     total = time.perf_counter() - start
 
     rerun = "python bench/pareto.py" + "".join(
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
              f"per layer uniformly from its non-dominated widths, rejection-sampled into [0.85, 1] x budget "
              f"(cost model), else the largest found within it. Kernel bytes: rank>=2 constant tensors "
              f"in the file.")
-    text = "\n\n".join([result.table(print_fn=None), setup, machine, f"Rerun: `{rerun}`"])
+    text = "\n\n".join([result.table(), setup, machine, f"Rerun: `{rerun}`"])
     print("\n" + text)
     stem = ("pareto" if args.task == "digits" else f"pareto_{args.task}") + ("_gzip" if args.size == "gzip" else "")
     md = os.path.join(args.out, stem + ".md")

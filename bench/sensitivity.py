@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     reports = {}
     for method in METHODS:
-        reports[method] = sensitivity(model, (x, y), (2, 4, 8), method=method, verbose=False)
+        reports[method] = sensitivity(model, x, y, (2, 4, 8), method=method, verbose=False)
         say(f"{method}: {reports[method].seconds:.2f}s")
     names = reports["loss"].layers
     lines = ["| method | seconds | vs 2 epochs (steady) | vs 2 epochs (first) | rank corr. with loss (4-bit) | (2-bit) |",
@@ -66,12 +66,12 @@ def main(argv=None) -> int:
                      f"{corr[0]:.2f} | {corr[1]:.2f} |")
 
     layers = quantizable_layers(model)
-    int8 = budget_from(layers, avg_bits=8)
+    int8 = budget_from(layers, "8bits")
     lines += ["", "| budget | method | bits (" + ", ".join(names) + ") | kernel bytes | TFLite accuracy |",
               "|---|---|---|---|---|"]
     for frac in (float(b) for b in args.budgets.split(",")):
         for method, rep in reports.items():
-            policy = auto_policy(model, report=rep, budget_bytes=int(frac * int8))
+            policy = auto_policy(model, report=rep, budget=int(frac * int8))
             keras.utils.set_random_seed(0)
             qat = _compile(qx.quantize(model, policy), 1e-4)
             qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)

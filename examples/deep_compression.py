@@ -36,11 +36,11 @@ clustered.fit(x_train, y_train, epochs=4, batch_size=64, verbose=0)
 shared = qx.strip_clustering(clustered)
 
 # 4. Mixed-precision QAT that keeps both the zeros and the clusters.
-policy = qx.auto_policy(shared, (x_train, y_train), budget_bytes="0.6x", verbose=False)
+policy = qx.auto_policy(shared, x_train, y_train, budget="0.6x", verbose=False)
 qat = compiled(qx.quantize(shared, policy, preserve_sparsity=True, preserve_clusters=True), 1e-4)
 qat.fit(x_train, y_train, epochs=4, batch_size=64, verbose=0)
 qx.summary(qat)  # bits, sparsity and distinct values per layer
-deep = qx.export_tflite(qat, x_train[:300], "digits_deep.tflite", print_fn=print)
+deep = qx.export_tflite(qat, x_train[:300], "digits_deep.tflite", verbose=1)
 
 # 5. Every road side by side, measured in the runtime.
 roads = {

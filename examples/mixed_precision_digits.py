@@ -37,5 +37,5 @@ qat.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
 qx.summary(qat)
 
 # 4. Export (int8 I/O, 4-bit kernels packed as INT4), verified against the Keras model.
-tflite = qx.export_tflite(qat, x_train[:300], "digits_mixed.tflite", print_fn=print)
+tflite = qx.export_tflite(qat, x_train[:300], "digits_mixed.tflite", verbose=1)
 print(qx.evaluate_tflite(tflite, x_test, y_test))

@@ -29,12 +29,12 @@ model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossen
               metrics=["accuracy"])
 model.fit(x, y, epochs=10, batch_size=64, verbose=0)
 
-tuner = qx.BitWidthTuner(model, candidates=(4, 8), budget_bytes=args.budget, max_trials=args.trials,
+tuner = qx.BitWidthTuner(model, candidates=(4, 8), budget=args.budget, max_trials=args.trials,
                          directory="search_bits", overwrite=args.overwrite, seed=0)
 tuner.search(x, y, validation_data=(x_val, y_val), epochs=2, batch_size=64)
 tuner.results_summary()
 
-policy = tuner.best_policy()
+policy = tuner.get_best_policies()[0]
 print(policy.to_json())
 tflite = qx.export_tflite(tuner.best_model(), x[:300], "search_bits/best.tflite")
 print(qx.evaluate_tflite(tflite, x_test, y_test))

@@ -16,16 +16,19 @@ Example:
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from keras_qx._deprecation import deprecated_alias as _deprecated_alias
+from keras_qx._runtime import RuntimeCrash
 from keras_qx.compress.cluster import cluster, strip_clustering
 from keras_qx.compress.prune import prune, pruning_callbacks, strip_pruning
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
+from keras_qx.engine.pareto import ParetoResult, pareto
 from keras_qx.engine.search import BitWidthTuner
 from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
 from keras_qx.lite.compare import Comparison, compare
-from keras_qx.lite.evaluate import evaluate_tflite
-from keras_qx.lite.export import ExportError, export_tflite
-from keras_qx.lite.fidelity import compare_layers
-from keras_qx.lite.inspect import inspect_tflite
+from keras_qx.lite.evaluate import Evaluation, evaluate_tflite
+from keras_qx.lite.export import ExportError, ExportReport, LengthError, TFLiteModel, export_tflite
+from keras_qx.lite.fidelity import LayerComparison, LayerError, debug_tflite
+from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
 from keras_qx.lite.ptq import ptq
 from keras_qx.qat import registry
 from keras_qx.qat.annotate import annotate
@@ -34,8 +37,12 @@ from keras_qx.qat.quantize import quantize
 from keras_qx.qat.saving import load_model, quantize_scope
 from keras_qx.qat.summary import predict_gzip_bytes, summary
 from keras_qx.quant import configs, cost, quantizers
+from keras_qx.quant.cost import GzipPrediction
 from keras_qx.quant.kinds import register_layer
 from keras_qx.quant.policy import LayerSpec, Policy, PolicyError
+from keras_qx.rewrite.keras3 import Keras3Error
+
+compare_layers = _deprecated_alias(debug_tflite, "compare_layers")  # renamed in 0.1.0
 
 try:
     __version__ = _version("keras_qx")
@@ -43,38 +50,22 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "Policy",
-    "LayerSpec",
-    "PolicyError",
-    "ExportError",
-    "annotate",
-    "auto_policy",
-    "InfeasibleBudget",
-    "BitWidthTuner",
-    "sensitivity",
-    "SensitivityReport",
-    "quantize",
-    "calibrate",
-    "uncalibrated_ranges",
-    "register_layer",
-    "export_tflite",
+    # the policy
+    "Policy", "LayerSpec", "annotate", "register_layer",
+    # choosing bits
+    "sensitivity", "SensitivityReport", "auto_policy", "BitWidthTuner", "pareto", "ParetoResult",
+    # QAT
+    "quantize", "calibrate", "uncalibrated_ranges", "summary", "predict_gzip_bytes", "GzipPrediction",
+    "quantize_scope", "load_model",
+    # pruning and clustering
+    "prune", "pruning_callbacks", "strip_pruning", "cluster", "strip_clustering",
+    # the file
+    "export_tflite", "ptq", "TFLiteModel", "ExportReport", "inspect_tflite", "TFLiteInfo", "evaluate_tflite",
+    "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError",
+    # errors (each subclasses the builtin you would catch)
+    "PolicyError", "InfeasibleBudget", "ExportError", "LengthError", "RuntimeCrash", "Keras3Error",
+    # modules
+    "configs", "cost", "quantizers", "registry",
+    # deprecated names (removed in 0.2.0)
     "compare_layers",
-    "evaluate_tflite",
-    "compare",
-    "Comparison",
-    "ptq",
-    "prune",
-    "pruning_callbacks",
-    "strip_pruning",
-    "cluster",
-    "strip_clustering",
-    "inspect_tflite",
-    "summary",
-    "predict_gzip_bytes",
-    "quantize_scope",
-    "load_model",
-    "configs",
-    "cost",
-    "quantizers",
-    "registry",
 ]

@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 __all__ = ["write_atomic", "check_writable", "check_samples", "check_inputs", "model_input_specs", "check_xy",
-           "check_labels", "check_count"]
+           "check_labels", "check_count", "legacy_xy"]
 
 
 def check_writable(path) -> None:
@@ -221,3 +221,22 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def legacy_xy(where: str, x, y, n_inputs: int = 1, data=None):
+    """``(x, y)`` as Keras' ``fit`` takes them, from them or from the deprecated ``data=(x, y)``
+    (a keyword, or the pair given where ``x`` goes), with a DeprecationWarning."""
+    from keras_qx._deprecation import warn_renamed
+
+    if data is not None:
+        if x is not None or y is not None:
+            raise TypeError(f"{where}: give x, y or the deprecated data=(x, y), not both.")
+        warn_renamed(where, "data=(x, y)", "x, y", stacklevel=4)
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise ValueError(f"{where}: data must be a tuple (x, y), got {type(data).__name__}; pass x, y instead.")
+        return data[0], data[1]
+    if y is None and isinstance(x, tuple) and len(x) == 2 and (
+            n_inputs == 1 or isinstance(x[0], (list, tuple, dict))):
+        warn_renamed(where, "a tuple (x, y) in x's place", "x, y as two arguments (as Model.fit)", stacklevel=4)
+        return x[0], x[1]
+    return x, y

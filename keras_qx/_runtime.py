@@ -366,7 +366,7 @@ def _launch(model: bytes, x, job: dict, timeout: float, workdir: str) -> dict:
 def run_tensors(model: bytes, x, timeout: float = TIMEOUT_S) -> TensorsResult:
     """Run ``model`` on samples ``x`` (an array, or a list with one array per input in the file's
     order) one sample at a time in a child process with the built-in kernels, keeping every
-    intermediate tensor: for layer-by-layer comparisons (``qx.compare_layers``).
+    intermediate tensor: for layer-by-layer comparisons (``qx.debug_tflite``).
 
     Raises:
         RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.

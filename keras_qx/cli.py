@@ -205,9 +205,9 @@ def _analyze(args) -> int:
 
     model, data = _model_and_data(args)
     _say(f"sensitivity ({args.method}) of {model.name}...")
-    report = sensitivity(model, data.val, args.candidates, method=args.method, verbose=True)
+    report = sensitivity(model, *data.val, args.candidates, method=args.method, verbose=1)
     print(f"Sensitivity measured on {data.val_name}, {len(data.val[0]):,} samples.")
-    report.table(print_fn=print)
+    print(report.table())
     print(f"({report.seconds:.2f}s)")
     if args.out:
         write_atomic(_out_path(args, "sensitivity.json"), json.dumps(report.to_dict(), indent=2).encode())
@@ -231,16 +231,17 @@ def _quantize(args) -> int:
     model, data = _model_and_data(args)
     (x, y), (xt, yt) = data.train, data.test
     unit = SIZE_UNITS[args.size]
-    budget = budget_from(quantizable_layers(model), budget_bytes=args.budget, size=args.size)
+    budget = budget_from(quantizable_layers(model), args.budget, size=args.size)
     _say(f"sensitivity ({args.method}) on {data.val_name}, {len(data.val[0]):,} samples...")
-    report = sensitivity(model, data.val, args.candidates, method=args.method, verbose=True)
-    policy = auto_policy(model, report=report, budget_bytes=budget, keep=args.keep, size=args.size)
+    report = sensitivity(model, *data.val, args.candidates, method=args.method, verbose=1)
+    policy = auto_policy(model, report=report, budget=budget, keep=args.keep, size=args.size)
     meta = policy.meta["auto_policy"]
     _say(f"allocation: {meta['predicted_kernel_bytes']:,} of {budget:,} {unit}; QAT {args.qat_epochs} epochs...")
     qat = quantize(model, policy)
     qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y), metrics=["accuracy"])
     qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)
-    tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"), print_fn=_say)
+    tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"))
+    _say(tfl.table())
     result = evaluate_tflite(tfl, xt, yt)
     file_kernels = tfl.report.info.kernel_bytes
     lines = ["# keras_qx quantization report", "",
@@ -252,7 +253,7 @@ def _quantize(args) -> int:
              data.describe() + " The sensitivity (damage below) was measured there.", "",
              f"| layer | bits | {unit} | damage |", "|---|---|---|---|"]
     lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['damage']:.4g} |" for n, v in meta["layers"].items()]
-    lines += ["", "```", summary(qat, print_fn=None), "```", "", report.table(print_fn=None).replace("\n", "  \n"),
+    lines += ["", "```", summary(qat, print_fn=None), "```", "", report.table().replace("\n", "  \n"),
               "", "![sensitivity](sensitivity.png)", ""]
     report.plot(_out_path(args, "sensitivity.png"))
     write_atomic(_out_path(args, "policy.json"), policy.to_json().encode())
@@ -290,9 +291,10 @@ def _search(args) -> int:
     parse_budget(args.budget)
     model, data = _model_and_data(args)
     (x, y), (xt, yt) = data.train, data.test
-    tuner = BitWidthTuner(model, candidates=args.candidates, budget_bytes=args.budget, oracle=args.oracle,
+    tuner = BitWidthTuner(model, candidates=args.candidates, budget=args.budget, oracle=args.oracle,
                           max_trials=args.trials, directory=args.out, project_name="search",
-                          overwrite=args.overwrite, seed=args.seed, print_fn=_say, size=args.size)
+                          overwrite=args.overwrite, seed=args.seed, verbose=0, size=args.size)
+    tuner.print_fn = _say  # the CLI's progress goes to stderr
     _say(f"search: {args.trials} trials ({args.oracle}), budget {tuner.budget_bytes:,} {tuner.unit} ({args.budget}), "
          f"QAT {args.qat_epochs} epoch(s) each...")
     _say(f"trials validated on {data.val_name}, {len(data.val[0]):,} samples")
@@ -300,7 +302,8 @@ def _search(args) -> int:
     policy = tuner.best_policy()
     meta = policy.meta["search"]
     qat = tuner.best_model()
-    tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"), print_fn=_say)
+    tfl = export_tflite(qat, x[:300], _out_path(args, "model.tflite"))
+    _say(tfl.table())
     result = evaluate_tflite(tfl, xt, yt)
     rows = tuner.results()
     name = tuner.metric.name

@@ -72,9 +72,9 @@ def _run_demo(epochs, qat_epochs, out_dir, policy, budget, seed, print_fn) -> li
         policy = Policy.coerce(policy)  # and so does a bad policy
     model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say(s if s.startswith(" ") else "[1/4] " + s))
     if policy is None:
-        budget_bytes = budget_from(quantizable_layers(model), budget_bytes=budget)
+        budget_bytes = budget_from(quantizable_layers(model), budget)
         say(f"      auto_policy: sensitivity + exact allocation under {budget_bytes:,} kernel bytes ({budget})")
-        policy = auto_policy(model, (x_train, y_train), budget_bytes=budget_bytes, verbose=False)
+        policy = auto_policy(model, x_train, y_train, budget=budget_bytes, verbose=0)
         chosen = ", ".join(f"{n}={f['weight_bits']}" for n, f in policy.layers.items())
         say(f"      chosen weight bits: {chosen}")
     else:

@@ -9,7 +9,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.engine.allocate import layer_options, allocate, budget_from, find_ties
+from keras_qx.engine.allocate import layer_options, allocate, budget_from, find_ties, legacy_budget
 from keras_qx.quant.cost import storage_bits, kernel_bytes, kernel_params
 from keras_qx.quant.policy import Policy, PolicyError
 from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers
@@ -168,50 +168,72 @@ def test_budget_from_math():
     layers = _tiny_layers()
     params = sum(kernel_params(l) for l in layers)
     assert params == 3 * 3 * 1 * 4 + 6 * 6 * 4 * 8 + 8 * 3
-    assert budget_from(layers, budget_bytes=777) == 777
-    assert budget_from(layers, budget_bytes=777.9) == 777
-    assert budget_from(layers, budget_bytes="777") == 777
+    assert budget_from(layers, 777) == 777
+    assert budget_from(layers, 777.0) == 777
+    assert budget_from(layers, "777") == 777
+    assert budget_from(layers, "1.5kB") == 1500
+    assert budget_from(layers, "2 MB") == 2_000_000
     int8 = sum(kernel_bytes(l, 8) for l in layers)
-    assert budget_from(layers, budget_bytes="0.5x") == int(0.5 * int8)
-    assert budget_from(layers, budget_bytes=" 1X ") == int8
-    for r in (1, 2, 3.5, 8, 7):
-        assert budget_from(layers, compression=r) == int(4 * params / r)
-    assert budget_from(layers, compression=1) == 4 * params
+    assert budget_from(layers, "0.5x") == int(0.5 * int8)
+    assert budget_from(layers, " 1X ") == int8
     for b in (1, 2, 4, 4.5, 8, 32):
-        assert budget_from(layers, avg_bits=b) == int(params * b / 8)
-    assert budget_from(layers, avg_bits=8) == sum(kernel_bytes(l, 8) for l in layers)
+        assert budget_from(layers, f"{b}bits") == int(params * b / 8)
+    assert budget_from(layers, "32 bits") == 4 * params
+    assert budget_from(layers, "8bits") == sum(kernel_bytes(l, 8) for l in layers)
 
 
-def test_budget_from_exactly_one():
+def test_legacy_budget_arguments_map_onto_budget():
+    """The 0.0.x arguments still work for a release: compression c against float32 is exactly an
+    average of 32 / c bits, and each warns naming budget=."""
     layers = _tiny_layers()
-    with pytest.raises(ValueError, match="exactly one.*got none"):
-        budget_from(layers)
-    with pytest.raises(ValueError, match=r"exactly one.*'budget_bytes', 'compression'"):
-        budget_from(layers, budget_bytes=100, compression=4)
-    with pytest.raises(ValueError, match=r"exactly one.*'compression', 'avg_bits'"):
-        budget_from(layers, compression=4, avg_bits=4)
+    params = sum(kernel_params(l) for l in layers)
+    for r in (1, 2, 3.5, 8, 7):
+        with pytest.warns(DeprecationWarning, match="compression= is deprecated, use budget="):
+            legacy = legacy_budget("t", compression=r)
+        assert budget_from(layers, legacy) == int(4 * params / r)
+    with pytest.warns(DeprecationWarning, match="avg_bits="):
+        assert budget_from(layers, legacy_budget("t", avg_bits=4.5)) == int(params * 4.5 / 8)
+    with pytest.warns(DeprecationWarning, match="budget_bytes="):
+        assert budget_from(layers, legacy_budget("t", budget_bytes="0.5x")) == budget_from(layers, "0.5x")
 
 
-@pytest.mark.parametrize("kwargs, shown", [
-    (dict(budget_bytes=0), "got 0"), (dict(budget_bytes=-1), "got -1"),
-    (dict(budget_bytes=True), "got True"), (dict(budget_bytes="100y"), "got '100y'"),
-    (dict(budget_bytes="0x"), "got '0x'"), (dict(budget_bytes=[1]), "got [1]"),
-    (dict(compression=0), "got 0"), (dict(compression=-1), "got -1"),
-    (dict(compression=0.5), "got 0.5"), (dict(compression="4"), "got '4'"),
-    (dict(avg_bits=40), "got 40"), (dict(avg_bits=0), "got 0"), (dict(avg_bits=-1), "got -1"),
-    (dict(avg_bits=0.5), "got 0.5"),
+def test_one_budget_only():
+    layers = _tiny_layers()
+    with pytest.raises(ValueError, match="a budget is needed"):
+        budget_from(layers, None)
+    with pytest.raises(ValueError, match=r"give one budget, got \['budget', 'compression'\]"):
+        legacy_budget("qx.auto_policy()", budget=100, compression=4)
+    with pytest.raises(ValueError, match=r"give one budget, got \['compression', 'avg_bits'\]"):
+        legacy_budget("qx.auto_policy()", compression=4, avg_bits=4)
+
+
+@pytest.mark.parametrize("value, shown", [
+    (0, "got 0"), (-1, "got -1"), (True, "got True"), ("100y", "got '100y'"), ("0x", "got '0x'"),
+    ([1], "got [1]"), ("40bits", "got '40bits'"), ("0bits", "got '0bits'"), ("0.5bits", "got '0.5bits'"),
+    ("5x", "got '5x'"), ("", "got ''"),
 ])
-def test_budget_from_bad_values(kwargs, shown):
-    (key,) = kwargs
-    with pytest.raises(ValueError, match=key) as err:
-        budget_from(_tiny_layers(), **kwargs)
+def test_budget_from_bad_values(value, shown):
+    with pytest.raises(ValueError, match="budget must be bytes") as err:
+        budget_from(_tiny_layers(), value)
     assert shown in str(err.value)
 
 
-@pytest.mark.parametrize("key", ["compression", "avg_bits"])
-def test_budget_from_rejects_bool(key):
-    with pytest.raises(ValueError, match="True"):
-        budget_from(_tiny_layers(), **{key: True})
+def test_bare_fraction_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r'ambiguous: write budget="0.6x"'):
+        budget_from(_tiny_layers(), 0.6)
+
+
+def test_latency_budget_is_named_unsupported():
+    with pytest.raises(ValueError, match="latency budget is not supported"):
+        budget_from(_tiny_layers(), "5ms")
+
+
+@pytest.mark.parametrize("key, value", [("compression", 0), ("compression", -1), ("compression", "4"),
+                                        ("compression", True), ("avg_bits", 40), ("avg_bits", 0),
+                                        ("avg_bits", True)])
+def test_legacy_budget_bad_values(key, value):
+    with pytest.raises(ValueError, match=f"{key} must be.*got {value!r}"):
+        legacy_budget("t", **{key: value})
 
 
 # ---- layer_options -----------------------------------------------------------------------
@@ -320,13 +342,13 @@ def test_auto_policy_respects_ties():
     layers = quantizable_layers(model)
     int4 = sum(kernel_bytes(l, 4) for l in layers)
     int8 = sum(kernel_bytes(l, 8) for l in layers)
-    report = qx.sensitivity(model, None, (2, 4, 8), method="sqnr", verbose=False)
+    report = qx.sensitivity(model, candidates=(2, 4, 8), method="sqnr", verbose=False)
     for budget in np.linspace(int4, int8, 9).astype(int):
-        policy = qx.auto_policy(model, budget_bytes=int(budget), report=report, verbose=False)
+        policy = qx.auto_policy(model, budget=int(budget), report=report, verbose=False)
         assert policy.layers["dw"] == policy.layers["pw"]
         assert policy.meta["auto_policy"]["ties"] == [["dw", "pw"]]
         assert policy.meta["auto_policy"]["predicted_kernel_bytes"] <= budget
-        untied = qx.auto_policy(model, budget_bytes=int(budget), report=report, ties=(), verbose=False)
+        untied = qx.auto_policy(model, budget=int(budget), report=report, ties=(), verbose=False)
         assert untied.meta["auto_policy"]["predicted_damage"] <= policy.meta["auto_policy"]["predicted_damage"] + 1e-15
 
 
@@ -362,14 +384,14 @@ def test_auto_policy_on_trained_cnn(trained_cnn, digits, method):
     int4, int8, layers = _cnn_sizes(trained_cnn)
     assert (int4, int8) == (72 + 2304 + 8192 + 160, 38160)  # convs INT4, Dense INT2
     before = [w.copy() for w in trained_cnn.get_weights()]
-    report = qx.sensitivity(trained_cnn, (x, y), (2, 4, 8), method=method, verbose=False)
+    report = qx.sensitivity(trained_cnn, x, y, (2, 4, 8), method=method, verbose=False)
 
-    policy = qx.auto_policy(trained_cnn, (x, y), compression=6, method=method, verbose=False)
+    policy = qx.auto_policy(trained_cnn, x, y, budget=f"{32 / 6}bits", method=method, verbose=False)
     budget = int(4 * 38160 / 6)
     _check_policy(policy, trained_cnn, budget)
     assert policy.meta["auto_policy"]["method"] == method
     assert policy.meta["auto_policy"]["predicted_damage"] == pytest.approx(
-        qx.auto_policy(trained_cnn, compression=6, report=report, verbose=False).meta["auto_policy"]["predicted_damage"],
+        qx.auto_policy(trained_cnn, budget=f"{32 / 6}bits", report=report, verbose=False).meta["auto_policy"]["predicted_damage"],
         abs=1e-6 if method == "loss" else 0)
     # JSON round trip keeps the reasoning
     again = Policy.from_json(policy.to_json())
@@ -380,7 +402,7 @@ def test_auto_policy_on_trained_cnn(trained_cnn, digits, method):
     options = {n: layer_options(layers[n], report) for n in CNN_LAYERS}
     previous = math.inf
     for budget in list(range(int4, int8 + 1, 1200)) + [int8, int8 * 2]:
-        p = qx.auto_policy(trained_cnn, budget_bytes=budget, report=report, verbose=False)
+        p = qx.auto_policy(trained_cnn, budget=budget, report=report, verbose=False)
         _check_policy(p, trained_cnn, budget)
         damage = p.meta["auto_policy"]["predicted_damage"]
         best, _ = brute_force(options, budget)
@@ -390,18 +412,18 @@ def test_auto_policy_on_trained_cnn(trained_cnn, digits, method):
     assert previous == pytest.approx(sum(o[8][1] for o in options.values()), abs=1e-12)
 
     with pytest.raises(PolicyError, match=f"{int4:,}"):
-        qx.auto_policy(trained_cnn, budget_bytes=int4 - 1, report=report, verbose=False)
+        qx.auto_policy(trained_cnn, budget=int4 - 1, report=report, verbose=False)
 
     # keep logits at 8, even at the tightest budget that allows it
     tight = int4 - kernel_bytes(layers["logits"], 2) + kernel_bytes(layers["logits"], 8)
-    p = qx.auto_policy(trained_cnn, budget_bytes=tight, keep=["logits"], report=report, verbose=False)
+    p = qx.auto_policy(trained_cnn, budget=tight, keep=["logits"], report=report, verbose=False)
     bits = _check_policy(p, trained_cnn, tight, keep=["logits"])
     assert bits == {"conv1": 4, "conv2": 4, "fc1": 2, "logits": 8}
     assert p.meta["auto_policy"]["keep"] == ["logits"]
     with pytest.raises(PolicyError, match=f"{tight - 1:,}"):
-        qx.auto_policy(trained_cnn, budget_bytes=tight - 1, keep=["logits"], report=report, verbose=False)
+        qx.auto_policy(trained_cnn, budget=tight - 1, keep=["logits"], report=report, verbose=False)
     for budget in (24000, 30000, int8):
-        _check_policy(qx.auto_policy(trained_cnn, budget_bytes=budget, keep=["logits"], report=report,
+        _check_policy(qx.auto_policy(trained_cnn, budget=budget, keep=["logits"], report=report,
                                      verbose=False), trained_cnn, budget, keep=["logits"])
 
     after = trained_cnn.get_weights()
@@ -410,20 +432,20 @@ def test_auto_policy_on_trained_cnn(trained_cnn, digits, method):
 
 def test_auto_policy_errors(trained_cnn):
     with pytest.raises(PolicyError, match="logit") as err:
-        qx.auto_policy(trained_cnn, compression=4, keep=["logit"], method="sqnr", verbose=False)
+        qx.auto_policy(trained_cnn, budget="8bits", keep=["logit"], method="sqnr", verbose=False)
     assert "conv1" in str(err.value)  # lists the valid names
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="needs budget="):
         qx.auto_policy(trained_cnn, method="sqnr", verbose=False)
     other = qx.sensitivity(tiny_model(), None, method="sqnr", verbose=False)
     with pytest.raises(ValueError, match="lacks layer"):
-        qx.auto_policy(trained_cnn, compression=4, report=other, verbose=False)
+        qx.auto_policy(trained_cnn, budget="8bits", report=other, verbose=False)
 
 
 # ---- the exported file's kernel bytes -----------------------------------------------------
 @pytest.mark.slow
 def test_export_matches_predicted_bytes(trained_cnn, digits):
     (x, y), _ = digits
-    policy = qx.auto_policy(trained_cnn, (x, y), avg_bits=4.5, method="loss", verbose=False)
+    policy = qx.auto_policy(trained_cnn, x, y, budget="4.5bits", method="loss", verbose=False)
     budget = int(38160 * 4.5 / 8)
     bits = _check_policy(policy, trained_cnn, budget)
     predicted = policy.meta["auto_policy"]["predicted_kernel_bytes"]

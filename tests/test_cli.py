@@ -91,7 +91,7 @@ def test_analyze_verb_and_user_model(tmp_path, digits, trained_cnn, capsys):
 
 def test_budget_errors(capsys):
     assert main(["quantize", "--budget", "lots", "--epochs", "1"]) == 2
-    assert "budget must be kernel bytes" in (err := capsys.readouterr().err) and "got 'lots'" in err
+    assert "budget must be bytes" in (err := capsys.readouterr().err) and "got 'lots'" in err
 
 
 # ---- which split chooses the policy -------------------------------------------------------

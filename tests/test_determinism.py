@@ -36,10 +36,10 @@ def pipeline(seed, x, y, name="det"):
     model = compile_classifier(_model(name))
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
     out = {"name": model.name}
-    out["loss"] = qx.sensitivity(model, (x, y), (2, 4, 8), verbose=False)
-    out["hessian"] = qx.sensitivity(model, (x, y), (2, 4, 8), method="hessian", hessian_probes=2,
+    out["loss"] = qx.sensitivity(model, x, y, (2, 4, 8), verbose=False)
+    out["hessian"] = qx.sensitivity(model, x, y, (2, 4, 8), method="hessian", hessian_probes=2,
                                     max_samples=128, seed=seed, verbose=False)
-    out["policy"] = qx.auto_policy(model, avg_bits=5, report=out["loss"], verbose=False)
+    out["policy"] = qx.auto_policy(model, budget="5bits", report=out["loss"], verbose=False)
     qat = compile_classifier(qx.quantize(model, out["policy"]))
     qat.fit(x, y, epochs=1, batch_size=64, verbose=0)
     out["weights"] = [w.copy() for w in qat.get_weights()]

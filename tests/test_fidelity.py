@@ -6,7 +6,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
-from keras_qx.lite.fidelity import compare_layers
+from keras_qx.lite.fidelity import debug_tflite
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization
 from tests.conftest import tiny_model
 
@@ -90,7 +90,7 @@ def test_compare_layers_on_a_small_model(rng):
     qat = qx.quantize(model)
     _calibrate(qat, x, rng)
     tfl = qx.export_tflite(qat, x, min_agreement=0.0)
-    cmp = compare_layers(qat, bytes(tfl), x)
+    cmp = debug_tflite(qat, bytes(tfl), x)
     names = [e.layer for e in cmp.layers]
     assert names == ["relu", "flat", "fc", "out"], cmp.lines()  # conv+bn+relu: one fused CONV_2D
     assert cmp["relu"].op == "CONV_2D" and cmp["out"].op == "FULLY_CONNECTED"
@@ -113,7 +113,7 @@ def test_standalone_batchnorm_agrees_with_tflite_within_one_step(rng):
     tfl = qx.export_tflite(qat, x, min_agreement=0.0)
     ops = tfl.report.info.ops
     assert tfl.report.info.fully_integer and "DEPTHWISE_CONV_2D" in ops and "MUL" not in ops, ops
-    cmp = compare_layers(qat, bytes(tfl), x)
+    cmp = debug_tflite(qat, bytes(tfl), x)
     preact = cmp["preact_relu"]  # BN + ReLU: one DEPTHWISE_CONV_2D with the ReLU fused
     assert preact.op == "DEPTHWISE_CONV_2D" and not preact.intermediates
     assert preact.max_steps <= 1.0 + 1e-3 and preact.mean_steps < 0.05, cmp.lines()
@@ -134,7 +134,7 @@ def test_normalization_agrees_with_tflite_within_one_step(rng):
     assert type(qat.get_layer("quant_norm").layer) is ScaleShiftNormalization
     _calibrate(qat, data, rng)
     tfl = qx.export_tflite(qat, data, min_agreement=0.0)
-    cmp = compare_layers(qat, bytes(tfl), data)
+    cmp = debug_tflite(qat, bytes(tfl), data)
     norm = cmp["norm"]
     assert norm.op == "DEPTHWISE_CONV_2D" and not norm.intermediates, cmp.lines()
     assert norm.max_steps <= 1.0 + 1e-3 and norm.mean_steps < 0.05, cmp.lines()
@@ -164,7 +164,7 @@ def test_attention_projections_match_tflite_own_error(rng):
     qat = qx.calibrate(qx.quantize(model), x)
     _calibrate(qat, x, rng)
     assert isinstance(qat.get_layer("quant_mha_query_bias").layer, keras.layers.Add)
-    cmp = compare_layers(qat, bytes(qx.export_tflite(qat, x, min_agreement=0.0)), x[:16])
+    cmp = debug_tflite(qat, bytes(qx.export_tflite(qat, x, min_agreement=0.0)), x[:16])
     for part in ("query", "key", "value", "query_bias", "key_bias", "value_bias"):
         err = cmp[f"mha_{part}"]
         assert err.own_mean_steps <= 0.02 and err.own_max_steps <= 1.001, (part, err)

@@ -123,13 +123,13 @@ def test_auto_policy_gzip_budget_fits_and_differs():
     # sparse_b loses less at 4 bits, so a kernel-byte budget halves it; in gzip'd bytes halving
     # it saves little, so the gzip budget must take dense_a to 4 bits instead
     report = _report(model, {"dense_a": {4: 0.2, 8: 0.0}, "sparse_b": {4: 0.1, 8: 0.0}})
-    by_kernel = auto_policy(model, report=report, budget_bytes="0.8x", verbose=False)
-    by_gzip = auto_policy(model, report=report, budget_bytes="0.8x", size="gzip", verbose=False)
+    by_kernel = auto_policy(model, report=report, budget="0.8x", verbose=False)
+    by_gzip = auto_policy(model, report=report, budget="0.8x", size="gzip", verbose=False)
     assert by_kernel.layers["sparse_b"]["weight_bits"] == 4 and by_kernel.layers["dense_a"]["weight_bits"] == 8
     assert by_gzip.layers["dense_a"]["weight_bits"] == 4 and by_gzip.layers["sparse_b"]["weight_bits"] == 8
     meta = by_gzip.meta["auto_policy"]
     assert meta["size"] == "gzip"
-    budget = budget_from([a, b], budget_bytes="0.8x", size="gzip")
+    budget = budget_from([a, b], budget="0.8x", size="gzip")
     assert meta["budget_bytes"] == budget == int(0.8 * (kernel_gzip_bytes(a, 8) + kernel_gzip_bytes(b, 8)))
     predicted = sum(kernel_gzip_bytes(model.get_layer(n), s["weight_bits"]) for n, s in by_gzip.layers.items())
     assert predicted == meta["predicted_kernel_bytes"] <= budget
@@ -137,7 +137,7 @@ def test_auto_policy_gzip_budget_fits_and_differs():
 
 def _gzip_policy(model):
     report = _report(model, {"dense_a": {4: 0.2, 8: 0.0}, "sparse_b": {4: 0.1, 8: 0.0}})
-    return auto_policy(model, report=report, budget_bytes="0.8x", size="gzip", verbose=False)
+    return auto_policy(model, report=report, budget="0.8x", size="gzip", verbose=False)
 
 
 def test_gzip_budget_met_by_predicted_bytes():
@@ -176,14 +176,14 @@ def test_size_is_validated(bad):
     with pytest.raises(ValueError, match=r"size must be one of \['kernel', 'gzip'\]"):
         check_size(bad)
     with pytest.raises(ValueError, match="size must be one of"):
-        auto_policy(model, report=report, budget_bytes="0.8x", size=bad, verbose=False)
+        auto_policy(model, report=report, budget="0.8x", size=bad, verbose=False)
     with pytest.raises(ValueError, match="size must be one of"):
-        budget_from(model.layers[1:], budget_bytes="0.8x", size=bad)
+        budget_from(model.layers[1:], budget="0.8x", size=bad)
     with pytest.raises(ValueError, match="size must be one of"):
         SearchSpace((4, 8), size=bad)
     with pytest.raises(ValueError, match="size must be one of"):
         pareto(model, (np.zeros((4, 128)), np.zeros(4)), (np.zeros((4, 128)), np.zeros(4)), report=report, size=bad,
-               print_fn=None)
+               verbose=0)
 
 
 def test_search_space_costs_in_gzip():

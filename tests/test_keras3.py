@@ -126,7 +126,7 @@ def test_a_keras3_model_goes_through_quantize_fit_export(rng):
     runner = Runner(tfl)
     want, got = qat.predict(x, verbose=0), runner.predict(x)
     # LayerNormalization divides by a small spread: one step in its input moves a few outputs
-    # by up to ~15 steps (its own error is < 1 step: qx.compare_layers). The mean stays ~1.
+    # by up to ~15 steps (its own error is < 1 step: qx.debug_tflite). The mean stays ~1.
     assert np.mean(np.abs(want - got)) / runner.output_step < 2.0, tfl.report.lines()
     assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 
@@ -135,9 +135,9 @@ def test_auto_policy_sensitivity_and_ptq_take_a_keras3_model():
     source = sequential()
     x = random_inputs(source, 32)
     y = np.random.default_rng(0).integers(0, 4, 32)
-    report = qx.sensitivity(source, (x, y), candidates=(4, 8), method="sqnr", verbose=False)
+    report = qx.sensitivity(source, x, y, candidates=(4, 8), method="sqnr", verbose=False)
     assert set(report.layers) == {"fc1", "fc2"}
-    policy = qx.auto_policy(source, budget_bytes="0.6x", candidates=(4, 8), method="sqnr", verbose=False)
+    policy = qx.auto_policy(source, budget="0.6x", candidates=(4, 8), method="sqnr", verbose=False)
     assert set(policy.layers) == {"fc1", "fc2"}
     assert_quantized_copy(qx.quantize(source, policy), source, "fc1", keras.layers.Dense)
     tfl = qx.ptq(source, "dynamic", x)  # verified against the rebuilt model
@@ -179,7 +179,7 @@ def test_a_subclassed_keras3_model_is_refused():
 
     net = Net()
     net(np.zeros((1, 4), "float32"))
-    for call in (qx.quantize, lambda m: qx.auto_policy(m, budget_bytes="0.6x", method="sqnr")):
+    for call in (qx.quantize, lambda m: qx.auto_policy(m, budget="0.6x", method="sqnr")):
         with pytest.raises(TypeError, match="'net' is a subclassed Keras 3 model.*import tf_keras as keras"):
             call(net)
 
@@ -229,9 +229,9 @@ def test_bit_width_tuner_takes_a_keras3_model(tmp_path):
     source = sequential()
     x = random_inputs(source, 64)
     y = np.random.default_rng(0).integers(0, 4, 64)
-    tuner = qx.BitWidthTuner(source, candidates=(4, 8), budget_bytes="0.75x", max_trials=2, directory=tmp_path,
+    tuner = qx.BitWidthTuner(source, candidates=(4, 8), budget="0.75x", max_trials=2, directory=tmp_path,
                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                             objective="accuracy", seed=0, print_fn=None)
+                             objective="accuracy", seed=0, verbose=0)
     tuner.search(x, y, epochs=1)
     policy = tuner.best_policy()
     assert set(policy.layers) == {"fc1", "fc2"}

@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_qx"
-TIERS = {"_compat": 0, "_runtime": 0, "_io": 0, "_plot": 0, "quant": 1, "rewrite": 2, "qat": 3, "lite": 4, "engine": 5,
+TIERS = {"_compat": 0, "_deprecation": 0, "_runtime": 0, "_io": 0, "_plot": 0, "quant": 1, "rewrite": 2, "qat": 3, "lite": 4, "engine": 5,
          "__init__": 6, "cli": 6, "demo": 6, "data": 6, "compress": 3}
 # The LiteRT runtime is imported by _runtime.py, which also runs alone as a child process.
 RUNTIME_OK = {"ai_edge_litert": ("keras_qx._runtime",)}

@@ -11,46 +11,57 @@ from keras_qx.engine.sensitivity import quantizable_layers
 from tests.conftest import tiny_model
 
 
-@pytest.mark.parametrize("budgets, message", [((), "got ()"), ((0.75, 0), "budget 0 is out of range"),
-                                              ((1.5,), "budget 1.5 is out of range"),
-                                              ((-3,), "budget -3 is out of range"),
-                                              (("half",), "budget 'half' is not a number"), (0.5, "got 0.5")])
+@pytest.mark.parametrize("budgets, message", [((), "got ()"), (("0.75x", 0), "got 0"),
+                                              ((1.5,), 'ambiguous: write budget="1.5x"'),
+                                              ((-3,), "got -3"), (("half",), "got 'half'"), ("0.5x", "got '0.5x'")])
 def test_bad_budgets_name_the_value(budgets, message):
     data = (np.zeros((4, 8, 8, 1), "float32"), np.zeros(4, "int64"))
     with pytest.raises(ValueError, match=re.escape(message)):
-        pareto(tiny_model(), data, data, budgets=budgets, print_fn=None)
+        pareto(tiny_model(), *data, validation_data=data, budgets=budgets, verbose=0)
 
 
-def test_budgets_fractions_and_bytes():
-    assert _check_budgets((0.5, 1, 12_000)) == [0.5, 1.0, 12_000]
-    with pytest.raises(ValueError, match=r"\[0\.5\]"):
-        _check_budgets((0.5, 0.5))
+def test_budgets_in_the_one_budget_syntax():
+    assert _check_budgets(("0.5x", 1, 12_000, "4bits")) == ["0.5x", 1, 12_000, "4bits"]
+    with pytest.warns(DeprecationWarning, match=r'fraction 0.5 is deprecated, use "0.5x"'):
+        assert _check_budgets((0.5,)) == ["0.5x"]
+    with pytest.raises(ValueError, match=r"\['0.5x'\]"):
+        _check_budgets(("0.5x", "0.5x"))
 
 
-@pytest.mark.parametrize("which", ["train_data", "test_data"])
-def test_data_must_be_xy_tuple(which):
+@pytest.mark.parametrize("which", ["train", "validation_data"])
+def test_data_must_be_xy(which):
     x = np.zeros((4, 8, 8, 1), "float32")
     good = (x, np.zeros(4, "int64"))
-    args = {"train_data": good, "test_data": good, which: x}
-    with pytest.raises(ValueError, match=f"{which} must be a tuple"):
-        pareto(tiny_model(), args["train_data"], args["test_data"], print_fn=None)
-    args[which] = (x, np.zeros(3, "int64"))
-    with pytest.raises(ValueError, match=f"{which} has 4 samples and 3 labels"):
-        pareto(tiny_model(), args["train_data"], args["test_data"], print_fn=None)
+    bad = (x, np.zeros(3, "int64"))
+    train, val = (bad, good) if which == "train" else (good, bad)
+    name = "x, y" if which == "train" else "validation_data"
+    with pytest.raises(ValueError, match=f"{re.escape(name)} has 4 samples and 3 labels"):
+        pareto(tiny_model(), *train, validation_data=val, verbose=0)
+    with pytest.raises(ValueError, match="needs validation_data="):
+        pareto(tiny_model(), *good, verbose=0)
 
 
 def test_unknown_keep_layer():
     data = (np.zeros((4, 8, 8, 1), "float32"), np.zeros(4, "int64"))
     with pytest.raises(ValueError, match="nope"):
-        pareto(tiny_model(), data, data, keep=("nope",), print_fn=None)
+        pareto(tiny_model(), *data, validation_data=data, keep=("nope",), verbose=0)
+
+
+def test_old_positional_form_warns():
+    """pareto(model, (x, y), (x_test, y_test)) is the 0.0.x form: it still reaches the same
+    checks, with a DeprecationWarning naming validation_data=."""
+    data = (np.zeros((4, 8, 8, 1), "float32"), np.zeros(4, "int64"))
+    with pytest.warns(DeprecationWarning, match="test_data= is deprecated, use validation_data="), \
+            pytest.raises(ValueError, match="nope"):
+        pareto(tiny_model(), data, data, keep=("nope",), verbose=0)
 
 
 @pytest.mark.slow
-def test_pareto_sweep(trained_cnn, digits, tmp_path):
+def test_pareto_sweep(trained_cnn, digits, tmp_path, capsys):
     train, test = digits
-    lines = []
-    result = pareto(trained_cnn, train, test, budgets=(0.75, 0.25), qat_epochs=1, random_mixes=2,
-                    uniform=(8, 4), print_fn=lines.append)
+    result = pareto(trained_cnn, *train, validation_data=test, budgets=("0.75x", "0.25x"), qat_epochs=1,
+                    random_mixes=2, uniform=(8, 4), verbose=1)
+    lines = capsys.readouterr().out.splitlines()
     kinds = [r["kind"] for r in result.rows]
     assert kinds.count("uniform") == 2 and kinds.count("auto") == 1 and kinds.count("random") == 2
     assert [r["label"] for r in result.rows if r["kind"] == "uniform"] == ["W8", "W4"]
@@ -65,19 +76,19 @@ def test_pareto_sweep(trained_cnn, digits, tmp_path):
         if r["kind"] == "uniform":
             assert r["budget_bytes"] is None
         else:
-            assert r["budget"] == 0.75 and r["budget_bytes"] == int(0.75 * int8)
+            assert r["budget"] == "0.75x" and r["budget_bytes"] == int(0.75 * int8)
             assert r["kernel_bytes"] <= r["budget_bytes"]
 
     minimum = sum(kernel_bytes(l, 2) for l in layers)  # every kernel at 2 bits: INT2 Dense, INT4 Conv2D (0.28x)
     skipped = dict(result.skipped)
-    assert set(skipped) == {0.25}
-    assert f"{minimum:,}" in skipped[0.25] and "smallest possible" in skipped[0.25]
+    assert set(skipped) == {"0.25x"}
+    assert f"{minimum:,}" in skipped["0.25x"] and "smallest possible" in skipped["0.25x"]
     assert any("0.25x" in line and "no allocation fits" in line for line in lines)
     progress = [line for line in lines if line.startswith("[")]
     assert len(progress) == 5 and progress[-1].startswith("[5/5] random 2 @ 0.75x: acc ")
 
     json.dumps(result.to_dict())
-    table = result.table(print_fn=None)
+    table = result.table()
     for label in ("W8", "W4", "auto @ 0.75x", "random 1 @ 0.75x", "random 2 @ 0.75x"):
         assert f"| {label} |" in table
     assert "random (n=2) mean" in table and "uniform within budget: W4" in table

@@ -13,7 +13,7 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras, tf
-from keras_qx.lite.fidelity import compare_layers
+from keras_qx.lite.fidelity import debug_tflite
 from keras_qx.quant.configs import OutputQuantizeConfig
 from keras_qx.quant.quantizers import ActivationQuantizer, InputGridQuantizer, input_grid
 
@@ -126,7 +126,7 @@ def test_squeeze_excite_file_agrees_with_qat_where_the_runtime_rounds_its_own_wa
     qat.compile(keras.optimizers.SGD(1e-6), "mse")
     qat.fit(x, rng.random((64, 4)), epochs=3, batch_size=64, verbose=0)
     tfl = qx.export_tflite(qat, x, min_agreement=0.0)
-    cmp = compare_layers(qat, bytes(tfl), x[:32])  # the built-in kernels
+    cmp = debug_tflite(qat, bytes(tfl), x[:32])  # the built-in kernels
     squeeze, pool = cmp["squeeze"], cmp["pool"]
     assert squeeze.op == "MEAN" and pool.op == "AVERAGE_POOL_2D", cmp.lines()
     # before: squeeze own mean ~0.1-0.4 (one step up), pool own mean 0.25 / max 0.5

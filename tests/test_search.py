@@ -61,13 +61,15 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="candidates"):
         BitWidthTuner(model, candidates=())
     with pytest.raises(ValueError, match="budget"):
-        BitWidthTuner(model, budget_bytes="lots")
-    with pytest.raises(ValueError, match="budget_bytes"):
-        BitWidthTuner(model, budget_bytes=-5)
+        BitWidthTuner(model, budget="lots")
+    with pytest.raises(ValueError, match="budget must be bytes"):
+        BitWidthTuner(model, budget=-5)
     with pytest.raises(ValueError, match="0.6x"):
-        BitWidthTuner(model, budget_bytes=0.6)
+        BitWidthTuner(model, budget=0.6)
     with pytest.raises(InfeasibleBudget, match="606"):
-        BitWidthTuner(model, budget_bytes=100)
+        BitWidthTuner(model, candidates=(4, 8), budget=100)
+    with pytest.raises(InfeasibleBudget, match=r"candidates \(2, 4, 8\) takes 312"):
+        BitWidthTuner(model, budget=100)
     with pytest.raises(ValueError, match="Objective"):
         BitWidthTuner(model, objective="val_wobble")
     with pytest.raises(ValueError, match="bayesian"):
@@ -103,7 +105,7 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     k3(np.zeros((1, 4), "float32"))
     with pytest.raises(TypeError, match="'k3net' is a subclassed Keras 3 model"):
         BitWidthTuner(k3)
-    tuner = BitWidthTuner(model, directory=tmp_path, print_fn=None)
+    tuner = BitWidthTuner(model, directory=tmp_path, verbose=0)
     x, y = _data(8)
     with pytest.raises(ValueError, match="validation_data"):
         tuner.search(x, y, epochs=1)
@@ -136,7 +138,7 @@ def test_search_fits_budget_warm_starts_and_round_trips(tiny_trained, tmp_path):
     model, (x, y) = tiny_trained
     fits = tmp_path / "fits.txt"
     lines = []
-    tuner = BitWidthTuner(model, candidates=(4, 8), budget_bytes="0.6x", oracle="random", max_trials=3,
+    tuner = BitWidthTuner(model, candidates=(4, 8), budget="0.6x", oracle="random", max_trials=3,
                           directory=tmp_path, seed=3, print_fn=lines.append)
     board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb"))
     tuner.search(x, y, validation_data=(x[:64], y[:64]), epochs=1, callbacks=[FitLog(fits), board])
@@ -179,8 +181,8 @@ def test_over_budget_proposals_are_never_trained(tiny_trained, tmp_path):
             return {"status": "RUNNING", "values": {hp.name: 8 for hp in self.hyperparameters.space}}
 
     fits = tmp_path / "fits.txt"
-    tuner = BitWidthTuner(model, budget_bytes=727, oracle=AllEight(kt.Objective("accuracy", "max"), max_trials=3),
-                          objective="accuracy", warm_start=False, directory=tmp_path, seed=0, print_fn=None)
+    tuner = BitWidthTuner(model, budget=727, oracle=AllEight(kt.Objective("accuracy", "max"), max_trials=3),
+                          objective="accuracy", warm_start=False, directory=tmp_path, seed=0, verbose=0)
     tuner.search(x, y, epochs=1, callbacks=[FitLog(fits)])
     rows = tuner.results()
     assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
@@ -329,7 +331,7 @@ def test_cli_search_argument_errors(tmp_path, capsys):
     assert "keras-qx: error: --trials must be at least 1" in err and "unrecognized arguments" not in err, err
     assert main(["search", "--budget", "lots", "--out", str(tmp_path / "x")]) == 2
     captured = capsys.readouterr()
-    assert "keras-qx: error: budget must be kernel bytes" in captured.err and "got 'lots'" in captured.err, captured.err
+    assert "keras-qx: error: budget must be bytes" in captured.err and "got 'lots'" in captured.err, captured.err
     assert not captured.out and not (tmp_path / "x").exists()
 
 
@@ -344,8 +346,8 @@ def test_hypermodel_searches_model_hyperparameters_and_bits(tmp_path):
         return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
 
     fits = tmp_path / "fits.txt"
-    tuner = BitWidthTuner(hypermodel=build, budget_bytes=500, oracle="random", max_trials=2, objective="accuracy",
-                          allow_float=["out"], directory=tmp_path, seed=0, print_fn=None)
+    tuner = BitWidthTuner(hypermodel=build, budget=500, oracle="random", max_trials=2, objective="accuracy",
+                          allow_float=["out"], directory=tmp_path, seed=0, verbose=0)
     tuner.search(x, y, epochs=1, float_epochs=1, callbacks=[FitLog(fits)])
     rows = tuner.results()
     assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
@@ -378,7 +380,7 @@ def test_size_penalty_is_autoqkeras_forgiving_factor():
 def test_size_penalty_search_ranks_by_score(tiny_trained, tmp_path):
     model, (x, y) = tiny_trained
     tuner = BitWidthTuner(model, size_penalty=8, objective="accuracy", oracle="random", max_trials=2,
-                          directory=tmp_path, seed=0, print_fn=None)
+                          directory=tmp_path, seed=0, verbose=0)
     tuner.search(x, y, epochs=1)
     rows = tuner.results()
     assert tuner.objective.name == "score" and len(rows) == 2
@@ -406,7 +408,7 @@ def _simulate(tuner, n, score):
 
 def test_bayesian_oracle_proposes_only_untried_within_budget_points(tmp_path):
     model = tiny_model()
-    tuner = BitWidthTuner(model, budget_bytes=727, max_trials=6, directory=tmp_path, seed=0, print_fn=None)
+    tuner = BitWidthTuner(model, candidates=(4, 8), budget=727, max_trials=6, directory=tmp_path, seed=0, verbose=0)
     costs = {u.hp: u.costs for u in tuner.units}
     proposals = _simulate(tuner, 6, lambda v: 0.5 + 0.1 * (v["bits/conv"] == 8))
     assert len(proposals) == 4  # all four within-budget points (fc at 4 bits), then STOPPED
@@ -421,8 +423,8 @@ def test_large_spaces_sample_a_within_budget_pool(tmp_path):
     for i in range(16):  # 2**16 assignments: sampled, not enumerated
         h = keras.layers.Dense(16, name=f"d{i}")(h)
     model = keras.Model(inputs, h)
-    tuner = BitWidthTuner(model, budget_bytes="0.7x", max_trials=3, objective="loss", directory=tmp_path,
-                          print_fn=None)
+    tuner = BitWidthTuner(model, budget="0.7x", max_trials=3, objective="loss", directory=tmp_path,
+                          verbose=0)
     pool = tuner._pool()
     assert 100 < len(pool) <= 8000
     assert len({tuple(sorted(p.items())) for p in pool}) == len(pool)

@@ -102,7 +102,7 @@ def test_loss_damage_matches_predict(trained_cnn, digits):
     (x, y), _ = digits
     n = 300
     before = snapshot(trained_cnn)
-    report = qx.sensitivity(trained_cnn, (x, y), candidates=(8, 2, 4, 2), max_samples=n, verbose=False)
+    report = qx.sensitivity(trained_cnn, x, y, candidates=(8, 2, 4, 2), max_samples=n, verbose=False)
     assert_identical(before, trained_cnn)
     assert report.method == "loss" and report.candidates == (2, 4, 8)
     assert report.layers == CNN_LAYERS
@@ -127,13 +127,13 @@ def test_loss_damage_matches_predict(trained_cnn, digits):
 def test_loss_explicit_loss_and_batches(trained_cnn, digits):
     (x, y), _ = digits
     n = 257  # three uneven batches of 100: the batch-weighted mean is the plain mean
-    one = qx.sensitivity(trained_cnn, (x, y), candidates=(4,), max_samples=n, batch_size=512, verbose=False)
-    many = qx.sensitivity(trained_cnn, (x, y), candidates=(4,), max_samples=n, batch_size=100, verbose=False)
+    one = qx.sensitivity(trained_cnn, x, y, candidates=(4,), max_samples=n, batch_size=512, verbose=False)
+    many = qx.sensitivity(trained_cnn, x, y, candidates=(4,), max_samples=n, batch_size=100, verbose=False)
     for name in CNN_LAYERS:
         assert many.damage[name][4] == pytest.approx(one.damage[name][4], abs=2e-5)
     # an explicit loss: here MSE against one-hot targets, recomputed by predict
     onehot = np.eye(10, dtype="float32")[y]
-    report = qx.sensitivity(trained_cnn, (x, onehot), candidates=(2,), loss=keras.losses.MeanSquaredError(),
+    report = qx.sensitivity(trained_cnn, x, onehot, candidates=(2,), loss=keras.losses.MeanSquaredError(),
                             max_samples=128, verbose=False)
     base = np.mean((trained_cnn.predict(x[:128], verbose=0).astype(np.float64) - onehot[:128]) ** 2)
     assert report.baseline_loss == pytest.approx(base, rel=1e-5)
@@ -143,7 +143,7 @@ def test_weights_restored_after_every_method_and_on_error(trained_cnn, digits, m
     (x, y), _ = digits
     before = snapshot(trained_cnn)
     for method in ("loss", "hessian", "sqnr"):
-        qx.sensitivity(trained_cnn, (x, y), candidates=(2, 4), method=method, max_samples=64,
+        qx.sensitivity(trained_cnn, x, y, candidates=(2, 4), method=method, max_samples=64,
                        hessian_probes=2, verbose=False)
         assert_identical(before, trained_cnn)
 
@@ -157,7 +157,7 @@ def test_weights_restored_after_every_method_and_on_error(trained_cnn, digits, m
 
     monkeypatch.setattr(sens, "fake_quantize", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        qx.sensitivity(trained_cnn, (x, y), candidates=(2, 4, 8), max_samples=64, verbose=False)
+        qx.sensitivity(trained_cnn, x, y, candidates=(2, 4, 8), max_samples=64, verbose=False)
     assert len(calls) == 3
     assert_identical(before, trained_cnn)
 
@@ -193,7 +193,7 @@ def test_hessian_trace_matches_exact(rng):
 
     before = snapshot(model)
     candidates = (2, 3, 4, 8)
-    report = qx.sensitivity(model, (x, y), candidates, method="hessian", hessian_probes=800, seed=3,
+    report = qx.sensitivity(model, x, y, candidates, method="hessian", hessian_probes=800, seed=3,
                             verbose=False)
     assert_identical(before, model)
     assert report.baseline_loss is None
@@ -221,7 +221,7 @@ def test_hessian_deterministic_by_seed(rng):
     model = _dense_model()
     x = rng.normal(size=(32, 6)).astype("float32")
     y = rng.normal(size=(32, 3)).astype("float32")
-    run = lambda seed: qx.sensitivity(model, (x, y), (4,), method="hessian", hessian_probes=4, seed=seed,
+    run = lambda seed: qx.sensitivity(model, x, y, (4,), method="hessian", hessian_probes=4, seed=seed,
                                       verbose=False).damage
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -232,7 +232,7 @@ def test_sqnr_exact_and_decreasing(rng):
     model = tiny_model()
     before = snapshot(model)
     candidates = tuple(range(2, 9))
-    report = qx.sensitivity(model, None, candidates, method="sqnr", verbose=False)
+    report = qx.sensitivity(model, candidates=candidates, method="sqnr", verbose=False)
     assert_identical(before, model)
     assert report.layers == ["conv", "fc", "out"] and report.baseline_loss is None
     for layer in quantizable_layers(model):
@@ -257,7 +257,7 @@ def test_sqnr_exact_and_decreasing(rng):
 # ---- the report ---------------------------------------------------------------------------
 @pytest.fixture
 def sqnr_report():
-    return qx.sensitivity(tiny_model(), None, (2, 4, 8), method="sqnr", verbose=False)
+    return qx.sensitivity(tiny_model(), candidates=(2, 4, 8), method="sqnr", verbose=False)
 
 
 def test_report_to_dict_and_costs(sqnr_report):
@@ -285,7 +285,7 @@ def test_report_table(sqnr_report):
     for name in ("conv", "fc", "out"):
         (row,) = [l for l in lines[2:] if l.split()[0] == name]
         assert f"{sqnr_report.damage[name][2]:.4g}" in row
-    assert sqnr_report.table(print_fn=None) == text
+    assert sqnr_report.table() == text
 
 
 def test_report_plot(sqnr_report, tmp_path):
@@ -309,34 +309,49 @@ def small():
 def test_errors_method_and_candidates(small):
     model, x, y = small
     with pytest.raises(ValueError, match="'fisher'.*loss"):
-        qx.sensitivity(model, (x, y), method="fisher", verbose=False)
+        qx.sensitivity(model, x, y, method="fisher", verbose=False)
     for bad in ((), [], 4):
         with pytest.raises(ValueError, match="candidates"):
-            qx.sensitivity(model, (x, y), candidates=bad, verbose=False)
+            qx.sensitivity(model, x, y, candidates=bad, verbose=False)
     for bad, match in (((1,), "=1 is out of range"), ((9,), "=9 is out of range"), ((4, 16), "=16")):
         with pytest.raises(ValueError, match=match):
-            qx.sensitivity(model, (x, y), candidates=bad, verbose=False)
+            qx.sensitivity(model, x, y, candidates=bad, verbose=False)
     with pytest.raises(TypeError, match="4.0"):
-        qx.sensitivity(model, (x, y), candidates=(4.0,), verbose=False)
+        qx.sensitivity(model, x, y, candidates=(4.0,), verbose=False)
 
 
 def test_errors_data(small):
     model, x, y = small
-    for bad in (x, [x], (x, y, y), None, {"x": x, "y": y}):
-        with pytest.raises(TypeError, match=r"data must be a tuple \(x, y\)"):
+    with pytest.raises(TypeError, match=r"needs samples and targets: qx.sensitivity\(model, x, y\)"):
+        qx.sensitivity(model, None, verbose=False)
+    for bad in (x,):
+        with pytest.raises(ValueError, match=r"y is None: pass targets.*qx.sensitivity\(model, x, y\)"):
             qx.sensitivity(model, bad, verbose=False)
     with pytest.raises(ValueError, match="x has 20 samples but y has 19 targets"):
-        qx.sensitivity(model, (x, y[:19]), verbose=False)
+        qx.sensitivity(model, x, y[:19], verbose=False)
     with pytest.raises(ValueError, match="x has shape"):
-        qx.sensitivity(model, (x[..., 0], y), verbose=False)
-    with pytest.raises(TypeError, match="data must be"):
+        qx.sensitivity(model, x[..., 0], y, verbose=False)
+    with pytest.raises(ValueError, match="y is None"):
         qx.sensitivity(model, x, method="hessian", verbose=False)
+
+
+def test_old_data_forms_still_work_with_a_warning(small):
+    """data=(x, y), the pair in x's place and positional candidates: same report, and a
+    DeprecationWarning naming the new form (STYLE 22)."""
+    model, x, y = small
+    new = qx.sensitivity(model, x, y, candidates=(2, 4), verbose=0).damage
+    with pytest.warns(DeprecationWarning, match="data=\\(x, y\\) is deprecated, use x, y"):
+        assert qx.sensitivity(model, data=(x, y), candidates=(2, 4), verbose=0).damage == new
+    with pytest.warns(DeprecationWarning, match="x, y as two arguments"):
+        assert qx.sensitivity(model, (x, y), candidates=(2, 4), verbose=0).damage == new
+    with pytest.warns(DeprecationWarning, match="candidates="):
+        assert qx.sensitivity(model, (x, y), (2, 4), verbose=0).damage == new
 
 
 def test_errors_length_mismatch_beyond_max_samples(small):
     model, x, y = small
     with pytest.raises(ValueError, match="samples but y has"):
-        qx.sensitivity(model, (x, y[:15]), max_samples=10, verbose=False)
+        qx.sensitivity(model, x, y[:15], max_samples=10, verbose=False)
 
 
 def test_errors_model():
@@ -380,8 +395,8 @@ def test_infer_loss():
 
 def test_loss_by_name(small):
     model, x, y = small
-    by_name = qx.sensitivity(model, (x, y), (4,), loss="sparse_categorical_crossentropy", verbose=False)
-    by_object = qx.sensitivity(model, (x, y), (4,), loss=keras.losses.SparseCategoricalCrossentropy(),
+    by_name = qx.sensitivity(model, x, y, (4,), loss="sparse_categorical_crossentropy", verbose=False)
+    by_object = qx.sensitivity(model, x, y, (4,), loss=keras.losses.SparseCategoricalCrossentropy(),
                                verbose=False)
     for layer, damage in by_object.damage.items():
         assert by_name.damage[layer] == pytest.approx(damage, rel=1e-5, abs=1e-7)

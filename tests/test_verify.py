@@ -67,7 +67,7 @@ def test_every_output_kind_is_judged_on_its_error():
     check_agreement(judge(ref + rng.choice([-1, 0, 1], size=ref.shape) * step, ref, step), 0.9)  # rounding
     off = judge(ref + 6 * step, ref, step)  # 6 steps off everywhere: top-1 has nothing to say
     assert not off.classifier and off.mean_error_steps == pytest.approx(6.0, abs=1e-3) and 6.0 > MAX_MEAN_STEPS
-    with pytest.raises(qx.ExportError, match=r"mean 6\.00 .* above the 4 steps.*qx\.calibrate.*compare_layers"):
+    with pytest.raises(qx.ExportError, match=r"mean 6\.00 .* above the 4 steps.*qx\.calibrate.*debug_tflite"):
         check_agreement(off, 0.0)  # min_agreement does not excuse the error
     check_error(off, max_mean_steps=8)  # the bars are arguments
 
@@ -115,5 +115,5 @@ def test_compare_layers_survives_an_aborting_file():
 
     x = np.random.default_rng(0).random((2, 16, 8)).astype("float32")
     aborts = pathlib.Path(__file__).parent / "data" / "aborts_litert.tflite"
-    with pytest.raises(RuntimeCrash, match="compare_layers could not run the file.*SIGABRT.*verify=True"):
-        qx.compare_layers(None, aborts, x)  # in the child runtime: the caller lives on
+    with pytest.raises(RuntimeCrash, match="debug_tflite could not run the file.*SIGABRT.*verify=True"):
+        qx.debug_tflite(None, aborts, x)  # in the child runtime: the caller lives on

@@ -110,7 +110,7 @@ def test_faithful_file_accepted_broken_file_refused(exported, kind, tmp_path):
         assert not path.exists()
         said = str(err.value)
         assert "far from the Keras model" in said and f"mean {worst.mean_error_steps:.2f}" in said
-        assert all(fix in said for fix in ("qx.calibrate", "qx.compare_layers", "float by policy", "verify=False"))
+        assert all(fix in said for fix in ("qx.calibrate", "qx.debug_tflite", "float by policy", "verify=False"))
         if kind == "multi-output":
             assert said.startswith("output 'reg' of ")
     finally:

@@ -11,7 +11,7 @@ best point per cost bucket; the result is then approximate, and says so in
 Models of up to a few hundred layers stay exact.)
 
 Example:
-    >>> policy = qx.auto_policy(model, (x, y), compression=6)       # doctest: +SKIP
+    >>> policy = qx.auto_policy(model, x, y, budget="0.6x")       # doctest: +SKIP
     >>> policy.meta["auto_policy"]["predicted_kernel_bytes"]         # doctest: +SKIP
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from keras_qx._compat import inbound_layers, keras
+from keras_qx._deprecation import check_verbose, warn_renamed
+from keras_qx._io import legacy_xy
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import SIZE_UNITS, check_size, kernel_params, layer_size, total_size
 from keras_qx.quant.policy import Policy, PolicyError
@@ -28,7 +30,7 @@ from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, s
 from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["Allocation", "InfeasibleBudget", "allocate", "auto_policy", "find_ties", "budget_from",
-           "parse_budget", "layer_options", "choice_units", "check_keep"]
+           "parse_budget", "legacy_budget", "BUDGET_HELP", "layer_options", "choice_units", "check_keep"]
 
 
 class InfeasibleBudget(PolicyError):
@@ -172,11 +174,29 @@ def find_ties(model) -> list[list[str]]:
     return ties
 
 
+BUDGET_HELP = ("bytes (an int such as 60000, or \"60kB\"), a fraction of the uniform-int8 kernel bytes "
+               "(\"0.6x\") or an average width (\"4.5bits\")")
+
+
 def parse_budget(value, name: str = "budget") -> tuple[str, float]:
-    """``("bytes", n)`` or ``("int8", fraction)`` from a number of bytes (``60000``, ``"60000"``)
-    or ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes): checks the syntax before any
-    work is done."""
-    text = str(value).strip().lower()
+    """The one budget syntax of keras_qx, checked before any work is done.
+
+    ``("bytes", n)`` from an int or ``"60000"``/``"60kB"``/``"1.2MB"`` (decimal); ``("int8", f)``
+    from ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes); ``("bits", b)`` from
+    ``"4.5bits"`` (average weight bits). A bare float is refused: ``0.6`` could mean either.
+
+    Example:
+        >>> parse_budget("0.6x"), parse_budget(60000), parse_budget("4bits")
+        (('int8', 0.6), ('bytes', 60000), ('bits', 4.0))
+    """
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("bytes", "int8", "bits"):
+        return value  # already parsed
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name}={value!r} is ambiguous: write {name}=\"{value:g}x\" for a fraction of the "
+                         f"uniform-int8 kernel bytes, or an int for bytes.")
+    text = str(value).strip().lower().replace(" ", "").replace("_", "")
+    if isinstance(value, str) and text.endswith("ms"):
+        raise ValueError(f"{name}={value!r}: a latency budget is not supported by this release; give {BUDGET_HELP}.")
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError
@@ -185,82 +205,113 @@ def parse_budget(value, name: str = "budget") -> tuple[str, float]:
             if not 0 < fraction <= 4:
                 raise ValueError
             return "int8", fraction
-        number = float(text)
+        for suffix in ("bits", "bit"):
+            if text.endswith(suffix):
+                bits = float(text[:-len(suffix)])
+                if not 1 <= bits <= 32:
+                    raise ValueError
+                return "bits", bits
+        scale = 1
+        for suffix, factor in (("kb", 1000), ("mb", 1000**2), ("gb", 1000**3), ("b", 1)):
+            if text.endswith(suffix):
+                text, scale = text[:-len(suffix)], factor
+                break
+        number = float(text) * scale
         if not 1 <= number <= 2**53:
             raise ValueError
         return "bytes", int(number)
     except ValueError:
-        raise ValueError(f"{name} must be kernel bytes (e.g. 60000) or a fraction of the uniform-int8 "
-                         f"kernel bytes (e.g. \"0.6x\"), got {value!r}.") from None
+        raise ValueError(f"{name} must be {BUDGET_HELP}, got {value!r}.") from None
 
 
-def budget_from(layers, budget_bytes=None, compression=None, avg_bits=None, size: str = "kernel") -> int:
-    """Kernel-byte budget from exactly one of: bytes (an int, ``"60000"`` or ``"0.6x"`` of the
-    uniform-int8 kernel bytes), compression vs float32, average bits.
+def legacy_budget(where: str, budget=None, budget_bytes=None, compression=None, avg_bits=None):
+    """``budget`` from it or from the deprecated ``budget_bytes`` / ``compression`` / ``avg_bits``
+    (compression c against float32 is exactly an average of 32/c bits)."""
+    given = [k for k, v in (("budget", budget), ("budget_bytes", budget_bytes), ("compression", compression),
+                            ("avg_bits", avg_bits)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"{where}: give one budget, got {given}; write them all as budget= ({BUDGET_HELP}).")
+    if budget_bytes is not None:
+        warn_renamed(where, "budget_bytes=", "budget=", stacklevel=4)
+        return budget_bytes
+    if compression is not None:
+        if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not 1 <= compression <= 1e6:
+            raise ValueError(f"compression must be a ratio >= 1 (float32 kernel bytes / budget), got {compression!r}.")
+        warn_renamed(where, "compression=", f"budget=\"{32 / compression:g}bits\"", stacklevel=4)
+        return ("bits", 32 / compression)
+    if avg_bits is not None:
+        if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not 1 <= avg_bits <= 32:
+            raise ValueError(f"avg_bits must be a number of bits in 1..32, got {avg_bits!r}.")
+        warn_renamed(where, "avg_bits=", f"budget=\"{avg_bits:g}bits\"", stacklevel=4)
+        return ("bits", float(avg_bits))
+    return budget
 
-    ``size="gzip"``: the budget is on predicted gzip'd kernel bytes: ``"0.3x"`` is 0.3 of the
-    uniform-int8 model's gzip'd kernel bytes, an int is gzip'd bytes, and compression / avg_bits
-    are taken against the same gzip'd int8 reference scaled to float32 (4x) / 8 bits.
+
+def budget_from(layers, budget, size: str = "kernel") -> int:
+    """The budget in bytes of ``size`` (``"kernel"``: kernel bytes as stored; ``"gzip"``: their
+    predicted gzip'd bytes) from any :func:`parse_budget` form.
+
+    ``"0.6x"`` is 0.6 of the uniform-int8 model's bytes in that size; ``"4bits"`` is
+    ``params * 4 / 8`` kernel bytes (gzip: half the gzip'd int8 bytes); an int is bytes.
 
     Example:
-        >>> budget_from(layers, budget_bytes="0.3x", size="gzip")       # doctest: +SKIP
+        >>> budget_from(layers, "0.3x", size="gzip")       # doctest: +SKIP
     """
     check_size(size)
-    given = [k for k, v in (("budget_bytes", budget_bytes), ("compression", compression),
-                            ("avg_bits", avg_bits)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of budget_bytes, compression, avg_bits (got {given or 'none'}).")
-    params = sum(kernel_params(l) for l in layers)
-
-    def number(value, name, low, high, what):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ValueError(f"{name} must be {what}, got {value!r}.")
-        return value
-
-    if budget_bytes is not None:
-        unit, amount = parse_budget(budget_bytes, "budget_bytes")
-        return int(amount * total_size(layers, 8, size)) if unit == "int8" else int(amount)
-    if size == "gzip":  # relative to the gzip'd int8 model: float32 is 4x its bytes, 8 bits 1x
-        int8 = total_size(layers, 8, size)
-        if compression is not None:
-            return int(4 * int8 / number(compression, "compression", 1, 1e6,
-                                         "a ratio >= 1 (float32 kernel bytes / budget)"))
-        return int(int8 * number(avg_bits, "avg_bits", 1, 32, "a number of bits in 1..32") / 8)
-    if compression is not None:
-        return int(4 * params / number(compression, "compression", 1, 1e6,
-                                       "a ratio >= 1 (float32 kernel bytes / budget)"))
-    return int(params * number(avg_bits, "avg_bits", 1, 32, "a number of bits in 1..32") / 8)
+    if budget is None:
+        raise ValueError(f"a budget is needed: {BUDGET_HELP}.")
+    unit, amount = parse_budget(budget)
+    if unit == "bytes":
+        return int(amount)
+    if unit == "int8":
+        return int(amount * total_size(layers, 8, size))
+    if size == "gzip":  # relative to the gzip'd int8 model: 8 bits is 1x its bytes
+        return int(total_size(layers, 8, size) * amount / 8)
+    return int(sum(kernel_params(l) for l in layers) * amount / 8)
 
 
-def auto_policy(model, data=None, *, budget_bytes=None, compression=None, avg_bits=None,
-                candidates=(2, 4, 8), keep: Sequence[str] = (), ties="auto", method: str = "loss",
-                report: SensitivityReport | None = None, verbose: bool = True, size: str = "kernel",
+def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), keep: Sequence[str] = (),
+                ties="auto", method: str = "loss", report: SensitivityReport | None = None, verbose: int = 1,
+                size: str = "kernel", data=None, budget_bytes=None, compression=None, avg_bits=None,
                 **sensitivity_kwargs) -> Policy:
     """The per-layer weight bits that lose least (by ``qx.sensitivity``) within a size budget.
 
     Args:
-        model: the float model (a Keras 3 one of standard layers is rebuilt as tf_keras, once);
-            data: ``(x, y)`` for the sensitivity (not needed for "sqnr" or when ``report`` is given).
-        budget_bytes / compression / avg_bits: exactly one; the budget is on kernel bytes in
-            the exported file (the shared cost model: INT4 packed where the exporter packs).
+        model: the float model (a Keras 3 one of standard layers is rebuilt as tf_keras, once).
+        x, y: samples and targets for the sensitivity, as ``Model.fit`` takes them (not needed
+            for method "sqnr" or when ``report`` is given).
+        budget: bytes (``60000``, ``"60kB"``), ``"0.6x"`` of the uniform-int8 kernel bytes, or
+            ``"4.5bits"`` on average; on kernel bytes in the exported file (the shared cost
+            model: INT4 packed where the exporter packs) or their gzip'd bytes (``size``).
         candidates: bit widths to choose from; keep: layer names held at 8 bits.
         ties: "auto" (depthwise+pointwise pairs), or a list of name groups, or ().
+        verbose: 0 silent, 1 the sensitivity's progress bar.
         size: "kernel" (kernel bytes as stored) or "gzip" (their predicted gzip'd bytes, what a
             download costs: low-bit kernels compress far below their stored width); the
             budget and ``meta`` are in that size.
+        data, budget_bytes, compression, avg_bits: deprecated (``x, y`` and ``budget``).
 
     Returns:
         A :class:`Policy` with a ``layers`` entry per quantizable layer and the reasoning in
         ``policy.meta["auto_policy"]``.
+
+    Example:
+        >>> policy = qx.auto_policy(model, x_train, y_train, budget="0.6x")   # doctest: +SKIP
     """
+    budget = legacy_budget("qx.auto_policy()", budget, budget_bytes, compression, avg_bits)
+    if budget is None:
+        raise ValueError(f"qx.auto_policy() needs budget=: {BUDGET_HELP}.")
+    parse_budget(budget)  # a bad budget fails before the sensitivity runs
+    verbose = check_verbose(verbose, "qx.auto_policy()")
     check_size(size)
     model = as_tf_keras(model)
     layers = quantizable_layers(model)
-    budget = budget_from(layers, budget_bytes, compression, avg_bits, size=size)
+    budget = budget_from(layers, budget, size=size)
     keep = check_keep(layers, keep)
     names = [l.name for l in layers]
     if report is None:
-        report = sensitivity(model, data, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
+        x, y = legacy_xy("qx.auto_policy()", x, y, len(model.inputs), data)
+        report = sensitivity(model, x, y, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
     elif not isinstance(report, SensitivityReport):
         raise TypeError(f"report must be the SensitivityReport qx.sensitivity(model, data) returns, got "
                         f"{type(report).__name__}.")

@@ -123,12 +123,37 @@ def fresh_stats():
 _BUDGETED_CLASSES = {}
 
 
-def budgeted(oracle, guard):
+def budgeted(oracle, guard, own: bool = True):
+    """``oracle`` checking every proposal against ``guard``'s budget.
+
+    An oracle keras_qx made (``own``) gets the budgeted class; a user's oracle keeps its class
+    and gets the three methods bound on the instance, so ``type(oracle)`` and every other
+    instance of its class are untouched."""
     cls = type(oracle)
-    if not isinstance(oracle, _BudgetedOracle):
-        if cls not in _BUDGETED_CLASSES:
-            _BUDGETED_CLASSES[cls] = type(f"Budgeted{cls.__name__}", (_BudgetedOracle, cls), {})
-        oracle.__class__ = _BUDGETED_CLASSES[cls]
+    if own:
+        if not isinstance(oracle, _BudgetedOracle):
+            if cls not in _BUDGETED_CLASSES:
+                _BUDGETED_CLASSES[cls] = type(f"Budgeted{cls.__name__}", (_BudgetedOracle, cls), {})
+            oracle.__class__ = _BUDGETED_CLASSES[cls]
+    elif "populate_space" not in vars(oracle):
+        base = {name: getattr(oracle, name) for name in ("populate_space", "get_state", "set_state")}
+
+        def populate_space(trial_id):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*close to the specified (upper|lower) bound")
+                response = base["populate_space"](trial_id)
+                if oracle._qx_guard is None:
+                    return response
+                return oracle._qx_guard.filter(oracle, trial_id, response, lambda: base["populate_space"](trial_id))
+
+        def get_state():
+            return {**base["get_state"](), "keras_qx": dict(oracle._qx_stats)}
+
+        def set_state(state):
+            base["set_state"](state)
+            oracle._qx_stats = {**fresh_stats(), **(state.get("keras_qx") or {})}
+
+        oracle.populate_space, oracle.get_state, oracle.set_state = populate_space, get_state, set_state
     oracle._qx_guard = guard
     if not hasattr(oracle, "_qx_stats"):
         oracle._qx_stats = fresh_stats()

@@ -7,12 +7,11 @@ row records the kernel bytes really stored in the file next to the cost model's 
 
 Example:
     >>> from keras_qx.engine.pareto import pareto
-    >>> result = pareto(model, (x_train, y_train), (x_test, y_test))      # doctest: +SKIP
-    >>> result.table(); result.plot("pareto.png")                          # doctest: +SKIP
+    >>> result = qx.pareto(model, x_train, y_train, validation_data=(x_test, y_test))  # doctest: +SKIP
+    >>> print(result.table()); result.plot("pareto.png")                               # doctest: +SKIP
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,7 +20,10 @@ import numpy as np
 
 from keras_qx._compat import keras, seeded
 from keras_qx._io import check_xy
-from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, check_keep, choice_units, find_ties, layer_options
+from keras_qx._deprecation import check_verbose, say as say_for, warn_renamed
+from keras_qx._io import legacy_xy
+from keras_qx.engine.allocate import (BUDGET_HELP, InfeasibleBudget, auto_policy, budget_from, check_keep, choice_units,
+                                      find_ties, layer_options, parse_budget)
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
@@ -41,25 +43,24 @@ CALIBRATION = 500  # samples that set each variant's activation ranges before QA
 
 
 def _budget_label(budget) -> str:
-    return f"{budget:.2f}x" if isinstance(budget, float) or budget == 1 else f"{budget:,} B"
+    return budget if isinstance(budget, str) else f"{budget:,} B"
 
 
 def _check_budgets(budgets) -> list:
-    if isinstance(budgets, (int, float)) or not isinstance(budgets, (tuple, list)) or not budgets:
-        raise ValueError(f"budgets must be a non-empty tuple of fractions of the int8 kernel bytes "
-                         f"(0 < f <= 1) or byte counts (ints > 1), got {budgets!r}.")
+    """Budgets in the one budget syntax (``"0.75x"``, bytes, ``"4bits"``); the old bare fractions
+    (0 < f < 1) still work, with a DeprecationWarning."""
+    if isinstance(budgets, (int, float, str)) or not isinstance(budgets, (tuple, list)) or not budgets:
+        raise ValueError(f"budgets must be a non-empty tuple of budgets ({BUDGET_HELP}), got {budgets!r}.")
     out = []
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)) or not math.isfinite(b):
-            raise ValueError(f"budget {b!r} is not a number; give fractions (0 < f <= 1) or byte counts (ints > 1).")
-        if isinstance(b, (int, np.integer)) and b > 1:
-            out.append(int(b))
-        elif 0 < b <= 1:
-            out.append(float(b))
-        else:
-            raise ValueError(f"budget {b!r} is out of range: a fraction of the int8 kernel bytes must be "
-                             "0 < f <= 1, and a byte budget must be an int > 1.")
-    dupes = sorted({b for b in out if out.count(b) > 1})
+        if isinstance(b, (float, np.floating)) and 0 < b < 1:
+            warn_renamed("qx.pareto()", f"budgets fraction {float(b)!r}", f"\"{float(b):g}x\"")
+            b = f"{float(b):g}x"
+        if isinstance(b, np.integer):
+            b = int(b)
+        unit, amount = parse_budget(b, "budget")
+        out.append(int(amount) if unit == "bytes" else f"{amount:g}{'x' if unit == 'int8' else 'bits'}")
+    dupes = sorted({b for b in out if out.count(b) > 1}, key=str)
     if dupes:
         raise ValueError(f"budgets {dupes} are given more than once.")
     return out
@@ -136,8 +137,8 @@ class ParetoResult:
         return (f"| margin vs {', '.join(f'{n} {m:+.2%}' for n, m in margins)}; seed spread {spread:.2%} "
                 f"(n={len(auto['accuracies'])}): {'auto wins by more than the spread' if beats else 'not beyond the spread'}")
 
-    def table(self, print_fn=print) -> str:
-        """Markdown table of the rows, then the per-budget summary."""
+    def table(self, print_fn=None) -> str:
+        """Markdown table of the rows, then the per-budget summary (a string; print it yourself)."""
         out = ["| variant | budget | kernel bytes | file bytes | gzip bytes | accuracy | bits |",
                "|---|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -152,6 +153,7 @@ class ParetoResult:
         out += self.summary_lines()
         text = "\n".join(out)
         if print_fn is not None:
+            warn_renamed("ParetoResult.table()", "print_fn=", "print(result.table())")
             print_fn(text)
         return text
 
@@ -245,10 +247,10 @@ def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say
     int8 = total_size(layers, 8, size)
     rng = np.random.default_rng(seed)
     for budget in budgets:
-        cap = int(budget * int8) if isinstance(budget, float) else budget
+        cap = budget_from(layers, budget, size)
         label = _budget_label(budget)
         try:
-            policy = auto_policy(model, report=report, budget_bytes=cap, keep=keep, verbose=False, size=size)
+            policy = auto_policy(model, report=report, budget=cap, keep=keep, verbose=0, size=size)
         except InfeasibleBudget as err:
             skipped.append((budget, str(err)))
             say(f"skip {label} ({cap:,} {SIZE_UNITS[size]}): {err}")
@@ -287,48 +289,70 @@ def _train_and_score(model, policy, train, test, representative, qat_epochs, see
     return metrics, tfl.report.info.kernel_bytes, accuracies
 
 
-def pareto(model, train_data, test_data, budgets: Sequence = (0.75, 0.6, 0.5), *,
+def pareto(model, x=None, y=None, *, validation_data=None, budgets: Sequence = ("0.75x", "0.6x", "0.5x"),
            candidates: Sequence[int] = (2, 4, 8), method: str = "loss", qat_epochs: int = 2,
-           random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), representative=None, seed: int = 0,
-           keep: Sequence[str] = (), seeds: int = 1, print_fn=print,
-           report: SensitivityReport | None = None, size: str = "kernel") -> ParetoResult:
+           random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), calibration_x=None, seed: int = 0,
+           keep: Sequence[str] = (), seeds: int = 1, verbose: int = 1,
+           report: SensitivityReport | None = None, size: str = "kernel",
+           train_data=None, test_data=None, representative=None, print_fn=None) -> ParetoResult:
     """Sweep size budgets: auto policy vs random mixes vs uniform bits, each QAT-trained and exported.
 
     Args:
         model: a trained float tf_keras model.
-        train_data / test_data: ``(x, y)``; QAT and the sensitivity use train, accuracy is
-            the TFLite model's on test.
-        budgets: fractions (0 < f <= 1) of the uniform-int8 kernel bytes, or ints > 1 as
-            kernel bytes. A budget below the smallest possible size is skipped, with the reason.
+        x, y: training data: QAT and the sensitivity use it.
+        validation_data: ``(x_val, y_val)``: each row's accuracy is the TFLite file's on it.
+        budgets: budgets in keras_qx's one syntax: ``"0.6x"`` of the uniform-int8 kernel bytes,
+            an int of bytes, ``"4bits"`` on average. A budget below the smallest possible size
+            is skipped, with the reason.
         candidates / method: for ``qx.sensitivity`` (ignored when ``report`` is given).
         qat_epochs: QAT epochs per variant (Adam 1e-4, batch 64), after ``qx.calibrate`` on
             500 training samples.
         random_mixes: random assignments per budget; uniform: weight widths of the uniform rows.
-        representative: export calibration samples (default ``x_train[:300]``).
+        calibration_x: export calibration samples (default ``x[:300]``).
         keep: layer names held at 8 bits by auto and random variants.
         seeds: QAT runs per variant (seeds ``seed .. seed + seeds - 1``); accuracy is their
             mean. One run's accuracy on a small test set moves by a sample or two between
             seeds, so compare variants with several. Identical bit assignments run once.
-        print_fn: one progress line per variant; None is silent.
+        verbose: 0 silent, 1 one progress line per variant.
         size: what budgets count: ``"kernel"`` (kernel bytes as stored) or ``"gzip"`` (their
             predicted gzip'd bytes; each row's ``predicted_kernel_bytes`` is then gzip'd too).
+        train_data, test_data, representative, print_fn: deprecated names of ``(x, y)``,
+            ``validation_data``, ``calibration_x`` and ``verbose``.
 
     Returns:
         :class:`ParetoResult`.
     """
+    if train_data is None and validation_data is None and isinstance(y, tuple) and len(y) == 2 \
+            and isinstance(x, tuple) and len(x) == 2:
+        x, y, test_data = x, None, y  # the old positional form pareto(model, (x, y), (x_test, y_test))
+    x, y = legacy_xy("qx.pareto()", x, y, data=train_data)
+    if test_data is not None:
+        if validation_data is not None:
+            raise TypeError("qx.pareto(): give validation_data or the deprecated test_data, not both.")
+        warn_renamed("qx.pareto()", "test_data=", "validation_data=")
+        validation_data = test_data
+    if representative is not None:
+        warn_renamed("qx.pareto()", "representative=", "calibration_x=")
+        calibration_x = representative
+    if print_fn is not None:
+        warn_renamed("qx.pareto()", "print_fn=", "verbose=")
+    verbose = check_verbose(verbose, "qx.pareto()")
+    if validation_data is None:
+        raise ValueError("qx.pareto() needs validation_data=(x_val, y_val): each variant's file is scored there.")
+    train_data, test_data, representative = (x, y), validation_data, calibration_x
     start = time.perf_counter()
     check_size(size)
     budgets = _check_budgets(budgets)
-    train, test = check_xy(train_data, "train_data"), check_xy(test_data, "test_data")
+    train, test = check_xy(train_data, "x, y"), check_xy(test_data, "validation_data")
     uniform = _check_options(qat_epochs, seeds, random_mixes, uniform)
-    say = print_fn or (lambda *_: None)
+    say = say_for(verbose, print_fn)
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense/Conv layers to quantize.")
     keep = check_keep(layers, keep)
     if report is None:
         say(f"sensitivity ({method}) of {len(layers)} layers...")
-        report = sensitivity(model, train, candidates, method=method, seed=seed, verbose=False)
+        report = sensitivity(model, *train, candidates, method=method, seed=seed, verbose=0)
         say(f"      done in {report.seconds:.1f}s")
     plan, skipped = _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size)
 

@@ -7,7 +7,7 @@ machinery: its oracles (``"bayesian"``, ``"random"``, ``"hyperband"`` or any
 and its distributed chief/worker mode. keras-tuner's default ``run_trial`` only takes
 Keras 3 models, so the tuner here builds, trains and scores the tf_keras QAT model itself.
 
-* **Hard budget.** With ``budget_bytes``, an assignment whose kernel bytes (the shared cost
+* **Hard budget.** With ``budget``, an assignment whose kernel bytes (the shared cost
   model, :func:`keras_qx.quant.cost.kernel_bytes`) exceed the budget is never trained and does not
   use up ``max_trials``: the oracle's proposal is checked before the trial is created; an
   over-budget proposal is redrawn (a random oracle, up to 8 times), then repaired (random
@@ -25,10 +25,9 @@ Keras 3 models, so the tuner here builds, trains and scores the tf_keras QAT mod
   (``rate=2``) is worth ``delta_p`` percent of the metric.
 
 Example:
-    >>> tuner = qx.BitWidthTuner(model, candidates=(4, 8), budget_bytes="0.6x",
-    ...                          max_trials=10, directory="search")        # doctest: +SKIP
-    >>> tuner.search(x, y, validation_data=(xv, yv), epochs=2)            # doctest: +SKIP
-    >>> policy = tuner.best_policy(); qat = tuner.best_model()            # doctest: +SKIP
+    >>> tuner = qx.BitWidthTuner(model, budget="0.6x", max_trials=10, directory="search")  # doctest: +SKIP
+    >>> tuner.search(x, y, validation_data=(xv, yv), epochs=2)                          # doctest: +SKIP
+    >>> policy = tuner.get_best_policies()[0]; qat = tuner.get_best_models()[0]         # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -46,7 +45,8 @@ from keras_qx._compat import check_model, keras, seeded
 from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import check_inputs, model_input_specs, write_atomic
-from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from
+from keras_qx._deprecation import check_verbose, say, warn_renamed
+from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from, legacy_budget
 from keras_qx.engine.sensitivity import check_targets, infer_loss, quantizable_layers
 from keras_qx.qat.quantize import quantize
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
@@ -103,9 +103,10 @@ class BitWidthTuner:
         hypermodel: ``build(hp) -> float tf_keras (or Keras 3) model``; each trial builds, trains float
             ``float_epochs`` (compiled by ``build`` or with Adam 1e-3), then quantizes.
         candidates: weight bit widths to choose from per layer/group.
-        budget_bytes: kernel-byte budget (int), or ``"0.6x"`` of the uniform-int8 kernel bytes
-            (with ``hypermodel``: of the model built with default hyperparameters).
-        size: what budget_bytes and the size penalty count: ``"kernel"`` (kernel bytes as
+        budget: keras_qx's one budget syntax: bytes (an int), ``"0.6x"`` of the uniform-int8
+            kernel bytes (with ``hypermodel``: of the model built with default hyperparameters),
+            or ``"4.5bits"`` on average.
+        size: what the budget and the size penalty count: ``"kernel"`` (kernel bytes as
             stored) or ``"gzip"`` (their predicted gzip'd bytes, what a download costs).
         objective: metric name (``"val_accuracy"``) or a ``keras_tuner.Objective``.
         oracle: ``"bayesian"``, ``"random"``, ``"hyperband"`` or a ``keras_tuner.Oracle``
@@ -113,7 +114,8 @@ class BitWidthTuner:
         max_trials: trained trials (over-budget proposals are not counted).
         directory, project_name, overwrite: keras-tuner's trial storage; an existing project
             is resumed unless ``overwrite``.
-        seed: oracle seed; also seeds each trial's weights (``seed + trial number``).
+        seed: oracle seed (default 0, as everywhere in keras_qx); also seeds each trial's
+            weights (``seed + trial number``).
         groups, allow_float: see :class:`SearchSpace`.
         size_penalty: None, a percentage, a dict or :class:`SizePenalty`: the objective
             becomes ``score`` (module docstring); needs an objective to maximise.
@@ -121,14 +123,20 @@ class BitWidthTuner:
             mode with a budget; a hypermodel has no trained float model to analyse).
         qat_lr: Adam learning rate, or a factory returning an optimizer; loss: None infers
             it from the model/labels; metrics: None compiles the objective's metric.
-        print_fn: progress lines (one per trial); None is silent.
+        verbose: 0 silent, 1 or 2 one line per trial.
+        budget_bytes, print_fn: deprecated names of ``budget`` and ``verbose``.
     """
 
-    def __init__(self, model=None, *, hypermodel=None, candidates=(4, 8), budget_bytes=None,
+    def __init__(self, model=None, *, hypermodel=None, candidates=(2, 4, 8), budget=None,
                  objective="val_accuracy", oracle="bayesian", max_trials: int = 10, directory=None,
-                 project_name: str = "bitwidth_search", overwrite: bool = False, seed: int | None = None,
+                 project_name: str = "bitwidth_search", overwrite: bool = False, seed: int | None = 0,
                  groups=None, allow_float=(), size_penalty=None, warm_start: bool = True,
-                 qat_lr: float | Callable = 1e-4, loss=None, metrics=None, print_fn=print, size: str = "kernel"):
+                 qat_lr: float | Callable = 1e-4, loss=None, metrics=None, verbose: int = 1, size: str = "kernel",
+                 budget_bytes=None, print_fn=None):
+        budget = legacy_budget("BitWidthTuner()", budget, budget_bytes)
+        if print_fn is not None:
+            warn_renamed("BitWidthTuner()", "print_fn=", "verbose=")
+        self.verbose = check_verbose(verbose, "BitWidthTuner()")
         self.size = check_size(size)
         self.unit = SIZE_UNITS[self.size]
         kt = _keras_tuner()
@@ -173,7 +181,7 @@ class BitWidthTuner:
         self.oracle_spec, self.max_trials, self.seed = oracle, max_trials, seed
         self.directory = str(directory) if directory is not None else "."
         self.project_name, self.overwrite = project_name, bool(overwrite)
-        self.print_fn = print_fn
+        self.print_fn = say(self.verbose, print_fn)
         self._tuner = None
         self._fit = {}  # search() arguments, for run_trial
         self._units_cache = {}
@@ -183,13 +191,13 @@ class BitWidthTuner:
 
         reference = self.model if model is not None else self._build_default()
         self.int8_bytes = total_size(quantizable_layers(reference), 8, self.size)
-        self.budget_bytes = self._resolve_budget(budget_bytes, reference)
+        self.budget_bytes = None if budget is None else budget_from(quantizable_layers(reference), budget, self.size)
         if model is not None:
             self.units = self.space.units(model)
             minimum = sum(min(u.costs.values()) for u in self.units)
             if self.budget_bytes is not None and minimum > self.budget_bytes:
                 raise InfeasibleBudget(
-                    f"budget_bytes {self.budget_bytes:,}: the smallest assignment of candidates "
+                    f"budget {self.budget_bytes:,} {self.unit}: the smallest assignment of candidates "
                     f"{self.space.candidates} takes {minimum:,} {self.unit}. Raise the budget or add "
                     "smaller candidates.", self.budget_bytes, minimum)
         else:
@@ -197,21 +205,10 @@ class BitWidthTuner:
         self.reference_bytes = (self.penalty.reference_bytes or self.int8_bytes) if self.penalty else None
 
     # ---- set-up -------------------------------------------------------------------------
-    def _resolve_budget(self, budget, reference):
-        if budget is None:
-            return None
-        if isinstance(budget, str):
-            return budget_from(quantizable_layers(reference), budget_bytes=budget, size=self.size)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise TypeError(f"budget_bytes must be kernel bytes (int) or a fraction of int8 like '0.6x', got {budget!r}.")
-        if 0 < budget < 1:
-            raise ValueError(f"budget_bytes={budget!r} is in bytes; for a fraction of the int8 kernel bytes "
-                             f"write budget_bytes='{budget}x'.")
-        return budget_from(quantizable_layers(reference), budget_bytes=budget, size=self.size)
-
-    def _build(self, hp):
+    def _build(self, hp, clear: bool = True):
         """The hypermodel's float model, with one bits hyperparameter per searched group."""
-        keras.backend.clear_session()  # stable auto layer names, and no graph build-up
+        if clear:  # in a trial (search() owns the session): stable auto layer names, no graph build-up
+            keras.backend.clear_session()
         model = as_tf_keras(self.hypermodel(hp))
         check_model(model, "the model hypermodel returned")
         for u in self.space.units(model):
@@ -219,8 +216,10 @@ class BitWidthTuner:
         return model
 
     def _build_default(self):
+        """The hypermodel at default hyperparameters, for the budget's reference: the user's
+        Keras session is left as it is (no clear_session outside search())."""
         kt = _keras_tuner()
-        return self._build(kt.HyperParameters())
+        return self._build(kt.HyperParameters(), clear=False)
 
     def _units_for(self, values):
         """(kernel bytes, units) of the assignment ``values``."""
@@ -291,7 +290,7 @@ class BitWidthTuner:
         oracle = self._make_oracle(epochs)
         redraws = REDRAWS if isinstance(oracle, kt.oracles.RandomSearchOracle) else 0
         guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws)
-        budgeted(oracle, guard)
+        budgeted(oracle, guard, own=isinstance(self.oracle_spec, str))
         self._guard = guard
         if self.units is not None:  # declare the space up front (hypermodel mode builds it)
             hp = kt.HyperParameters()
@@ -382,7 +381,7 @@ class BitWidthTuner:
         ties = [list(u.layers) for u in self.units if len(u.layers) > 1]
         start = time.perf_counter()
         try:
-            policy = auto_policy(self.model, (x, y), budget_bytes=self.budget_bytes, candidates=self.space.candidates,
+            policy = auto_policy(self.model, x, y, budget=self.budget_bytes, candidates=self.space.candidates,
                                  ties=ties, verbose=False, size=self.size)
         except InfeasibleBudget as err:
             self._say(f"warm start skipped: {err}")
@@ -520,19 +519,28 @@ class BitWidthTuner:
                 out[t.trial_id] = t
         return out
 
-    def _best_trial(self, required=True):
+    def _ranked(self, n: int | None = None, what: str = "n") -> list:
+        """Completed trials, best first; ties (common on small validation sets) go to the smaller
+        model, then the earlier trial."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{what} must be a positive int, got {n!r}.")
         completed = [t for t in self._trials().values() if t.status == "COMPLETED" and t.score is not None]
         if not completed:
-            if required:
-                raise RuntimeError("no trial has completed yet; run search() first.")
-            return None
+            raise RuntimeError("no trial has completed yet; run search() first.")
         sign = 1 if self.objective.direction == "max" else -1
 
         def size(t):
             return t.metrics.get_last_value("kernel_bytes") if t.metrics.exists("kernel_bytes") else 0
 
-        # ties (common on small validation sets) go to the smaller model, then the earlier trial
-        return max(completed, key=lambda t: (sign * t.score, -size(t), -int(t.trial_id)))
+        return sorted(completed, key=lambda t: (-sign * t.score, size(t), int(t.trial_id)))[:n]
+
+    def _best_trial(self, required=True):
+        try:
+            return self._ranked(1)[0]
+        except RuntimeError:
+            if required:
+                raise
+            return None
 
     def _trial_policy(self, trial) -> Policy:
         path = os.path.join(self._ensure_tuner().get_trial_dir(trial.trial_id), POLICY_FILE)
@@ -544,9 +552,12 @@ class BitWidthTuner:
         return assignment_policy(units, values)
 
     def best_policy(self) -> Policy:
-        """The best trial's bits as a :class:`Policy`; ``meta["search"]`` says trial id,
-        metric, score and predicted kernel bytes."""
-        trial = self._best_trial()
+        """``get_best_policies()[0]``: the best trial's bits as a :class:`Policy`."""
+        return self._policy_with_meta(self._best_trial())
+
+    def _policy_with_meta(self, trial) -> Policy:
+        """A trial's :class:`Policy`; ``meta["search"]`` says trial id, metric, score and
+        predicted kernel bytes."""
         policy = self._trial_policy(trial)
         row = self._row(trial)
         policy.meta = {**policy.meta, "search": {
@@ -576,7 +587,7 @@ class BitWidthTuner:
         return self._load_trial_model(trial)
 
     def best_model(self):
-        """The best trial's trained QAT model (rebuilt with its policy, its weights loaded;
+        """``get_best_models()[0]``: the best trial's trained QAT model (rebuilt with its policy, its weights loaded;
         compiled like the trials when search() ran in this process)."""
         return self._load_trial_model(self._best_trial())
 
@@ -603,15 +614,27 @@ class BitWidthTuner:
         warm = self.stats.get("warm_trial_id")
         return [self._row(t, warm) for _, t in sorted(self._trials().items(), key=lambda kv: int(kv[0]))]
 
-    def results_summary(self, print_fn=None) -> str:
-        """A Markdown table of :meth:`results` (best first), printed with ``print_fn``
-        (default: the tuner's) and returned."""
-        text = format_results(self.results(), self.metric.name, self.objective.direction,
-                              budget_bytes=self.budget_bytes, stats=self.stats)
-        out = print_fn or self.print_fn
-        if out is not None:
-            out(text)
+    def results_summary(self, num_trials: int = 10, print_fn=None) -> str:
+        """Print (as keras-tuner's does) and return a Markdown table of the best ``num_trials``
+        trials of :meth:`results`, best first."""
+        rows = self.results()
+        if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials < 1:
+            raise ValueError(f"num_trials must be a positive int, got {num_trials!r}.")
+        text = format_results(rows, self.metric.name, self.objective.direction,
+                              budget_bytes=self.budget_bytes, stats=self.stats, limit=num_trials)
+        if print_fn is not None:
+            warn_renamed("BitWidthTuner.results_summary()", "print_fn=", "the returned text")
+        (print_fn or print)(text)
         return text
+
+    def get_best_policies(self, num_policies: int = 1) -> list[Policy]:
+        """The policies of the best ``num_policies`` completed trials, best first (keras-tuner's
+        ``get_best_hyperparameters`` for bits)."""
+        return [self._policy_with_meta(t) for t in self._ranked(num_policies, "num_policies")]
+
+    def get_best_models(self, num_models: int = 1) -> list:
+        """The trained QAT models of the best ``num_models`` completed trials, best first."""
+        return [self._load_trial_model(t) for t in self._ranked(num_models, "num_models")]
 
 
 def _is_stream(x) -> bool:
@@ -637,7 +660,8 @@ def _count(x) -> int:
     return len(x)
 
 
-def format_results(rows, objective="metric", direction="max", *, budget_bytes=None, stats=None, fmt="markdown") -> str:
+def format_results(rows, objective="metric", direction="max", *, budget_bytes=None, stats=None, fmt="markdown",
+                   limit: int | None = None) -> str:
     """Trials as a Markdown table (best first) or CSV (``fmt="csv"``, trial order)."""
     groups, hps = [], []
     for r in rows:
@@ -653,7 +677,7 @@ def format_results(rows, objective="metric", direction="max", *, budget_bytes=No
                              r["metric"], r["score"], int(r["warm_start"])])
         return buf.getvalue()
     sign = -1 if direction == "max" else 1
-    ordered = sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial_id"]))
+    ordered = sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial_id"]))[:limit]
     cols = hps + groups
     lines = [f"| trial | status | {' | '.join(cols)} | kernel bytes | {objective} | score |",
              "|" + "---|" * (len(cols) + 5)]

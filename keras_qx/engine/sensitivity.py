@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_qx._compat import check_float_model, keras, tf
+from keras_qx._deprecation import check_verbose, warn_renamed
+from keras_qx._io import legacy_xy
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params
 from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits, full_range_for, grid_integers
@@ -138,7 +140,7 @@ def check_targets(model, x, y, loss=None, what: str = "y", n: int | None = None)
     if n is None:
         n = len(x[0]) if isinstance(x, (list, tuple)) else len(x)
     if y is None:
-        raise ValueError(f"{what} is None: pass targets, one per sample ({n} samples), e.g. data=(x, y).")
+        raise ValueError(f"{what} is None: pass targets, one per sample ({n} samples), e.g. qx.sensitivity(model, x, y).")
     if loss is not None:
         loss_fn = keras.losses.get(loss)
         origin = "the loss"
@@ -249,7 +251,8 @@ class SensitivityReport:
                                "kernel_bytes": {str(b): v for b, v in self.kernel_bytes[n].items()}}
                            for n in self.damage}}
 
-    def table(self, print_fn=print) -> str:
+    def table(self, print_fn=None) -> str:
+        """The report as text (one row per layer, one column per width); print it yourself."""
         head = ["Layer", "Type", "Params"] + [f"{b}-bit" for b in self.candidates]
         rows = [[n, self.types.get(n, ""), f"{self.params[n]:,}"] + [f"{self.damage[n][b]:.4g}" for b in self.candidates]
                 for n in self.damage]
@@ -258,6 +261,7 @@ class SensitivityReport:
         lines = [f"Sensitivity ({self.method}; damage if only that layer is quantized)", fmt.format(*head)]
         lines += [fmt.format(*r) for r in rows]
         if print_fn is not None:
+            warn_renamed("SensitivityReport.table()", "print_fn=", "print(report.table())")
             for line in lines:
                 print_fn(line)
         return "\n".join(lines)
@@ -333,20 +337,25 @@ def _hessian_traces(model, layers, loss_fn, x, y, probes: int, seed: int) -> dic
     return traces
 
 
-def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss=None,
+def sensitivity(model, x=None, y=None, candidates=(2, 4, 8), *, method: str = "loss", loss=None,
                 max_samples: int | None = None, batch_size: int = 512, hessian_probes: int = 8,
-                seed: int = 0, verbose: bool = True) -> SensitivityReport:
+                seed: int = 0, verbose: int = 1, data=None) -> SensitivityReport:
     """Per-layer, per-bit-width sensitivity of a float model.
 
     Args:
         model: a built tf_keras model (float; weights are restored afterwards), or a Keras 3
             Sequential/Functional one of standard layers (rebuilt as tf_keras first).
-        data: ``(x, y)``; at most ``max_samples`` samples are used (default 512 for
-            "loss", 256 for "hessian": each probe back-propagates twice).
+        x, y: samples and targets, as ``Model.fit`` takes them (not needed for "sqnr"); at most
+            ``max_samples`` samples are used (default 512 for "loss", 256 for "hessian": each
+            probe back-propagates twice). ``data=(x, y)`` is the deprecated form.
         candidates: bit widths to score (2..8).
         method: ``"loss"``, ``"hessian"`` or ``"sqnr"`` (see the module docstring).
         loss: a Keras loss; default: the compiled loss, else inferred from ``y``.
-        verbose: show a progress bar.
+        verbose: 0 silent, 1 a progress bar.
+
+    Example:
+        >>> report = qx.sensitivity(model, x_train, y_train, (2, 4, 8))   # doctest: +SKIP
+        >>> print(report.table())                                       # doctest: +SKIP
 
     Raises:
         ValueError: before any work, if the targets do not fit the loss and the model's output
@@ -354,6 +363,13 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
             loss, both shapes and the fix.
     """
     model = as_tf_keras(model)
+    if data is None and isinstance(y, tuple) and y and all(isinstance(b, int) and 1 <= b <= 8 for b in y) \
+            and (x is None or (isinstance(x, (tuple, list)) and len(x) == 2)):
+        # the old positional form sensitivity(model, (x, y), (2, 4, 8)) / sensitivity(model, None, (2, 4))
+        warn_renamed("qx.sensitivity()", "candidates as the third positional argument", "candidates=")
+        y, candidates = None, y
+    x, y = legacy_xy("qx.sensitivity()", x, y, len(model.inputs), data)
+    verbose = check_verbose(verbose, "qx.sensitivity()")
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense/Conv layers to quantize.")
@@ -363,18 +379,21 @@ def sensitivity(model, data, candidates=(2, 4, 8), *, method: str = "loss", loss
         raise ValueError(f"candidates must be a non-empty tuple of bit widths, got {candidates!r}.")
     candidates = tuple(sorted({check_bits(b, "candidate bits", WEIGHT_BITS) for b in candidates}))
     start = time.perf_counter()
-    x = y = loss_fn = None
-    if method != "sqnr":
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise TypeError("data must be a tuple (x, y) of samples and targets.")
+    loss_fn = None
+    if method == "sqnr":
+        x = y = None
+    else:
+        if x is None:
+            raise TypeError(f"method {method!r} needs samples and targets: qx.sensitivity(model, x, y); "
+                            "only method=\"sqnr\" works without data.")
         from keras_qx._io import check_count, check_samples
 
         if max_samples is None:
             max_samples = 256 if method == "hessian" else 512
         max_samples = check_count(max_samples, "max_samples")
         check_count(batch_size, "batch_size")
-        x = check_samples(data[0], model.input_shape[1:], "x")
-        loss_fn, y = check_targets(model, x, data[1], loss)
+        x = check_samples(x, model.input_shape[1:], "x")
+        loss_fn, y = check_targets(model, x, y, loss)
         x, y = x[:max_samples], y[:max_samples]
 
     damage = {l.name: {} for l in layers}

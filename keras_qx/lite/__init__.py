@@ -2,7 +2,7 @@
 
 ``convert`` (the converter set-up), ``verify`` (TFLite vs Keras), ``export`` (the front door
 ``export_tflite``), ``inspect`` (reading and running flatbuffers), ``ptq`` (post-training
-modes), ``evaluate`` (accuracy, size, latency), ``fidelity`` (``compare_layers``: where a
+modes), ``evaluate`` (accuracy, size, latency), ``fidelity`` (``debug_tflite``: where a
 file and its QAT model part, layer by layer) and ``int2`` (2-bit FULLY_CONNECTED filters
 rewritten as INT2 after conversion).
 

@@ -28,6 +28,9 @@ class Comparison:
     metric: str
     reference: str
 
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "reference": self.reference, "rows": [dict(r) for r in self.rows]}
+
     def table(self) -> str:
         """A Markdown table of the rows."""
         head = (f"| road | {self.metric} | bytes | gzip bytes | gzip vs {self.reference} | kernel sparsity "

@@ -118,7 +118,7 @@ def kept_float_layers(qat_model) -> list[str]:
             or isinstance(getattr(l, "quantize_config", None), KeptFloatQuantizeConfig)]
 
 
-def convert_qat(qat_model, samples, int8_io: bool = True, *, lengths=None) -> tuple[bytes, float]:
+def convert_qat(qat_model, samples, int8_io: bool | None = None, *, lengths=None) -> tuple[bytes, float]:
     """Convert a QAT model to an integer TFLite flatbuffer: ``(bytes, seconds)``.
 
     ``samples`` (one array per input) calibrate the int8 input/output (the converter needs them
@@ -163,12 +163,12 @@ def _convert_qat_at(qat_model, samples: list, int8_io: bool, lengths) -> tuple[b
     if not floats:
         converter.representative_dataset = representative(samples, qat_model)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if int8_io:  # a float input becomes int8; integer inputs (token ids) stay as they are
+        if int8_io is not False:  # None/True: a float input becomes int8; integer inputs (token ids) stay
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
         data, seconds = convert(converter)
         return fix_lstm_bias_scales(data)[0], seconds
-    if int8_io:
+    if int8_io:  # asked for explicitly (None: whatever the file can have)
         # Layers the policy keeps float stay float only without a representative dataset: with
         # one, the converter calibrates and quantizes them to int8 as well (measured). int8 I/O
         # needs that dataset, so such a file has float32 input and output.

@@ -12,11 +12,12 @@ from typing import Callable, Union
 
 import numpy as np
 
+from keras_qx._deprecation import renamed_args
 from keras_qx._io import check_inputs, check_labels
 from keras_qx._runtime import run
 from keras_qx.lite.inspect import inspect_tflite, read_model
 
-__all__ = ["evaluate_tflite", "gzip_size", "METRICS", "unit_threshold"]
+__all__ = ["evaluate_tflite", "Evaluation", "gzip_size", "METRICS", "unit_threshold"]
 
 Metric = Union[str, Callable]
 
@@ -107,12 +108,32 @@ def _per_output(value, n: int, what: str) -> list:
     return [value] * n if what == "metric" else [value]
 
 
-def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "accuracy",
+class Evaluation(dict):
+    """What :func:`evaluate_tflite` measured: a dict (``result["accuracy"]``) with the three doors
+    every keras_qx result has: ``.table()``, ``.to_dict()``, ``.plot()`` (none: one row of numbers)."""
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def table(self) -> str:
+        """A two-column Markdown table of the measurements."""
+        def shown(v):
+            return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v)
+        return "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {shown(v)} |" for k, v in self.items()])
+
+
+@renamed_args(model_bytes_or_path="tflite")
+def evaluate_tflite(tflite, x, y=None, *, metric: Metric | list = "accuracy",
                     latency_runs: int = 200, num_threads: int = 1, from_logits: bool | None = None,
-                    threshold: float | None = None) -> dict:
+                    threshold: float | None = None) -> Evaluation:
     """Evaluate a TFLite model in the runtime (run in a child process: an abort cannot end yours).
 
+    Example:
+        >>> result = qx.evaluate_tflite("model.tflite", x_test, y_test)   # doctest: +SKIP
+        >>> print(result.table())                                           # doctest: +SKIP
+
     Args:
+        tflite: the file: a path, its bytes, or what ``qx.export_tflite`` returned.
         x: samples (n, *input_shape); for several inputs a dict keyed by input name.
         y: targets: integer labels (n,) or one-hot for ``"accuracy"``, values for a regression
             metric; a list with one entry per output for a multi-output model; None to measure
@@ -126,12 +147,12 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
             [0, 1] (a sigmoid), else 0 (a logit). Labels are 0/1 either way.
 
     Returns:
-        ``{<metric>: value, "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n",
+        :class:`Evaluation`, a dict ``{<metric>: value, "size_bytes", "gzip_bytes", "latency_ms", "latency_p90_ms", "n",
         "delegate", "threads"}``; a multi-output model's metrics are keyed ``"<metric>/output_<i>"``.
     """
     cut = _single_unit_threshold(threshold, from_logits)
-    info = inspect_tflite(model_bytes_or_path)  # errors name the file
-    model = read_model(model_bytes_or_path)
+    info = inspect_tflite(tflite)  # errors name the file
+    model = read_model(tflite)
     specs = [(name, shape, "int32" if kind in ("INT32", "INT64") else "float32")  # token ids stay integers
              for name, kind, shape in info.inputs]
     names = [name for name, _, _ in specs]
@@ -156,7 +177,7 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
                                  f"{len(target)}; they must match.")
             scores[name if n_out == 1 else f"{name}/output_{i}"] = fn(target, pred)
     times = result.times or [float("nan")]
-    return {
+    return Evaluation({
         **scores,
         "size_bytes": len(model),
         "gzip_bytes": gzip_size(model),
@@ -165,4 +186,4 @@ def evaluate_tflite(model_bytes_or_path, x, y=None, *, metric: Metric | list = "
         "n": int(len(xs[0])),
         "delegate": result.delegate,  # "xnnpack", or "builtin" where XNNPACK declined the graph
         "threads": int(num_threads),
-    }
+    })

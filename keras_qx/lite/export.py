@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_qx._compat import check_model
+from keras_qx._deprecation import check_verbose, renamed_args, warn_renamed
 from keras_qx._io import check_count, check_inputs, check_writable, model_input_specs, write_atomic
 from keras_qx.lite.bias_grid import snap_biases
 from keras_qx.lite.convert import ExportError, convert_qat
@@ -47,6 +48,17 @@ class ExportReport:
     distinct: tuple = ()  # (layer, distinct kernel values in the file, most in one channel or None), by file_distinct
     fixed_lengths: tuple = ()  # (input, the model's shape, the file's) where the file fixes a dynamic (None) dimension
     other_length: Verification | None = None  # a model with dynamic dims: the file checked again at twice the length
+
+    def table(self) -> str:
+        """The report as text: size, storage, verification (what ``verbose=1`` prints)."""
+        return "\n".join(self.lines())
+
+    def to_dict(self) -> dict:
+        """Plain data: the file's contents (:meth:`TFLiteInfo.to_dict`) and the verification figures."""
+        return {"file": self.info.to_dict(), "agreement": self.agreement, "max_error_steps": self.max_error_steps,
+                "mean_error_steps": self.mean_error_steps, "samples": self.samples,
+                "convert_seconds": self.convert_seconds, "stored_wider": [list(t) for t in self.stored_wider],
+                "kept_float": list(self.kept_float), "integer_anyway": [list(t) for t in self.integer_anyway]}
 
     def lines(self) -> list[str]:
         int2 = f"{len(self.info.int2_tensors)} INT2 + " if self.info.int2_tensors else ""
@@ -116,9 +128,16 @@ class LengthError(ExportError):
 
 
 class TFLiteModel(bytes):
-    """The TFLite flatbuffer (a ``bytes``) with the export's :class:`ExportReport` attached."""
+    """The TFLite flatbuffer (a ``bytes``: write it, or pass it where keras_qx takes a file) with
+    the export's :class:`ExportReport` attached; ``.table()`` and ``.to_dict()`` are the report's."""
 
     report: ExportReport
+
+    def table(self) -> str:
+        return self.report.table()
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
 
 
 def _layer_kernels(qat_model, info: TFLiteInfo):
@@ -173,29 +192,34 @@ def _check_qat_model(qat_model) -> None:
             "useless. Calibrate it first, qx.calibrate(qat_model, x_train[:500]), or train it (model.fit).")
 
 
-def export_tflite(qat_model, representative_data, path=None, int8_io: bool = True, *,
-                  verify: bool = True, min_agreement: float = 0.9, verify_samples: int = 256,
+@renamed_args(representative_data="x")
+def export_tflite(qat_model, x=None, path=None, *, int8_io: bool | None = None, verify: bool = True,
+                  min_agreement: float = 0.9, verify_samples: int = 256, verbose: int = 0,
                   print_fn=None) -> TFLiteModel:
     """Convert a QAT model to an integer TFLite model and check it against Keras.
 
     Args:
         qat_model: a model from ``qx.quantize``, trained or calibrated (``qx.calibrate``): a
             model that has never seen data is refused.
-        representative_data: float samples shaped like the model input (n, ...), or a list
-            (or a dict by input name) with one array per input: used for the int8 I/O
-            calibration and the verification.
+        x: float samples shaped like the model input (n, ...), or a list (or a dict by input
+            name) with one array per input: the int8 I/O calibration and the verification
+            (``representative_data=`` is its deprecated name).
         path: where to write the ``.tflite`` (atomically); None writes nothing.
-        int8_io: int8 input and output tensors (else float32 at the edges). A model with
-            layers kept float always has float32 edges (with a warning).
+        int8_io: int8 input and output tensors (False: float32 at the edges). None (default):
+            int8 where the whole file is integer; a model with layers kept float has float32
+            edges (with a warning if you asked for True).
         verify: run the TFLite model and the Keras model on the samples and compare; a file
             whose output error (any output kind) is beyond what faithful files show (mean > 4 or
             p99 > 32 output steps, :mod:`keras_qx.lite.verify`) is refused, nothing written.
         min_agreement: least top-1 agreement (classifiers) accepted; below it nothing is
             written and :class:`ExportError` says by how much they disagree.
-        print_fn: where to print the report (e.g. ``print``); None is silent.
+        verbose: 0 silent, 1 print the report (``print_fn`` is its deprecated form).
 
     Returns:
         :class:`TFLiteModel`: the flatbuffer bytes, with ``.report``.
+
+    Example:
+        >>> tfl = qx.export_tflite(qat, x_train[:300], "model.tflite", verbose=1)   # doctest: +SKIP
 
     The bytes are a function of the QAT model: the same weights and names give the same file
     (no timestamp; tests/test_determinism.py). Tensor names carry the Keras model's name
@@ -209,7 +233,8 @@ def export_tflite(qat_model, representative_data, path=None, int8_io: bool = Tru
     """
     _check_qat_model(qat_model)
     check_options(int8_io=int8_io, verify=verify, min_agreement=min_agreement, verify_samples=verify_samples)
-    samples = check_inputs(representative_data, model_input_specs(qat_model))
+    print_fn = _printer("qx.export_tflite()", verbose, print_fn)
+    samples = check_inputs(x, model_input_specs(qat_model), "x")
     if path is not None:
         check_writable(path)
     snap_biases(qat_model)
@@ -260,11 +285,12 @@ def check_other_length(model, data: bytes, other: list, first: Verification, min
     return result
 
 
-def check_options(*, int8_io: bool, verify: bool, min_agreement: float, verify_samples: int) -> None:
+def check_options(*, int8_io: bool | None, verify: bool, min_agreement: float, verify_samples: int) -> None:
     """The export options' types and ranges, checked before any conversion."""
-    for name, flag in (("int8_io", int8_io), ("verify", verify)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"export_tflite({name}=...) must be True or False, got {flag!r}.")
+    if int8_io is not None and not isinstance(int8_io, bool):
+        raise TypeError(f"int8_io must be True, False or None (int8 where the file is all integer), got {int8_io!r}.")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}.")
     if isinstance(min_agreement, bool) or not isinstance(min_agreement, numbers.Real) or not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement is a fraction in 0..1 (0.9 means 90% top-1 agreement), got {min_agreement!r}.")
     check_count(verify_samples, "verify_samples")
@@ -292,3 +318,12 @@ def deliver(model, data: bytes, report: ExportReport, samples: list, path=None, 
         for line in report.lines():
             print_fn(line)
     return out
+
+
+def _printer(where: str, verbose, print_fn):
+    """The report printer of ``verbose`` (``print_fn`` is the deprecated way), or None."""
+    verbose = check_verbose(verbose, where)
+    if print_fn is not None:
+        warn_renamed(where, "print_fn=", "verbose=1", stacklevel=4)
+        return print_fn
+    return print if verbose else None

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_qx._compat import call_count, graph_nodes, inbound_layers, keras, outbound_layers, output_in, tf
+from keras_qx._deprecation import renamed_args
 from keras_qx._runtime import RuntimeCrash, run_tensors
 from keras_qx.lite.inspect import read_model
 
-__all__ = ["LayerError", "LayerComparison", "compare_layers"]
+__all__ = ["LayerError", "LayerComparison", "compare_layers", "debug_tflite"]
 
 _QUANT_PREFIX = "quant_"  # tfmot's QuantizeWrapper name: quant_<layer name>
 
@@ -90,6 +91,35 @@ class LayerComparison:
             out.append(f"{e.layer[:40]:40s} {e.op[:18]:18s} {e.mean_steps:7.2f} {e.max_steps:7.1f}{own_cols}{mark}{extra}")
         return out
 
+    def table(self) -> str:
+        """One line per layer: op, mean and max error in steps (and its own error); ``<`` marks
+        the first divergent layer."""
+        return "\n".join(self.lines())
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"threshold": self.threshold, "mean_threshold": self.mean_threshold, "unmatched": list(self.unmatched),
+                "first_divergent": self.first_divergent, "first_own_divergent": self.first_own_divergent,
+                "layers": [asdict(e) for e in self.layers]}
+
+    def plot(self, path=None, ax=None):
+        """Mean and max error per layer (steps), in graph order: where the drift starts."""
+        from keras_qx._plot import axes, finish
+
+        fig, ax = axes(ax, figsize=(max(6, 0.45 * len(self.layers)), 3.5))
+        names = [e.layer for e in self.layers]
+        ax.bar(range(len(names)), [e.max_steps for e in self.layers], color="C1", alpha=0.5, label="max")
+        ax.bar(range(len(names)), [e.mean_steps for e in self.layers], color="C0", label="mean")
+        ax.axhline(self.threshold, linestyle="--", color="0.5", linewidth=1, label="threshold")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("error (steps of the tensor's scale)")
+        ax.set_title("TFLite file vs QAT model, per layer")
+        ax.legend(fontsize=8)
+        finish(fig, path)
+        return ax
+
 
 def _layer_name(layer) -> str:
     name = layer.name
@@ -135,7 +165,7 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
     try:  # in a child process, like every runner: a runtime abort cannot end the caller
         run = run_tensors(data, x)
     except RuntimeCrash as err:
-        raise RuntimeCrash(f"compare_layers could not run the file: {err}. A file the runtime aborts on cannot be "
+        raise RuntimeCrash(f"debug_tflite could not run the file: {err}. A file the runtime aborts on cannot be "
                            "compared layer by layer: export it again with verification (qx.export_tflite(..., "
                            "verify=True) refuses it), or keep the layer that fails float by policy.") from None
     details = run.tensors
@@ -278,3 +308,23 @@ def _teacher_forced(qat_model, x, forced_tensors: dict, got: dict, details: dict
 
 def _takes_training(layer) -> bool:
     return getattr(layer, "_expects_training_arg", False)
+
+
+@renamed_args(tflite_model="tflite")
+def debug_tflite(qat_model, tflite, x, threshold: float = 1.0, mean_threshold: float = 0.1,
+                 own: bool = True) -> LayerComparison:
+    """Where a file drifts from its QAT model, layer by layer (``compare_layers`` is its old name).
+
+    Args:
+        qat_model: the model from ``qx.quantize`` that was exported.
+        tflite: the file: a path, its bytes, or what ``qx.export_tflite`` returned.
+        x: float samples (n, *input_shape); each is run through the interpreter once.
+        threshold, mean_threshold, own: as in :func:`compare_layers`.
+
+    Returns:
+        :class:`LayerComparison`, one :class:`LayerError` per Keras layer with a quantized tensor.
+
+    Example:
+        >>> print(qx.debug_tflite(qat, "model.tflite", x_test[:32]).table())   # doctest: +SKIP
+    """
+    return compare_layers(qat_model, tflite, x, threshold, mean_threshold, own)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_qx._compat import tflite_schema
+from keras_qx._deprecation import renamed_args
 from keras_qx._runtime import Runner
 
 __all__ = ["TFLiteInfo", "WeightStats", "inspect_tflite", "TFLiteRunner", "read_model", "tensor_values"]
@@ -148,13 +149,47 @@ class TFLiteInfo:
     def fully_integer(self) -> bool:
         return not self.float_ops
 
+    def to_dict(self) -> dict:
+        """Plain data: sizes, op counts, the weights with their type, shape and bytes."""
+        from collections import Counter
+
+        return {"size_bytes": self.size_bytes, "kernel_bytes": self.kernel_bytes, "weight_bytes": self.weight_bytes,
+                "ops": dict(Counter(self.ops)), "float_ops": list(self.float_ops), "fully_integer": self.fully_integer,
+                "inputs": [list(i) for i in self.inputs], "activation_types": dict(self.activation_types),
+                "kernel_sparsity": self.kernel_sparsity,
+                "weights": [{"name": n, "type": t, "shape": list(sh), "bytes": b} for n, t, sh, b in self.weights]}
+
+    def table(self) -> str:
+        """A Markdown table: each op with its count, then the stored weight types with their bytes."""
+        from collections import Counter
+
+        lines = [f"{self.size_bytes:,} bytes; {self.kernel_bytes:,} kernel bytes; "
+                 f"{'fully integer' if self.fully_integer else f'float ops: {sorted(set(self.float_ops))}'}",
+                 "", "| op | count |", "|---|---|"]
+        lines += [f"| {op} | {n} |" for op, n in Counter(self.ops).most_common()]
+        by_type = {}
+        for _, kind, _, size in self.weights:
+            count, total = by_type.get(kind, (0, 0))
+            by_type[kind] = (count + 1, total + size)
+        lines += ["", "| weight type | tensors | bytes |", "|---|---|---|"]
+        lines += [f"| {kind} | {count} | {total:,} |" for kind, (count, total) in sorted(by_type.items())]
+        return "\n".join(lines)
+
 
 def _constant(model, tensor) -> bool:
     return tensor.buffer < len(model.buffers) and model.buffers[tensor.buffer].data is not None
 
 
-def inspect_tflite(model_or_path) -> TFLiteInfo:
-    """Parse the flatbuffer: op list, constant tensors (type, shape, bytes), float compute ops."""
+@renamed_args(model_or_path="tflite")
+def inspect_tflite(tflite) -> TFLiteInfo:
+    """Parse the flatbuffer: op list, constant tensors (type, shape, bytes), float compute ops.
+
+    ``tflite``: a path, the file's bytes, or what ``qx.export_tflite`` returned.
+
+    Example:
+        >>> info = qx.inspect_tflite("model.tflite"); print(info.table())   # doctest: +SKIP
+    """
+    model_or_path = tflite
     data = read_model(model_or_path)
     schema = _schema()
     try:

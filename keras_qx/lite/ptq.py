@@ -19,7 +19,8 @@ from keras_qx._compat import check_model, keras, tf
 from keras_qx._io import check_inputs, check_writable, model_input_specs
 from keras_qx._runtime import interpreter, ops_details
 from keras_qx.lite.convert import ExportError, convert, converter_for, representative
-from keras_qx.lite.export import ExportReport, LengthError, TFLiteModel, check_options, deliver
+from keras_qx._deprecation import renamed_args, warn_renamed
+from keras_qx.lite.export import ExportReport, LengthError, TFLiteModel, _printer, check_options, deliver
 from keras_qx.lite.inspect import inspect_tflite
 from keras_qx.quant.kinds import integer_lstm
 from keras_qx.rewrite.keras3 import as_tf_keras
@@ -90,24 +91,36 @@ def _check_no_crashing_rnn(model, mode: str) -> None:
             "(a plain LSTM becomes one integer LSTM op).")
 
 
-def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, keep_float=None, path=None,
-        verify: bool = True, min_agreement: float = 0.9, verify_samples: int = 256, print_fn=None) -> TFLiteModel:
+@renamed_args(representative_data="x")
+def ptq(model, mode: str, x=None, path=None, *, int8_io: bool | None = None, keep_float=None,
+        verify: bool = True, min_agreement: float = 0.9, verify_samples: int = 256, verbose: int = 0,
+        print_fn=None) -> TFLiteModel:
     """Convert a float tf_keras model to TFLite with a post-training quantization mode.
 
     Args:
         mode: one of :data:`PTQ_MODES`.
-        representative_data: float samples (n, *input_shape) (a list / dict for several inputs);
-            required for "int8"/"int16x8", and used for the verification in every mode.
-        int8_io: for "int8", int8 input/output tensors instead of float.
-        keep_float: ("int8" mode) layer names or regexes (matching a whole name) that stay float32.
+        x: float samples (n, *input_shape) (a list / dict for several inputs); required for
+            "int8"/"int16x8", and used for the verification in every mode
+            (``representative_data=`` is its deprecated name).
         path: where to write the ``.tflite`` (atomically); None writes nothing.
-        verify, min_agreement, verify_samples, print_fn: as in ``export_tflite`` (the reference
+        int8_io: for "int8", int8 input/output tensors (False: float32). None (default): int8
+            where the whole file is integer ("int8" without ``keep_float``), as in
+            ``export_tflite``; the other modes always have float32 edges.
+        keep_float: ("int8" mode) layer names or regexes (matching a whole name) that stay float32.
+        verify, min_agreement, verify_samples, verbose: as in ``export_tflite`` (the reference
             is the float model).
 
     Returns:
         :class:`~keras_qx.lite.export.TFLiteModel`: the bytes with ``.report`` (``kept_float``
         lists the layers kept float).
+
+    Example:
+        >>> tfl = qx.ptq(model, "int8", x_train[:300], "int8.tflite")   # doctest: +SKIP
     """
+    if isinstance(path, bool):  # the old positional form ptq(model, mode, data, int8_io)
+        warn_renamed("qx.ptq()", "int8_io as the fourth positional argument", "int8_io=")
+        int8_io, path = path, None
+    representative_data = x
     model = as_tf_keras(model)
     check_model(model)
     if mode not in PTQ_MODES:
@@ -117,16 +130,21 @@ def ptq(model, mode: str, representative_data=None, int8_io: bool = False, *, ke
         raise ValueError(f"keep_float applies to mode 'int8' (the converter's denylist is for full-integer "
                          f"quantization); mode {mode!r} quantizes weights only, or nothing per layer.")
     if representative_data is None and (mode in ("int8", "int16x8") or verify):
-        raise ValueError(f"PTQ mode {mode!r} needs representative_data (a few hundred training samples): "
+        raise ValueError(f"PTQ mode {mode!r} needs x (a few hundred training samples): "
                          "to calibrate activation ranges and to verify the file (or verify=False for "
                          "dynamic/float16).")
     if mode in ("int8", "int16x8"):
         _check_no_crashing_rnn(model, mode)
-    samples = check_inputs(representative_data, model_input_specs(model)) if representative_data is not None else []
+    samples = check_inputs(representative_data, model_input_specs(model), "x") if representative_data is not None else []
     if path is not None:
         check_writable(path)
     kept = _resolve_keep_float(model, keep_float) if keep_float else []
-    options = dict(verify=verify, min_agreement=min_agreement, verify_samples=verify_samples, print_fn=print_fn)
+    if int8_io and mode != "int8":
+        raise ValueError(f"int8_io=True applies to mode 'int8' only; mode {mode!r} keeps float32 input and output.")
+    if int8_io is None:
+        int8_io = mode == "int8" and not kept
+    options = dict(verify=verify, min_agreement=min_agreement, verify_samples=verify_samples,
+                   print_fn=_printer("qx.ptq()", verbose, print_fn))
     try:
         return _convert(model, mode, samples, int8_io, kept, path, None, options)
     except LengthError as err:  # faithful at the representative data's length only: fix it there

@@ -177,7 +177,7 @@ def check_error(verification: Verification, max_mean_steps: float = MAX_MEAN_STE
             f"max {result.max_error_steps / unit:.0f} steps{unit_said} on {result.samples} samples, {kind} above the "
             f"{bar:g} steps faithful files stay under (worst measured: 2.82 mean, 23 max; worst samples "
             f"{list(result.worst)}). Nothing was written. Calibrate the QAT model on representative data "
-            "(qx.calibrate) or train it longer, find the layer where they part with qx.compare_layers, keep that "
+            "(qx.calibrate) or train it longer, find the layer where they part with qx.debug_tflite, keep that "
             "layer float by policy ({'<layer>': {'quantize': False}}), or pass verify=False to keep it anyway."
         )
 
@@ -191,5 +191,5 @@ def _check_one(result: Verification, min_agreement: float, where: str) -> None:
             f"{list(result.disagreeing)}; error mean {result.mean_error_steps:.1f} / p99 "
             f"{result.p99_error_steps:.1f} output steps). Nothing was written. Train the QAT model longer, "
             "check the representative data matches training data, find the layer where they part with "
-            "qx.compare_layers, or pass verify=False to keep it anyway."
+            "qx.debug_tflite, or pass verify=False to keep it anyway."
         )

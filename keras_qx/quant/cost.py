@@ -300,6 +300,18 @@ class GzipPrediction:
     def total(self) -> int:
         return self.kernels + self.biases + self.graph
 
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kernels": self.kernels, "biases": self.biases, "graph": self.graph,
+                "layers": dict(self.layers)}
+
+    def table(self) -> str:
+        """Predicted gzip'd bytes: the kernels per layer, then the rest."""
+        lines = ["| part | predicted gzip'd bytes |", "|---|---|"]
+        lines += [f"| {name} (kernel) | {int(v):,} |" for name, v in self.layers.items()]
+        lines += [f"| biases and scales | {self.biases:,} |", f"| graph | {self.graph:,} |",
+                  f"| **total** | **{self.total:,}** |"]
+        return "\n".join(lines)
+
 
 def _channels(layer) -> int:
     """Output channels with a scale of their own in the file (per-channel filters and their biases)."""
