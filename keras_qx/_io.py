@@ -16,7 +16,8 @@ import tempfile
 import numpy as np
 
 __all__ = ["write_atomic", "check_writable", "check_samples", "check_inputs", "model_input_specs", "check_xy",
-           "check_labels", "check_count", "legacy_xy"]
+           "check_labels", "check_count", "legacy_xy",
+           "is_stream", "head_samples", "count_samples"]
 
 
 def check_writable(path) -> None:
@@ -240,3 +241,26 @@ def legacy_xy(where: str, x, y, n_inputs: int = 1, data=None):
         warn_renamed(where, "a tuple (x, y) in x's place", "x, y as two arguments (as Model.fit)", stacklevel=4)
         return x[0], x[1]
     return x, y
+
+
+def is_stream(x) -> bool:
+    """A tf.data.Dataset, a generator or a keras Sequence: not an array of samples."""
+    return hasattr(x, "as_numpy_iterator") or hasattr(x, "__next__") or type(x).__name__.endswith(("Sequence", "Dataset"))
+
+
+def head_samples(x, k: int):
+    """The first ``k`` samples of ``x`` (an array, a list per input, or a dict by input name)."""
+    if isinstance(x, dict):
+        return {name: v[:k] for name, v in x.items()}
+    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
+        return [v[:k] for v in x]
+    return x[:k]
+
+
+def count_samples(x) -> int:
+    """How many samples ``x`` holds (the first input's, for several)."""
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
+        return len(x[0])
+    return len(x)

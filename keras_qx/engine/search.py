@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import os
@@ -41,10 +39,10 @@ import random
 import time
 from typing import Callable
 
-from keras_qx._compat import check_model, keras, seeded
+from keras_qx._compat import check_model, keras
 from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
-from keras_qx._io import check_inputs, model_input_specs, write_atomic
+from keras_qx._io import check_inputs, count_samples, head_samples, is_stream, model_input_specs
 from keras_qx._deprecation import check_verbose, say, warn_renamed
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from, legacy_budget
 from keras_qx.engine.sensitivity import check_targets, infer_loss, quantizable_layers
@@ -54,42 +52,12 @@ from keras_qx.quant.policy import Policy
 from keras_qx.engine.oracles import POOL_LIMIT, REDRAWS, BudgetGuard, bits_bayesian_class, budgeted, fresh_stats
 from keras_qx.engine.search_space import (FLOAT, HP_PREFIX, SearchSpace, SizePenalty, TrainOptions, assignment_cost,
                                           assignment_policy, digest, is_worker, make_objective)
+from keras_qx.engine.search_results import format_results, trial_row
+from keras_qx.engine.trials import WEIGHTS_FILE, load_trial_policy, read_trials, tuner_class
 
 __all__ = ["BitWidthTuner", "SearchSpace", "TrainOptions", "SizePenalty", "FLOAT", "format_results"]
 
 ORACLES = ("bayesian", "random", "hyperband")
-WEIGHTS_FILE = "qat_weights.h5"  # legacy h5 (the ".weights.h5" suffix switches format)
-POLICY_FILE = "policy.json"
-
-
-# ---- the keras-tuner Tuner, made on first use (keras_tuner imports Keras 3) ---------------
-_TUNER_CLASS = None
-
-
-def _tuner_class():
-    global _TUNER_CLASS
-    if _TUNER_CLASS is None:
-        kt = _keras_tuner()
-
-        class QXTuner(kt.Tuner):
-            """keras_tuner.Tuner whose trials are tf_keras QAT runs (see BitWidthTuner)."""
-
-            def __init__(self, owner, **kwargs):
-                self._qx = owner
-                super().__init__(**kwargs)
-
-            def run_trial(self, trial, *args, **kwargs):
-                return self._qx._run_trial(self, trial, *args, **kwargs)
-
-            def on_trial_end(self, trial):
-                super().on_trial_end(trial)
-                self._qx._report(self, trial)
-
-            def load_model(self, trial):
-                return self._qx._load_trial_model(trial)
-
-        _TUNER_CLASS = QXTuner
-    return _TUNER_CLASS
 
 
 # ---- the public class ---------------------------------------------------------------------
@@ -298,7 +266,7 @@ class BitWidthTuner:
                 hp.Choice(u.hp, list(u.choices), default=max(c for c in u.choices if c != FLOAT))
             oracle.update_space(hp)
         oracle.verbose = 0  # our one line per trial replaces keras-tuner's display
-        self._tuner = _tuner_class()(
+        self._tuner = tuner_class()(
             self, oracle=oracle, hypermodel=self._build if self.hypermodel is not None else None,
             directory=self.directory, project_name=self.project_name,
             overwrite=self.overwrite and not is_worker())  # a worker never wipes the shared project
@@ -358,18 +326,18 @@ class BitWidthTuner:
         the model's output before any trial (:func:`~keras_qx.engine.sensitivity.check_targets`);
         data given as a tf.data.Dataset or a generator is left to ``fit``."""
         reference = self.model if self.model is not None else self._build_default()
-        if y is None or _is_stream(x):
+        if y is None or is_stream(x):
             return self.training.loss or infer_loss(reference, y)
         specs = model_input_specs(reference)
 
         def first(samples, what):  # two checked samples for the loss probe
-            head = check_inputs(_head(samples, 2), specs, what)
+            head = check_inputs(head_samples(samples, 2), specs, what)
             return head[0] if len(head) == 1 else head
 
-        loss_fn, _ = check_targets(reference, first(x, "x"), y, self.training.loss, "y", n=_count(x))
-        if isinstance(validation_data, (tuple, list)) and len(validation_data) >= 2 and not _is_stream(validation_data[0]):
+        loss_fn, _ = check_targets(reference, first(x, "x"), y, self.training.loss, "y", n=count_samples(x))
+        if isinstance(validation_data, (tuple, list)) and len(validation_data) >= 2 and not is_stream(validation_data[0]):
             vx, vy = validation_data[0], validation_data[1]
-            check_targets(reference, first(vx, "validation_data x"), vy, loss_fn, "validation_data y", n=_count(vx))
+            check_targets(reference, first(vx, "validation_data x"), vy, loss_fn, "validation_data y", n=count_samples(vx))
         return self.training.loss or loss_fn
 
     def _warm_needed(self, oracle) -> bool:
@@ -402,77 +370,11 @@ class BitWidthTuner:
                   f"{assignment_cost(self.units, values):,} of {self.budget_bytes:,} {self.unit}")
         return values
 
-    def _run_trial(self, tuner, trial, *_, **__):
-        kt = _keras_tuner()
-        fit = self._fit
-        hp = trial.hyperparameters
-        values = dict(hp.values)
-        start = time.perf_counter()
-        if self.hypermodel is not None:
-            float_model = self._build(hp)
-            if fit["float_epochs"]:
-                if not getattr(float_model, "_is_compiled", False):
-                    float_model.compile(keras.optimizers.Adam(1e-3), fit["loss"], metrics=self._metrics())
-                with self._seeded(trial):
-                    float_model.fit(fit["x"], fit["y"], epochs=fit["float_epochs"], batch_size=fit["batch_size"],
-                                    verbose=0)
-            units = self.space.units(float_model)
-        else:
-            keras.backend.clear_session()
-            float_model, units = self.model, self.units
-        size = assignment_cost(units, values)
-        if self.budget_bytes is not None and size > self.budget_bytes:  # never train over budget
-            raise kt.errors.FailedTrialError(f"assignment takes {size:,} {self.unit}, over the budget "
-                                             f"{self.budget_bytes:,}; not trained.")
-        policy = assignment_policy(units, values)
-        qat_start = time.perf_counter()
-        qat = quantize(float_model, policy)
-        qat.compile(self.training.optimizer(), fit["loss"], metrics=self._metrics())
-        epochs, initial = fit["epochs"], 0
-        if "tuner/epochs" in values:  # Hyperband
-            epochs, initial = int(values["tuner/epochs"]), int(values.get("tuner/initial_epoch", 0))
-            if values.get("tuner/trial_id") is not None:
-                qat.load_weights(os.path.join(tuner.get_trial_dir(values["tuner/trial_id"]), WEIGHTS_FILE))
-        with self._seeded(trial):
-            history = qat.fit(fit["x"], fit["y"], epochs=epochs, initial_epoch=initial, batch_size=fit["batch_size"],
-                              validation_data=fit["validation_data"], validation_split=fit["validation_split"],
-                              callbacks=self._trial_callbacks(trial), verbose=0, **fit["fit_kwargs"])
-        qat_seconds = time.perf_counter() - qat_start  # quantize + compile + fit, as a plain user would
-        logs = history.history
-        if self.metric.name not in logs:
-            raise kt.errors.FatalValueError(
-                f"objective {self.metric.name!r} is not among the training logs {sorted(logs)}; pass metrics=... "
-                "that produce it, or another objective.")
-        metric = float(logs[self.metric.name][-1])
-        trial_dir = tuner.get_trial_dir(trial.trial_id)
-        tmp = os.path.join(trial_dir, f".tmp-{os.getpid()}-{WEIGHTS_FILE}")
-        qat.save_weights(tmp)
-        os.replace(tmp, os.path.join(trial_dir, WEIGHTS_FILE))
-        write_atomic(os.path.join(trial_dir, POLICY_FILE), policy.to_json().encode())
-        results = {self.metric.name: metric, "kernel_bytes": float(size), "qat_seconds": qat_seconds,
-                   "trial_seconds": time.perf_counter() - start}
-        if self.penalty is not None:
-            results["score"] = self.penalty.score(metric, size, self.reference_bytes)
-        self._last = {"trial_id": trial.trial_id, "digest": digest(units, values), "bytes": size,
-                      "metric": metric, "seconds": time.perf_counter() - start}
-        return results
-
     def _metrics(self):
         if self.training.metrics is not None:
             return self.training.metrics
         base = self.metric.name[4:] if self.metric.name.startswith("val_") else self.metric.name
         return [] if base == "loss" else [base]
-
-    def _seeded(self, trial):
-        """The trial's training seeded (``seed + trial id``); the caller's random state is kept."""
-        return seeded(None if self.seed is None else int(self.seed) + int(trial.trial_id))
-
-    def _trial_callbacks(self, trial):
-        callbacks = copy.deepcopy(self._fit["callbacks"])
-        for cb in callbacks:
-            if isinstance(cb, keras.callbacks.TensorBoard) or type(cb).__name__ == "TensorBoard":
-                cb.log_dir = os.path.join(str(cb.log_dir), f"trial_{trial.trial_id}")
-        return callbacks
 
     def _report(self, tuner, trial):
         last, self._last = self._last, None
@@ -504,27 +406,12 @@ class BitWidthTuner:
         oracle = self._ensure_tuner().oracle
         return dict(getattr(oracle, "_qx_stats", None) or fresh_stats())
 
-    def _trials(self):
-        tuner = self._ensure_tuner()
-        trials = getattr(tuner.oracle, "trials", None)
-        if isinstance(trials, dict):
-            return dict(trials)
-        trial_module = _keras_tuner().engine.trial  # a worker: read the shared trial files
-
-        out = {}
-        for name in sorted(os.listdir(tuner.project_dir)):
-            path = os.path.join(tuner.project_dir, name, "trial.json")
-            if name.startswith("trial_") and os.path.exists(path):
-                t = trial_module.Trial.load(path)
-                out[t.trial_id] = t
-        return out
-
     def _ranked(self, n: int | None = None, what: str = "n") -> list:
         """Completed trials, best first; ties (common on small validation sets) go to the smaller
         model, then the earlier trial."""
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"{what} must be a positive int, got {n!r}.")
-        completed = [t for t in self._trials().values() if t.status == "COMPLETED" and t.score is not None]
+        completed = [t for t in read_trials(self._ensure_tuner()).values() if t.status == "COMPLETED" and t.score is not None]
         if not completed:
             raise RuntimeError("no trial has completed yet; run search() first.")
         sign = 1 if self.objective.direction == "max" else -1
@@ -543,10 +430,9 @@ class BitWidthTuner:
             return None
 
     def _trial_policy(self, trial) -> Policy:
-        path = os.path.join(self._ensure_tuner().get_trial_dir(trial.trial_id), POLICY_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                return Policy.from_json(f.read())
+        saved = load_trial_policy(self._ensure_tuner().get_trial_dir(trial.trial_id))
+        if saved is not None:
+            return saved
         values = trial.hyperparameters.values
         units = self.units if self.units is not None else self._units_for(values)[1]
         return assignment_policy(units, values)
@@ -559,7 +445,7 @@ class BitWidthTuner:
         """A trial's :class:`Policy`; ``meta["search"]`` says trial id, metric, score and
         predicted kernel bytes."""
         policy = self._trial_policy(trial)
-        row = self._row(trial)
+        row = trial_row(trial, self.metric.name, self.units)
         policy.meta = {**policy.meta, "search": {
             "trial_id": trial.trial_id, "objective": self.objective.name, "metric": self.metric.name,
             "value": None if row["metric"] is None else float(row["metric"]),
@@ -580,10 +466,10 @@ class BitWidthTuner:
 
     def trial_model(self, trial_id):
         """The trained QAT model of trial ``trial_id`` (a completed one)."""
-        trial = self._trials().get(str(trial_id))
+        trial = read_trials(self._ensure_tuner()).get(str(trial_id))
         if trial is None or trial.status != "COMPLETED":
             raise ValueError(f"trial {trial_id!r} has not completed; completed trials: "
-                             f"{[t for t, tr in self._trials().items() if tr.status == 'COMPLETED']}.")
+                             f"{[t for t, tr in read_trials(self._ensure_tuner()).items() if tr.status == 'COMPLETED']}.")
         return self._load_trial_model(trial)
 
     def best_model(self):
@@ -591,28 +477,13 @@ class BitWidthTuner:
         compiled like the trials when search() ran in this process)."""
         return self._load_trial_model(self._best_trial())
 
-    def _row(self, trial, warm_id=None) -> dict:
-        values = trial.hyperparameters.values
-        bits = {k[len(HP_PREFIX):]: ("float" if v == FLOAT else v) for k, v in values.items() if k.startswith(HP_PREFIX)}
-        metrics = trial.metrics
-        metric = metrics.get_last_value(self.metric.name) if metrics.exists(self.metric.name) else None
-        size = metrics.get_last_value("kernel_bytes") if metrics.exists("kernel_bytes") else None
-        seconds = {k: float(metrics.get_last_value(k)) for k in ("trial_seconds", "qat_seconds") if metrics.exists(k)}
-        if size is None and self.units is not None:
-            size = assignment_cost(self.units, values)
-        return {"trial_id": trial.trial_id, "status": trial.status, "bits": bits,
-                "kernel_bytes": int(size) if size is not None else None, "metric": metric,
-                "score": trial.score, "warm_start": trial.trial_id == warm_id,
-                "hyperparameters": {k: v for k, v in values.items() if not k.startswith((HP_PREFIX, "tuner/"))},
-                **seconds}
-
     def results(self) -> list[dict]:
         """One row per trial, in trial order: trial_id, status, bits ({group: bits or
         "float"}), kernel_bytes (predicted by the cost model), metric, score, warm_start,
         hyperparameters (the non-bits ones), and for trained trials trial_seconds and
         qat_seconds (the quantize + compile + fit part)."""
         warm = self.stats.get("warm_trial_id")
-        return [self._row(t, warm) for _, t in sorted(self._trials().items(), key=lambda kv: int(kv[0]))]
+        return [trial_row(t, self.metric.name, self.units, warm) for _, t in sorted(read_trials(self._ensure_tuner()).items(), key=lambda kv: int(kv[0]))]
 
     def results_summary(self, num_trials: int = 10, print_fn=None) -> str:
         """Print (as keras-tuner's does) and return a Markdown table of the best ``num_trials``
@@ -635,65 +506,3 @@ class BitWidthTuner:
     def get_best_models(self, num_models: int = 1) -> list:
         """The trained QAT models of the best ``num_models`` completed trials, best first."""
         return [self._load_trial_model(t) for t in self._ranked(num_models, "num_models")]
-
-
-def _is_stream(x) -> bool:
-    """A tf.data.Dataset, a generator or a keras Sequence: not an array of samples."""
-    return hasattr(x, "as_numpy_iterator") or hasattr(x, "__next__") or type(x).__name__.endswith(("Sequence", "Dataset"))
-
-
-def _head(x, k: int):
-    """The first ``k`` samples of ``x`` (an array, a list per input, or a dict by input name)."""
-    if isinstance(x, dict):
-        return {name: v[:k] for name, v in x.items()}
-    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
-        return [v[:k] for v in x]
-    return x[:k]
-
-
-def _count(x) -> int:
-    """How many samples ``x`` holds (the first input's, for several)."""
-    if isinstance(x, dict):
-        return len(next(iter(x.values())))
-    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
-        return len(x[0])
-    return len(x)
-
-
-def format_results(rows, objective="metric", direction="max", *, budget_bytes=None, stats=None, fmt="markdown",
-                   limit: int | None = None) -> str:
-    """Trials as a Markdown table (best first) or CSV (``fmt="csv"``, trial order)."""
-    groups, hps = [], []
-    for r in rows:
-        groups += [g for g in r["bits"] if g not in groups]
-        hps += [h for h in r.get("hyperparameters", {}) if h not in hps]
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["trial_id", "status", *hps, *groups, "kernel_bytes", objective, "score", "warm_start"])
-        for r in rows:
-            writer.writerow([r["trial_id"], r["status"], *[r["hyperparameters"].get(h, "") for h in hps],
-                             *[r["bits"].get(g, "") for g in groups], r["kernel_bytes"],
-                             r["metric"], r["score"], int(r["warm_start"])])
-        return buf.getvalue()
-    sign = -1 if direction == "max" else 1
-    ordered = sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial_id"]))[:limit]
-    cols = hps + groups
-    lines = [f"| trial | status | {' | '.join(cols)} | kernel bytes | {objective} | score |",
-             "|" + "---|" * (len(cols) + 5)]
-    for r in ordered:
-        tag = " (warm)" if r["warm_start"] else ""
-        metric = f"{r['metric']:.4f}" if r["metric"] is not None else "-"
-        score = f"{r['score']:.4f}" if r["score"] is not None else "-"
-        size = f"{r['kernel_bytes']:,}" if r["kernel_bytes"] is not None else "-"
-        cells = [str(r.get("hyperparameters", {}).get(h, "")) for h in hps] + [str(r["bits"].get(g, "")) for g in groups]
-        lines.append(f"| {r['trial_id']}{tag} | {r['status']} | {' | '.join(cells)} "
-                     f"| {size} | {metric} | {score} |")
-    if budget_bytes is not None or stats:
-        notes = []
-        if budget_bytes is not None:
-            notes.append(f"budget {budget_bytes:,} kernel bytes")
-        if stats:
-            notes.append(f"{stats.get('rejected', 0)} over-budget proposal(s) rejected, never trained")
-        lines += ["", "; ".join(notes) + "."]
-    return "\n".join(lines)
