@@ -1,6 +1,6 @@
 """The package's layering, read from its source (ast; no TensorFlow needed).
 
-Tiers, bottom to top: the helpers (``_compat``, ``_io``, ``_plot``) < ``quant`` < ``rewrite`` <
+Tiers, bottom to top: the helpers (``_compat``, ``_io``, ``_plot``, ``_graph``, ``_seed``) < ``quant`` < ``rewrite`` <
 ``qat`` (and ``compress``, pruning, beside it) < ``lite`` < ``engine`` < the top (``__init__``, ``cli``, ``demo``, ``data``). A module
 may import its own tier and those below; only ``_compat`` imports TensorFlow, tf_keras, tfmot,
 keras_tuner or Keras 3, and only ``_runtime`` the LiteRT runtime (it also runs as a child process).
@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_qx"
-TIERS = {"_compat": 0, "_runtime": 0, "_io": 0, "_plot": 0, "quant": 1, "rewrite": 2, "qat": 3, "lite": 4, "engine": 5,
+TIERS = {"_compat": 0, "_runtime": 0, "_io": 0, "_plot": 0, "_graph": 0, "_seed": 0, "quant": 1, "rewrite": 2, "qat": 3, "lite": 4, "engine": 5,
          "__init__": 6, "cli": 6, "demo": 6, "data": 6, "compress": 3}
 # The LiteRT runtime is imported by _runtime.py, which also runs alone as a child process.
 RUNTIME_OK = {"ai_edge_litert": ("keras_qx._runtime",)}

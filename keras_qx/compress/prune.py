@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_qx._compat import PACKAGE, check_float_model, keras, pruning_wrapper, quantize_annotate, tf, tfmot
+from keras_qx._compat import PACKAGE, keras, pruning_wrapper, quantize_annotate, tf, tfmot
+from keras_qx._graph import check_float_model
 from keras_qx.quant.kinds import kernel_kind
 
 __all__ = ["prune", "pruning_callbacks", "strip_pruning", "PruneSpec", "prune_plan", "PruneLowMagnitude",

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 from keras_qx._io import check_xy
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, check_keep, choice_units, find_ties, layer_options
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import check_float_model, keras, tf
+from keras_qx._compat import keras, tf
+from keras_qx._graph import check_float_model
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params
 from keras_qx.quant.quantizers import WEIGHT_BITS, check_bits, full_range_for, grid_integers

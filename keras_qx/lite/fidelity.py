@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import call_count, graph_nodes, inbound_layers, keras, outbound_layers, output_in, tf
+from keras_qx._compat import keras, tf
+from keras_qx._graph import call_count, graph_nodes, inbound_layers, outbound_layers, output_in
 from keras_qx._runtime import RuntimeCrash, run_tensors
 from keras_qx.lite.inspect import read_model
 

@@ -11,7 +11,8 @@ import dataclasses
 import warnings
 from typing import Any
 
-from keras_qx._compat import check_float_model, check_model, keras, quantize_annotate, tf, tfmot
+from keras_qx._compat import keras, quantize_annotate, tf, tfmot
+from keras_qx._graph import check_float_model, check_model
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
