@@ -7,10 +7,11 @@ object can never slip in unnoticed.
 
 Importing this module leaves the environment as it was: the variables TensorFlow reads while it
 imports are set only for those imports (:func:`_import_environ`). It changes one thing outside
-keras_qx, once and idempotently: tfmot's
-``QuantizeLayer`` and ``QuantizeWrapper`` get the ``build_from_config`` and
-``load_own_variables`` that tf_keras 2.21's ``.keras`` loader needs to read them (see
-:func:`_install_keras_format_fixes`). They are used by that loader only.
+keras_qx, once and idempotently: tfmot's ``QuantizeLayer`` and ``QuantizeWrapper`` get the
+``build_from_config`` and ``load_own_variables`` that tf_keras 2.21's ``.keras`` loader needs to
+read them (see :func:`_install_keras_format_fixes`). They are used by that loader only.
+
+The graph walks and model checks are in ``keras_qx/_graph.py``, seeding in ``keras_qx/_seed.py``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import sys
 
 import numpy as np
+
 
 @contextlib.contextmanager
 def _import_environ(**values):
