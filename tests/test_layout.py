@@ -131,3 +131,16 @@ def test_design_api_names_exist():
         assert callable(getattr(qx.Policy, method))
     for method in ("search", "best_policy", "best_model", "results"):
         assert callable(getattr(qx.BitWidthTuner, method))
+
+
+def test_compat_answers_the_moved_helpers_until_the_other_branches_merge():
+    """``_compat`` keeps only compatibility; the graph walks live in ``_graph``, seeding in
+    ``_seed``. Modules edited on other branches still import a few of them from ``_compat``: it
+    answers them lazily (the same objects), and nothing else."""
+    from keras_qx import _compat, _graph, _seed
+
+    for name in _compat._MOVED:
+        assert name not in vars(_compat) and name not in _compat.__all__, name
+        assert getattr(_compat, name) is getattr(_graph if name != "seeded" else _seed, name), name
+    with pytest.raises(AttributeError):
+        _compat.no_such_helper  # noqa: B018
