@@ -131,8 +131,9 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
         tensor of its own (the last tensor the layer's ops produce; earlier ones, such as the MUL
         half of a BatchNorm, are listed as ``intermediates``), in the Keras layers' order.
     """
+    data = read_model(tflite_model)
     x = np.asarray(x, dtype=np.float32)
-    run = _run_file(read_model(tflite_model), x)
+    run = _run_file(data, x)
     details = run.tensors
     layers = [l for l in qat_model.layers if not isinstance(l, keras.layers.InputLayer)]
     order = {layer.name: i for i, layer in enumerate(qat_model.layers)}
