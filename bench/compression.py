@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import keras_qx as qx  # noqa: E402
-from keras_qx._compat import keras, seeded, tf, tfmot  # noqa: E402
+from keras_qx._compat import keras, tf, tfmot  # noqa: E402
+from keras_qx._seed import seeded  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx.data import digits_cnn, load_digits  # noqa: E402
 from keras_qx.lite.convert import convert, converter_for  # noqa: E402

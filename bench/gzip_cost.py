@@ -47,7 +47,8 @@ def build(name: str, cache: str):
     it had when exported: built under a fixed seed, and its weights read back from ``cache``."""
     import numpy as np
 
-    from keras_qx._compat import keras, seeded
+    from keras_qx._compat import keras
+    from keras_qx._seed import seeded
     from keras_qx.data import digits_cnn, load_digits, load_mnist1d, mnist1d_cnn
 
     weights = os.path.join(cache, f"{name}.weights.h5")

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 import keras_qx as qx  # noqa: E402
-from keras_qx._compat import keras, seeded  # noqa: E402
+from keras_qx._compat import keras  # noqa: E402
+from keras_qx._seed import seeded  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx._runtime import Runner, RuntimeCrash, interpreter, io_details, run  # noqa: E402
 from keras_qx._compat import tflite_model_bytes, tflite_model_object  # noqa: E402

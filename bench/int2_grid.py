@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 import keras_qx as qx  # noqa: E402
-from keras_qx._compat import keras, quant_ops, seeded, tf  # noqa: E402
+from keras_qx._compat import keras, quant_ops, tf  # noqa: E402
+from keras_qx._seed import seeded  # noqa: E402
 from keras_qx.data import digits_cnn, load_digits, load_mnist1d, mnist1d_cnn  # noqa: E402
 from keras_qx.quant.policy import Policy  # noqa: E402
 

@@ -15,7 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import keras_qx as qx  # noqa: E402
-from keras_qx._compat import keras, seeded  # noqa: E402
+from keras_qx._compat import keras  # noqa: E402
+from keras_qx._seed import seeded  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx.data import load_mnist1d, mnist1d_cnn, mnist1d_lstm  # noqa: E402
 from keras_qx.lite.convert import convert, converter_for  # noqa: E402

@@ -5,46 +5,74 @@ tfmot only works with Keras 2 (``tf_keras``); TF 2.16+ ships Keras 3 as
 ``tf.keras``. Everything in keras_qx imports Keras from here so that a Keras 3
 object can never slip in unnoticed.
 
-Importing this module changes one thing outside keras_qx, once and idempotently: tfmot's
-``QuantizeLayer`` and ``QuantizeWrapper`` get the ``build_from_config`` and
-``load_own_variables`` that tf_keras 2.21's ``.keras`` loader needs to read them (see
-:func:`_install_keras_format_fixes`). They are used by that loader only.
+Importing this module leaves the environment as it was: the variables TensorFlow reads while it
+imports are set only for those imports (:func:`_import_environ`). It changes one thing outside
+keras_qx, once and idempotently: tfmot's ``QuantizeLayer`` and ``QuantizeWrapper`` get the
+``build_from_config`` and ``load_own_variables`` that tf_keras 2.21's ``.keras`` loader needs to
+read them (see :func:`_install_keras_format_fixes`). They are used by that loader only.
+
+The graph walks and model checks are in ``keras_qx/_graph.py``, seeding in ``keras_qx/_seed.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import random
 import sys
 
 import numpy as np
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot sets it too; be explicit.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
-from tensorflow_model_optimization.python.core.quantization.keras import (  # noqa: E402
-    quant_ops,
-    quantize_annotate,
-    quantize_config as tfmot_quantize_config,
-    quantize_layer,
-    quantize_registry as tfmot_quantize_registry,
-    quantize_scheme as tfmot_quantize_scheme,
-    quantize_wrapper,
-    quantizers as tfmot_quantizers,
-)
-from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
-    default_8bit_quantize_configs,
-    default_8bit_quantize_layout_transform,
-    default_8bit_quantize_registry,
-    default_8bit_transforms,
-)
-from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (  # noqa: E402
-    model_transformer,
-)
+@contextlib.contextmanager
+def _import_environ(**values):
+    """Set the environment variables ``values`` (where the user has not) for the block, then
+    put those variables back as they were, set or unset.
+
+    TensorFlow reads both only while it imports: ``TF_USE_LEGACY_KERAS`` when its lazy
+    ``tf.keras`` loaders first resolve (tfmot resolves them as it imports, after setting the
+    variable itself), ``TF_CPP_MIN_LOG_LEVEL`` when its C++ logging starts. So the imports
+    below run inside this block and ``import keras_qx`` leaves ``os.environ`` as it found it.
+    """
+    saved = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+with _import_environ(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2"):
+    import tensorflow as tf
+    import tf_keras as keras
+    import tensorflow_model_optimization as tfmot
+    from tensorflow.python.eager import context as tf_context
+    from tensorflow_model_optimization.python.core.clustering.keras import cluster_config, cluster_wrapper
+    from tensorflow_model_optimization.python.core.quantization.keras import (
+        quant_ops,
+        quantize_annotate,
+        quantize_config as tfmot_quantize_config,
+        quantize_layer,
+        quantize_registry as tfmot_quantize_registry,
+        quantize_scheme as tfmot_quantize_scheme,
+        quantize_wrapper,
+        quantizers as tfmot_quantizers,
+    )
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_configs,
+        default_8bit_quantize_layout_transform,
+        default_8bit_quantize_registry,
+        default_8bit_transforms,
+    )
+    from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
+        model_transformer,
+    )
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper  # private in tfmot
+    from tf_keras.src import backend as keras_backend
 
 __all__ = [
     "tf",
@@ -63,26 +91,19 @@ __all__ = [
     "default_8bit_quantize_registry",
     "default_8bit_transforms",
     "model_transformer",
+    "pruning_wrapper",
+    "cluster_config",
+    "cluster_wrapper",
+    "tf_context",
+    "keras_backend",
     "keras_tuner",
-    "check_model",
-    "check_float_model",
-    "has_graph",
-    "is_graph_model",
-    "is_quantized_layer",
-    "inbound_layers",
-    "graph_nodes",
     "smart_cond",
-    "outbound_layers",
-    "call_count",
-    "output_in",
     "attention_parts",
     "tfmot_layer_quantize_map",
     "has_custom_quantize_config",
     "own_variables",
-    "activation_sites",
     "tflite_schema",
     "tf_symbol",
-    "seeded",
     "safe_mode_scope",
     "saved_model_layer_configs",
     "keras3",
@@ -179,70 +200,8 @@ def keras3_load_model(path: str, safe_mode: bool):
     return keras3().saving.load_model(path, compile=False, safe_mode=bool(safe_mode))
 
 
-def check_model(model, what: str = "model") -> None:
-    """Raise a clear error unless ``model`` is a built tf_keras Sequential/Functional model."""
-    if isinstance(model, keras.Model):
-        if not isinstance(model, keras.Sequential) and not has_graph(model):
-            raise TypeError(
-                f"{what} {model.name!r} is a subclassed tf_keras model ({type(model).__name__}); "
-                "keras_qx (like tfmot) needs a Sequential or Functional model. Rebuild it with "
-                "keras.Sequential([...]) or keras.Model(inputs, outputs)."
-            )
-        if not model.built:
-            raise ValueError(
-                f"{what} {model.name!r} is not built; call model.build(input_shape) or give the "
-                "first layer an input_shape before quantizing."
-            )
-        return
-    module = type(model).__module__ or ""
-    if module.startswith("keras") or (hasattr(model, "layers") and hasattr(model, "predict")):
-        raise TypeError(
-            f"{what} is a {module}.{type(model).__name__} (Keras 3), but tfmot and keras_qx need "
-            "Keras 2 models. Build the model with `import tf_keras as keras` (not `tf.keras` or "
-            "`import keras`)."
-        )
-    if isinstance(model, os.PathLike) or (isinstance(model, str) and (
-            os.path.exists(model) or model.endswith((".keras", ".h5", ".hdf5")))):
-        raise TypeError(f"{what} is a path ({os.fspath(model)!r}), not a model; load it first with "
-                        "qx.load_model(path).")
-    raise TypeError(f"{what} must be a tf_keras Model (keras.Sequential or keras.Model(inputs, outputs)), "
-                    f"got {type(model).__name__}.")
-
-
-def check_float_model(model, what: str = "model") -> None:
-    """:func:`check_model`, and raise if ``model`` is already a QAT model (from ``qx.quantize``)."""
-    check_model(model, what)
-    quantized = [l.name for l in model.layers if is_quantized_layer(l)]
-    if quantized:
-        raise ValueError(
-            f"{what} {model.name!r} is already quantized (tfmot layers {quantized[:3]}); pass the float "
-            "model it was made from. A QAT model trains with fit() and exports with qx.export_tflite as it is."
-        )
-
-
-# Private internals of tf_keras, tfmot and TF, reached only here (they move between versions).
-
-
-def has_graph(model) -> bool:
-    """The model keeps a layer graph (Functional, or a Sequential built from an input)."""
-    return bool(getattr(model, "_is_graph_network", False))
-
-
-def is_graph_model(model) -> bool:
-    """A Sequential or Functional tf_keras model (not subclassed)."""
-    return isinstance(model, keras.Model) and (has_graph(model) or isinstance(model, keras.Sequential))
-
-
-def is_quantized_layer(layer) -> bool:
-    """A tfmot ``QuantizeLayer`` or ``QuantizeWrapper`` (a layer of a QAT model that is not float)."""
-    return isinstance(layer, (quantize_layer.QuantizeLayer, quantize_wrapper.QuantizeWrapper))
-
-
-def inbound_layers(layer) -> list:
-    """The layers feeding ``layer``'s first call (empty for an input)."""
-    nodes = layer._inbound_nodes
-    inbound = nodes[0].inbound_layers if nodes else []
-    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+# Private internals of tf_keras, tfmot and TF, imported or called only here (they move between versions);
+# the walks over their private attributes of models and layers are in keras_qx/_graph.py.
 
 
 def smart_cond(pred, true_fn, false_fn):
@@ -250,31 +209,6 @@ def smart_cond(pred, true_fn, false_fn):
     from tf_keras.src.utils import control_flow_util
 
     return control_flow_util.smart_cond(pred, true_fn, false_fn)
-
-
-def outbound_layers(layer) -> list:
-    """The layers that take ``layer``'s output."""
-    return [node.outbound_layer for node in layer._outbound_nodes]
-
-
-def call_count(layer) -> int:
-    """How many times ``layer`` was called in any graph."""
-    return len(layer._inbound_nodes)
-
-
-def output_in(model, layer):
-    """The layer's output tensor in ``model`` (tfmot may call a layer in an older graph too)."""
-    nodes = getattr(model, "_network_nodes", set())
-    for i in range(len(layer._inbound_nodes) - 1, -1, -1):
-        if f"{layer.name}_ib-{i}" in nodes:
-            return layer.get_output_at(i)
-    return layer.output
-
-
-def graph_nodes(model):
-    """``(nodes by depth, deepest first; tensor usage counts)`` of a functional model."""
-    by_depth = model._nodes_by_depth
-    return [by_depth[d] for d in sorted(by_depth, reverse=True)], model._tensor_usage_count
 
 
 def attention_parts(layer) -> dict:
@@ -292,24 +226,6 @@ def tfmot_layer_quantize_map() -> dict:
 
 def has_custom_quantize_config(match_layer) -> bool:
     return default_8bit_transforms._has_custom_quantize_config(match_layer)
-
-
-def activation_sites(model) -> list:
-    """Every activation range of a QAT model, as ``(layer name, holder, key, vars)``: the
-    quantizer is ``holder.key`` (or ``holder[key]`` for a list) and ``vars`` holds its
-    ``min_var``/``max_var``. Sites: a QuantizeLayer, a wrapper's output quantizer, and the
-    pre/post ranges of its quantize-aware activations (one quantizer may serve two ranges)."""
-    sites = []
-    for layer in model.layers:
-        if isinstance(layer, quantize_layer.QuantizeLayer) and layer.quantizer is not None:
-            sites.append((layer.name, layer, "quantizer", getattr(layer, "quantizer_vars", None)))
-        elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
-            for act in getattr(layer, "_quantize_activations", []):
-                for name in ("_pre_activation_vars", "_post_activation_vars"):
-                    sites.append((layer.name, act, "quantizer", getattr(act, name, None)))
-            if getattr(layer, "_output_quantizers", None):
-                sites.append((layer.name, layer._output_quantizers, 0, layer._output_quantizer_vars))
-    return [s for s in sites if s[3] and "min_var" in s[3] and "max_var" in s[3]]
 
 
 def own_variables(layer) -> list:
@@ -416,58 +332,3 @@ def saved_model_layer_configs(path) -> list:
         return [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
     except (message.DecodeError, ValueError) as err:
         raise ValueError(f"{file!r} is corrupt ({err}); save the model again.") from err
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None):
-    """Seed Python's ``random``, NumPy, TF and Keras's initializers for the block (as
-    ``keras.utils.set_random_seed``), then put the caller's random state back.
-
-    Python's and NumPy's global generators resume exactly where they were; TF's global seed
-    and its eager op-seed sequence are restored, and so is Keras's seed generator. ``None``
-    seeds nothing.
-
-    Example:
-        >>> with seeded(0):
-        ...     a = np.random.rand()              # doctest: +SKIP
-    """
-    if seed is None:
-        yield
-        return
-    from tensorflow.python.eager import context
-    from tf_keras.src import backend
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    eager = tf.executing_eagerly()
-    ctx = context.context()
-    graph = tf.compat.v1.get_default_graph()
-    tf_seed, tf_rng = (ctx._seed, getattr(ctx, "_rng", None)) if eager else (graph.seed, None)
-    holder = backend._SEED_GENERATOR  # thread-local; set_random_seed gives it a new Random
-    had_generator, generator = hasattr(holder, "generator"), getattr(holder, "generator", None)
-    keras.utils.set_random_seed(int(seed))
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        if eager:
-            context.set_global_seed(tf_seed)
-            if tf_rng is not None:  # set_global_seed made a new op-seed sequence: resume the old one
-                ctx._rng = tf_rng
-        else:
-            graph.seed = tf_seed
-        if had_generator:
-            holder.generator = generator
-        elif hasattr(holder, "generator"):
-            del holder.generator
-
-
-# Pruning (keras_qx.compress): tfmot's sparsity API; the wrapper class is private in tfmot.
-from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper  # noqa: E402
-
-__all__ += ["pruning_wrapper"]
-
-# Clustering (keras_qx.compress.cluster): tfmot's clustering API; the wrapper class is private in tfmot.
-from tensorflow_model_optimization.python.core.clustering.keras import cluster_config, cluster_wrapper  # noqa: E402
-
-__all__ += ["cluster_config", "cluster_wrapper"]

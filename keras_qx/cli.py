@@ -69,7 +69,8 @@ def _model_and_data(args) -> tuple:
 def _train_default(epochs: int):
     """The digits CNN trained on four fifths of the digits training split; the last fifth,
     never trained on, is the validation split."""
-    from keras_qx._compat import keras, seeded
+    from keras_qx._compat import keras
+    from keras_qx._seed import seeded
     from keras_qx.data import digits_cnn, load_digits
 
     (x, y), test = load_digits()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 
 __all__ = ["load_digits", "digits_cnn", "load_mnist1d", "mnist1d_cnn", "mnist1d_lstm"]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 from keras_qx.data import digits_cnn, load_digits
 from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
 from keras_qx.engine.sensitivity import quantizable_layers

@@ -15,10 +15,21 @@ L = keras.layers
 ACTIVATIONS = sorted(name for name, fn in inspect.getmembers(keras.activations, inspect.isfunction)
                      if name not in ("get", "serialize", "deserialize")) + ["log_softmax", "silu"]
 FLOAT_IN_TFLITE = {"elu"}
+# The file's error against the QAT model, in output steps, measured for each activation on this
+# test's model and data (TF 2.21, seeded): (mean, max). The test allows 0.1 step more on the mean
+# and 1 step more on the max. The smooth activations whose int8 kernel is a lookup table or a
+# polynomial (selu, softplus, mish, log_softmax) round a step or two away from the fake-quant.
+MEASURED_STEPS = {
+    "elu": (0.0, 0.0), "exponential": (0.0, 0.0), "gelu": (0.0, 0.0), "hard_sigmoid": (0.30, 1.0),
+    "linear": (0.01, 1.0), "log_softmax": (0.45, 2.0), "mish": (0.41, 2.0), "relu": (0.0, 0.0),
+    "selu": (1.05, 5.0), "sigmoid": (0.0, 0.0), "silu": (0.0, 0.0), "softmax": (0.0, 0.0),
+    "softplus": (0.39, 2.0), "softsign": (0.03, 1.0), "swish": (0.0, 0.0), "tanh": (0.0, 0.0),
+}
 
 
 def test_list_is_complete():
     assert {"gelu", "mish", "swish", "softmax", "hard_sigmoid", "selu", "relu", "exponential"} <= set(ACTIVATIONS)
+    assert set(MEASURED_STEPS) == set(ACTIVATIONS)  # a new activation needs its measured error
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -33,12 +44,14 @@ def test_activation_exports_integer_and_agrees(name, rng):
     qat = qx.quantize(model)
     qat.compile("adam", "mse")
     qat.fit(x_train, rng.random((64, 3)), epochs=2, verbose=0)
-    tfl = qx.export_tflite(qat, x_train, min_agreement=0.0)
+    tfl = qx.export_tflite(qat, x_train)  # verified: top-1 agreement >= 0.9 (measured: mish 97.8%, the rest 100%)
     info = tfl.report.info
     expected = {"ELU"} if name in FLOAT_IN_TFLITE else set()
     assert set(info.float_ops) == expected, info.ops
     assert "FULLY_CONNECTED" not in info.float_ops
-    assert tfl.report.mean_error_steps < 2.0 and tfl.report.max_error_steps <= 8, tfl.report.lines()
+    mean, worst = MEASURED_STEPS[name]
+    assert tfl.report.mean_error_steps <= mean + 0.1, tfl.report.lines()
+    assert tfl.report.max_error_steps <= worst + 1.0, tfl.report.lines()
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "softmax", "tanh"])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras, seeded, tf
+from keras_qx._compat import keras, tf
+from keras_qx._seed import seeded
 from keras_qx.compress.cluster import _table, cluster_plan, cluster_table, kernel_distinct
 from keras_qx.lite.export import file_distinct, file_sparsity
 from keras_qx.quant.quantizers import ClusterWeightQuantizer, WeightQuantizer

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 from keras_qx.data import digits_cnn, load_digits
 from keras_qx.engine.allocate import auto_policy, budget_from
 from keras_qx.engine.pareto import pareto

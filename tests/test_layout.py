@@ -1,6 +1,6 @@
 """The package's layering, read from its source (ast; no TensorFlow needed).
 
-Tiers, bottom to top: the helpers (``_compat``, ``_io``, ``_plot``) < ``quant`` < ``rewrite`` <
+Tiers, bottom to top: the helpers (``_compat``, ``_io``, ``_plot``, ``_graph``, ``_seed``) < ``quant`` < ``rewrite`` <
 ``qat`` (and ``compress``, pruning, beside it) < ``lite`` < ``engine`` < the top (``__init__``, ``cli``, ``demo``, ``data``). A module
 may import its own tier and those below; only ``_compat`` imports TensorFlow, tf_keras, tfmot,
 keras_tuner or Keras 3, and only ``_runtime`` the LiteRT runtime (it also runs as a child process).
@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_qx"
-TIERS = {"_compat": 0, "_deprecation": 0, "_runtime": 0, "_io": 0, "_plot": 0, "quant": 1, "rewrite": 2, "qat": 3, "lite": 4, "engine": 5,
+TIERS = {"_compat": 0, "_deprecation": 0, "_runtime": 0, "_io": 0, "_plot": 0, "_graph": 0, "_seed": 0, "quant": 1, "rewrite": 2, "qat": 3, "lite": 4, "engine": 5,
          "__init__": 6, "cli": 6, "demo": 6, "data": 6, "compress": 3}
 # The LiteRT runtime is imported by _runtime.py, which also runs alone as a child process.
 RUNTIME_OK = {"ai_edge_litert": ("keras_qx._runtime",)}
@@ -131,3 +131,13 @@ def test_design_api_names_exist():
         assert callable(getattr(qx.Policy, method))
     for method in ("search", "best_policy", "best_model", "results"):
         assert callable(getattr(qx.BitWidthTuner, method))
+
+
+def test_compat_keeps_only_compatibility():
+    """``_compat`` keeps only compatibility; the graph walks live in ``_graph``, seeding in ``_seed``."""
+    from keras_qx import _compat, _graph, _seed
+
+    for name in ("check_model", "inbound_layers", "graph_nodes", "seeded"):
+        assert not hasattr(_compat, name), name
+    assert callable(_graph.check_model) and callable(_seed.seeded)
+

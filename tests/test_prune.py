@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 from keras_qx.compress.prune import kernel_sparsity, layer_sparsity, prune_plan
 from keras_qx.lite.export import file_sparsity
 from keras_qx.quant.quantizers import SparseWeightQuantizer

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import keras_qx as qx
-from keras_qx._compat import keras, seeded, tf, tf_symbol
+from keras_qx._compat import keras, tf, tf_symbol
+from keras_qx._seed import seeded
 from keras_qx.rewrite import tfop
 from keras_qx.rewrite.tfop import SAFE_TF_OPS, VALUE_PRESERVING, TFOp
 from tests.conftest import tiny_model

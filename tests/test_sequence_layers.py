@@ -68,7 +68,9 @@ def test_masked_attention_is_refused_clearly_and_can_stay_float(rng):
     assert isinstance(qat.get_layer("mha"), L.MultiHeadAttention)  # whole and float
     x = rng.normal(size=(16, 6, 16)).astype("float32")
     qat(x, training=True)
-    tfl = qx.export_tflite(qat, x, min_agreement=0.0)
+    # expected (keras_qx warnings are errors in the suite): the float attention makes the I/O float32
+    with pytest.warns(UserWarning, match=r"keras_qx: layers kept float \(\['mha'\]\) stay float32"):
+        tfl = qx.export_tflite(qat, x, min_agreement=0.0)
     assert not tfl.report.info.fully_integer  # honest: the attention runs in float
 
 

@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_qx._compat import PACKAGE, check_float_model, cluster_config, cluster_wrapper, keras, quantize_annotate, tf
+from keras_qx._compat import PACKAGE, cluster_config, cluster_wrapper, keras, quantize_annotate, tf
+from keras_qx._graph import check_float_model
 from keras_qx.compress.prune import check_not_pruned, resolve_layers
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.quantizers import ClusterWeightQuantizer

@@ -28,8 +28,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_qx._compat import PACKAGE, check_float_model, keras, pruning_wrapper, quantize_annotate, tf, tfmot
+from keras_qx._compat import PACKAGE, keras, pruning_wrapper, quantize_annotate, tf, tfmot
+from keras_qx._graph import check_float_model
 from keras_qx.quant.kinds import kernel_kind
+from keras_qx.quant.policy import known_type_names, rule_matches
 
 __all__ = ["prune", "pruning_callbacks", "strip_pruning", "PruneSpec", "prune_plan", "PruneLowMagnitude",
            "pruned_layers", "check_not_pruned", "layer_sparsity", "kernel_sparsity", "SCHEDULES"]
@@ -108,10 +110,6 @@ def _inner(layer):
     return layer.layer if isinstance(layer, quantize_annotate.QuantizeAnnotate) else layer
 
 
-def _class_names(layer) -> list[str]:
-    return [cls.__name__ for cls in type(layer).__mro__] + list(getattr(type(layer), "policy_aliases", ()))
-
-
 def _updated(spec: PruneSpec, entry: Mapping, source: str) -> PruneSpec:
     sparsity = entry.get("sparsity", spec.sparsity)
     if entry.get("prune") is False:
@@ -157,7 +155,7 @@ def resolve_layers(model, default, rules, layers, *, what: str, fields: Sequence
     kernelless = [n for n in layers if kernel_kind(by_name[n]) is None]
     if kernelless:
         raise ValueError(f"{what}(layers=...) names layer(s) without kernels, which have nothing to {what}: {kernelless}.")
-    known = {n for l in model_layers for n in _class_names(l)} | {n for n in dir(keras.layers) if n[:1].isupper()}
+    known = known_type_names(model_layers)
     for i, rule in enumerate(checked):
         if "type" in rule and rule["type"] not in known:
             close = difflib.get_close_matches(rule["type"], sorted(known), n=3)
@@ -169,11 +167,8 @@ def resolve_layers(model, default, rules, layers, *, what: str, fields: Sequence
             continue
         spec = default
         for i, rule in enumerate(checked):
-            if "type" in rule and rule["type"] not in _class_names(layer):
-                continue
-            if "match" in rule and not re.fullmatch(rule["match"], layer.name):
-                continue
-            spec = update(spec, rule, f"rule {i}")
+            if rule_matches(rule, layer):
+                spec = update(spec, rule, f"rule {i}")
         if layer.name in layers:
             spec = update(spec, layers[layer.name], "layers")
         out.append((layer, spec))

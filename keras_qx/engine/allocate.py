@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from keras_qx._compat import inbound_layers, keras
+from keras_qx._compat import keras
+from keras_qx._graph import inbound_layers
 from keras_qx._deprecation import check_verbose, warn_renamed
 from keras_qx._io import legacy_xy
 from keras_qx.quant.kinds import kernel_kind

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 from keras_qx._io import check_xy
 from keras_qx._deprecation import check_verbose, say as say_for, warn_renamed
 from keras_qx._io import legacy_xy
@@ -244,7 +245,6 @@ def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say
     skipped = []
     options = {n: layer_options(l, report, 8 if n in keep else None, size) for n, l in zip(names, layers)}
     units = choice_units(options, find_ties(model))
-    int8 = total_size(layers, 8, size)
     rng = np.random.default_rng(seed)
     for budget in budgets:
         cap = budget_from(layers, budget, size)

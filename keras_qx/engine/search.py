@@ -39,7 +39,8 @@ import random
 import time
 from typing import Callable
 
-from keras_qx._compat import check_model, keras
+from keras_qx._compat import keras
+from keras_qx._graph import check_model
 from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import check_inputs, count_samples, head_samples, is_stream, model_input_specs

@@ -19,7 +19,7 @@ from keras_qx._compat import keras
 from keras_qx.engine.allocate import find_ties
 from keras_qx.engine.sensitivity import quantizable_layers
 from keras_qx.quant.cost import check_size, layer_size
-from keras_qx.quant.policy import Policy
+from keras_qx.quant.policy import Policy, rule_matches
 from keras_qx.quant.quantizers import WEIGHT_BITS
 
 __all__ = ["SearchSpace", "SizePenalty", "TrainOptions", "FLOAT", "HP_PREFIX", "assignment_cost",
@@ -213,10 +213,8 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def _group_members(spec, layers) -> list[str]:
-    if isinstance(spec, dict) and "type" in spec:
-        return [l.name for l in layers if spec["type"] in [c.__name__ for c in type(l).__mro__]]
     if isinstance(spec, dict):
-        return [l.name for l in layers if re.fullmatch(spec["match"], l.name)]
+        return [l.name for l in layers if rule_matches(spec, l)]
     names = [l.name for l in layers]
     unknown = [n for n in spec if n not in names]
     if unknown:

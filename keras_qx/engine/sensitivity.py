@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import check_float_model, keras, tf
+from keras_qx._compat import keras, tf
 from keras_qx._deprecation import check_verbose, warn_renamed
+from keras_qx._graph import check_float_model
 from keras_qx._io import legacy_xy
 from keras_qx.quant.kinds import kernel_kind
 from keras_qx.quant.cost import kernel_bytes, kernel_params

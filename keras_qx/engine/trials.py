@@ -11,7 +11,8 @@ import copy
 import os
 import time
 
-from keras_qx._compat import keras, seeded
+from keras_qx._compat import keras
+from keras_qx._seed import seeded
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import write_atomic
 from keras_qx.qat.quantize import quantize

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_qx._compat import inbound_layers, keras, outbound_layers, quantize_layer, quantize_wrapper
+from keras_qx._compat import keras, quantize_layer, quantize_wrapper
+from keras_qx._graph import inbound_layers, outbound_layers
 from keras_qx.quant.quantizers import FixedRangeQuantizer, WeightQuantizer
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization
 from keras_qx.rewrite.tfop import VALUE_PRESERVING, TFOp

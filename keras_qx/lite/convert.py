@@ -15,7 +15,8 @@ import warnings
 
 import numpy as np
 
-from keras_qx._compat import is_quantized_layer, keras, tf, tflite_model_bytes, tflite_model_object, tflite_schema
+from keras_qx._compat import keras, tf, tflite_model_bytes, tflite_model_object, tflite_schema
+from keras_qx._graph import is_quantized_layer
 from keras_qx.lite.int2 import to_int2
 from keras_qx.quant.configs import KeptFloatQuantizeConfig
 from keras_qx.quant.kinds import treatment

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_qx._compat import check_model
+from keras_qx._graph import check_model
 from keras_qx._deprecation import check_verbose, renamed_args, warn_renamed
 from keras_qx._io import check_count, check_inputs, check_writable, model_input_specs, write_atomic
 from keras_qx.lite.bias_grid import snap_biases

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_qx._compat import call_count, graph_nodes, inbound_layers, keras, outbound_layers, output_in, tf
+from keras_qx._compat import keras, tf
 from keras_qx._deprecation import renamed_args
+from keras_qx._graph import call_count, graph_nodes, inbound_layers, outbound_layers, output_in
 from keras_qx._runtime import RuntimeCrash, run_tensors
 from keras_qx.lite.inspect import read_model
 
@@ -162,81 +163,14 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
     """
     data = read_model(tflite_model)
     x = np.asarray(x, dtype=np.float32)
-    try:  # in a child process, like every runner: a runtime abort cannot end the caller
-        run = run_tensors(data, x)
-    except RuntimeCrash as err:
-        raise RuntimeCrash(f"debug_tflite could not run the file: {err}. A file the runtime aborts on cannot be "
-                           "compared layer by layer: export it again with verification (qx.export_tflite(..., "
-                           "verify=True) refuses it), or keep the layer that fails float by policy.") from None
+    run = _run_file(data, x)
     details = run.tensors
     layers = [l for l in qat_model.layers if not isinstance(l, keras.layers.InputLayer)]
     order = {layer.name: i for i, layer in enumerate(qat_model.layers)}
-    outputs = {t: qat_model.outputs[i].node.layer.name
-               for i, t in enumerate(run.outputs) if i < len(qat_model.outputs)}
-    ops = run.ops
-    consumers = {}
-    for op in ops:
-        for t in op["inputs"]:
-            consumers.setdefault(int(t), []).append(op)
-    tensors = []  # (op index, op name, tensor index, layer names in the tensor's name)
-    for op in ops:
-        for t in op["outputs"]:
-            d = details.get(int(t))
-            if d is None or d["dtype"] == "int32" or not d["quantization"][0] or int(t) not in run.values:
-                continue
-            names = _tensor_layers(d["name"], order) + ([outputs[int(t)]] if int(t) in outputs else [])
-            if names:
-                tensors.append((op["index"], op["op_name"], int(t), names))
-
-    # Keras side: every layer's output; TFLite side: every tensor above, sample by sample.
-    probe = keras.Model(qat_model.inputs, [output_in(qat_model, l) for l in layers])
-    ref = probe.predict(x, verbose=0, batch_size=64)
-    ref = dict(zip([l.name for l in layers], ref if isinstance(ref, list) else [ref]))
+    tensors = _quantized_tensors(qat_model, run, order)
     got = {t: run.values[t] for _, _, t, _ in tensors}
-
-    def error(layer_name, t):
-        scale, zero = details[t]["quantization"]
-        tfl = (np.stack(got[t]).astype(np.float32) - zero) * scale
-        keras_out = np.asarray(ref[layer_name])
-        if keras_out.size != tfl.size:
-            return None
-        return np.abs(tfl.reshape(-1) - keras_out.reshape(-1)) / scale
-
-    def chain(name, steps=4):
-        """The layer and its single-consumer successors: a fused op's name often lists only the
-        first TF op (conv) though its result is the last one's (BN, ReLU)."""
-        out, layer = [name], qat_model.get_layer(name)
-        for _ in range(steps):
-            nxt = {l.name for l in outbound_layers(layer)}
-            if len(nxt) != 1:
-                break
-            layer = qat_model.get_layer(nxt.pop())
-            if call_count(layer) != 1 or len(inbound_layers(layer)) != 1:
-                break
-            out.append(layer.name)
-        return out
-
-    chosen = {}  # tensor -> (layer, errors)
-    for _, _, t, names in tensors:
-        best = None
-        for cand in chain(max(names, key=order.get)):
-            err = error(cand, t)
-            if err is not None and (best is None or err.mean() < best[1].mean() - 1e-9):
-                best = (cand, err)
-        if best is not None:
-            chosen[t] = best
-    # A tensor whose only consumer finishes the same layer's computation at another scale (the
-    # MUL half of a BatchNorm before its ADD) is an intermediate of the consumer's layer.
-    owner = {}
-    for _, _, t, names in tensors:
-        if t not in chosen:
-            continue
-        users = consumers.get(t, [])
-        if len(users) == 1:
-            u = [int(o) for o in users[0]["outputs"] if int(o) in chosen]
-            if u and details[u[0]]["quantization"][0] != details[t]["quantization"][0] and (
-                    set(names) & set(_tensor_layers(details[u[0]]["name"], order)) or chosen[t][0] == chosen[u[0]][0]):
-                owner[t] = u[0]
+    chosen = _match_layers(qat_model, tensors, _keras_outputs(qat_model, layers, x), got, details, order)
+    owner = _intermediates(tensors, chosen, run.ops, details, order)
 
     def final(t):
         while t in owner:
@@ -244,36 +178,132 @@ def compare_layers(qat_model, tflite_model, x, threshold: float = 1.0, mean_thre
         return t
 
     forced = _teacher_forced(qat_model, x, {chosen[final(t)][0]: t for t in chosen}, got, details) if own else {}
-
-    per_layer = {}
+    per_layer = {}  # layer name -> [(op index, op name, tensor, is an intermediate)]
     for op_index, op_name, t, _ in tensors:
         if t in chosen:
-            layer = chosen[final(t)][0]
-            per_layer.setdefault(layer, []).append((op_index, op_name, t, t in owner))
-    results = []
-    for layer in layers:
-        entries = per_layer.get(layer.name)
-        own = [e for e in entries or [] if not e[3]]
-        if not own:
-            continue
-        op_index, op_name, t, _ = max(own)
-        err = chosen[t][1]
-        d = details[t]
-        inter = [(f"{name}:{_layer_name(qat_model.get_layer(chosen[i][0]))}" if i in owner else name,
-                  float(details[i]["quantization"][0])) for _, name, i, _ in sorted(entries) if i != t]
-        own_err = None
-        if layer.name in forced:
-            ke = forced[layer.name]
-            tfl = (np.stack(got[t]).astype(np.float32) - d["quantization"][1]) * d["quantization"][0]
-            if ke.size == tfl.size:
-                own_err = np.abs(tfl.reshape(-1) - ke.reshape(-1)) / d["quantization"][0]
-        results.append(LayerError(_layer_name(layer), op_name, d["name"], float(d["quantization"][0]),
-                                  float(err.mean()), float(err.max()), inter,
-                                  None if own_err is None else float(own_err.mean()),
-                                  None if own_err is None else float(own_err.max())))
+            per_layer.setdefault(chosen[final(t)][0], []).append((op_index, op_name, t, t in owner))
+    results = [_layer_error(qat_model, layer, per_layer[layer.name], chosen, owner, forced, got, details)
+               for layer in layers if any(not e[3] for e in per_layer.get(layer.name, ()))]
     matched = {e.layer for e in results}
     unmatched = [_layer_name(l) for l in layers if _layer_name(l) not in matched]
     return LayerComparison(results, threshold, unmatched, mean_threshold)
+
+
+# ---- the steps of compare_layers ----------------------------------------------------------
+def _run_file(data: bytes, x: np.ndarray):
+    """The file run on ``x`` with every tensor kept, in a child process like every runner: a
+    runtime abort cannot end the caller."""
+    try:
+        return run_tensors(data, x)
+    except RuntimeCrash as err:
+        raise RuntimeCrash(f"debug_tflite could not run the file: {err}. A file the runtime aborts on cannot be "
+                           "compared layer by layer: export it again with verification (qx.export_tflite(..., "
+                           "verify=True) refuses it), or keep the layer that fails float by policy.") from None
+
+
+def _quantized_tensors(qat_model, run, order: dict) -> list:
+    """``[(op index, op name, tensor index, Keras layer names in the tensor's name)]``: every
+    quantized (not int32) tensor an op produces whose values the run kept and whose name (or,
+    for a model output, whose position) names a layer."""
+    details = run.tensors
+    outputs = {t: qat_model.outputs[i].node.layer.name
+               for i, t in enumerate(run.outputs) if i < len(qat_model.outputs)}
+    tensors = []
+    for op in run.ops:
+        for t in map(int, op["outputs"]):
+            d = details.get(t)
+            if d is None or d["dtype"] == "int32" or not d["quantization"][0] or t not in run.values:
+                continue
+            names = _tensor_layers(d["name"], order) + ([outputs[t]] if t in outputs else [])
+            if names:
+                tensors.append((op["index"], op["op_name"], t, names))
+    return tensors
+
+
+def _keras_outputs(qat_model, layers: list, x: np.ndarray) -> dict:
+    """``{layer name: its output on x}`` for every layer of the QAT model."""
+    probe = keras.Model(qat_model.inputs, [output_in(qat_model, l) for l in layers])
+    ref = probe.predict(x, verbose=0, batch_size=64)
+    return dict(zip([l.name for l in layers], ref if isinstance(ref, list) else [ref]))
+
+
+def _dequantized(got: dict, details: dict, t: int) -> np.ndarray:
+    scale, zero = details[t]["quantization"]
+    return (np.stack(got[t]).astype(np.float32) - zero) * scale
+
+
+def _steps(keras_out, got: dict, details: dict, t: int):
+    """|file - Keras| per value of tensor ``t``, in steps of its scale (None if the sizes differ)."""
+    tfl, keras_out = _dequantized(got, details, t), np.asarray(keras_out)
+    if keras_out.size != tfl.size:
+        return None
+    return np.abs(tfl.reshape(-1) - keras_out.reshape(-1)) / details[t]["quantization"][0]
+
+
+def _chain(qat_model, name: str, steps: int = 4) -> list:
+    """The layer and its single-consumer successors: a fused op's name often lists only the
+    first TF op (conv) though its result is the last one's (BN, ReLU)."""
+    out, layer = [name], qat_model.get_layer(name)
+    for _ in range(steps):
+        nxt = {l.name for l in outbound_layers(layer)}
+        if len(nxt) != 1:
+            break
+        layer = qat_model.get_layer(nxt.pop())
+        if call_count(layer) != 1 or len(inbound_layers(layer)) != 1:
+            break
+        out.append(layer.name)
+    return out
+
+
+def _match_layers(qat_model, tensors: list, ref: dict, got: dict, details: dict, order: dict) -> dict:
+    """``{tensor: (layer name, errors in steps)}``: each tensor goes to the layer, among the last
+    one its name mentions and that layer's single-consumer chain, whose output it is closest to."""
+    chosen = {}
+    for _, _, t, names in tensors:
+        best = None
+        for cand in _chain(qat_model, max(names, key=order.get)):
+            err = _steps(ref[cand], got, details, t)
+            if err is not None and (best is None or err.mean() < best[1].mean() - 1e-9):
+                best = (cand, err)
+        if best is not None:
+            chosen[t] = best
+    return chosen
+
+
+def _intermediates(tensors: list, chosen: dict, ops: list, details: dict, order: dict) -> dict:
+    """``{tensor: the tensor of its layer's result}`` for each intermediate: a tensor whose only
+    consumer finishes the same layer's computation at another scale (the MUL half of a BatchNorm
+    before its ADD)."""
+    consumers = {}
+    for op in ops:
+        for t in op["inputs"]:
+            consumers.setdefault(int(t), []).append(op)
+    owner = {}
+    for _, _, t, names in tensors:
+        users = consumers.get(t, []) if t in chosen else []
+        if len(users) != 1:
+            continue
+        u = [int(o) for o in users[0]["outputs"] if int(o) in chosen]
+        if u and details[u[0]]["quantization"][0] != details[t]["quantization"][0] and (
+                set(names) & set(_tensor_layers(details[u[0]]["name"], order)) or chosen[t][0] == chosen[u[0]][0]):
+            owner[t] = u[0]
+    return owner
+
+
+def _layer_error(qat_model, layer, entries: list, chosen: dict, owner: dict, forced: dict, got: dict,
+                 details: dict) -> LayerError:
+    """One layer's :class:`LayerError`: its result tensor is the last op's that is not an
+    intermediate; ``entries`` as ``(op index, op name, tensor, is an intermediate)``."""
+    op_index, op_name, t, _ = max(e for e in entries if not e[3])
+    err = chosen[t][1]
+    d = details[t]
+    inter = [(f"{name}:{_layer_name(qat_model.get_layer(chosen[i][0]))}" if i in owner else name,
+              float(details[i]["quantization"][0])) for _, name, i, _ in sorted(entries) if i != t]
+    own_err = _steps(forced[layer.name], got, details, t) if layer.name in forced else None
+    return LayerError(_layer_name(layer), op_name, d["name"], float(d["quantization"][0]),
+                      float(err.mean()), float(err.max()), inter,
+                      None if own_err is None else float(own_err.mean()),
+                      None if own_err is None else float(own_err.max()))
 
 
 def _teacher_forced(qat_model, x, forced_tensors: dict, got: dict, details: dict) -> dict:
@@ -281,10 +311,7 @@ def _teacher_forced(qat_model, x, forced_tensors: dict, got: dict, details: dict
     ``forced_tensors`` ({layer name: TFLite tensor}) by that tensor's dequantized TFLite values;
     return every layer's output computed that way ({layer name: array}), i.e. each layer's
     result given the file's values of the matched layers before it."""
-    replace = {}
-    for name, t in forced_tensors.items():
-        scale, zero = details[t]["quantization"]
-        replace[name] = (np.stack(got[t]).astype(np.float32) - zero) * scale
+    replace = {name: _dequantized(got, details, t) for name, t in forced_tensors.items()}
     nodes_by_depth, usage = graph_nodes(qat_model)
     values = {str(id(i)): tf.convert_to_tensor(v) for i, v in zip(qat_model.inputs, [x])}
     computed = {}

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 import warnings
 
-from keras_qx._compat import check_model, keras, tf
+from keras_qx._compat import keras, tf
+from keras_qx._graph import check_model
 from keras_qx._io import check_inputs, check_writable, model_input_specs
 from keras_qx._runtime import interpreter, ops_details
 from keras_qx.lite.convert import ExportError, convert, converter_for, representative

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_qx._compat import activation_sites, check_model, is_quantized_layer
+from keras_qx._graph import activation_sites, check_model, is_quantized_layer
 from keras_qx._io import check_inputs, model_input_specs
 from keras_qx.qat.quantize import _init_weight_ranges
 from keras_qx.quant.quantizers import FixedRangeQuantizer

@@ -11,7 +11,8 @@ import dataclasses
 import warnings
 from typing import Any
 
-from keras_qx._compat import check_float_model, check_model, keras, quantize_annotate, tf, tfmot
+from keras_qx._compat import keras, quantize_annotate, tf, tfmot
+from keras_qx._graph import check_float_model, check_model
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
 from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
@@ -140,44 +141,76 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
     check_float_model(model)
     model, policy = _flatten(model, policy)
     specs = _specs(model, policy)
+    if not simulate_only:
+        _check_exportable_activations(specs)
+    _warn_float_layers(model, specs)
+    specs = _keep_custom_layers_float(model, specs)
+    if not simulate_only:
+        specs = _clamp_to_exportable(model, specs)
+    registry = _registry(model, specs, policy, preserve_sparsity, preserve_clusters)
+    _check_supported(model, specs, registry)
+    return _apply(model, _annotated(model, specs), registry)
+
+
+# ---- the steps of quantize -------------------------------------------------------------------
+def _check_exportable_activations(specs: dict) -> None:
     unexportable = {n: s.activation_bits for n, s in specs.items()
                     if s.quantize and s.activation_bits not in EXPORTABLE_ACTIVATION_BITS}
-    if unexportable and not simulate_only:
+    if unexportable:
         raise PolicyError(
             f"activation bits {unexportable} cannot be exported: TFLite integer kernels take "
             "8-bit activations (int16 activations are a post-training mode: qx.ptq(model, "
             "'int16x8')). Use activation_bits=8, or pass simulate_only=True to train the "
             "simulation anyway."
         )
-    by_reason = {}
+
+
+def _warn_float_layers(model, specs: dict) -> None:
+    """Warn (at quantize's caller) about the quantized layers the file will run in float: ops the
+    converter keeps float, and layers keras_qx keeps float with their outputs quantized."""
+    float_ops, by_reason = {}, {}
     for l in model.layers:
-        spec = specs.get(_inner(l).name)
-        if spec is not None and spec.quantize and not _foreign(l) and _kept_float(_inner(l)):
-            by_reason.setdefault(_kept_float(_inner(l)), []).append(f"{_inner(l).name} ({type(_inner(l)).__name__})")
-    float_ops = {}
-    for l in model.layers:
-        spec, known = specs.get(_inner(l).name), treatment(_inner(l))
-        if spec is not None and spec.quantize and not _foreign(l) and known is not None and known.float_op:
-            float_ops.setdefault(known.reason, []).append(f"{_inner(l).name} ({type(_inner(l)).__name__})")
+        spec, inner = specs.get(_inner(l).name), _inner(l)
+        if spec is None or not spec.quantize or _foreign(l):
+            continue
+        label = f"{inner.name} ({type(inner).__name__})"
+        known = treatment(inner)
+        if known is not None and known.float_op:
+            float_ops.setdefault(known.reason, []).append(label)
+        if _kept_float(inner):
+            by_reason.setdefault(_kept_float(inner), []).append(label)
     if float_ops:
         warnings.warn("keras_qx: the TFLite file will run these layers in float (their neighbours stay integer): "
-                      + "; ".join(f"{names}: {reason}" for reason, names in float_ops.items()) + ".", stacklevel=2)
+                      + "; ".join(f"{names}: {reason}" for reason, names in float_ops.items()) + ".", stacklevel=3)
     if by_reason:
         warnings.warn("keras_qx keeps these layers float, their outputs quantized (the rest of the model is "
                       "quantized; the TFLite file runs them in float32): "
-                      + "; ".join(f"{names}: {reason}" for reason, names in by_reason.items()) + ".", stacklevel=2)
-    opaque = [l for l in model.layers if is_custom_layer(_inner(l)) and not _foreign(l)
-              and specs.get(_inner(l).name, LayerSpec(quantize=False)).quantize]
-    for l in opaque:  # not inlined by flatten_nested (it warned why): float, its neighbours quantized
-        specs[_inner(l).name] = dataclasses.replace(specs[_inner(l).name], quantize=False)
-    if not simulate_only:
-        specs = _clamp_to_exportable(model, specs)
-    registry = (_PreservingRegistry if preserve_sparsity or preserve_clusters else PolicyQuantizeRegistry)(
-        specs, default=LayerSpec().updated(policy.default, "default"))
-    if preserve_sparsity or preserve_clusters:
-        registry.preserve_sparsity = preserve_sparsity
-        registry.tables = _cluster_tables(model, specs) if preserve_clusters else {}
+                      + "; ".join(f"{names}: {reason}" for reason, names in by_reason.items()) + ".", stacklevel=3)
 
+
+def _keep_custom_layers_float(model, specs: dict) -> dict:
+    """Custom layers ``flatten_nested`` did not inline (it warned why) stay float, their
+    neighbours quantized."""
+    specs = dict(specs)
+    for l in model.layers:
+        inner = _inner(l)
+        if is_custom_layer(inner) and not _foreign(l) and specs.get(inner.name, LayerSpec(quantize=False)).quantize:
+            specs[inner.name] = dataclasses.replace(specs[inner.name], quantize=False)
+    return specs
+
+
+def _registry(model, specs: dict, policy: Policy, preserve_sparsity: bool, preserve_clusters: bool):
+    """The quantize registry of ``specs``: the policy's, or one preserving zeros and clusters."""
+    default = LayerSpec().updated(policy.default, "default")
+    if not (preserve_sparsity or preserve_clusters):
+        return PolicyQuantizeRegistry(specs, default=default)
+    registry = _PreservingRegistry(specs, default=default)
+    registry.preserve_sparsity = preserve_sparsity
+    registry.tables = _cluster_tables(model, specs) if preserve_clusters else {}
+    return registry
+
+
+def _check_supported(model, specs: dict, registry) -> None:
     unsupported = [f"{_inner(l).name} ({type(_inner(l)).__name__})" for l in model.layers
                    if _inner(l).name in specs and specs[_inner(l).name].quantize
                    and not _foreign(l) and not registry.supports(_inner(l))]
@@ -186,6 +219,11 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
             f"keras_qx has no quantize config for layer(s) {unsupported}. Keep them float with "
             "policy layers {name: {'quantize': false}}, or annotate them with a tfmot QuantizeConfig."
         )
+
+
+def _annotated(model, specs: dict):
+    """A copy of ``model`` with each layer to quantize in a tfmot ``QuantizeAnnotate``; the
+    layers kept float bare, the user's own tfmot annotations as they are."""
 
     def wrap(layer):
         inner = _inner(layer)
@@ -202,6 +240,12 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
     if not any(isinstance(l, quantize_annotate.QuantizeAnnotate) for l in annotated.layers):
         raise PolicyError("the policy keeps every layer float (quantize: false); nothing to quantize. Set "
                           "quantize: true on the layers to quantize, or convert the float model with qx.ptq.")
+    return annotated
+
+
+def _apply(model, annotated, registry):
+    """tfmot's ``quantize_apply`` with the policy's scheme, then the QAT model's starting state
+    (cluster tables, normalization statistics, weight ranges, sparsity masks)."""
     # tfmot rebuilds the model from its config: make the model's own layer classes resolvable
     # (custom layers need no registration).
     own_classes = {type(_inner(l)).__name__: type(_inner(l)) for l in model.layers}

@@ -5,7 +5,8 @@ Example:
 """
 from __future__ import annotations
 
-from keras_qx._compat import check_model, keras, quantize_wrapper
+from keras_qx._compat import keras, quantize_wrapper
+from keras_qx._graph import check_model
 from keras_qx.compress.cluster import kernel_distinct
 from keras_qx.compress.prune import kernel_sparsity
 from keras_qx.qat.quantize import resolve

@@ -4,5 +4,5 @@
 exporter stores them; ``register_layer``'s state), ``configs`` (tfmot QuantizeConfigs),
 ``policy`` (bits per layer as plain data) and ``cost`` (the one cost model: bytes in the file).
 
-May import: ``keras_qx._compat``, ``keras_qx._io``, ``keras_qx._plot`` and modules of this folder.
+May import: the helpers (``keras_qx._compat``, ``_io``, ``_plot``, ``_graph``, ``_seed``) and modules of this folder.
 """

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 
 from keras_qx.quant.quantizers import ACTIVATION_BITS, WEIGHT_BITS, check_bits
 
-__all__ = ["Policy", "LayerSpec", "PolicyError"]
+__all__ = ["Policy", "LayerSpec", "PolicyError", "rule_matches", "layer_type_names", "known_type_names"]
 
 _FIELDS = ("weight_bits", "activation_bits", "quantize")
 _RULE_KEYS = ("type", "match") + _FIELDS
@@ -81,10 +81,33 @@ def _looks_like_path(text: str) -> bool:
     return not text.startswith("{") and (text.endswith(".json") or os.path.isfile(text))
 
 
-def _class_names(layer) -> list[str]:
+def layer_type_names(layer) -> list[str]:
     """Class names a rule's ``type`` matches: the class, its bases, and the type a rewritten
     layer stands for (``policy_aliases``: a Dense on sequences runs as an EinsumDense)."""
     return [cls.__name__ for cls in type(layer).__mro__] + list(getattr(type(layer), "policy_aliases", ()))
+
+
+def rule_matches(rule: Mapping[str, Any], layer) -> bool:
+    """Whether ``rule`` selects ``layer``: ``type`` is one of :func:`layer_type_names`, ``match``
+    a regex matching the whole layer name; a rule with both needs both. The one matcher of the
+    policy's rules, ``qx.prune``/``qx.cluster``'s rules and the search's groups.
+
+    Example:
+        >>> from keras_qx._compat import keras
+        >>> rule_matches({"type": "Conv", "match": "conv.*"}, keras.layers.Conv2D(4, 3, name="conv1"))
+        True
+    """
+    if "type" in rule and rule["type"] not in layer_type_names(layer):
+        return False
+    return "match" not in rule or re.fullmatch(rule["match"], layer.name) is not None
+
+
+def known_type_names(layers: Iterable) -> set[str]:
+    """Every ``type`` a rule may name for a model of ``layers``: theirs (see
+    :func:`layer_type_names`) and every Keras layer class."""
+    from keras_qx._compat import keras  # local: policy.py stays importable as plain data
+
+    return {n for layer in layers for n in layer_type_names(layer)} | {n for n in dir(keras.layers) if n[:1].isupper()}
 
 
 @dataclass
@@ -220,13 +243,9 @@ class Policy:
     def spec_for(self, layer, annotation: Mapping[str, Any] | None = None) -> LayerSpec:
         """The :class:`LayerSpec` of one layer (``annotation``: fields pinned by qx.annotate)."""
         spec = LayerSpec().updated(self.default, "default")
-        names = _class_names(layer)
         for i, rule in enumerate(self.rules):
-            if "type" in rule and rule["type"] not in names:
-                continue
-            if "match" in rule and not re.fullmatch(rule["match"], layer.name):
-                continue
-            spec = spec.updated(rule, f"rule {i}")
+            if rule_matches(rule, layer):
+                spec = spec.updated(rule, f"rule {i}")
         if annotation:
             spec = spec.updated(annotation, "annotation")
         if layer.name in self.layers:
@@ -244,11 +263,7 @@ class Policy:
                 f"policy names layer(s) the model lacks: {missing}. Closest names: {hints}. "
                 f"Model layers: {names}."
             )
-        from keras_qx._compat import keras  # local: policy.py stays importable as plain data
-
-        known = {n for layer in layers for n in _class_names(layer)} | {
-            n for n in dir(keras.layers) if n[:1].isupper()
-        }
+        known = known_type_names(layers)
         for i, rule in enumerate(self.rules):
             if "type" in rule and rule["type"] not in known:
                 close = difflib.get_close_matches(rule["type"], sorted(known), n=3)

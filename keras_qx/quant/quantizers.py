@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import numbers
 from typing import Any
 
@@ -48,24 +49,28 @@ __all__ = [
 WEIGHT_BITS = range(2, 9)
 ACTIVATION_BITS = range(2, 17)
 
-_EXPORT_TRACE = [0]
+_EXPORTING = contextvars.ContextVar("keras_qx_exporting", default=False)
 
 
 @contextlib.contextmanager
 def export_trace():
     """While the exporter traces a model for the converter: quantizers that must not appear as
     fake-quant ops in the converted graph (:class:`GateWeightQuantizer`) give the converter what
-    it needs instead."""
-    _EXPORT_TRACE[0] += 1
+    it needs instead.
+
+    The flag lives in a ``ContextVar``: it holds in this thread (or asyncio task) for the block
+    only, so a model trained or called elsewhere meanwhile is unaffected, and it is reset on the
+    way out, an exception included."""
+    token = _EXPORTING.set(True)
     try:
         yield
     finally:
-        _EXPORT_TRACE[0] -= 1
+        _EXPORTING.reset(token)
 
 
 def exporting() -> bool:
-    """Inside :func:`export_trace`."""
-    return _EXPORT_TRACE[0] > 0
+    """Inside :func:`export_trace`, in this thread or task."""
+    return _EXPORTING.get()
 
 
 def max_abs(values: np.ndarray, axis: int | None) -> np.ndarray:

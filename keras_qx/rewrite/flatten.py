@@ -41,7 +41,8 @@ from __future__ import annotations
 import math
 import warnings
 
-from keras_qx._compat import PACKAGE, attention_parts, graph_nodes, has_graph, is_graph_model, keras, tf
+from keras_qx._compat import PACKAGE, attention_parts, keras, tf
+from keras_qx._graph import graph_nodes, has_graph, is_graph_model
 from keras_qx.rewrite.inline import NotTraceable, ProbeFailed, check_agrees, is_inlinable, trace_layer
 
 __all__ = ["flatten_nested", "has_nested", "SequenceDense", "BiasAdd", "InferenceRandomCrop", "ATTENTION_PARTS"]

@@ -20,8 +20,8 @@ import inspect
 
 import numpy as np
 
-from keras_qx._compat import (is_graph_model, keras, keras3_init_defaults, keras3_layer_weights, keras3_model_kind, keras3_predict,
-                              keras3_submodel)
+from keras_qx._compat import keras, keras3_init_defaults, keras3_layer_weights, keras3_model_kind, keras3_predict, keras3_submodel
+from keras_qx._graph import is_graph_model
 
 __all__ = ["from_keras3", "as_tf_keras", "is_keras3_model", "tf_keras_config", "Keras3Error", "TOLERANCE"]
 
