@@ -25,9 +25,10 @@ NAMES = in_position_names()
 # What a faithful file shows (measured over the sweep: worst mean 0.8, worst max 3 steps).
 MAX_MEAN_STEPS, MAX_STEPS = 1.0, 4.0
 # Known drift, measured in the full-suite run of this change (still far inside export's refusal
-# bounds, 4 mean / 32 p99): LayerNormalization runs as ~10 int8 ops in the file and is rounded
-# once in QAT (1.72 mean / 11 max); LocallyConnected2D's per-position kernels (1.20 / 3).
-KNOWN_DRIFT = {"LayerNormalization": (2.5, 16.0), "LocallyConnected2D": (1.5, 4.0)}
+# bounds, 4 mean / 32 p99): LocallyConnected2D's per-position kernels (1.20 / 3). LayerNormalization
+# (1.72 mean / 11 max when QAT rounded it once) is decomposed into the ops its file runs (issue 18):
+# 0.00-0.06 mean / 0-3 max (tests/test_layernorm.py).
+KNOWN_DRIFT = {"LocallyConnected2D": (1.5, 4.0)}
 CHUNKS = 8  # parametrized in chunks so pytest-xdist spreads them
 
 

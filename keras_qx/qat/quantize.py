@@ -15,7 +15,7 @@ from keras_qx._compat import keras, quantize_annotate, tf, tfmot
 from keras_qx._graph import check_float_model, check_model
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
-from keras_qx.rewrite.flatten import ATTENTION_PARTS, flatten_nested
+from keras_qx.rewrite.flatten import ATTENTION_PARTS, LAYER_NORM_PARTS, flatten_nested
 from keras_qx.rewrite.inline import is_custom_layer
 from keras_qx.quant.quantizers import ClusterWeightQuantizer, SparseWeightQuantizer, WeightQuantizer
 from keras_qx.quant.configs import KernelQuantizeConfig
@@ -58,7 +58,7 @@ def _flatten(model, policy: Policy):
 
     def parts(name):  # a decomposed MultiHeadAttention's parts, an inlined custom layer's layers
         return [p for p in present if p.startswith(f"{name}/")
-                or any(p == f"{name}_{part}" for part in ATTENTION_PARTS)]
+                or any(p == f"{name}_{part}" for part in ATTENTION_PARTS + LAYER_NORM_PARTS)]
 
     split = [name for name in policy.layers if name not in present and name not in keep and parts(name)]
     if split:

@@ -39,7 +39,7 @@ from keras_qx.quant.configs import (
 )
 from keras_qx.quant.kinds import FLOAT, QUANTIZED, REFUSED, kernel_kind, treatment
 from keras_qx.quant.policy import LayerSpec
-from keras_qx.quant.quantizers import InputGridQuantizer, full_range_for
+from keras_qx.quant.quantizers import InputGridQuantizer, TopClampQuantizer, full_range_for
 from keras_qx.rewrite.scale_shift import ScaleShiftBatchNormalization, ScaleShiftNormalization, exports_as_scale_shift
 from keras_qx.rewrite.tfop import INDEX_OPS, VALUE_PRESERVING, TFOp
 
@@ -151,6 +151,9 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
         config = self.config_for(layer.name, type(layer), symbol=getattr(layer, "symbol", None))
         if type(config) is OutputQuantizeConfig and squeezes_onto_input_grid(layer):
             return input_grid_config(self.spec(layer.name).activation_bits)
+        if type(config) is OutputQuantizeConfig and getattr(layer, "symbol", None) == "math.rsqrt":
+            # rsqrt of 0 (a variance on its zero point) is inf: the runtime answers its range's top
+            return OutputQuantizeConfig(activation_quantizer=TopClampQuantizer(config.activation_bits))
         return config
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "ActivationQuantizer",
     "FixedRangeQuantizer",
     "InputGridQuantizer",
+    "TopClampQuantizer",
     "input_grid",
     "GateWeightQuantizer",
     "export_trace",
@@ -550,6 +551,28 @@ class ActivationQuantizer(_Quantizer):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits})"
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class TopClampQuantizer(ActivationQuantizer):
+    """An :class:`ActivationQuantizer` for an op whose int8 kernel answers the top of its output
+    range where the float op is infinite: RSQRT of an input on its zero point (a variance that
+    rounded to 0). While training, infinite values count as the range's current top, so the
+    moving average never learns an infinite range (which crashed the converter, measured); at
+    inference the fake-quant clips them to the top, as the runtime does.
+
+    Example:
+        >>> TopClampQuantizer(8).bits
+        8
+    """
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if training:
+            inputs = tf.where(tf.math.is_finite(inputs), inputs, tf.cast(weights["max_var"], inputs.dtype))
+        return super().__call__(inputs, training, weights, **kwargs)
+
+    def __repr__(self):
+        return f"TopClampQuantizer(bits={self.bits})"
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)

@@ -23,6 +23,11 @@
   loop converts. Any other LSTM stays whole and becomes one integer op.
 * ``SpectralNormalization(layer)`` becomes ``layer``: at inference it calls its layer with the
   kernel it normalized while training (QAT then trains the kernel without the normalization).
+* A ``LayerNormalization`` over the last axis becomes the int8 ops its file runs, each rounding
+  to a grid of its own (:func:`_layer_norm`): ``<name>_mean``, ``_centered``, ``_square``,
+  ``_variance``, ``_epsilon``, ``_rsqrt``, ``_normalized`` (``TFOp`` layers) and ``<name>``, a
+  :class:`LayerNormScale` (gamma and beta as one DEPTHWISE_CONV_2D). Whole, the converter lowers it
+  to ~12 int8 ops whose ranges it calibrates itself, while QAT rounds once at its output.
 * ``RandomCrop`` becomes :class:`InferenceRandomCrop`, the same layer taking ``training=None``
   or an integer learning phase (tfmot's wrappers pass them; RandomCrop fails on them).
 * Swish (``x * sigmoid(x)``; TFLite runs LOGISTIC then MUL) becomes ``Activation("sigmoid")``
@@ -45,11 +50,15 @@ from keras_qx._compat import PACKAGE, attention_parts, keras, tf
 from keras_qx._graph import graph_nodes, has_graph, is_graph_model
 from keras_qx.rewrite.inline import NotTraceable, ProbeFailed, check_agrees, is_inlinable, trace_layer
 
-__all__ = ["flatten_nested", "has_nested", "SequenceDense", "BiasAdd", "InferenceRandomCrop", "ATTENTION_PARTS"]
+__all__ = ["flatten_nested", "has_nested", "SequenceDense", "BiasAdd", "InferenceRandomCrop", "LayerNormScale",
+           "ATTENTION_PARTS", "LAYER_NORM_PARTS"]
 
 # A decomposed MultiHeadAttention's layers are named f"{name}_{part}".
 ATTENTION_PARTS = ("query", "key", "value", "query_bias", "key_bias", "value_bias", "scale", "scores", "softmax",
                    "combine", "output")  # the *_bias parts exist where the projection has a bias
+
+# A decomposed LayerNormalization's layers are named f"{name}_{part}" (its LayerNormScale keeps f"{name}").
+LAYER_NORM_PARTS = ("mean", "centered", "square", "variance", "epsilon", "rsqrt", "normalized")
 
 _KEEP_FUSED = {"linear", "relu"}  # fused activations tfmot quantizes as TFLite fuses them
 
@@ -96,6 +105,83 @@ class InferenceRandomCrop(keras.layers.RandomCrop):
         return super().call(inputs, training=training)
 
 
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class LayerNormScale(keras.layers.LayerNormalization):
+    """The last step of a decomposed ``LayerNormalization`` (:func:`_layer_norm`): its input,
+    already normalized, times ``gamma`` plus ``beta``, per channel of the last axis, as a 1x1
+    depthwise convolution (:func:`~keras_qx.rewrite.scale_shift.scale_shift`): one int8
+    DEPTHWISE_CONV_2D in the file (gamma stored per channel, so exactly; beta as its int32 bias),
+    rounding once, at the output, as the QAT model does. Same config and weights as the
+    ``LayerNormalization`` it comes from (policy rules of that type match it).
+
+    Example:
+        >>> layer = LayerNormScale(); layer(keras.Input((6, 4))).shape.as_list()
+        [None, 6, 4]
+    """
+
+    def call(self, inputs):
+        from keras_qx.rewrite.scale_shift import scale_shift
+
+        if not (self.scale or self.center):
+            return inputs
+        x = tf.cast(inputs, self.compute_dtype)
+        channels = int(x.shape[-1])
+        gamma = tf.cast(self.gamma, x.dtype) if self.scale else tf.ones((channels,), x.dtype)
+        beta = tf.cast(self.beta, x.dtype) if self.center else tf.zeros((channels,), x.dtype)
+        return scale_shift(x, gamma, beta)
+
+
+def _plain_layer_norm(layer) -> bool:
+    """A ``LayerNormalization`` over the last axis only (the usual transformer one), in float32."""
+    if type(layer) is not keras.layers.LayerNormalization:
+        return False
+    try:
+        rank = len(layer.input_shape)
+    except AttributeError:  # shared on inputs of different shapes: left as it is
+        return False
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return (rank >= 2 and [int(a) % rank for a in axis] == [rank - 1] and layer.input_shape[-1] is not None
+            and layer.compute_dtype == "float32")
+
+
+def _layer_norm(layer, args, kwargs):
+    """``LayerNormalization`` as the int8 ops of its file, each a layer with its own output range.
+
+    Whole, the converter lowers tf_keras's LayerNormalization (a fused batch norm over a
+    reshape) to RESHAPE, TRANSPOSE, MEAN, SQUARED_DIFFERENCE, MEAN, ADD (epsilon), RSQRT, MUL
+    (by ones), MUL, MUL, SUB, ADD, TRANSPOSE, RESHAPE, MUL (gamma, one int8 scale for all
+    channels) and ADD (beta), each rounding to an int8 grid whose range the converter
+    calibrates from the representative data, where the QAT model rounded once, at the output
+    (measured, TF 2.21: 1.4-1.7 mean / 7-11 max output steps after Conv1D -> LN -> Dense, 9 mean
+    after 24 transformer blocks). Decomposed, the file runs these ops and the QAT model
+    fake-quantizes each one's output on a range it calibrates and trains (the converter takes it
+    from the fake-quant): ``mean = mean(x)``, ``centered = x - mean``, ``square = (x - mean)**2``
+    (SQUARED_DIFFERENCE), ``variance = mean(square)``, ``epsilon = variance + eps``, ``rsqrt``,
+    ``normalized = centered * rsqrt``, then ``normalized * gamma + beta``
+    (:class:`LayerNormScale`) on the layer's own output range."""
+    from keras_qx.rewrite.tfop import TFOp
+
+    x = args[0] if args else kwargs["inputs"]
+    name = layer.name
+    t = lambda i: {"__tensor__": i}  # noqa: E731
+
+    def op(part, symbol, template):
+        return _once(f"{name}_{part}", lambda: TFOp(symbol, template, name=f"{name}_{part}"))
+
+    reduce = {"axis": -1, "keepdims": True}
+    mean = op("mean", "math.reduce_mean", {"args": [t(0)], "kwargs": reduce})(x)
+    centered = op("centered", "math.subtract", {"args": [t(0), t(1)]})([x, mean])
+    square = op("square", "math.squared_difference", {"args": [t(0), t(1)]})([x, mean])
+    variance = op("variance", "math.reduce_mean", {"args": [t(0)], "kwargs": reduce})(square)
+    shifted = op("epsilon", "math.add", {"args": [t(0), float(layer.epsilon)]})(variance)
+    rsqrt = op("rsqrt", "math.rsqrt", {"args": [t(0)]})(shifted)
+    normalized = op("normalized", "math.multiply", {"args": [t(0), t(1)]})([centered, rsqrt])
+    scale = _once(name, lambda: LayerNormScale.from_config(layer.get_config()))
+    y = scale(normalized)
+    scale.set_weights(layer.get_weights())
+    return y
+
+
 def _sequence_dense(layer) -> bool:
     if type(layer) is not keras.layers.Dense:
         return False
@@ -109,7 +195,7 @@ def _copied(layer) -> bool:
     """Rewritten into new layers with copied weights (the other rewrites share the layer)."""
     return (_activation_name(layer) is not None or isinstance(layer, keras.layers.MultiHeadAttention)
             or _sequence_dense(layer) or _swish(layer) or _fused_lstm(layer)
-            or type(layer) is keras.layers.RandomCrop)
+            or type(layer) is keras.layers.RandomCrop or _plain_layer_norm(layer))
 
 
 def _fused_lstm(layer) -> bool:
@@ -329,6 +415,8 @@ def _call(layer, args, kwargs, keep, copies):
         return _attention(layer, args, kwargs)
     if _fused_lstm(layer):
         return _unfused_lstm(layer, args, kwargs)
+    if _plain_layer_norm(layer):
+        return _layer_norm(layer, args, kwargs)
     if type(layer) is keras.layers.RandomCrop:
         return _once(layer.name, lambda: InferenceRandomCrop.from_config(layer.get_config()))(*args, **kwargs)
     if _swish(layer):

@@ -97,7 +97,25 @@ def _extract_patches(images, sizes, strides, rates, padding, name=None):
     return tf.reshape(x, [-1, h // ph, w // pw, ph * pw * c])
 
 
-_OWN = {"image.extract_patches": _extract_patches}  # computed as ops the converter has
+def _rsqrt(x, name=None):
+    """``tf.math.rsqrt`` with a finite gradient at 0: in QAT its input is fake-quantized, so a
+    small variance rounds to 0, its rsqrt is inf, clipped by the next fake-quant (whose gradient
+    there is 0), and TF's own gradient, 0 * inf, would be NaN."""
+    return _safe_rsqrt(tf.convert_to_tensor(x))
+
+
+@tf.custom_gradient
+def _safe_rsqrt(x):
+    y = tf.math.rsqrt(x)
+
+    def grad(dy):
+        safe = tf.math.rsqrt(tf.maximum(x, tf.cast(1e-12, x.dtype)))
+        return dy * tf.cast(-0.5, x.dtype) * safe * safe * safe
+
+    return y, grad
+
+
+_OWN = {"image.extract_patches": _extract_patches, "math.rsqrt": _rsqrt}  # computed as ops the converter has
 
 
 def _symbol(name: str, layer: str | None = None):
