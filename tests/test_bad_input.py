@@ -415,7 +415,7 @@ def test_49_one_hot_labels_for_a_sparse_loss(data):
     m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError, match=both("y looks one-hot (shape (32, 4))", "SparseCategoricalCrossentropy",
                                               "y.argmax(-1)")):
-        qx.sensitivity(m, (x, np.eye(4)[y]), verbose=False)
+        qx.sensitivity(m, x, np.eye(4)[y], verbose=False)
     # uncompiled, one-hot labels now get a categorical cross-entropy (was: MSE on the logits)
     from keras_qx.engine.sensitivity import infer_loss
 
@@ -433,7 +433,7 @@ def test_51_class_ids_beyond_the_outputs(model, files, data):
     x, y = data
     match = both("class ids 10..13", "4 outputs (ids 0..3)", "check the labels belong to this model")
     with pytest.raises(ValueError, match=match):
-        qx.sensitivity(model, (x, y + 10), verbose=False)
+        qx.sensitivity(model, x, y + 10, verbose=False)
     with pytest.raises(ValueError, match=match):  # evaluate_tflite used to report accuracy 0.0
         qx.evaluate_tflite(files / "good.tflite", x, y + 10, latency_runs=1)
 
@@ -506,7 +506,7 @@ def test_89_mse_with_class_ids(data):
         qx.auto_policy(m, *data, budget="6bits", verbose=False)
     # the fixes it names both work
     x, y = data
-    assert qx.sensitivity(m, (x, np.eye(10)[y]), verbose=False).method == "loss"
+    assert qx.sensitivity(m, x, np.eye(10)[y], verbose=False).method == "loss"
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     assert qx.sensitivity(m, *data, loss=loss, verbose=False).baseline_loss > 0
 
@@ -528,7 +528,7 @@ def test_89_mse_with_class_ids(data):
 def test_loss_against_targets(data, loss, units, targets, error, parts):
     x, y = data
     with pytest.raises(error, match=both(*parts)):
-        qx.sensitivity(compiled(loss, units), (x, targets(y)), verbose=False)
+        qx.sensitivity(compiled(loss, units), x, targets(y), verbose=False)
 
 
 def test_95_custom_loss_probed_on_two_samples(data):
@@ -537,7 +537,7 @@ def test_95_custom_loss_probed_on_two_samples(data):
 
     with pytest.raises(ValueError, match=both("the loss pairwise cannot score y (shape (32,))",
                                               "output (None, 4)", "Pass targets the loss takes")):
-        qx.sensitivity(tiny(), data, loss=pairwise, verbose=False)
+        qx.sensitivity(tiny(), *data, loss=pairwise, verbose=False)
 
 
 def test_96_search_checks_its_data_before_any_trial(data, tmp_path):

@@ -150,10 +150,10 @@ def test_what_cannot_be_inlined_stays_float_with_a_warning_and_the_rest_quantize
     qx.calibrate(qat, x)
     if isinstance(layer, Scale):  # (Branchy's value-dependent branch becomes a tf.cond the file runs
         # 24 steps off its QAT model; the verifier refuses that file: tests/test_verify.py)
-        # expected warning (suite runs keras_qx warnings as errors): the float layer makes the I/O float32
+        tfl = qx.export_tflite(qat, x)  # int8_io=None: float32 edges, since a layer stays float
+        assert tfl.report.info.inputs[0][1] == "FLOAT32" and tfl.report.max_error_steps <= 2
         with pytest.warns(UserWarning, match=r"keras_qx: layers kept float \(\['custom'\]\) stay float32"):
-            tfl = qx.export_tflite(qat, x)
-        assert tfl.report.max_error_steps <= 2
+            qx.export_tflite(qat, x, int8_io=True)  # asked for int8 edges it cannot have: said so
 
 
 def test_random_at_inference_is_not_inlined():

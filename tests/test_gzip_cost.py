@@ -183,7 +183,7 @@ def test_size_is_validated(bad):
     with pytest.raises(ValueError, match="size must be one of"):
         SearchSpace((4, 8), size=bad)
     with pytest.raises(ValueError, match="size must be one of"):
-        pareto(model, (np.zeros((4, 128)), np.zeros(4)), (np.zeros((4, 128)), np.zeros(4)), report=report, size=bad,
+        pareto(model, np.zeros((4, 128)), np.zeros(4), validation_data=(np.zeros((4, 128)), np.zeros(4)), report=report, size=bad,
                verbose=0)
 
 
