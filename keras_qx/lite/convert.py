@@ -217,9 +217,9 @@ def fix_lstm_bias_scales(data: bytes) -> tuple[bytes, int]:
 
 # Consumers that read their input's scale and zero point when prepared (the LSTM's gate biases,
 # which depend on it, are rescaled after): relabelling such an input is safe. A kernel with an
-# int32 bias at input scale x weight scale (FULLY_CONNECTED, CONV_2D) or one that copies bytes is not.
-_RELABEL_SAFE = {"UNIDIRECTIONAL_SEQUENCE_LSTM", "CONCATENATION", "ADD", "SUB", "MUL", "MEAN", "SUM",
-                 "QUANTIZE", "DEQUANTIZE"}
+# int32 bias at input scale x weight scale (FULLY_CONNECTED, CONV_2D), one that copies bytes, or
+# the int8 CONCATENATION (it requires every input on its output's grid) is not.
+_RELABEL_SAFE = {"UNIDIRECTIONAL_SEQUENCE_LSTM", "ADD", "SUB", "MUL", "MEAN", "SUM", "QUANTIZE", "DEQUANTIZE"}
 
 
 def _quant_of(tensor):
@@ -230,24 +230,37 @@ def _quant_of(tensor):
 
 
 def _reverse_keeps_scale(graph, op, names) -> int:
-    """1 if this integer REVERSE_V2's output took its input's scale and zero point, else 0.
+    """1 if this integer REVERSE_V2's output and input were put on one grid, else 0.
 
     The runtime's REVERSE_V2 copies its int8 values, so its output is on its input's grid; but
     the converter calibrates the output's scale itself from the representative data (it does not
     treat the op as same-scale), so the file labels it with another scale and its consumer reads
     the values wrongly: measured on an Embedding -> Bidirectional(LSTM) split into two LSTMs
     (keras_qx.rewrite.flatten), the reversed embeddings 7.9 mean / 15 max steps off, the logits
-    15 / 64. Done where every consumer reads the scale when prepared (``_RELABEL_SAFE``).
+    15 / 64. Done where every consumer reads the scale when prepared (``_RELABEL_SAFE``); else,
+    where the input is an LSTM's output, the input moves onto the output's grid instead (the
+    int8 CONCATENATION after a reversed backward sequence wants its inputs on its own grid: the
+    runtime refused to prepare a stacked Bidirectional otherwise).
     """
     source, out = graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]]
     have, want = _quant_of(out), _quant_of(source)
     if have is None or want is None or have == want or source.type != out.type:
         return 0
-    consumers = [name for other, name in zip(graph.operators, names) if op.outputs[0] in list(other.inputs)]
-    if any(name not in _RELABEL_SAFE for name in consumers):
+    def consumers(tensor):
+        return [name for other, name in zip(graph.operators, names) if tensor in list(other.inputs)]
+
+    if all(name in _RELABEL_SAFE for name in consumers(op.outputs[0])):
+        out.quantization.scale = [want[0]]
+        out.quantization.zeroPoint = [want[1]]
+        return 1
+    # Else (a CONCATENATION after it: a Bidirectional's reversed backward sequence) move the input
+    # onto the output's grid where it is an LSTM's output read by this op only: the LSTM's hidden
+    # state follows its output (_lstm_hidden_on_output_grid, run after this).
+    producers = [name for other, name in zip(graph.operators, names) if op.inputs[0] in list(other.outputs)]
+    if producers != ["UNIDIRECTIONAL_SEQUENCE_LSTM"] or len(consumers(op.inputs[0])) != 1:
         return 0
-    out.quantization.scale = [want[0]]
-    out.quantization.zeroPoint = [want[1]]
+    source.quantization.scale = [have[0]]
+    source.quantization.zeroPoint = [have[1]]
     return 1
 
 
