@@ -75,7 +75,10 @@ def test_images_of_any_size_run_in_a_file_exported_at_one(rng):
 @pytest.mark.slow
 def test_token_ids_of_any_length_through_a_bidirectional_lstm(rng):
     """The model of issue 18 ("input shape (40,) does not match the model's (1,)"): it exports
-    from length-40 ids and runs on length-60 ids."""
+    from length-40 ids and runs on length-60 ids, both directions integer LSTMs. Untrained, its
+    logits span little, so the int8 hidden state (rounded at every step in the file, not in QAT)
+    costs more output steps than in a trained model: measured 0.84 / 3 at length 17, 0.91 / 3 at
+    60, as a single integer LSTM here (0.87 / 2, 1.0 / 3); trained, 0.2 / 2 (test_text_models)."""
     inputs = keras.Input((None,), dtype="int32", name="ids")
     h = L.Embedding(50, 8)(inputs)
     h = L.Bidirectional(L.LSTM(8))(h)
@@ -84,9 +87,10 @@ def test_token_ids_of_any_length_through_a_bidirectional_lstm(rng):
         warnings.simplefilter("ignore")  # layers kept float by the default policy
         qat, tfl = exported(model, rng.integers(0, 50, size=(48, 40)).astype("int32"))
     assert signature(tfl) == [[1, -1]]  # recurrent layers convert at batch 1; the length stays dynamic
+    assert inspect_tflite(tfl).ops.count("UNIDIRECTIONAL_SEQUENCE_LSTM") == 2
     for length in (17, 60):
         mean, worst = steps(tfl, qat, rng.integers(0, 50, size=(16, length)).astype("int32"))
-        assert mean <= 0.5 and worst <= MAX_STEPS, (length, mean, worst)
+        assert mean <= 1.0 and worst <= 4 + 1e-3, (length, mean, worst)
 
 
 @pytest.mark.slow

@@ -195,7 +195,8 @@ def fix_lstm_bias_scales(data: bytes) -> tuple[bytes, int]:
     logits (0.13 rescaled). Rescaling moves each int32 value by at most half a step.
 
     Also sets each integer LSTM's int16 cell-state scale into the range the runtime computes
-    with (:func:`_clamp_lstm_cell_scale`); the count includes those.
+    with (:func:`_clamp_lstm_cell_scale`), and first gives a REVERSE_V2's output its input's
+    quantization (:func:`_reverse_keeps_scale`); the count includes those.
 
     Example:
         >>> data, fixed = fix_lstm_bias_scales(data)      # doctest: +SKIP
@@ -203,11 +204,65 @@ def fix_lstm_bias_scales(data: bytes) -> tuple[bytes, int]:
     ops = {v: k for k, v in vars(tflite_schema().BuiltinOperator).items() if not k.startswith("_")}
     model, fixed = tflite_model_object(data), 0
     for graph in model.subgraphs or []:
-        for op in graph.operators or []:
-            code = model.operatorCodes[op.opcodeIndex]
-            if ops.get(max(code.builtinCode, code.deprecatedBuiltinCode)) == "UNIDIRECTIONAL_SEQUENCE_LSTM":
-                fixed += _rescale_lstm_biases(model, graph, op) + _clamp_lstm_cell_scale(graph, op)
+        names = [ops.get(max(c.builtinCode, c.deprecatedBuiltinCode)) for c in
+                 (model.operatorCodes[op.opcodeIndex] for op in graph.operators or [])]
+        for op, name in zip(graph.operators or [], names):
+            if name == "REVERSE_V2":
+                fixed += _reverse_keeps_scale(graph, op, names)
+        for op, name in zip(graph.operators or [], names):
+            if name == "UNIDIRECTIONAL_SEQUENCE_LSTM":
+                fixed += (_rescale_lstm_biases(model, graph, op) + _clamp_lstm_cell_scale(graph, op)
+                          + _lstm_hidden_on_output_grid(graph, op))
     return (tflite_model_bytes(model) if fixed else data), fixed
+
+
+# Consumers that read their input's scale and zero point when prepared (the LSTM's gate biases,
+# which depend on it, are rescaled after): relabelling such an input is safe. A kernel with an
+# int32 bias at input scale x weight scale (FULLY_CONNECTED, CONV_2D), one that copies bytes, or
+# the int8 CONCATENATION (it requires every input on its output's grid) is not.
+_RELABEL_SAFE = {"UNIDIRECTIONAL_SEQUENCE_LSTM", "ADD", "SUB", "MUL", "MEAN", "SUM", "QUANTIZE", "DEQUANTIZE"}
+
+
+def _quant_of(tensor):
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) != 1:
+        return None
+    return float(q.scale[0]), int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
+
+
+def _reverse_keeps_scale(graph, op, names) -> int:
+    """1 if this integer REVERSE_V2's output and input were put on one grid, else 0.
+
+    The runtime's REVERSE_V2 copies its int8 values, so its output is on its input's grid; but
+    the converter calibrates the output's scale itself from the representative data (it does not
+    treat the op as same-scale), so the file labels it with another scale and its consumer reads
+    the values wrongly: measured on an Embedding -> Bidirectional(LSTM) split into two LSTMs
+    (keras_qx.rewrite.flatten), the reversed embeddings 7.9 mean / 15 max steps off, the logits
+    15 / 64. Done where every consumer reads the scale when prepared (``_RELABEL_SAFE``); else,
+    where the input is an LSTM's output, the input moves onto the output's grid instead (the
+    int8 CONCATENATION after a reversed backward sequence wants its inputs on its own grid: the
+    runtime refused to prepare a stacked Bidirectional otherwise).
+    """
+    source, out = graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]]
+    have, want = _quant_of(out), _quant_of(source)
+    if have is None or want is None or have == want or source.type != out.type:
+        return 0
+    def consumers(tensor):
+        return [name for other, name in zip(graph.operators, names) if tensor in list(other.inputs)]
+
+    if all(name in _RELABEL_SAFE for name in consumers(op.outputs[0])):
+        out.quantization.scale = [want[0]]
+        out.quantization.zeroPoint = [want[1]]
+        return 1
+    # Else (a CONCATENATION after it: a Bidirectional's reversed backward sequence) move the input
+    # onto the output's grid where it is an LSTM's output read by this op only: the LSTM's hidden
+    # state follows its output (_lstm_hidden_on_output_grid, run after this).
+    producers = [name for other, name in zip(graph.operators, names) if op.inputs[0] in list(other.outputs)]
+    if producers != ["UNIDIRECTIONAL_SEQUENCE_LSTM"] or len(consumers(op.inputs[0])) != 1:
+        return 0
+    source.quantization.scale = [have[0]]
+    source.quantization.zeroPoint = [have[1]]
+    return 1
 
 
 def _rescale_lstm_biases(model, graph, op) -> int:
@@ -232,6 +287,38 @@ def _rescale_lstm_biases(model, graph, op) -> int:
         bias.quantization.scale = [want]
         fixed += 1
     return fixed
+
+
+_LSTM_PROJECTION, _LSTM_OUTPUT_STATE, _LSTM_HIDDEN = 16, 18, 4  # operands; the hidden intermediate
+
+
+def _lstm_hidden_on_output_grid(graph, op) -> int:
+    """1 if the integer LSTM's hidden state (its int8 output state, and the intermediate its
+    kernel rounds the hidden state with) was moved onto its output tensor's grid, else 0.
+
+    Without a projection the kernel computes the hidden state on the grid of its
+    ``effective_hidden_scale`` intermediate, copies it to the output and reads it back through the
+    output-state operand. The converter calibrates the three alike, but a same-scale op after the
+    LSTM (CONCATENATION, and the STRIDED_SLICE before it) later moves the output's scale to its
+    own while the intermediate keeps the calibrated one, so the file's LSTM output is read on the
+    wrong grid: measured on Embedding -> LSTM -> concat, 12 mean / 32 max output steps at the
+    logits (0.24 / 2 without the concat); with the intermediate moved, as without the concat.
+    """
+    inter = list(op.intermediates) if op.intermediates is not None else []
+    if (len(inter) <= _LSTM_HIDDEN or len(op.inputs) <= _LSTM_OUTPUT_STATE or op.inputs[_LSTM_OUTPUT_STATE] < 0
+            or (op.inputs[_LSTM_PROJECTION] >= 0)):
+        return 0
+    want = _quant_of(graph.tensors[op.outputs[0]])
+    targets = [graph.tensors[op.inputs[_LSTM_OUTPUT_STATE]], graph.tensors[inter[_LSTM_HIDDEN]]]
+    if want is None or any(_quant_of(t) is None for t in targets):
+        return 0  # a float LSTM
+    moved = 0
+    for tensor in targets:
+        if _quant_of(tensor) != want:
+            tensor.quantization.scale = [want[0]]
+            tensor.quantization.zeroPoint = [want[1]]
+            moved = 1
+    return moved
 
 
 # UNIDIRECTIONAL_SEQUENCE_LSTM's cell-state operand; the integer kernel takes the tanh of the cell

@@ -191,7 +191,8 @@ TREATMENTS = {
         _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.ActivityRegularization,
         _L.RandomBrightness, _L.RandomContrast, _L.RandomFlip, _L.RandomHeight, _L.RandomWidth,
         _L.RandomRotation, _L.RandomTranslation, _L.RandomZoom)},
-    # kept float
+    # kept float (a Bidirectional of two LSTMs the converter fuses is split by keras_qx.rewrite.flatten
+    # into two integer LSTMs first; these are the ones left: GRU, SimpleRNN, masked, merge_mode None...)
     **{c: Treatment(FLOAT, reason=_RNN, static_batch=True) for c in (
         _L.SimpleRNN, _L.GRU, _L.RNN, _L.Bidirectional, _L.ConvLSTM1D, _L.ConvLSTM2D, _L.ConvLSTM3D)},
     # the converter fuses it into one integer UNIDIRECTIONAL_SEQUENCE_LSTM (int8 weights per gate,
@@ -217,16 +218,18 @@ TREATMENTS = {
 }
 
 
-def integer_lstm(layer) -> bool:
+def integer_lstm(layer, backwards: bool = False) -> bool:
     """``layer`` is an LSTM the converter fuses into its integer UNIDIRECTIONAL_SEQUENCE_LSTM:
     Keras's fused-kernel conditions (tanh/sigmoid, bias, no recurrent dropout, not unrolled) and
-    one output, a fresh state per sample, batch-major and forward in time."""
+    one output, a fresh state per sample, batch-major and forward in time (``backwards``: or
+    backward in time, which ``keras_qx.rewrite.flatten`` turns into a forward LSTM on the reversed
+    sequence: a Bidirectional's backward layer)."""
     if type(layer) is not _L.LSTM:
         return False
     config = layer.get_config()
     return (config["activation"] == "tanh" and config["recurrent_activation"] == "sigmoid" and config["use_bias"]
             and not config["recurrent_dropout"] and not any(config[k] for k in (
-                "unroll", "return_state", "stateful", "go_backwards", "time_major")))
+                "unroll", "return_state", "stateful", "time_major")) and (backwards or not config["go_backwards"]))
 
 
 def treatment(layer_or_type) -> Treatment | None:

@@ -15,9 +15,24 @@
 * A kernel layer with a fused activation other than ReLU/linear (``Dense(activation="gelu")``)
   becomes the layer without it plus ``Activation`` (``<name>_activation``): tfmot only
   quantizes a few fused activations, and TFLite needs the pre-activation quantized.
-* An ``LSTM`` inside ``Bidirectional``, or one the converter would not fuse into its integer
-  UNIDIRECTIONAL_SEQUENCE_LSTM (``keras_qx.quant.kinds.integer_lstm``: stateful, unrolled,
-  other activations...), becomes ``RNN(LSTMCell)`` with the same weights, kept float
+* ``Bidirectional(LSTM)`` (both LSTMs ones the converter fuses, no mask, no initial state)
+  becomes its two directions as plain layers: ``<name>/forward`` (an LSTM), ``<name>/reverse``
+  (``tf.reverse`` of the input along time), ``<name>/backward`` (an LSTM forward in time on it),
+  ``<name>/reverse_output`` (with ``return_sequences``) and the merge ``<name>/concat`` (a
+  ``tf.concat`` TFOp; ``/sum``, ``/mul``, ``/ave`` as Add, Multiply, Average), weights copied.
+  merge_mode None is not split: its two outputs go to the user's layers, and a quantized
+  Concatenate there fails to convert as below (measured). The file then holds two integer UNIDIRECTIONAL_SEQUENCE_LSTMs.
+  The concat and reverses get no quantizer of their own: a quantizer on a same-scale op after
+  an LSTM hands its scale back to the LSTM in the converter's QAT pass, which then quantizes the
+  LSTM itself with a 0-range zero state shared by both state operands and fails in its
+  split-merged-operands pass ("We cannot duplicate the value since it's not constant", measured;
+  tensorflow/compiler/mlir/lite/transforms/split_merged_operands.cc clones only constant
+  stateful operands, and a quantized ``tfl.pseudo_qconst`` is not matched as one); without it
+  the LSTMs stay float in that pass and are quantized from the representative data, as a
+  single LSTM is. A policy entry naming the Bidirectional applies to every part.
+* An ``LSTM`` inside any other ``Bidirectional``, or one the converter would not fuse into its
+  integer UNIDIRECTIONAL_SEQUENCE_LSTM (``keras_qx.quant.kinds.integer_lstm``: stateful,
+  unrolled, other activations...), becomes ``RNN(LSTMCell)`` with the same weights, kept float
   (keras_qx.quant.kinds.TREATMENTS): a fused LSTM kept float inside a quantize wrapper fails to
   convert ("cannot duplicate the value since it's not constant", measured), the generic RNN
   loop converts. Any other LSTM stays whole and becomes one integer op.
@@ -199,8 +214,9 @@ def _copied(layer) -> bool:
 
 
 def _fused_lstm(layer) -> bool:
-    """An LSTM to run as ``RNN(LSTMCell)``: inside a Bidirectional (kept float), or one the
-    converter would not fuse into its integer LSTM (:func:`~keras_qx.quant.kinds.integer_lstm`)."""
+    """A Bidirectional of LSTMs (split into two integer LSTMs, else run as ``RNN(LSTMCell)``, kept
+    float), or an LSTM the converter would not fuse into its integer LSTM
+    (:func:`~keras_qx.quant.kinds.integer_lstm`), to run as ``RNN(LSTMCell)``."""
     from keras_qx.quant.kinds import integer_lstm
 
     if isinstance(layer, keras.layers.Bidirectional):
@@ -221,7 +237,58 @@ def _generic_lstm(config: dict, name: str):
     return keras.layers.RNN(cell, name=name, **{k: config[k] for k in _RNN_KEYS if k in config})
 
 
+_MERGES = {"sum": keras.layers.Add, "mul": keras.layers.Multiply, "ave": keras.layers.Average}
+
+
+def _split_bidirectional(layer, args, kwargs) -> bool:
+    """``layer`` (a Bidirectional) called so can run as two integer LSTMs (the module docstring)."""
+    from keras_qx.quant.kinds import integer_lstm
+
+    x = args[0] if args else kwargs.get("inputs")
+    return (integer_lstm(layer.forward_layer) and integer_lstm(layer.backward_layer, backwards=True)
+            and layer.forward_layer.go_backwards != layer.backward_layer.go_backwards
+            and (layer.merge_mode == "concat" or layer.merge_mode in _MERGES)  # merge_mode None: see below
+            and len(args) <= 1 and not any(kwargs.get(k) is not None for k in ("mask", "initial_state", "constants"))
+            and getattr(x, "_keras_mask", None) is None and len(getattr(x, "shape", ())) == 3)
+
+
+def _bidirectional(layer, args, kwargs):
+    """``Bidirectional(LSTM)`` as a forward LSTM, a forward LSTM on the reversed sequence and a
+    merge (the module docstring), weights copied."""
+    from keras_qx.rewrite.tfop import TFOp
+
+    x = args[0] if args else kwargs["inputs"]
+    t = lambda i: {"__tensor__": i}  # noqa: E731
+    name = layer.name
+
+    def reverse(y, part):
+        return _once(f"{name}/{part}", lambda: TFOp("reverse", {"args": [t(0)], "kwargs": {"axis": [1]}},
+                                                    name=f"{name}/{part}"))(y)
+
+    def lstm(sub, y, part):
+        new = _copy(sub, f"{name}/{part}", go_backwards=False)
+        y = new(y)
+        new.set_weights(sub.get_weights())
+        return y
+
+    forward, backward = layer.forward_layer, layer.backward_layer
+    if forward.go_backwards:  # Keras allows a backward_layer forward in time, the forward one backward
+        forward, backward = backward, forward
+    outputs = [lstm(forward, x, "forward"), lstm(backward, reverse(x, "reverse"), "backward")]
+    if layer.return_sequences:
+        outputs[1] = reverse(outputs[1], "reverse_output")
+    if layer.forward_layer.go_backwards:
+        outputs.reverse()
+    if layer.merge_mode == "concat":
+        return _once(f"{name}/concat", lambda: TFOp("concat", {"args": [[t(0), t(1)]], "kwargs": {"axis": -1}},
+                                                    name=f"{name}/concat"))(outputs)
+    merge = f"{name}/{layer.merge_mode}"
+    return _once(merge, lambda: _MERGES[layer.merge_mode](name=merge))(outputs)
+
+
 def _unfused_lstm(layer, args, kwargs):
+    if isinstance(layer, keras.layers.Bidirectional) and _split_bidirectional(layer, args, kwargs):
+        return _bidirectional(layer, args, kwargs)
     if isinstance(layer, keras.layers.Bidirectional):
         new = keras.layers.Bidirectional(_generic_lstm(layer.forward_layer.get_config(), layer.forward_layer.name),
                                          merge_mode=layer.merge_mode, name=layer.name,

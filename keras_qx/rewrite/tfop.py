@@ -25,7 +25,7 @@ __all__ = ["TFOp", "from_tf_op_lambda", "VALUE_PRESERVING", "INDEX_OPS", "SAFE_T
 
 # Ops that only move values: no new range, so no output quantizer of their own.
 VALUE_PRESERVING = {"__operators__.getitem", "reshape", "transpose", "compat.v1.transpose",
-                    "identity", "expand_dims", "squeeze", "compat.v1.squeeze", "split", "concat",
+                    "identity", "expand_dims", "squeeze", "compat.v1.squeeze", "split", "concat", "reverse",
                     "stack", "nn.relu", "math.maximum", "math.minimum", "nn.relu6"}
 
 # Ops whose outputs are shapes, positions or masks (integers or booleans), not activations: no
