@@ -42,8 +42,20 @@ def test_ptq_modes(trained_cnn, digits, float_size, mode, max_drop, max_ratio):
 def test_ptq_errors(trained_cnn):
     with pytest.raises(ValueError, match="unknown PTQ mode 'int4'"):
         qx.ptq(trained_cnn, "int4")
-    with pytest.raises(ValueError, match="representative_data"):
+    with pytest.raises(ValueError, match="needs x \\(a few hundred training samples\\)"):
         qx.ptq(trained_cnn, "int8")
+
+
+def test_int8_io_follows_the_one_rule(trained_cnn, digits):
+    """int8_io=None, as in export_tflite: int8 edges where the whole file is integer; float32
+    edges when asked, or in a mode that keeps float ones; int8 asked of such a mode is refused."""
+    (x, _), _ = digits
+    edges = lambda tfl: {kind for _, kind, _ in qx.inspect_tflite(tfl).inputs}  # noqa: E731
+    assert edges(qx.ptq(trained_cnn, "int8", x[:100])) == {"INT8"}
+    assert edges(qx.ptq(trained_cnn, "int8", x[:100], int8_io=False)) == {"FLOAT32"}
+    assert edges(qx.ptq(trained_cnn, "int16x8", x[:100])) == {"FLOAT32"}
+    with pytest.raises(ValueError, match="int8_io=True applies to mode 'int8' only"):
+        qx.ptq(trained_cnn, "float16", x[:100], int8_io=True)
 
 
 def _op_types(tfl):
