@@ -84,3 +84,17 @@ def test_file_shrinks_by_the_tables_saving(exports):
     graph = 1024  # the RESHAPE / EMBEDDING_LOOKUP / QUANTIZE / RESHAPE that replace the GATHER
     assert size[8] - table // 2 <= size[4] <= size[8] - table // 2 + graph
     assert size[8] - 3 * table // 4 <= size[2] <= size[8] - 3 * table // 4 + graph
+
+
+def test_auto_policy_and_summary_see_sub_byte_tables(rng):
+    """An embedding-heavy model under 0.4x of its int8 bytes: feasible only with the table below
+    8 bits (it was infeasible while Embedding could only be int8); summary counts its bytes."""
+    model = _text_model()
+    x, y = _data(rng)
+    policy = qx.auto_policy(compile_classifier(model), x, y, budget="0.4x", verbose=0)
+    assert policy.layers["emb"]["weight_bits"] in (2, 4)
+    lines = []
+    qx.summary(qx.quantize(model, policy), print_fn=lines.append)
+    row = next(line for line in "\n".join(lines).splitlines() if line.startswith("emb "))
+    bits = policy.layers["emb"]["weight_bits"]
+    assert f"{VOCAB * WIDTH * bits // 8:,}" in row
