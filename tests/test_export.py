@@ -176,18 +176,16 @@ def test_summary_table(exported):
 
 def test_report_names_layers_stored_wider_than_trained(rng):
     """Sub-4-bit kernels: a 3-bit Dense trains at 3 bits and is stored as INT4 (the report says
-    so; at 2 bits it would be INT2); an Embedding, which the converter stores only as int8,
-    trains at 8 (quantize warns)."""
+    so; at 2 bits it would be INT2); so is a 3-bit Embedding table (keras_qx.lite.tables)."""
     from keras_qx._compat import keras
 
     ids = keras.Input((6,), dtype="int32", name="ids")
     h = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(20, 8, name="emb")(ids))
     model = keras.Model(ids, keras.layers.Dense(4, name="fc")(h))
-    with pytest.warns(UserWarning, match=r"only as int8, so they train at 8 bits: \{'emb': 'Embedding'\}"):
-        qat = qx.quantize(model, {"rules": [{"type": "Dense", "weight_bits": 3}, {"type": "Embedding", "weight_bits": 2}]})
+    qat = qx.quantize(model, {"rules": [{"type": "Dense", "weight_bits": 3}, {"type": "Embedding", "weight_bits": 3}]})
     x = rng.integers(0, 20, (64, 6)).astype("int32")
     tfl = qx.export_tflite(qx.calibrate(qat, x), x)
-    assert tfl.report.stored_wider == (("fc", 3, 4),)
+    assert tfl.report.stored_wider == (("emb", 3, 4), ("fc", 3, 4))
     assert any("fc 3-bit as INT4" in line for line in tfl.report.lines())
     kinds = {w[2]: w[1] for w in tfl.report.info.weights if len(w[2]) == 2}
-    assert kinds == {(20, 8): "INT8", (4, 8): "INT4"}
+    assert kinds == {(20, 8): "INT4", (4, 8): "INT4"}

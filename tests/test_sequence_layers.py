@@ -101,20 +101,19 @@ def test_einsum_dense_4_bit_packs_and_matches_numpy_reference(rng):
     assert qkernel is not None
 
 
-def test_embedding_takes_token_ids_and_exports_int8(rng):
+def test_embedding_takes_token_ids_and_exports_int4(rng):
     inputs = keras.Input((6,), dtype="int32", name="ids")
     x = L.Embedding(50, 16, name="emb")(inputs)
     model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
-    with pytest.warns(UserWarning, match="train at 8 bits"):  # TFLite GATHER stores int8
-        qat = qx.quantize(model, {"default": {"weight_bits": 4}})
+    qat = qx.quantize(model, {"default": {"weight_bits": 4}})  # the table too (keras_qx.lite.tables)
     ids = rng.integers(0, 50, size=(64, 6)).astype("int32")
     qat.compile("adam", "mse")
     qat.fit(ids, rng.random((64, 3)), epochs=2, verbose=0)
     tfl = qx.export_tflite(qat, ids, min_agreement=0.8)
     info = tfl.report.info
-    assert info.fully_integer and "GATHER" in info.ops
+    assert info.fully_integer and "EMBEDDING_LOOKUP" in info.ops and "GATHER" not in info.ops
     table = [w for w in info.weights if w[2] == (50, 16)]
-    assert table and table[0][1] == "INT8" and table[0][3] == kernel_bytes(model.get_layer("emb"), 8) == 800
+    assert table and table[0][1] == "INT4" and table[0][3] == kernel_bytes(model.get_layer("emb"), 4) == 400
     assert tfl.report.mean_error_steps < 1.0
     with pytest.raises(ValueError, match="token ids"):
         qx.export_tflite(qat, ids + 0.5)

@@ -18,6 +18,7 @@ import numpy as np
 from keras_qx._compat import keras, tf, tflite_model_bytes, tflite_model_object, tflite_schema
 from keras_qx._graph import is_quantized_layer
 from keras_qx.lite.int2 import to_int2
+from keras_qx.lite.tables import pack_tables
 from keras_qx.quant.configs import KeptFloatQuantizeConfig
 from keras_qx.quant.kinds import treatment
 from keras_qx.quant.quantizers import export_trace
@@ -124,7 +125,9 @@ def convert_qat(qat_model, samples, int8_io: bool | None = None, *, lengths=None
 
     ``samples`` (one array per input) calibrate the int8 input/output (the converter needs them
     even for QAT). FULLY_CONNECTED filters trained at 2 bits, which the converter stores as
-    INT4, are then rewritten as INT2 (:func:`keras_qx.lite.int2.to_int2`; the seconds include it).
+    INT4, are then rewritten as INT2 (:func:`keras_qx.lite.int2.to_int2`), and Embedding tables
+    trained below 8 bits packed as INT4 or INT2 (:func:`keras_qx.lite.tables.pack_tables`); the
+    seconds include both.
     ``lengths``: one shape without the batch axis per input, fixing the ``None`` dimensions;
     None keeps them dynamic where the converter can."""
     samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
@@ -132,6 +135,7 @@ def convert_qat(qat_model, samples, int8_io: bool | None = None, *, lengths=None
                      else _convert_qat_at(qat_model, samples, int8_io, lengths))
     start = time.perf_counter()
     data, _ = to_int2(data)
+    data, _ = pack_tables(data)
     return data, seconds + time.perf_counter() - start
 
 

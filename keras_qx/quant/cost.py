@@ -2,8 +2,9 @@
 
 Shared by ``summary()``, the policy engine and the benchmarks. Kernels cost their bit
 width rounded up to what the exporter really stores: INT2 (four values a byte) for 2-bit
-kernels that become FULLY_CONNECTED (Dense, EinsumDense), INT4 (two values a byte) for layer
-kinds the TFLite converter packs (Dense, Conv1D, Conv2D), otherwise a full int8 byte; a
+kernels that become FULLY_CONNECTED (Dense, EinsumDense) and 2-bit Embedding tables, INT4 (two
+values a byte) for layer kinds the TFLite converter packs (Dense, Conv1D, Conv2D) and 3-4-bit
+Embedding tables (:mod:`keras_qx.lite.tables` packs them), otherwise a full int8 byte; a
 layer kept float, or one TFLite keeps float (Conv3D), costs 4 bytes a value. Biases are int32 (4 bytes) in an integer model.
 
 Downloads are gzip'd, and low-bit kernels compress far below their stored width, so the model
@@ -154,6 +155,8 @@ def _file_layout(layer, attr: str, values: np.ndarray) -> tuple[np.ndarray, int 
     FULLY_CONNECTED/CONV_2D/TRANSPOSE_CONV filters; a depthwise filter keeps its channels last) and
     the axis of the file's per-channel scales (None: one scale)."""
     per_channel, axis = _grid(layer, attr)
+    if getattr(kernel_kind(layer), "lookup_table", False):
+        return values, None  # a GATHER / EMBEDDING_LOOKUP table: rows as the layer has them, one scale
     if attr == "depthwise_kernel":
         values = values.reshape(-1, values.shape[-2] * values.shape[-1])
         return values, (1 if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)) else None)

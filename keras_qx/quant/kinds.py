@@ -28,7 +28,12 @@ class KernelKind:
     converter keeps it float). Per-channel scales only where the converter accepts them
     (Conv2D, DepthwiseConv2D; Conv1D/Conv3D conversion fails with them). ``int2_export``: the
     kernel becomes a FULLY_CONNECTED filter, which ``export_tflite`` stores as INT2 at 2 bits
-    (:mod:`keras_qx.lite.int2`; the runtime takes INT2 in no other op).
+    (:mod:`keras_qx.lite.int2`), or an Embedding table (EMBEDDING_LOOKUP; the runtime's GATHER
+    refuses INT2). ``lookup_table``: the kernel is a table the converter turns into a GATHER,
+    kept int8 by the converter: it reaches the converter on an int8 grid of its trained step and
+    :mod:`keras_qx.lite.tables` stores it as INT4 (GATHER) at 3-4 bits and INT2
+    (EMBEDDING_LOOKUP) at 2 bits, per tensor: the runtime reads per-row scales only with a float
+    output (measured on ai-edge-litert 2.3).
     """
 
     layer_type: type
@@ -38,6 +43,7 @@ class KernelKind:
     int4_export: bool = False
     integer_export: bool = True
     int2_export: bool = False
+    lookup_table: bool = False
 
 
 # Ordered: subclasses before their bases (all are Conv subclasses; Conv2DTranspose is a Conv2D).
@@ -56,7 +62,8 @@ _KERNEL_KINDS = (
     KernelKind(_L.Conv3D, ("kernel",), per_channel=False, integer_export=False),
     KernelKind(_L.Dense, ("kernel",), per_channel=False, int4_export=True, int2_export=True),
     KernelKind(_L.EinsumDense, ("kernel",), per_channel=False, int4_export=True, int2_export=True),
-    KernelKind(_L.Embedding, ("embeddings",), per_channel=False, int4_export=False),
+    KernelKind(_L.Embedding, ("embeddings",), per_channel=False, int4_export=True, int2_export=True,
+               lookup_table=True),
     KernelKind(_L.LocallyConnected1D, ("kernel",), per_channel=False),
     KernelKind(_L.LocallyConnected2D, ("kernel",), per_channel=False),
 )

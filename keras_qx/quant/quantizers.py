@@ -204,6 +204,10 @@ class WeightQuantizer(_Quantizer):
         return np.maximum(np.abs(low), np.abs(high)) / (2 ** (self.bits - 1) - 1)
 
     def build(self, tensor_shape, name, layer):
+        from keras_qx.quant.kinds import kernel_kind  # kinds imports nothing of keras_qx; imported late all the same
+
+        kind = kernel_kind(getattr(layer, "layer", layer))  # tfmot passes its wrapper
+        self._lookup_table = bool(kind is not None and kind.lookup_table)
         shape = (int(tensor_shape[self.channel_axis]),) if self.per_channel else ()
         return self._range_vars(layer, name, shape)
 
@@ -229,8 +233,10 @@ class WeightQuantizer(_Quantizer):
         shape = x.shape
         if self.per_channel and shape.rank not in (2, 4):  # tfmot handles rank 2 and 4 only
             x = tf.reshape(x, (1, 1, -1, shape[-1]))
-        if exporting() and self.bits < 4:
+        if exporting() and self.bits < 4 and not getattr(self, "_lookup_table", False):
             x = self._on_int4_grid(x, weights)
+        elif exporting() and self.bits < 8 and getattr(self, "_lookup_table", False):
+            x = self._on_int4_grid(x, weights, carrier_bits=8)
         elif self.full_range:
             x = self._full_range(x, training, weights)
         else:
@@ -262,7 +268,7 @@ class WeightQuantizer(_Quantizer):
             tf.quantization.fake_quant_with_min_max_vars
         return fake_quant(x, low, high, **kwargs)
 
-    def _on_int4_grid(self, x, weights):
+    def _on_int4_grid(self, x, weights, carrier_bits: int = 4):
         """The kernel on this quantizer's grid (rounded by arithmetic the converter folds, with
         fake-quant's round-half-up), through a symmetric 4-bit fake-quant of the same step,
         where it loses nothing: the file then holds the trained integers (-2..1, -4..3, -1..1,
@@ -270,7 +276,14 @@ class WeightQuantizer(_Quantizer):
         its fake-quant's range: from the 2/3-bit fake-quant it makes the full-range grid a
         nonzero zero point (which FULLY_CONNECTED and CONV_2D refuse) and the 3-bit narrow grid
         INT4 at scale max/7 ({-3..3} * s stored as {-7, -5, -2, 0, 2, 5, 7}: measured); two
-        fake-quants in a row break an EinsumDense kernel's conversion (measured)."""
+        fake-quants in a row break an EinsumDense kernel's conversion (measured).
+
+        ``carrier_bits=8``: through an 8-bit fake-quant of the same step instead, for an Embedding
+        table below 8 bits (``KernelKind.lookup_table``): the converter types a GATHER's output
+        as its table, so a 4-bit table makes an int4 activation the next op refuses ("'tfl.mean'
+        op failed to verify that input and output must have same element type", measured); on
+        the int8 carrier the file holds the trained integers as int8 at step s, and
+        :mod:`keras_qx.lite.tables` packs them as INT4 or INT2 after conversion."""
         low, high = weights["min_var"], weights["max_var"]
         half = 2 ** (self.bits - 1)
         if self.full_range:
@@ -279,7 +292,8 @@ class WeightQuantizer(_Quantizer):
             step, lowest, highest = tf.maximum(tf.abs(low), tf.abs(high)) / (half - 1), 1 - half, half - 1
         step = tf.where(step > 0, step, 1.0)
         x = tf.clip_by_value(tf.floor(x / step + 0.5), lowest, highest) * step
-        return self._fake_quant(x, -7 * step, 7 * step, num_bits=4, narrow_range=True)
+        top = 2 ** (carrier_bits - 1) - 1
+        return self._fake_quant(x, -top * step, top * step, num_bits=carrier_bits, narrow_range=True)
 
     def get_config(self):
         return {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis,
