@@ -68,10 +68,11 @@ def test_masked_attention_is_refused_clearly_and_can_stay_float(rng):
     assert isinstance(qat.get_layer("mha"), L.MultiHeadAttention)  # whole and float
     x = rng.normal(size=(16, 6, 16)).astype("float32")
     qat(x, training=True)
-    # expected (keras_qx warnings are errors in the suite): the float attention makes the I/O float32
-    with pytest.warns(UserWarning, match=r"keras_qx: layers kept float \(\['mha'\]\) stay float32"):
-        tfl = qx.export_tflite(qat, x, min_agreement=0.0)
+    tfl = qx.export_tflite(qat, x, min_agreement=0.0)  # int8_io=None: float edges, the attention stays float
     assert not tfl.report.info.fully_integer  # honest: the attention runs in float
+    assert tfl.report.info.inputs[0][1] == "FLOAT32" and tfl.report.max_error_steps <= 4
+    with pytest.warns(UserWarning, match=r"keras_qx: layers kept float \(\['mha'\]\) stay float32"):
+        qx.export_tflite(qat, x, min_agreement=0.0, int8_io=True)
 
 
 def test_einsum_dense_4_bit_packs_and_matches_numpy_reference(rng):
