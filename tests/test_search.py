@@ -134,16 +134,16 @@ def test_search_space_groups_ties_and_float_costs():
 
 # ---- slow: real searches -----------------------------------------------------------------
 @pytest.mark.slow
-def test_search_fits_budget_warm_starts_and_round_trips(tiny_trained, tmp_path):
+def test_search_fits_budget_warm_starts_and_round_trips(tiny_trained, tmp_path, capsys):
     model, (x, y) = tiny_trained
     fits = tmp_path / "fits.txt"
-    lines = []
     tuner = BitWidthTuner(model, candidates=(4, 8), budget="0.6x", oracle="random", max_trials=3,
-                          directory=tmp_path, seed=3, print_fn=lines.append)
+                          directory=tmp_path, seed=3, verbose=1)
     board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb"))
     tuner.search(x, y, validation_data=(x[:64], y[:64]), epochs=1, callbacks=[FitLog(fits), board])
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["trial_0", "trial_1", "trial_2"]
     assert tuner.budget_bytes == int(0.6 * 1212)
+    lines = capsys.readouterr().out.splitlines()
     rows = tuner.results()
     assert [r["status"] for r in rows] == ["COMPLETED"] * 3
     assert len(fits.read_text().splitlines()) == 3  # one fit per trial, nothing else trained
