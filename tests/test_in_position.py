@@ -66,7 +66,8 @@ def test_every_class_in_position_exports_within_steps_of_its_qat_model(chunk):
             failures.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
             continue
         mean_bound, max_bound = KNOWN_DRIFT.get(name, (MAX_MEAN_STEPS, MAX_STEPS))
-        if not (got["mean"] <= mean_bound and got["max"] <= max_bound):
+        # (steps are measured in float: a max of 4 steps reads 4.0000005)
+        if not (got["mean"] <= mean_bound + 1e-4 and got["max"] <= max_bound + 1e-4):
             failures.append(f"{name}: {got}")
     assert not failures, "\n".join(failures)
 

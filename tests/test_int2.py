@@ -242,14 +242,27 @@ def test_attention_projections_and_feed_forward_int2(rng):
     assert len(info.int2_tensors) == 5 and not info.int4_tensors, info.weights
     predicted = sum(c.kernel_bytes for c, _ in layer_costs(qat) if c.storage_bits == 2)
     assert predicted == sum(w[3] for w in info.int2_tensors)
-    # The encoder's file is looser than a plain stack (softmax, LayerNorm: 0.72 steps at 4 bits,
-    # measured); INT2 costs little over the same file with INT4 filters.
-    from keras_qx._runtime import run
+    # INT2 runs on the built-in kernels only (XNNPACK declines it). On those same kernels the INT4
+    # file of the same 2-bit weights computes exactly the same outputs: the packing loses nothing.
+    # (Against XNNPACK's INT4 run it differs by ~0.5 steps: the built-in MEAN kernels of the
+    # LayerNorm and the pooling round up where XNNPACK rounds to nearest, tests/test_runtime_rounding.py.)
+    from keras_qx._runtime import interpreter
     from keras_qx.lite import convert
 
     with export_trace():
         int4, _ = convert._convert_qat(qat, [x], True)
     assert len(inspect_tflite(int4).int4_tensors) == 5
-    result = run(int4, x)
-    int4_steps = float(np.abs(result.output - qat.predict(x, verbose=0)).mean() / result.output_steps[0])
-    assert tfl.report.mean_error_steps <= int4_steps + 0.3, (tfl.report.mean_error_steps, int4_steps)
+
+    def builtin_outputs(data):
+        it = interpreter(data, xnnpack=False)
+        di, do = it.get_input_details()[0], it.get_output_details()[0]
+        (s, z) = di["quantization"]
+        out = []
+        for sample in x[:32]:
+            it.set_tensor(di["index"], np.clip(np.round(sample[None] / s) + z, -128, 127).astype(np.int8))
+            it.invoke()
+            out.append(it.get_tensor(do["index"]).copy())
+        return np.concatenate(out)
+
+    np.testing.assert_array_equal(builtin_outputs(bytes(tfl)), builtin_outputs(int4))
+    assert tfl.report.mean_error_steps <= 1.0 and tfl.report.max_error_steps <= 6, tfl.report.verification
