@@ -307,13 +307,29 @@ def _child(workdir: str) -> None:
     outputs = runner.predict(xs)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     n = len(xs[0])
-    for i in range(min(10, job["latency_runs"])):  # warm-up
-        runner.invoke_all([xi[i % n] for xi in xs])
-    times = []
-    for i in range(job["latency_runs"]):
-        start = time.perf_counter()
-        runner.invoke_all([xi[i % n] for xi in xs])
-        times.append(time.perf_counter() - start)
+    if job.get("invoke_only"):  # the runtime's own time: inputs set once, invoke() alone timed
+        runner.invoke_all([xi[0] for xi in xs])
+        interp = runner.interpreter
+        for _ in range(min(10, job["latency_runs"])):  # warm-up
+            interp.invoke()
+        # flush_bytes: a buffer that size is written between timed runs (untimed), so the
+        # model's weights come from beyond the caches it evicts, as in a larger model
+        scratch = np.zeros(int(job.get("flush_bytes", 0)), np.uint8)
+        times = []
+        for _ in range(job["latency_runs"]):
+            if scratch.size:
+                scratch += 1
+            start = time.perf_counter()
+            interp.invoke()
+            times.append(time.perf_counter() - start)
+    else:
+        for i in range(min(10, job["latency_runs"])):  # warm-up
+            runner.invoke_all([xi[i % n] for xi in xs])
+        times = []
+        for i in range(job["latency_runs"]):
+            start = time.perf_counter()
+            runner.invoke_all([xi[i % n] for xi in xs])
+            times.append(time.perf_counter() - start)
     for j, y in enumerate(outputs):
         np.save(os.path.join(workdir, f"y{j}.npy"), y)
     meta = {"output_steps": runner.output_steps, "delegate": runner.delegate, "times": times}
@@ -380,16 +396,23 @@ def run_tensors(model: bytes, x, timeout: float = TIMEOUT_S) -> TensorsResult:
     return TensorsResult(tensors, meta["ops"], meta["inputs"], meta["outputs"], values)
 
 
-def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: float = TIMEOUT_S) -> RunResult:
+def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: float = TIMEOUT_S,
+        invoke_only: bool = False, flush_bytes: int = 0) -> RunResult:
     """Run ``model`` on samples ``x`` (an array; for several inputs a dict by input name, or a
     list in the file's input order) in a child process (see the module docstring).
+
+    ``latency_runs`` timed single-sample invocations follow (10 warm-up ones first): with
+    ``invoke_only``, of the runtime's ``invoke()`` alone on the first sample (no Python around it:
+    what the latency model measures; ``flush_bytes``: a buffer that size written between them),
+    else of a whole sample in and out.
 
     Raises:
         RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.
     """
     with tempfile.TemporaryDirectory(prefix="keras_qx-run-") as workdir:
-        meta = _launch(model, x, {"num_threads": int(num_threads), "latency_runs": int(latency_runs)}, timeout,
-                       workdir)
+        meta = _launch(model, x, {"num_threads": int(num_threads), "latency_runs": int(latency_runs),
+                                  "invoke_only": bool(invoke_only), "flush_bytes": int(flush_bytes)},
+                       timeout, workdir)
         outputs = [np.load(os.path.join(workdir, f"y{j}.npy"), allow_pickle=False) for j in range(len(meta["output_steps"]))]
     return RunResult(outputs, meta["output_steps"], meta["delegate"], meta["times"])
 
