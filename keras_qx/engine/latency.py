@@ -361,8 +361,8 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
     def measured(signature, measure):
         us = store.get(signature)
         if us is None:
-            us = measure()
-            store.put(signature, us)
+            store.put(signature, measure())
+            us = store.get(signature)  # as rounded in the file: a cached table equals a fresh one
         return us
 
     overhead = measured("overhead", lambda: _overhead_us(num_threads, runs))
