@@ -162,3 +162,155 @@ def test_milp_solve_time_60_layers():
     seconds = time.perf_counter() - start
     assert result.kernel_bytes <= 0.5 * max_bytes and result.latency_us <= mid_us + 100.0 + 1e-6
     assert seconds < 10, seconds
+
+
+# ---- auto_policy against a hand-made table -------------------------------------------------
+# The tiny model's kernels: conv 36, fc 1152, out 24 values; int8 1212 bytes. On this made-up
+# runtime a 4-bit fc runs slower than an 8-bit one (its INT4 kernel is unpacked first).
+TABLE = LatencyTable(base_us=40.0, layers={"conv": {2: 6.0, 4: 6.0, 8: 5.0}, "fc": {2: 30.0, 4: 25.0, 8: 10.0},
+                                           "out": {2: 2.0, 4: 2.0, 8: 1.0}}, num_threads=1, runtime="hand-made")
+
+
+def _tiny_report(model):
+    layers = quantizable_layers(model)
+    damage = {"conv": {2: 0.5, 4: 0.2, 8: 0.0}, "fc": {2: 0.3, 4: 0.1, 8: 0.0}, "out": {2: 0.4, 4: 0.15, 8: 0.0}}
+    return SensitivityReport(method="loss", candidates=(2, 4, 8), damage=damage, kernel_bytes={},
+                             params={l.name: kernel_params(l) for l in layers})
+
+
+def test_auto_policy_meets_the_latency_cap_the_bytes_policy_misses(monkeypatch):
+    model = tiny_model()
+    report = _tiny_report(model)
+    by_bytes = auto_policy(model, report=report, budget="0.6x", latency=TABLE, verbose=0)
+    meta = by_bytes.meta["auto_policy"]
+    assert meta["layers"]["fc"]["bits"] in (2, 4)  # 0.6x forces fc below 8 bits
+    assert meta["predicted_latency_us"] > 60 and meta["latency_budget_us"] is None  # recorded, not capped
+
+    calls = []
+    monkeypatch.setattr(latency_module, "latency_table", lambda m, c, **kw: calls.append(c) or TABLE)
+    fast = auto_policy(model, report=report, budget="60us", verbose=0)  # None: measured (here, patched)
+    assert calls == [(2, 4, 8)]
+    meta = fast.meta["auto_policy"]
+    assert meta["latency_budget_us"] == 60.0 and meta["predicted_latency_us"] <= 60.0
+    assert meta["layers"]["fc"]["bits"] == 8 and meta["layers"]["fc"]["latency_us"] == 10.0
+    assert meta["predicted_latency_us"] == pytest.approx(40 + sum(v["latency_us"] for v in meta["layers"].values()))
+    assert meta["budget_bytes"] is None and meta["latency_base_us"] == 40.0
+    # both caps: a size that fits fc at 8 bits and the time
+    both = auto_policy(model, report=report, budget=["0.98x", "0.06ms"], latency=TABLE, verbose=0)
+    meta = both.meta["auto_policy"]
+    assert meta["predicted_kernel_bytes"] <= meta["budget_bytes"] == int(0.98 * 1212)
+    assert meta["predicted_latency_us"] <= 60.0 and meta["layers"]["fc"]["bits"] == 8
+    # 0.6x and 60 µs cannot both hold: the message gives the fastest time and the smallest size
+    with pytest.raises(InfeasibleBudget, match=r"fastest possible is 56.0 µs.*smallest"):
+        auto_policy(model, report=report, budget=["0.6x", "60us"], latency=TABLE, verbose=0)
+    with pytest.raises(InfeasibleBudget, match=r"fastest possible at these candidates is 56.0 µs"):
+        auto_policy(model, report=report, budget="50us", latency=TABLE, verbose=0)
+    with pytest.raises(TypeError, match="LatencyTable"):
+        auto_policy(model, report=report, budget="60us", latency={"fc": {8: 1.0}}, verbose=0)
+    partial = LatencyTable(base_us=1.0, layers={"conv": {8: 1.0}, "fc": {8: 1.0}, "out": {8: 1.0}})
+    with pytest.raises(ValueError, match=r"no time for layer 'conv' at 4 bits"):
+        auto_policy(model, report=report, budget="60us", latency=partial, verbose=0)
+
+
+# ---- the search ------------------------------------------------------------------------------
+def _data(n=192, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 8, 8, 1)).astype("float32")
+    y = (x[:, :4].mean(axis=(1, 2, 3)) > 0.5).astype("int64") + (x[:, 4:].mean(axis=(1, 2, 3)) > 0.5)
+    return x, y
+
+
+class FitLog(keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path = str(path)
+
+    def on_train_begin(self, logs=None):
+        bits = {l.layer.name: int(l.quantize_config.weight_bits) for l in self.model.layers
+                if getattr(getattr(l, "quantize_config", None), "weight_bits", None) is not None}
+        with open(self.path, "a") as f:
+            f.write(f"{bits}\n")
+
+
+def test_tuner_never_trains_an_over_latency_assignment(tmp_path):
+    """An oracle stuck on all-8 bits: fc at 8 is fast but conv and out at 8 cost the time; the
+    cap (40 + 20 µs) forces fc to 8 bits and leaves no room for conv at 8."""
+    from keras_qx.engine.search import BitWidthTuner
+
+    kt = keras_tuner()
+    table = LatencyTable(base_us=40.0, layers={"conv": {4: 5.0, 8: 9.0}, "fc": {4: 25.0, 8: 10.0},
+                                               "out": {4: 1.0, 8: 1.5}})
+    x, y = _data()
+    model = compile_classifier(tiny_model())
+    model.fit(x, y, epochs=1, verbose=0)
+
+    class AllEight(kt.oracles.RandomSearchOracle):
+        def populate_space(self, trial_id):
+            return {"status": "RUNNING", "values": {hp.name: 8 for hp in self.hyperparameters.space}}
+
+    with pytest.raises(InfeasibleBudget, match=r"fastest assignment .* takes 56.0 µs"):
+        BitWidthTuner(model, candidates=(4, 8), budget="50us", latency=table, directory=tmp_path, verbose=0)
+    with pytest.raises(ValueError, match="needs model="):
+        BitWidthTuner(hypermodel=lambda hp: tiny_model(), budget="1ms", directory=tmp_path, verbose=0)
+    fits = tmp_path / "fits.txt"
+    tuner = BitWidthTuner(model, candidates=(4, 8), budget="60us", latency=table,
+                          oracle=AllEight(kt.Objective("accuracy", "max"), max_trials=2), objective="accuracy",
+                          warm_start=False, directory=tmp_path, seed=0, verbose=0)
+    assert tuner.budget_us == 60.0 and tuner.budget_bytes is None
+    tuner.search(x, y, epochs=1, callbacks=[FitLog(fits)])
+    rows = tuner.results()
+    assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
+    assert all(r["predicted_us"] <= 60.0 for r in rows)
+    trained = [eval(line) for line in fits.read_text().splitlines()]  # noqa: S307 - our own dicts
+    assert len(trained) == 2 and all(40 + sum(table.layers[n][b] for n, b in t.items()) <= 60 for t in trained)
+    assert {"conv": 8, "fc": 8, "out": 8} not in trained
+    stats = tuner.stats
+    assert stats["rejected"] == stats["rejected_latency"] == 2 * 9 and stats["repaired"] == 2
+    table_text = tuner.results_summary()
+    assert "predicted µs" in table_text.splitlines()[0] and "latency budget 60.0 µs" in table_text
+    assert "over the latency budget" in table_text
+    meta = tuner.best_policy().meta["search"]
+    assert meta["latency_budget_us"] == 60.0 and meta["predicted_latency_us"] <= 60.0
+
+
+def test_tuner_warm_starts_from_auto_policy_at_both_caps(tmp_path, monkeypatch):
+    from keras_qx.engine.search import BitWidthTuner
+
+    x, y = _data(128)
+    model = compile_classifier(tiny_model())
+    model.fit(x, y, epochs=1, verbose=0)
+    table = LatencyTable(base_us=40.0, layers={"conv": {4: 5.0, 8: 9.0}, "fc": {4: 25.0, 8: 10.0},
+                                               "out": {4: 1.0, 8: 1.5}})
+    monkeypatch.setattr(latency_module, "latency_table", lambda m, c, **kw: table)  # measured once, "here"
+    tuner = BitWidthTuner(model, candidates=(4, 8), budget=["0.99x", "60us"], oracle="random", max_trials=1,
+                          objective="accuracy", directory=tmp_path, seed=0, verbose=0)
+    tuner.search(x, y, epochs=1)
+    row = tuner.results()[0]
+    assert row["warm_start"] and row["bits"] == {"conv": 4, "fc": 8, "out": 8}  # the one fit at 60 µs, int8 fc
+    assert row["predicted_us"] == pytest.approx(56.5) and row["kernel_bytes"] <= int(0.99 * 1212)
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+def test_cli_budget_comma_form(tmp_path, capsys, monkeypatch):
+    """--budget 0.6x,2ms and a lone --budget 2ms parse; a bad pair fails before any model is trained."""
+    from keras_qx import cli
+
+    assert split_budget("0.6x,2ms") == (("int8", 0.6), 2000.0)
+    assert cli.main(["quantize", "--budget", "1ms,2ms", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "keras-qx: error: budget='1ms,2ms' gives two latency budgets" in err, err
+    assert cli.main(["search", "--budget", "0.6x,0ms", "--out", str(tmp_path / "b")]) == 2
+    assert "positive, finite" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    seen = []
+
+    def stop(args):  # the budget checked, then the model: stop there
+        seen.append(args.budget)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(cli, "_model_and_data", stop)
+    for budget in ("0.6x,2ms", "2ms"):
+        assert cli.main(["quantize", "--budget", budget, "--out", str(tmp_path / "c")]) == 2
+        assert cli.main(["search", "--budget", budget, "--out", str(tmp_path / "d")]) == 2
+    assert seen == ["0.6x,2ms", "0.6x,2ms", "2ms", "2ms"]
+    assert "--budget" in cli.__doc__ and "2ms" in cli.__doc__
