@@ -314,3 +314,28 @@ def test_cli_budget_comma_form(tmp_path, capsys, monkeypatch):
         assert cli.main(["search", "--budget", budget, "--out", str(tmp_path / "d")]) == 2
     assert seen == ["0.6x,2ms", "0.6x,2ms", "2ms", "2ms"]
     assert "--budget" in cli.__doc__ and "2ms" in cli.__doc__
+
+
+# ---- the Pareto sweep ----------------------------------------------------------------------
+def test_pareto_rows_carry_the_predicted_time():
+    from keras_qx.engine.pareto import _check_budgets, pareto
+
+    assert _check_budgets(("0.6x", "1ms", ["0.6x", "500us"], "0.5x,2ms")) == ["0.6x", "1ms", "0.6x,500us", "0.5x,2ms"]
+    with pytest.raises(ValueError, match="two latency budgets"):
+        _check_budgets((["1ms", "2ms"],))
+    x, y = _data(96)
+    model = compile_classifier(tiny_model())
+    result = pareto(model, x, y, validation_data=(x[:32], y[:32]), budgets=("60us", "0.98x,60us", "50us"),
+                    report=_tiny_report(model), latency=TABLE, qat_epochs=0, random_mixes=1, uniform=(8,), verbose=0)
+    rows = {r["label"]: r for r in result.rows}
+    assert set(rows) == {"W8", "auto @ 60us", "random 1 @ 60us", "auto @ 0.98x,60us", "random 1 @ 0.98x,60us"}
+    for r in result.rows:
+        assert r["predicted_us"] == pytest.approx(TABLE.total_us(r["bits"]))
+        if r["kind"] != "uniform":
+            assert r["budget_us"] == 60.0 and r["predicted_us"] <= 60.0
+    assert rows["auto @ 0.98x,60us"]["budget_bytes"] == int(0.98 * 1212) and rows["auto @ 60us"]["budget_bytes"] is None
+    assert rows["auto @ 0.98x,60us"]["kernel_bytes"] <= int(0.98 * 1212)
+    assert [b for b, _ in result.skipped] == ["50us"] and "fastest possible" in result.skipped[0][1]
+    table = result.table()
+    assert "| predicted µs |" in table.splitlines()[0] and "**60us** (60.0 µs)" in table
+    assert "uniform within budget: W8" in table  # 56 µs
