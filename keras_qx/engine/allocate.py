@@ -10,6 +10,11 @@ best point per cost bucket; the result is then approximate, and says so in
 ``resolution_bytes``: no worse than the exact optimum under a budget that many bytes smaller.
 Models of up to a few hundred layers stay exact.)
 
+With a latency budget (``"2ms"``, or ``["0.6x", "2ms"]`` for both caps) each width also costs
+its layer's predicted microseconds from a :class:`~keras_qx.engine.latency.LatencyTable`, and the
+knapsack has two constraints: it is solved exactly as a 0/1 integer program with
+``scipy.optimize.milp`` (:func:`allocate_milp`).
+
 Example:
     >>> policy = qx.auto_policy(model, x, y, budget="0.6x")       # doctest: +SKIP
     >>> policy.meta["auto_policy"]["predicted_kernel_bytes"]         # doctest: +SKIP
@@ -185,7 +190,7 @@ def allocate_milp(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int 
     cap_us = float(budget_us) - float(base_us)
     unit = SIZE_UNITS[size]
 
-    def infeasible():
+    def infeasible():  # InfeasibleBudget's arguments
         fast = [min(opts, key=lambda r: (r[3], r[2])) for opts in by_unit]
         small = [min(opts, key=lambda r: (r[2], r[3])) for opts in by_unit]
         fast_bytes, small_us = sum(r[2] for r in fast), base_us + sum(r[3] for r in small)
@@ -202,10 +207,10 @@ def allocate_milp(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int 
             fix = "Raise one of the two budgets."
         if budget_bytes is not None and smallest > budget_bytes:
             text += f"; and {budget_bytes:,} {unit} is below the smallest possible, {smallest:,}"
-        return InfeasibleBudget(f"{text}. {fix}", budget_bytes, smallest, float(budget_us), float(fastest))
+        return f"{text}. {fix}", budget_bytes, smallest, float(budget_us), float(fastest)
 
     if fastest > budget_us * (1 + 1e-12) or (budget_bytes is not None and smallest > budget_bytes):
-        raise infeasible()
+        raise InfeasibleBudget(*infeasible())
     n, m = len(rows), len(units)
     # damage relative to each unit's least damaging width (a constant shift), scaled to [0, 1000]
     low = [min(r[4] for r in opts) for opts in by_unit]
@@ -224,7 +229,7 @@ def allocate_milp(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int 
         result = milp(c * scale, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
                       options={"mip_rel_gap": 0.0})
         if result.x is None:
-            raise infeasible()
+            raise InfeasibleBudget(*infeasible())
         chosen = [rows[j] for j in range(n) if result.x[j] > 0.5]
         total_bytes, total_us = sum(r[2] for r in chosen), sum(r[3] for r in chosen)
         over_bytes = budget_bytes is not None and total_bytes > budget_bytes
