@@ -9,6 +9,11 @@
     keras-qx search --budget 0.6x [--size gzip] [--trials 10] [--oracle bayesian] [--model M --data D.npz] [--out DIR]
         KerasTuner search of per-layer bits under the budget (first trial: auto_policy's),
         then export the best: policy JSON, .tflite, results table (CSV, Markdown) and a plot
+
+``--budget`` is keras_qx's one budget syntax: bytes (60000, 60kB), 0.6x of the uniform-int8
+kernel bytes, 4.5bits on average, a predicted latency (2ms, 500us: each layer's time at its
+width, measured on this machine's runtime, one thread), or one size and one latency budget
+separated by a comma (0.6x,2ms): both hold.
     keras-qx inspect model.tflite
         ops, INT4 tensors, sizes, each weight's zeros and distinct values
     keras-qx eval a.tflite b.tflite ... --data D.npz [--metric accuracy] [--plot roads.png]
@@ -219,7 +224,7 @@ def _analyze(args) -> int:
 
 def _quantize(args) -> int:
     from keras_qx._compat import keras
-    from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
+    from keras_qx.engine.allocate import auto_policy, budget_from, split_budget
     from keras_qx.quant.cost import SIZE_UNITS
     from keras_qx.lite.evaluate import evaluate_tflite
     from keras_qx._io import write_atomic
@@ -228,16 +233,21 @@ def _quantize(args) -> int:
     from keras_qx.engine.sensitivity import infer_loss, quantizable_layers, sensitivity
     from keras_qx.qat.summary import summary
 
-    parse_budget(args.budget)
+    size_budget, budget_us = split_budget(args.budget)
     model, data = _model_and_data(args)
     (x, y), (xt, yt) = data.train, data.test
     unit = SIZE_UNITS[args.size]
-    budget = budget_from(quantizable_layers(model), args.budget, size=args.size)
+    budget = None if size_budget is None else budget_from(quantizable_layers(model), size_budget, size=args.size)
     _say(f"sensitivity ({args.method}) on {data.val_name}, {len(data.val[0]):,} samples...")
     report = sensitivity(model, *data.val, args.candidates, method=args.method, verbose=1)
-    policy = auto_policy(model, report=report, budget=budget, keep=args.keep, size=args.size)
+    if budget_us is not None:
+        _say("latency table (each layer at each width, this machine's runtime)...")
+    parts = [p for p in (budget, None if budget_us is None else ("us", budget_us)) if p is not None]
+    policy = auto_policy(model, report=report, budget=parts[0] if len(parts) == 1 else parts, keep=args.keep,
+                         size=args.size)
     meta = policy.meta["auto_policy"]
-    _say(f"allocation: {meta['predicted_kernel_bytes']:,} of {budget:,} {unit}; QAT {args.qat_epochs} epochs...")
+    _say(f"allocation: {_predicted(meta['predicted_kernel_bytes'], budget, unit, meta)}; QAT {args.qat_epochs} "
+         "epochs...")
     qat = quantize(model, policy)
     qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y), metrics=["accuracy"])
     qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)
@@ -246,14 +256,19 @@ def _quantize(args) -> int:
     result = evaluate_tflite(tfl, xt, yt)
     file_kernels = tfl.report.info.kernel_bytes
     lines = ["# keras_qx quantization report", "",
-             f"Budget: {budget:,} {unit} ({args.budget}); predicted {meta['predicted_kernel_bytes']:,} "
-             f"(int8 would be {meta['int8_kernel_bytes']:,}); kernel bytes in the file {file_kernels:,}.", "",
+             f"Budget ({args.budget}): {_predicted(meta['predicted_kernel_bytes'], budget, unit, meta)} "
+             f"(int8 would be {meta['int8_kernel_bytes']:,} {unit}); kernel bytes in the file {file_kernels:,}.", "",
              f"TFLite (test split, {len(xt):,} samples): accuracy {result['accuracy']:.2%}, "
              f"{result['size_bytes']:,} bytes ({result['gzip_bytes']:,} gzipped), median latency "
              f"{result['latency_ms']:.3f} ms.", "",
              data.describe() + " The sensitivity (damage below) was measured there.", "",
              f"| layer | bits | {unit} | damage |", "|---|---|---|---|"]
-    lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['damage']:.4g} |" for n, v in meta["layers"].items()]
+    if budget_us is not None:
+        lines[-2:] = [f"| layer | bits | {unit} | predicted µs | damage |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['latency_us']:,.1f} | {v['damage']:.4g} |"
+                  for n, v in meta["layers"].items()]
+    else:
+        lines += [f"| {n} | {v['bits']} | {v['kernel_bytes']:,} | {v['damage']:.4g} |" for n, v in meta["layers"].items()]
     lines += ["", "```", summary(qat, print_fn=None), "```", "", report.table().replace("\n", "  \n"),
               "", "![sensitivity](sensitivity.png)", ""]
     report.plot(_out_path(args, "sensitivity.png"))
@@ -262,6 +277,15 @@ def _quantize(args) -> int:
     print("\n".join(lines[:7]))
     _say(f"wrote {args.out}/policy.json, model.tflite, report.md, sensitivity.png")
     return 0
+
+
+def _predicted(predicted_bytes, budget, unit, meta) -> str:
+    """"predicted 700 of 727 kernel bytes, 1,234.5 of 2,000.0 µs" (each part where it applies)."""
+    text = f"predicted {predicted_bytes:,}" + (f" of {budget:,}" if budget is not None else "") + f" {unit}"
+    if meta.get("predicted_latency_us") is not None:
+        cap = meta.get("latency_budget_us")
+        text += f", {meta['predicted_latency_us']:,.1f}" + (f" of {cap:,.1f}" if cap is not None else "") + " µs"
+    return text
 
 
 def _plot_search(rows, budget, path, metric):
@@ -284,7 +308,7 @@ def _plot_search(rows, budget, path, metric):
 
 
 def _search(args) -> int:
-    from keras_qx.demo import parse_budget
+    from keras_qx.engine.allocate import parse_budget
     from keras_qx.lite.evaluate import evaluate_tflite
     from keras_qx.lite.export import export_tflite, write_atomic
     from keras_qx.engine.search import BitWidthTuner, format_results
@@ -296,7 +320,9 @@ def _search(args) -> int:
                           max_trials=args.trials, directory=args.out, project_name="search",
                           overwrite=args.overwrite, seed=args.seed, verbose=0, size=args.size)
     tuner.print_fn = _say  # the CLI's progress goes to stderr
-    _say(f"search: {args.trials} trials ({args.oracle}), budget {tuner.budget_bytes:,} {tuner.unit} ({args.budget}), "
+    caps = ([f"{tuner.budget_bytes:,} {tuner.unit}"] if tuner.budget_bytes is not None else []) + \
+        ([f"{tuner.budget_us:,.1f} µs"] if tuner.budget_us is not None else [])
+    _say(f"search: {args.trials} trials ({args.oracle}), budget {' and '.join(caps)} ({args.budget}), "
          f"QAT {args.qat_epochs} epoch(s) each...")
     _say(f"trials validated on {data.val_name}, {len(data.val[0]):,} samples")
     tuner.search(x, y, validation_data=data.val, epochs=args.qat_epochs, batch_size=64)
@@ -310,12 +336,13 @@ def _search(args) -> int:
     name = tuner.metric.name
     write_atomic(_out_path(args, "policy.json"), policy.to_json().encode())
     write_atomic(_out_path(args, "results.csv"), format_results(rows, name, fmt="csv").encode())
-    table = format_results(rows, name, tuner.objective.direction, budget_bytes=tuner.budget_bytes, stats=tuner.stats)
+    table = format_results(rows, name, tuner.objective.direction, budget_bytes=tuner.budget_bytes, stats=tuner.stats,
+                           budget_us=tuner.budget_us)
     _plot_search(rows, tuner.budget_bytes, _out_path(args, "search.png"), name)
     lines = ["# keras_qx bit-width search", "",
-             f"Budget: {tuner.budget_bytes:,} {tuner.unit} ({args.budget}); best trial {meta['trial_id']} predicted "
-             f"{meta['predicted_kernel_bytes']:,} (int8 would be {tuner.int8_bytes:,}); kernel bytes in the file "
-             f"{tfl.report.info.kernel_bytes:,}.", "",
+             f"Budget ({args.budget}): best trial {meta['trial_id']} "
+             f"{_predicted(meta['predicted_kernel_bytes'], tuner.budget_bytes, tuner.unit, meta)} (int8 would be "
+             f"{tuner.int8_bytes:,}); kernel bytes in the file {tfl.report.info.kernel_bytes:,}.", "",
              f"TFLite (test split, {len(xt):,} samples): accuracy {result['accuracy']:.2%}, "
              f"{result['size_bytes']:,} bytes ({result['gzip_bytes']:,} gzipped), median latency "
              f"{result['latency_ms']:.3f} ms.", "",
@@ -392,7 +419,8 @@ def main(argv=None) -> int:
     analyze.set_defaults(func=_analyze)
     quant = sub.add_parser("quantize", help="auto_policy under a budget, QAT, export and report")
     _model_options(quant)
-    quant.add_argument("--budget", required=True, help="kernel bytes, or a fraction of int8's like 0.6x")
+    quant.add_argument("--budget", required=True, help="kernel bytes (60kB), a fraction of int8's (0.6x), average bits (4.5bits), a "
+                       "predicted latency (2ms), or a size and a latency: 0.6x,2ms")
     quant.add_argument("--size", default="kernel", choices=("kernel", "gzip"),
                        help="what the budget counts: kernel bytes as stored, or their predicted gzip'd bytes")
     quant.add_argument("--keep", type=lambda s: [n for n in s.split(",") if n], default=[],
@@ -403,7 +431,8 @@ def main(argv=None) -> int:
     search = sub.add_parser("search", help="KerasTuner search of per-layer bits under a budget, export the best")
     _model_options(search)
     search.set_defaults(candidates=(4, 8))
-    search.add_argument("--budget", required=True, help="kernel bytes, or a fraction of int8's like 0.6x")
+    search.add_argument("--budget", required=True, help="kernel bytes (60kB), a fraction of int8's (0.6x), average bits (4.5bits), a "
+                       "predicted latency (2ms), or a size and a latency: 0.6x,2ms")
     search.add_argument("--size", default="kernel", choices=("kernel", "gzip"),
                         help="what the budget counts: kernel bytes as stored, or their predicted gzip'd bytes")
     search.add_argument("--trials", type=int, default=10, help="trained trials (over-budget ones are never trained)")

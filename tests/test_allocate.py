@@ -223,9 +223,13 @@ def test_bare_fraction_is_refused_with_the_fix():
         budget_from(_tiny_layers(), 0.6)
 
 
-def test_latency_budget_is_named_unsupported():
-    with pytest.raises(ValueError, match="latency budget is not supported"):
+def test_budget_from_counts_bytes_only():
+    """A latency budget is parsed (tests/test_latency_budget.py); budget_from, which counts bytes,
+    names the latency part instead of ignoring it."""
+    with pytest.raises(ValueError, match="has a latency part"):
         budget_from(_tiny_layers(), "5ms")
+    with pytest.raises(ValueError, match="has a latency part"):
+        budget_from(_tiny_layers(), ["0.6x", "5ms"])
 
 
 @pytest.mark.parametrize("key, value", [("compression", 0), ("compression", -1), ("compression", "4"),

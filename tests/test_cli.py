@@ -186,3 +186,29 @@ def test_quantize_without_x_val_says_the_test_split_chose(tmp_path, capsys, floa
     assert "Validation split (chose the policy): x_test/y_test (no x_val in the data), 24 samples." in report
     assert "test accuracy is optimistic" in report and "test accuracy is optimistic" in captured.out
     assert "sensitivity (loss) on x_test/y_test (no x_val in the data), 24 samples" in captured.err
+
+
+@pytest.mark.slow
+def test_quantize_with_a_latency_budget_reports_the_predicted_time(tmp_path, capsys, monkeypatch, float_model):
+    """--budget 0.9x,60us: the allocation meets both caps against the latency table (a hand-made
+    one here: the measurement is tested on its own), and the report prints the predicted time."""
+    import numpy as np
+
+    import keras_qx as qx
+    from keras_qx.engine import latency as latency_module
+
+    table = latency_module.LatencyTable(base_us=30.0, layers={"fc1": {2: 20.0, 4: 20.0, 8: 9.0},
+                                                              "out": {2: 6.0, 4: 6.0, 8: 4.0}})
+    monkeypatch.setattr(latency_module, "latency_table", lambda model, candidates, **kw: table)
+    (x, y), (xv, yv), (xt, yt) = _task(64, 1), _task(37, 2), _task(24, 3)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_val=xv, y_val=yv, x_test=xt, y_test=yt)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(float_model), "--data", str(tmp_path / "d.npz"), "--budget", "0.9x,46us",
+                 "--qat-epochs", "1", "--out", str(out)]) == 0
+    meta = qx.Policy.from_json((out / "policy.json").read_text()).meta["auto_policy"]
+    assert meta["latency_budget_us"] == 46.0 and meta["predicted_latency_us"] <= 46.0
+    # 46 µs needs fc1 at 8 bits (the fast one); 0.9x of 192 bytes then needs out below 8
+    assert meta["layers"]["fc1"]["bits"] == 8 and meta["layers"]["out"]["bits"] < 8
+    assert meta["predicted_kernel_bytes"] <= meta["budget_bytes"] == int(0.9 * 192)
+    report = (out / "report.md").read_text()
+    assert f"{meta['predicted_latency_us']:,.1f} of 46.0 µs" in report and "| predicted µs |" in report

@@ -63,6 +63,10 @@ def _choosing_bits(ns, tmp):
     assert chosen["predicted_kernel_bytes"] <= chosen["budget_bytes"]
     assert ns["gzip_policy"].meta["auto_policy"]["size"] == "gzip"
     assert ns["qx"].Policy.from_file("policy.json").to_dict() == ns["policy"].to_dict()
+    fast = ns["fast"].meta["auto_policy"]
+    assert fast["predicted_latency_us"] <= fast["latency_budget_us"] == 290.0
+    assert fast["predicted_kernel_bytes"] <= fast["budget_bytes"]
+    assert ns["by_size"].meta["auto_policy"]["predicted_latency_us"] > 290.0   # the size budget alone misses it
 
 
 def _search(ns, tmp):

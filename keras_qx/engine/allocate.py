@@ -10,6 +10,11 @@ best point per cost bucket; the result is then approximate, and says so in
 ``resolution_bytes``: no worse than the exact optimum under a budget that many bytes smaller.
 Models of up to a few hundred layers stay exact.)
 
+With a latency budget (``"2ms"``, or ``["0.6x", "2ms"]`` for both caps) each width also costs
+its layer's predicted microseconds from a :class:`~keras_qx.engine.latency.LatencyTable`, and the
+knapsack has two constraints: it is solved exactly as a 0/1 integer program with
+``scipy.optimize.milp`` (:func:`allocate_milp`).
+
 Example:
     >>> policy = qx.auto_policy(model, x, y, budget="0.6x")       # doctest: +SKIP
     >>> policy.meta["auto_policy"]["predicted_kernel_bytes"]         # doctest: +SKIP
@@ -30,16 +35,20 @@ from keras_qx.quant.policy import Policy, PolicyError
 from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, sensitivity
 from keras_qx.rewrite.keras3 import as_tf_keras
 
-__all__ = ["Allocation", "InfeasibleBudget", "allocate", "auto_policy", "find_ties", "budget_from",
-           "parse_budget", "legacy_budget", "BUDGET_HELP", "layer_options", "choice_units", "check_keep"]
+__all__ = ["Allocation", "InfeasibleBudget", "allocate", "allocate_milp", "auto_policy", "find_ties", "budget_from",
+           "parse_budget", "split_budget", "budget_label", "legacy_budget", "BUDGET_HELP", "layer_options",
+           "choice_units", "check_keep", "check_latency_table"]
 
 
 class InfeasibleBudget(PolicyError):
-    """No assignment of the candidate bit widths fits the budget; ``minimum_bytes`` would."""
+    """No assignment of the candidate bit widths fits the budget; ``minimum_bytes`` would (and,
+    for a latency budget, ``minimum_us`` is the fastest possible predicted time)."""
 
-    def __init__(self, message: str, budget_bytes: int, minimum_bytes: int):
+    def __init__(self, message: str, budget_bytes: int | None, minimum_bytes: int,
+                 budget_us: float | None = None, minimum_us: float | None = None):
         super().__init__(message)
         self.budget_bytes, self.minimum_bytes = budget_bytes, minimum_bytes
+        self.budget_us, self.minimum_us = budget_us, minimum_us
 
 
 @dataclass
@@ -49,6 +58,8 @@ class Allocation:
     damage: float
     budget_bytes: int
     resolution_bytes: int = 0  # 0: exact; else at least as good as the optimum at budget - this
+    latency_us: float | None = None  # predicted time (base_us + the layers'), where options have times
+    budget_us: float | None = None
 
 
 def choice_units(options: Mapping[str, Mapping], ties: Iterable[Sequence[str]] = ()) -> list[tuple[list, list]]:
@@ -78,15 +89,28 @@ def check_keep(layers, keep: Sequence[str]) -> list[str]:
     return list(keep)
 
 
-def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
-             ties: Iterable[Sequence[str]] = (), max_states: int = 100_000, size: str = "kernel") -> Allocation:
-    """Choose one bit width per layer minimising damage with total bytes <= budget.
+def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int | None,
+             ties: Iterable[Sequence[str]] = (), max_states: int = 100_000, size: str = "kernel", *,
+             budget_us: float | None = None, base_us: float = 0.0) -> Allocation:
+    """Choose one bit width per layer minimising damage with total bytes <= budget (and, with
+    ``budget_us``, predicted microseconds ``base_us + sum of the layers' times`` <= ``budget_us``).
 
     Args:
-        options: ``{layer: {bits: (bytes, damage)}}``.
+        options: ``{layer: {bits: (bytes, damage)}}``, or ``(bytes, damage, microseconds)``
+            with a latency budget.
+        budget_bytes: the bytes cap; None for none (a latency budget alone).
         ties: groups of layers that must share one bit width.
         size: what the bytes are ("kernel" or "gzip"), for the messages.
+        budget_us, base_us: the latency cap and the time of the ops no layer owns.
+
+    A bytes cap alone is solved by the exact Pareto-frontier DP; with a latency cap the problem
+    is a multiple-choice knapsack with two constraints, solved exactly as a 0/1 integer program
+    (:func:`allocate_milp`).
     """
+    if budget_us is not None:
+        return allocate_milp(options, budget_bytes, budget_us, base_us, ties, size)
+    if budget_bytes is None:
+        raise ValueError(f"allocate() needs a budget: {BUDGET_HELP}.")
     units = choice_units(options, ties)
     unit_options = [sorted((sum(options[n][b][0] for n in group), sum(options[n][b][1] for n in group), b)
                            for b in widths) for group, widths in units]
@@ -123,16 +147,117 @@ def allocate(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int,
                 budget_bytes, minimum)
     cost, damage, choices = min(frontier, key=lambda p: (p[1], p[0]))
     bits = {n: b for (group, _), b in zip(units, choices) for n in group}
-    return Allocation({n: bits[n] for n in options}, cost, damage, budget_bytes, resolution)
+    bits = {n: bits[n] for n in options}
+    return Allocation(bits, cost, damage, budget_bytes, resolution, _predicted_us(options, bits, base_us))
 
 
-def layer_options(layer, report: SensitivityReport, only: int | None = None, size: str = "kernel") -> dict:
-    """``{bits: (kernel bytes, damage)}`` for one layer (``size="gzip"``: predicted gzip'd kernel bytes).
+def _predicted_us(options, bits, base_us):
+    """``base_us`` plus the chosen widths' times, or None where the options carry no times."""
+    if not all(len(options[n][b]) > 2 for n, b in bits.items()):
+        return None
+    return float(base_us + sum(options[n][b][2] for n, b in bits.items()))
+
+
+def allocate_milp(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int | None, budget_us: float,
+                  base_us: float = 0.0, ties: Iterable[Sequence[str]] = (), size: str = "kernel") -> Allocation:
+    """The exact allocation under a bytes cap (or none) and a latency cap.
+
+    One binary variable per (unit, width) — a unit is a layer or a tied group sharing one
+    width, as in :func:`choice_units` —, one width per unit, the summed bytes <= ``budget_bytes``,
+    the summed layer times <= ``budget_us - base_us``; minimise the summed damage. Solved by
+    ``scipy.optimize.milp`` (HiGHS branch and bound) with no relative gap: the optimum, up to
+    HiGHS's absolute gap (1e-6 on the objective, which is scaled here so that this is 1e-9 of
+    the largest damage difference between two widths of a unit). The answer is checked in
+    exact arithmetic: bytes are integers and must fit exactly; a solution the solver's
+    tolerance let past a cap is re-solved under a cap tightened by the excess.
+    """
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    units = choice_units(options, ties)
+    rows = []  # (unit index, bits, bytes, us, damage)
+    for i, (group, widths) in enumerate(units):
+        for b in widths:
+            missing = [n for n in group if len(options[n][b]) < 3]
+            if missing:
+                raise ValueError(f"allocate(): a latency budget needs a time for every option; layer(s) {missing} "
+                                 f"have none at {b} bits.")
+            rows.append((i, b, sum(int(options[n][b][0]) for n in group),
+                         sum(float(options[n][b][2]) for n in group), sum(float(options[n][b][1]) for n in group)))
+    by_unit = [[r for r in rows if r[0] == i] for i in range(len(units))]
+    fastest = base_us + sum(min(r[3] for r in opts) for opts in by_unit)
+    smallest = sum(min(r[2] for r in opts) for opts in by_unit)
+    cap_us = float(budget_us) - float(base_us)
+    unit = SIZE_UNITS[size]
+
+    def infeasible():  # InfeasibleBudget's arguments
+        fast = [min(opts, key=lambda r: (r[3], r[2])) for opts in by_unit]
+        small = [min(opts, key=lambda r: (r[2], r[3])) for opts in by_unit]
+        fast_bytes, small_us = sum(r[2] for r in fast), base_us + sum(r[3] for r in small)
+        if fastest > budget_us:
+            text = (f"no allocation fits {budget_us:,.1f} µs: the fastest possible at these candidates is "
+                    f"{fastest:,.1f} µs ({base_us:,.1f} µs of it in ops no quantizable layer owns; "
+                    f"{fast_bytes:,} {unit})")
+            fix = ("Raise the latency budget, run with more threads (a new latency table), or offer the "
+                   "widths that run fastest on this runtime as candidates.")
+        else:
+            text = (f"no allocation fits both {budget_bytes:,} {unit} and {budget_us:,.1f} µs: the fastest "
+                    f"possible is {fastest:,.1f} µs at {fast_bytes:,} {unit}, the smallest {smallest:,} {unit} "
+                    f"at {small_us:,.1f} µs")
+            fix = "Raise one of the two budgets."
+        if budget_bytes is not None and smallest > budget_bytes:
+            text += f"; and {budget_bytes:,} {unit} is below the smallest possible, {smallest:,}"
+        return f"{text}. {fix}", budget_bytes, smallest, float(budget_us), float(fastest)
+
+    if fastest > budget_us * (1 + 1e-12) or (budget_bytes is not None and smallest > budget_bytes):
+        raise InfeasibleBudget(*infeasible())
+    n, m = len(rows), len(units)
+    # damage relative to each unit's least damaging width (a constant shift), scaled to [0, 1000]
+    low = [min(r[4] for r in opts) for opts in by_unit]
+    c = np.array([r[4] - low[r[0]] for r in rows])
+    scale = 1000.0 / c.max() if c.max() > 0 else 1.0
+    pick = np.zeros((m, n))
+    for j, r in enumerate(rows):
+        pick[r[0], j] = 1.0
+    us = np.array([r[3] for r in rows])
+    nbytes = np.array([r[2] for r in rows], dtype=float)
+    caps_us, caps_bytes = cap_us, None if budget_bytes is None else float(budget_bytes)
+    for _ in range(8):
+        constraints = [LinearConstraint(pick, 1, 1), LinearConstraint(us[None, :], -np.inf, caps_us)]
+        if caps_bytes is not None:
+            constraints.append(LinearConstraint(nbytes[None, :], -np.inf, caps_bytes))
+        result = milp(c * scale, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+                      options={"mip_rel_gap": 0.0})
+        if result.x is None:
+            raise InfeasibleBudget(*infeasible())
+        chosen = [rows[j] for j in range(n) if result.x[j] > 0.5]
+        total_bytes, total_us = sum(r[2] for r in chosen), sum(r[3] for r in chosen)
+        over_bytes = budget_bytes is not None and total_bytes > budget_bytes
+        over_us = total_us > cap_us + 1e-9 * max(1.0, abs(cap_us))
+        if len(chosen) == m and not over_bytes and not over_us:
+            break
+        if over_bytes:
+            caps_bytes -= total_bytes - budget_bytes
+        if over_us:
+            caps_us -= total_us - cap_us
+    else:
+        raise RuntimeError("allocate_milp: the solver's answers kept missing the caps; please report this.")
+    choice = {r[0]: r[1] for r in chosen}
+    bits = {name: choice[i] for i, (group, _) in enumerate(units) for name in group}
+    bits = {name: bits[name] for name in options}
+    damage = float(sum(r[4] for r in chosen))
+    return Allocation(bits, int(total_bytes), damage, budget_bytes, 0, float(base_us + total_us), float(budget_us))
+
+
+def layer_options(layer, report: SensitivityReport, only: int | None = None, size: str = "kernel",
+                  latency=None) -> dict:
+    """``{bits: (kernel bytes, damage)}`` for one layer (``size="gzip"``: predicted gzip'd kernel bytes);
+    with ``latency`` (a :class:`~keras_qx.engine.latency.LatencyTable`), ``(bytes, damage, µs)``.
 
     Damage is made monotone (fewer bits never damage less: a lower measurement is noise) and
     non-negative, and a width is dropped when more bits cost no more bytes (2- and 3-bit
     kernels are stored as INT4, so 4 bits dominates them; kinds the exporter cannot store
-    below 8 bits only keep 8).
+    below 8 bits only keep 8) — with a latency table, and no more time.
     """
     measured = report.damage[layer.name]
     bits_all = sorted({*report.candidates, 8} if only is None else {only})
@@ -143,11 +268,22 @@ def layer_options(layer, report: SensitivityReport, only: int | None = None, siz
         # 1e-9 per missing bit makes the allocation spend budget it has on more bits.
         damage[b] = worst + 1e-9 * (8 - b)
     options, costs = {}, {b: layer_size(layer, b, size) for b in bits_all}
+    times = None
+    if latency is not None:
+        row = latency.layers.get(layer.name, {})
+        times = {b: float(row[b]) if b in row else math.inf for b in bits_all}
     for b in bits_all:
         cost = costs[b]
-        if any(b2 > b and costs[b2] <= cost for b2 in bits_all):
+        if any(b2 > b and costs[b2] <= cost and (times is None or times[b2] <= times[b]) for b2 in bits_all):
             continue
-        options[b] = (cost, damage[b])
+        if times is None:
+            options[b] = (cost, damage[b])
+        elif math.isfinite(times[b]):
+            options[b] = (cost, damage[b], times[b])
+        else:
+            raise ValueError(f"the latency table has no time for layer {layer.name!r} at {b} bits (it has "
+                             f"{sorted(latency.layers.get(layer.name, {}), key=str)}); measure it for this model "
+                             f"and candidates: latency_table(model, candidates={tuple(report.candidates)}).")
     return options
 
 
@@ -176,31 +312,69 @@ def find_ties(model) -> list[list[str]]:
 
 
 BUDGET_HELP = ("bytes (an int such as 60000, or \"60kB\"), a fraction of the uniform-int8 kernel bytes "
-               "(\"0.6x\") or an average width (\"4.5bits\")")
+               "(\"0.6x\"), an average width (\"4.5bits\"), a latency (\"2ms\", \"500us\"), or a list of one "
+               "size and one latency budget ([\"0.6x\", \"2ms\"])")
+UNITS = ("bytes", "int8", "bits", "us")
 
 
-def parse_budget(value, name: str = "budget") -> tuple[str, float]:
+def _is_parsed(value) -> bool:
+    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and value[0] in UNITS
+            and isinstance(value[1], (int, float)) and not isinstance(value[1], bool))
+
+
+def parse_budget(value, name: str = "budget"):
     """The one budget syntax of keras_qx, checked before any work is done.
 
     ``("bytes", n)`` from an int or ``"60000"``/``"60kB"``/``"1.2MB"`` (decimal); ``("int8", f)``
     from ``"0.6x"`` (a fraction of the uniform-int8 kernel bytes); ``("bits", b)`` from
-    ``"4.5bits"`` (average weight bits). A bare float is refused: ``0.6`` could mean either.
+    ``"4.5bits"`` (average weight bits); ``("us", t)`` from ``"2ms"``, ``"500us"`` or ``"500µs"``
+    (predicted latency, microseconds). A list or tuple of one size budget and one latency
+    budget (``["0.6x", "2ms"]``, or the string ``"0.6x,2ms"``) gives the pair of their parsed
+    forms. A bare float is refused: ``0.6`` could mean either.
 
     Example:
-        >>> parse_budget("0.6x"), parse_budget(60000), parse_budget("4bits")
-        (('int8', 0.6), ('bytes', 60000), ('bits', 4.0))
+        >>> parse_budget("0.6x"), parse_budget(60000), parse_budget("4bits"), parse_budget("2ms")
+        (('int8', 0.6), ('bytes', 60000), ('bits', 4.0), ('us', 2000.0))
+        >>> parse_budget(["40kB", "500us"])
+        (('bytes', 40000), ('us', 500.0))
     """
-    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("bytes", "int8", "bits"):
+    if _is_parsed(value):
         return value  # already parsed
+    given = value
+    if isinstance(value, str) and "," in value:  # the CLI's form: "0.6x,2ms"
+        value = value.split(",")
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be {BUDGET_HELP}, got {given!r}.")
+        parts = tuple(_parse_one(v, name) for v in value)
+        kinds = ["latency" if p[0] == "us" else "size" for p in parts]
+        if kinds[0] == kinds[1]:
+            raise ValueError(f"{name}={given!r} gives two {kinds[0]} budgets; a list holds one size budget and "
+                             f"one latency budget, e.g. [\"0.6x\", \"2ms\"].")
+        return parts
+    return _parse_one(value, name)
+
+
+def _parse_one(value, name):
+    if _is_parsed(value):
+        return value
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{name}={value!r} is ambiguous: write {name}=\"{value:g}x\" for a fraction of the "
                          f"uniform-int8 kernel bytes, or an int for bytes.")
     text = str(value).strip().lower().replace(" ", "").replace("_", "")
-    if isinstance(value, str) and text.endswith("ms"):
-        raise ValueError(f"{name}={value!r}: a latency budget is not supported by this release; give {BUDGET_HELP}.")
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError
+        for suffix, factor in (("ms", 1000.0), ("us", 1.0), ("µs", 1.0), ("μs", 1.0)):
+            if isinstance(value, str) and text.endswith(suffix):
+                try:
+                    us = float(text[:-len(suffix)]) * factor
+                except ValueError:
+                    us = math.nan
+                if not (math.isfinite(us) and us > 0):
+                    raise ValueError(f"{name}={value!r}: a latency budget must be a positive, finite time such as "
+                                     "\"2ms\" or \"500us\".")
+                return "us", us
         if text.endswith("x"):
             fraction = float(text[:-1])
             if not 0 < fraction <= 4:
@@ -221,8 +395,37 @@ def parse_budget(value, name: str = "budget") -> tuple[str, float]:
         if not 1 <= number <= 2**53:
             raise ValueError
         return "bytes", int(number)
-    except ValueError:
+    except ValueError as err:
+        if str(err).startswith(f"{name}="):
+            raise
         raise ValueError(f"{name} must be {BUDGET_HELP}, got {value!r}.") from None
+
+
+def split_budget(value, name: str = "budget") -> tuple:
+    """``(size budget, latency µs)`` of any :func:`parse_budget` form, either None where absent:
+    the size budget in its parsed form (``("int8", 0.6)``...), the latency in microseconds.
+
+    Example:
+        >>> split_budget(["0.6x", "2ms"]), split_budget("40kB"), split_budget("500us")
+        ((('int8', 0.6), 2000.0), (('bytes', 40000), None), (None, 500.0))
+    """
+    parsed = parse_budget(value, name)
+    parts = parsed if isinstance(parsed[0], tuple) else (parsed,)
+    size = next((p for p in parts if p[0] != "us"), None)
+    latency = next((float(p[1]) for p in parts if p[0] == "us"), None)
+    return size, latency
+
+
+def budget_label(value) -> str:
+    """A budget as text in its own syntax: ``"0.6x"``, ``"60,000 B"``, ``"2ms"``, ``"0.6x,2ms"``."""
+    size, us = split_budget(value)
+    parts = []
+    if size is not None:
+        unit, amount = size
+        parts.append(f"{int(amount):,} B" if unit == "bytes" else f"{amount:g}{'x' if unit == 'int8' else 'bits'}")
+    if us is not None:
+        parts.append(f"{us / 1000:g}ms" if us >= 1000 else f"{us:g}us")
+    return ",".join(parts)
 
 
 def legacy_budget(where: str, budget=None, budget_bytes=None, compression=None, avg_bits=None):
@@ -261,7 +464,11 @@ def budget_from(layers, budget, size: str = "kernel") -> int:
     check_size(size)
     if budget is None:
         raise ValueError(f"a budget is needed: {BUDGET_HELP}.")
-    unit, amount = parse_budget(budget)
+    parsed, latency = split_budget(budget)
+    if latency is not None:
+        raise ValueError(f"budget {budget!r} has a latency part; budget_from() counts bytes: give it the size part "
+                         "of split_budget(budget).")
+    unit, amount = parsed
     if unit == "bytes":
         return int(amount)
     if unit == "int8":
@@ -271,11 +478,34 @@ def budget_from(layers, budget, size: str = "kernel") -> int:
     return int(sum(kernel_params(l) for l in layers) * amount / 8)
 
 
+def check_latency_table(latency, where: str):
+    """``latency`` checked to be a :class:`~keras_qx.engine.latency.LatencyTable` (or None)."""
+    from keras_qx.engine.latency import LatencyTable
+
+    if latency is not None and not isinstance(latency, LatencyTable):
+        raise TypeError(f"{where}: latency must be a LatencyTable (keras_qx.engine.latency.latency_table(model, "
+                        f"candidates) measures one) or None, got {type(latency).__name__}.")
+    return latency
+
+
+def measured_latency(model, candidates, latency, where: str):
+    """The latency table to plan with: ``latency`` if given, else measured by
+    ``keras_qx.engine.latency.latency_table`` at the candidates (and 8 bits)."""
+    check_latency_table(latency, where)
+    if latency is not None:
+        return latency
+    from keras_qx.engine import latency as latency_module
+
+    widths = tuple(sorted({*candidates, 8}))
+    return check_latency_table(latency_module.latency_table(model, widths), where)
+
+
 def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), keep: Sequence[str] = (),
                 ties="auto", method: str = "loss", report: SensitivityReport | None = None, verbose: int = 1,
-                size: str = "kernel", data=None, budget_bytes=None, compression=None, avg_bits=None,
+                size: str = "kernel", latency=None, data=None, budget_bytes=None, compression=None, avg_bits=None,
                 **sensitivity_kwargs) -> Policy:
-    """The per-layer weight bits that lose least (by ``qx.sensitivity``) within a size budget.
+    """The per-layer weight bits that lose least (by ``qx.sensitivity``) within a size budget,
+    a latency budget, or both.
 
     Args:
         model: the float model (a Keras 3 one of standard layers is rebuilt as tf_keras, once).
@@ -284,44 +514,57 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
         budget: bytes (``60000``, ``"60kB"``), ``"0.6x"`` of the uniform-int8 kernel bytes, or
             ``"4.5bits"`` on average; on kernel bytes in the exported file (the shared cost
             model: INT4 packed where the exporter packs) or their gzip'd bytes (``size``).
+            Or a predicted latency (``"2ms"``, ``"500us"``), or a list of one size and one
+            latency budget (``["0.6x", "2ms"]``): both caps hold.
         candidates: bit widths to choose from; keep: layer names held at 8 bits.
         ties: "auto" (depthwise+pointwise pairs), or a list of name groups, or ().
         verbose: 0 silent, 1 the sensitivity's progress bar.
         size: "kernel" (kernel bytes as stored) or "gzip" (their predicted gzip'd bytes, what a
             download costs: low-bit kernels compress far below their stored width); the
             budget and ``meta`` are in that size.
+        latency: the :class:`~keras_qx.engine.latency.LatencyTable` a latency budget is planned
+            against; None measures one (``latency_table(model, candidates)``, one thread) when
+            the budget has a latency part. Given without a latency budget, ``meta`` still
+            records the predicted time.
         data, budget_bytes, compression, avg_bits: deprecated (``x, y`` and ``budget``).
 
     Returns:
         A :class:`Policy` with a ``layers`` entry per quantizable layer and the reasoning in
-        ``policy.meta["auto_policy"]``.
+        ``policy.meta["auto_policy"]`` (with a latency table: ``latency_budget_us``,
+        ``predicted_latency_us`` and each layer's ``latency_us``).
 
     Example:
         >>> policy = qx.auto_policy(model, x_train, y_train, budget="0.6x")   # doctest: +SKIP
+        >>> policy = qx.auto_policy(model, x_train, y_train, budget=["0.6x", "2ms"])   # doctest: +SKIP
     """
     budget = legacy_budget("qx.auto_policy()", budget, budget_bytes, compression, avg_bits)
     if budget is None:
         raise ValueError(f"qx.auto_policy() needs budget=: {BUDGET_HELP}.")
-    parse_budget(budget)  # a bad budget fails before the sensitivity runs
+    size_budget, budget_us = split_budget(budget)  # a bad budget fails before the sensitivity runs
     verbose = check_verbose(verbose, "qx.auto_policy()")
     check_size(size)
+    check_latency_table(latency, "qx.auto_policy()")
     model = as_tf_keras(model)
     layers = quantizable_layers(model)
-    budget = budget_from(layers, budget, size=size)
+    budget = None if size_budget is None else budget_from(layers, size_budget, size=size)
     keep = check_keep(layers, keep)
     names = [l.name for l in layers]
+    if report is not None and not isinstance(report, SensitivityReport):
+        raise TypeError(f"report must be the SensitivityReport qx.sensitivity(model, data) returns, got "
+                        f"{type(report).__name__}.")
+    if budget_us is not None:  # measured (if need be) before the sensitivity: a failure costs less
+        latency = measured_latency(model, report.candidates if report is not None else candidates, latency,
+                                   "qx.auto_policy()")
     if report is None:
         x, y = legacy_xy("qx.auto_policy()", x, y, len(model.inputs), data)
         report = sensitivity(model, x, y, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
-    elif not isinstance(report, SensitivityReport):
-        raise TypeError(f"report must be the SensitivityReport qx.sensitivity(model, data) returns, got "
-                        f"{type(report).__name__}.")
     missing = [n for n in names if n not in report.damage]
     if missing:
         raise ValueError(f"the sensitivity report lacks layer(s) {missing}; it was made for another model.")
-    options = {n: layer_options(l, report, 8 if n in keep else None, size) for n, l in zip(names, layers)}
+    options = {n: layer_options(l, report, 8 if n in keep else None, size, latency) for n, l in zip(names, layers)}
     tie_groups = find_ties(model) if ties == "auto" else list(ties or [])
-    result = allocate(options, budget, tie_groups, size=size)
+    base_us = float(latency.base_us) if latency is not None else 0.0
+    result = allocate(options, budget, tie_groups, size=size, budget_us=budget_us, base_us=base_us)
     int8 = total_size(layers, 8, size)
     meta = {
         "size": size, "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,
@@ -331,4 +574,10 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
         "layers": {n: {"bits": b, "kernel_bytes": options[n][b][0], "damage": report.damage[n].get(b)}
                    for n, b in result.bits.items()},
     }
+    if latency is not None:
+        meta.update({"latency_budget_us": budget_us, "predicted_latency_us": result.latency_us,
+                     "latency_base_us": base_us, "latency_runtime": latency.runtime,
+                     "latency_num_threads": latency.num_threads})
+        for n, b in result.bits.items():
+            meta["layers"][n]["latency_us"] = options[n][b][2]
     return Policy.from_bits(result.bits, meta={"auto_policy": meta})

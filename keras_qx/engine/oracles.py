@@ -20,32 +20,66 @@ REDRAWS = 8  # oracle redraws of an over-budget proposal before it is repaired
 class BudgetGuard:
     """Checks, redraws and repairs the oracle's proposals; injects the warm start."""
 
-    def __init__(self, cost_fn, budget, seed, redraws=REDRAWS):
+    def __init__(self, cost_fn, budget, seed, redraws=REDRAWS, latency_cap=None):
         self.cost_fn = cost_fn  # values -> (kernel bytes, units) or (None, None) if unbuildable
         self.budget = budget
+        self.latency_cap = latency_cap  # µs the layers may take (the latency budget less base_us), or None
         self.redraws = redraws
         self.rng = random.Random(seed)
         self.warm = None  # {hp: value}
 
+    def _excess(self, total, units, values) -> float:
+        """How far ``values`` are over the caps (0: within both), each cap's excess relative to it."""
+        excess = 0.0
+        if self.budget is not None and total > self.budget:
+            excess += (total - self.budget) / max(self.budget, 1)
+        if self.latency_cap is not None:
+            us = sum(u.us[values.get(u.hp, max(u.costs))] for u in units)
+            if us > self.latency_cap:
+                excess += (us - self.latency_cap) / max(self.latency_cap, 1e-9)
+        return excess
+
+    def over_latency(self, values) -> bool:
+        total, units = self.cost_fn(values)
+        if total is None or self.latency_cap is None:
+            return False
+        return sum(u.us[values.get(u.hp, max(u.costs))] for u in units) > self.latency_cap
+
     def fits(self, values) -> bool:
-        total, _ = self.cost_fn(values)
-        return total is not None and (self.budget is None or total <= self.budget)
+        total, units = self.cost_fn(values)
+        return total is not None and self._excess(total, units, values) == 0
 
     def lower(self, values):
-        """Move random groups one choice cheaper until ``values`` fit; None if they cannot."""
+        """Move random groups one choice cheaper until ``values`` fit; None if they cannot.
+
+        "Cheaper": a choice that brings the assignment nearer the caps (bytes, and with a latency
+        budget time), the nearest such step of each group; with a bytes budget alone, the next
+        smaller choice."""
         values = dict(values)
         for _ in range(10_000):
             total, units = self.cost_fn(values)
             if total is None:
                 return None
-            if self.budget is None or total <= self.budget:
+            excess = self._excess(total, units, values)
+            if excess == 0:
                 return values
             movable = []
             for u in units:
-                now = u.costs[values.get(u.hp, max(u.costs))]
-                cheaper = [c for c in u.choices if u.costs[c] < now]
-                if cheaper:
-                    movable.append((u.hp, max(cheaper, key=lambda c: u.costs[c])))
+                now_choice = values.get(u.hp, max(u.costs))
+                now = u.costs[now_choice]
+                if self.latency_cap is None:
+                    cheaper = [c for c in u.choices if u.costs[c] < now]
+                    if cheaper:
+                        movable.append((u.hp, max(cheaper, key=lambda c: u.costs[c])))
+                    continue
+                steps = []
+                for c in u.choices:
+                    if c != now_choice:
+                        after = self._excess(total - now + u.costs[c], units, {**values, u.hp: c})
+                        if after < excess:
+                            steps.append((excess - after, c))
+                if steps:
+                    movable.append((u.hp, min(steps)[1]))
             if not movable:
                 return None
             hp, choice = self.rng.choice(movable)
@@ -76,6 +110,8 @@ class BudgetGuard:
                 stats["duplicates"] = stats.get("duplicates", 0) + 1
                 break
             stats["rejected"] += 1
+            if self.latency_cap is not None and self.over_latency(values):
+                stats["rejected_latency"] = stats.get("rejected_latency", 0) + 1
             if not can_redraw or attempt == self.redraws:
                 break
             response = redraw()
@@ -117,7 +153,7 @@ class _BudgetedOracle:
 
 
 def fresh_stats():
-    return {"rejected": 0, "repaired": 0, "duplicates": 0, "warm_trial_id": None}
+    return {"rejected": 0, "rejected_latency": 0, "repaired": 0, "duplicates": 0, "warm_trial_id": None}
 
 
 _BUDGETED_CLASSES = {}

@@ -23,8 +23,9 @@ from keras_qx._seed import seeded
 from keras_qx._io import check_xy
 from keras_qx._deprecation import check_verbose, say as say_for, warn_renamed
 from keras_qx._io import legacy_xy
-from keras_qx.engine.allocate import (BUDGET_HELP, InfeasibleBudget, auto_policy, budget_from, check_keep, choice_units,
-                                      find_ties, layer_options, parse_budget)
+from keras_qx.engine.allocate import (BUDGET_HELP, InfeasibleBudget, auto_policy, budget_from, budget_label, check_keep,
+                                      check_latency_table, choice_units, find_ties, layer_options, measured_latency,
+                                      parse_budget, split_budget)
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
@@ -59,7 +60,11 @@ def _check_budgets(budgets) -> list:
             b = f"{float(b):g}x"
         if isinstance(b, np.integer):
             b = int(b)
-        unit, amount = parse_budget(b, "budget")
+        size, us = split_budget(b, "budget")
+        if us is not None:  # a latency budget, alone or with a size: its label ("1ms", "0.6x,1ms")
+            out.append(budget_label(b))
+            continue
+        unit, amount = size
         out.append(int(amount) if unit == "bytes" else f"{amount:g}{'x' if unit == 'int8' else 'bits'}")
     dupes = sorted({b for b in out if out.count(b) > 1}, key=str)
     if dupes:
@@ -98,8 +103,9 @@ class ParetoResult:
         for budget in self._by_budget():
             rows = [r for r in self.rows if r["kind"] != "uniform" and r["budget"] == budget]
             auto = next((r for r in rows if r["kind"] == "auto"), None)
-            cap = rows[0]["budget_bytes"]
-            parts = [f"**{_budget_label(budget)}** ({cap:,} B):"]
+            cap, cap_us = rows[0]["budget_bytes"], rows[0].get("budget_us")
+            caps = ([f"{cap:,} B"] if cap is not None else []) + ([f"{cap_us:,.1f} µs"] if cap_us is not None else [])
+            parts = [f"**{_budget_label(budget)}** ({', '.join(caps)}):"]
             if auto is not None:
                 parts.append(f"auto {auto['accuracy']:.2%} ({auto[self._key]:,} B)")
             rand = [r["accuracy"] for r in rows if r["kind"] == "random"]
@@ -107,7 +113,8 @@ class ParetoResult:
                 delta = f"; auto {auto['accuracy'] - np.mean(rand):+.2%} vs mean" if auto else ""
                 parts.append(f"| random (n={len(rand)}) mean {np.mean(rand):.2%}, min {min(rand):.2%}, "
                              f"max {max(rand):.2%}{delta}")
-            fits = [r for r in uniform if r[self._key] <= cap]
+            fits = [r for r in uniform if (cap is None or r[self._key] <= cap)
+                    and (cap_us is None or (r["predicted_us"] is not None and r["predicted_us"] <= cap_us))]
             if fits:
                 parts.append("| uniform within budget: " + ", ".join(
                     f"{r['label']} {r['accuracy']:.2%} ({r[self._key]:,} B)" for r in fits))
@@ -140,13 +147,17 @@ class ParetoResult:
 
     def table(self, print_fn=None) -> str:
         """Markdown table of the rows, then the per-budget summary (a string; print it yourself)."""
-        out = ["| variant | budget | kernel bytes | file bytes | gzip bytes | accuracy | bits |",
-               "|---|---|---|---|---|---|---|"]
+        timed = any(r.get("predicted_us") is not None for r in self.rows)
+        out = ["| variant | budget | kernel bytes | file bytes | gzip bytes |" + (" predicted µs |" if timed else "")
+               + " accuracy | bits |", "|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
         for r in self.rows:
             budget = "—" if r["budget_bytes"] is None else f"{r['budget_bytes']:,}"
+            if r.get("budget_us") is not None:
+                budget = (f"{r['budget_bytes']:,}, " if r["budget_bytes"] is not None else "") + f"{r['budget_us']:,.1f} µs"
             bits = " ".join(f"{n}:{b}" for n, b in r["bits"].items())
+            us = (f" {r['predicted_us']:,.1f} |" if r.get("predicted_us") is not None else " — |") if timed else ""
             out.append(f"| {r['label']} | {budget} | {r['kernel_bytes']:,} | {r['size_bytes']:,} | "
-                       f"{r['gzip_bytes']:,} | {r['accuracy']:.2%} | {bits} |")
+                       f"{r['gzip_bytes']:,} |{us} {r['accuracy']:.2%} | {bits} |")
         out += ["", f"Budgets are {SIZE_UNITS[self.size]} vs uniform int8 ({self.int8_kernel_bytes:,} B"
                     + ("" if self.size == "kernel" else "; predicted_kernel_bytes in to_dict() rows are gzip'd")
                     + "); "
@@ -200,9 +211,12 @@ class ParetoResult:
         return ax
 
 
-def _random_mix(rng, units, options, budget: int, seen: set):
+def _random_mix(rng, units, options, budget: int | None, seen: set, budget_us: float | None = None,
+                base_us: float = 0.0):
     """One random assignment within ``budget``: uniformly per unit (a layer or a tied group)
-    from its non-dominated widths, rejection-sampled into [WINDOW * budget, budget].
+    from its non-dominated widths, rejection-sampled into [WINDOW * budget, budget]. With a
+    latency budget it holds too (options carry times); with a latency budget alone, the window
+    is on the predicted time.
 
     Preference: a new assignment in the window, then one already drawn (``seen``) in the
     window, then the largest new one below it, then the largest seen one.
@@ -215,9 +229,15 @@ def _random_mix(rng, units, options, budget: int, seen: set):
             b = int(widths[rng.integers(len(widths))])
             choice.update({n: b for n in group})
         cost = sum(options[n][b][0] for n, b in choice.items())
-        if cost > budget:
+        if budget is not None and cost > budget:
             continue
-        slot = (cost >= WINDOW * budget, tuple(sorted(choice.items())) not in seen)
+        if budget_us is not None:
+            us = base_us + sum(options[n][b][2] for n, b in choice.items())
+            if us > budget_us:
+                continue
+            if budget is None:
+                cost, budget = us, budget_us  # the window on time
+        slot = (cost >= WINDOW * (budget if budget is not None else budget_us), tuple(sorted(choice.items())) not in seen)
         if slot == (True, True):
             return choice, cost, True
         if slot not in best or cost > best[slot][1]:
@@ -237,29 +257,36 @@ def _check_options(qat_epochs, seeds, random_mixes, uniform) -> list[int]:
     return [check_bits(b, "uniform weight bits", WEIGHT_BITS) for b in uniform]
 
 
-def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size="kernel"):
+def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size="kernel", latency=None):
     """Every variant to train, cheap to make: ``(plan, skipped)``; plan rows are
     ``(kind, label, budget, budget bytes, bits, policy)``."""
     names = [l.name for l in layers]
-    plan = [("uniform", f"W{b}", None, None, {n: b for n in names}, Policy.uniform(weight_bits=b)) for b in uniform]
+    plan = [("uniform", f"W{b}", None, (None, None), {n: b for n in names}, Policy.uniform(weight_bits=b))
+            for b in uniform]
     skipped = []
-    options = {n: layer_options(l, report, 8 if n in keep else None, size) for n, l in zip(names, layers)}
+    options = {n: layer_options(l, report, 8 if n in keep else None, size, latency) for n, l in zip(names, layers)}
     units = choice_units(options, find_ties(model))
     rng = np.random.default_rng(seed)
+    base_us = latency.base_us if latency is not None else 0.0
     for budget in budgets:
-        cap = budget_from(layers, budget, size)
+        size_budget, cap_us = split_budget(budget)
+        cap = None if size_budget is None else budget_from(layers, size_budget, size)
         label = _budget_label(budget)
+        parts = [p for p in (cap, None if cap_us is None else ("us", cap_us)) if p is not None]
         try:
-            policy = auto_policy(model, report=report, budget=cap, keep=keep, verbose=0, size=size)
+            policy = auto_policy(model, report=report, budget=parts[0] if len(parts) == 1 else parts, keep=keep,
+                                 verbose=0, size=size, latency=latency)
         except InfeasibleBudget as err:
             skipped.append((budget, str(err)))
-            say(f"skip {label} ({cap:,} {SIZE_UNITS[size]}): {err}")
+            caps = ([f"{cap:,} {SIZE_UNITS[size]}"] if cap is not None else []) + \
+                ([f"{cap_us:,.1f} µs"] if cap_us is not None else [])
+            say(f"skip {label} ({', '.join(caps)}): {err}")
             continue
         auto_bits = {n: s["weight_bits"] for n, s in policy.layers.items()}
-        plan.append(("auto", f"auto @ {label}", budget, cap, auto_bits, policy))
+        plan.append(("auto", f"auto @ {label}", budget, (cap, cap_us), auto_bits, policy))
         seen = set()
         for i in range(random_mixes):
-            found = _random_mix(rng, units, options, cap, seen)
+            found = _random_mix(rng, units, options, cap, seen, cap_us, base_us)
             if found is None:
                 reason = f"random mix {i + 1}: no random assignment fits in {MAX_TRIES} draws"
                 skipped.append((budget, reason))
@@ -269,7 +296,7 @@ def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say
             seen.add(tuple(sorted(bits.items())))
             if not in_window:
                 say(f"note {label}: random mix {i + 1} is {cost:,} B, below {WINDOW:.0%} of the budget")
-            plan.append(("random", f"random {i + 1} @ {label}", budget, cap, bits, Policy.from_bits(bits)))
+            plan.append(("random", f"random {i + 1} @ {label}", budget, (cap, cap_us), bits, Policy.from_bits(bits)))
     return plan, skipped
 
 
@@ -293,7 +320,7 @@ def pareto(model, x=None, y=None, *, validation_data=None, budgets: Sequence = (
            candidates: Sequence[int] = (2, 4, 8), method: str = "loss", qat_epochs: int = 2,
            random_mixes: int = 5, uniform: Sequence[int] = (8, 4, 2), calibration_x=None, seed: int = 0,
            keep: Sequence[str] = (), seeds: int = 1, verbose: int = 1,
-           report: SensitivityReport | None = None, size: str = "kernel",
+           report: SensitivityReport | None = None, size: str = "kernel", latency=None,
            train_data=None, test_data=None, representative=None, print_fn=None) -> ParetoResult:
     """Sweep size budgets: auto policy vs random mixes vs uniform bits, each QAT-trained and exported.
 
@@ -303,7 +330,8 @@ def pareto(model, x=None, y=None, *, validation_data=None, budgets: Sequence = (
         validation_data: ``(x_val, y_val)``: each row's accuracy is the TFLite file's on it.
         budgets: budgets in keras_qx's one syntax: ``"0.6x"`` of the uniform-int8 kernel bytes,
             an int of bytes, ``"4bits"`` on average. A budget below the smallest possible size
-            is skipped, with the reason.
+            is skipped, with the reason. A latency budget (``"1ms"``) or a pair (``("0.6x", "1ms")``)
+            caps the predicted time too; the rows then have ``predicted_us`` (and ``budget_us``).
         candidates / method: for ``qx.sensitivity`` (ignored when ``report`` is given).
         qat_epochs: QAT epochs per variant (Adam 1e-4, batch 64), after ``qx.calibrate`` on
             500 training samples.
@@ -316,6 +344,8 @@ def pareto(model, x=None, y=None, *, validation_data=None, budgets: Sequence = (
         verbose: 0 silent, 1 one progress line per variant.
         size: what budgets count: ``"kernel"`` (kernel bytes as stored) or ``"gzip"`` (their
             predicted gzip'd bytes; each row's ``predicted_kernel_bytes`` is then gzip'd too).
+        latency: the :class:`~keras_qx.engine.latency.LatencyTable` latency budgets are planned
+            against; None measures one (``latency_table``) when a budget has a latency part.
         train_data, test_data, representative, print_fn: deprecated names of ``(x, y)``,
             ``validation_data``, ``calibration_x`` and ``verbose``.
 
@@ -354,11 +384,14 @@ def pareto(model, x=None, y=None, *, validation_data=None, budgets: Sequence = (
         say(f"sensitivity ({method}) of {len(layers)} layers...")
         report = sensitivity(model, *train, candidates, method=method, seed=seed, verbose=0)
         say(f"      done in {report.seconds:.1f}s")
-    plan, skipped = _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size)
+    check_latency_table(latency, "qx.pareto()")
+    if any(split_budget(b)[1] is not None for b in budgets):
+        latency = measured_latency(model, report.candidates, latency, "qx.pareto()")
+    plan, skipped = _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say, size, latency)
 
     rows, by_name = [], {l.name: l for l in layers}
     measured = {}  # bits -> (metrics, kernel bytes, accuracies): identical assignments run once
-    for step, (kind, label, budget, cap, bits, policy) in enumerate(plan, 1):
+    for step, (kind, label, budget, (cap, cap_us), bits, policy) in enumerate(plan, 1):
         key = tuple(sorted(bits.items()))
         if key not in measured:
             try:
@@ -374,6 +407,9 @@ def pareto(model, x=None, y=None, *, validation_data=None, budgets: Sequence = (
                      "predicted_kernel_bytes": sum(layer_size(by_name[n], b, size) for n, b in bits.items()),
                      "size_bytes": metrics["size_bytes"], "gzip_bytes": metrics["gzip_bytes"],
                      "accuracy": float(np.mean(accuracies)), "accuracies": accuracies, "bits": dict(bits)})
+        if latency is not None:
+            known = all(b in latency.layers.get(n, {b: None}) for n, b in bits.items())  # a uniform width unmeasured: None
+            rows[-1].update(budget_us=cap_us, predicted_us=latency.total_us(bits) if known else None)
         say(f"[{step}/{len(plan)}] {label}: acc {rows[-1]['accuracy']:.2%}, {file_kernels:,} kernel bytes")
     return ParetoResult(rows, skipped, total_size(layers, 8, size), report.method, time.perf_counter() - start,
                         report, size)

@@ -13,6 +13,11 @@ Keras 3 models, so the tuner here builds, trains and scores the tf_keras QAT mod
   over-budget proposal is redrawn (a random oracle, up to 8 times), then repaired (random
   groups moved one candidate cheaper until it fits; a repaired point that was already tried
   is replaced by a random within-budget one). Rejections are counted in ``tuner.stats``.
+* **Latency budget.** ``budget="2ms"`` (or ``["0.6x", "2ms"]``, both caps) bounds the
+  predicted time of the file, ``base_us`` plus each layer's time at its width in a
+  :class:`~keras_qx.engine.latency.LatencyTable` (``latency=``, or measured once by
+  ``latency_table``); the same rule holds: an assignment over it is never trained.
+  ``tuner.stats["rejected_latency"]`` counts the proposals the latency cap rejected.
 * **Warm start.** The first trial is ``qx.auto_policy``'s allocation at the same budget, so
   the search can only improve on the engine.
 * **Soft objective** (``size_penalty``, AutoQKeras's "forgiving factor"): the score is
@@ -45,14 +50,16 @@ from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import check_inputs, count_samples, head_samples, is_stream, model_input_specs
 from keras_qx._deprecation import check_verbose, say, warn_renamed
-from keras_qx.engine.allocate import InfeasibleBudget, auto_policy, budget_from, legacy_budget
+from keras_qx.engine.allocate import (InfeasibleBudget, auto_policy, budget_from, check_latency_table, legacy_budget,
+                                      measured_latency, split_budget)
 from keras_qx.engine.sensitivity import check_targets, infer_loss, quantizable_layers
 from keras_qx.qat.quantize import quantize
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.quant.policy import Policy
 from keras_qx.engine.oracles import POOL_LIMIT, REDRAWS, BudgetGuard, bits_bayesian_class, budgeted, fresh_stats
 from keras_qx.engine.search_space import (FLOAT, HP_PREFIX, SearchSpace, SizePenalty, TrainOptions, assignment_cost,
-                                          assignment_policy, digest, is_worker, make_objective)
+                                          assignment_latency, assignment_policy, digest, is_worker, make_objective,
+                                          with_latency)
 from keras_qx.engine.search_results import format_results, trial_row
 from keras_qx.engine.trials import WEIGHTS_FILE, load_trial_policy, read_trials, tuner_class
 
@@ -74,7 +81,12 @@ class BitWidthTuner:
         candidates: weight bit widths to choose from per layer/group.
         budget: keras_qx's one budget syntax: bytes (an int), ``"0.6x"`` of the uniform-int8
             kernel bytes (with ``hypermodel``: of the model built with default hyperparameters),
-            or ``"4.5bits"`` on average.
+            or ``"4.5bits"`` on average; or a predicted latency (``"2ms"``, ``"500us"``), or a
+            list of one size and one latency budget (``["0.6x", "2ms"]``; model mode).
+        latency: the :class:`~keras_qx.engine.latency.LatencyTable` a latency budget is planned
+            against; None measures one (``latency_table(model, candidates)``) when the budget
+            has a latency part. Given without a latency budget, trials still show their
+            predicted time.
         size: what the budget and the size penalty count: ``"kernel"`` (kernel bytes as
             stored) or ``"gzip"`` (their predicted gzip'd bytes, what a download costs).
         objective: metric name (``"val_accuracy"``) or a ``keras_tuner.Objective``.
@@ -101,8 +113,10 @@ class BitWidthTuner:
                  project_name: str = "bitwidth_search", overwrite: bool = False, seed: int | None = 0,
                  groups=None, allow_float=(), size_penalty=None, warm_start: bool = True,
                  qat_lr: float | Callable = 1e-4, loss=None, metrics=None, verbose: int = 1, size: str = "kernel",
-                 budget_bytes=None, print_fn=None):
+                 latency=None, budget_bytes=None, print_fn=None):
         budget = legacy_budget("BitWidthTuner()", budget, budget_bytes)
+        size_budget, self.budget_us = (None, None) if budget is None else split_budget(budget)
+        check_latency_table(latency, "BitWidthTuner()")
         if print_fn is not None:
             warn_renamed("BitWidthTuner()", "print_fn=", "verbose=")
         self.verbose = check_verbose(verbose, "BitWidthTuner()")
@@ -114,6 +128,9 @@ class BitWidthTuner:
         if model is not None:
             model = as_tf_keras(model)  # a Keras 3 model of standard layers is rebuilt (and checked)
             check_model(model, "BitWidthTuner model")
+        if hypermodel is not None and (self.budget_us is not None or latency is not None):
+            raise ValueError("a latency budget (or latency=) needs model=...: each hypermodel build is another model, "
+                             "with its own latency table; search a hypermodel under a size budget.")
         if hypermodel is not None:
             if hasattr(hypermodel, "build") and callable(hypermodel.build):
                 hypermodel = hypermodel.build
@@ -160,7 +177,9 @@ class BitWidthTuner:
 
         reference = self.model if model is not None else self._build_default()
         self.int8_bytes = total_size(quantizable_layers(reference), 8, self.size)
-        self.budget_bytes = None if budget is None else budget_from(quantizable_layers(reference), budget, self.size)
+        self.budget_bytes = None if size_budget is None else budget_from(quantizable_layers(reference), size_budget,
+                                                                         self.size)
+        self.latency = None
         if model is not None:
             self.units = self.space.units(model)
             minimum = sum(min(u.costs.values()) for u in self.units)
@@ -169,6 +188,16 @@ class BitWidthTuner:
                     f"budget {self.budget_bytes:,} {self.unit}: the smallest assignment of candidates "
                     f"{self.space.candidates} takes {minimum:,} {self.unit}. Raise the budget or add "
                     "smaller candidates.", self.budget_bytes, minimum)
+            if self.budget_us is not None or latency is not None:
+                self.latency = measured_latency(model, self.space.candidates, latency, "BitWidthTuner()")
+                self.units = with_latency(self.units, self.latency)
+                fastest = self.latency.base_us + sum(min(u.us.values()) for u in self.units)
+                if self.budget_us is not None and fastest > self.budget_us:
+                    raise InfeasibleBudget(
+                        f"latency budget {self.budget_us:,.1f} µs: the fastest assignment of candidates "
+                        f"{self.space.candidates} takes {fastest:,.1f} µs ({self.latency.base_us:,.1f} µs of it in ops "
+                        "no quantizable layer owns). Raise the latency budget or offer the widths that run fastest "
+                        "on this runtime.", self.budget_bytes, minimum, self.budget_us, fastest)
         else:
             self.units = None
         self.reference_bytes = (self.penalty.reference_bytes or self.int8_bytes) if self.penalty else None
@@ -230,15 +259,17 @@ class BitWidthTuner:
             import itertools
 
             units = self.units
-            fits = (lambda v: self.budget_bytes is None or assignment_cost(units, v) <= self.budget_bytes)
+            fits = (lambda v: (self.budget_bytes is None or assignment_cost(units, v) <= self.budget_bytes)
+                    and (self.budget_us is None or assignment_latency(units, v) <= self._latency_cap))
             if math.prod(len(u.choices) for u in units) <= POOL_LIMIT:
                 pool = [dict(zip((u.hp for u in units), combo)) for combo in itertools.product(*(u.choices for u in units))]
                 pool = [v for v in pool if fits(v)]
             else:
                 rng, seen, pool = random.Random(self.seed), set(), []
-                guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed)
+                guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed, latency_cap=self._latency_cap)
+                budgeted_space = self.budget_bytes is not None or self.budget_us is not None
                 for _ in range(4 * POOL_LIMIT // 10):
-                    v = guard.lower({u.hp: rng.choice(u.choices) for u in units}) if self.budget_bytes else \
+                    v = guard.lower({u.hp: rng.choice(u.choices) for u in units}) if budgeted_space else \
                         {u.hp: rng.choice(u.choices) for u in units}
                     key = tuple(sorted(v.items())) if v else None
                     if v and key not in seen:
@@ -246,6 +277,17 @@ class BitWidthTuner:
                         pool.append(v)
             self._pool_cache = pool
         return self._pool_cache
+
+    @property
+    def _latency_cap(self):
+        """The µs the quantizable layers may take: the latency budget less the table's base_us."""
+        return None if self.budget_us is None else self.budget_us - self.latency.base_us
+
+    def predicted_us(self, values) -> float | None:
+        """The predicted latency of an assignment (base_us + its layers'), with a latency table."""
+        if self.latency is None or self.units is None:
+            return None
+        return self.latency.base_us + assignment_latency(self.units, values)
 
     @property
     def tuner(self):
@@ -258,7 +300,7 @@ class BitWidthTuner:
         kt = _keras_tuner()
         oracle = self._make_oracle(epochs)
         redraws = REDRAWS if isinstance(oracle, kt.oracles.RandomSearchOracle) else 0
-        guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws)
+        guard = BudgetGuard(self._units_for, self.budget_bytes, self.seed, redraws, latency_cap=self._latency_cap)
         budgeted(oracle, guard, own=isinstance(self.oracle_spec, str))
         self._guard = guard
         if self.units is not None:  # declare the space up front (hypermodel mode builds it)
@@ -317,8 +359,9 @@ class BitWidthTuner:
         if not is_worker():
             stats = self.stats
             best = self._best_trial(required=False)
+            latency = f" ({stats['rejected_latency']} over the latency budget)" if self.budget_us is not None else ""
             self._say(f"search done: {len(self.results())} trial(s); {stats['rejected']} over-budget proposal(s) "
-                      f"rejected, {stats['repaired']} repaired"
+                      f"rejected{latency}, {stats['repaired']} repaired"
                       + (f"; best trial {best.trial_id}: {self.objective.name}={best.score:.4f}" if best else ""))
         return self
 
@@ -342,7 +385,8 @@ class BitWidthTuner:
         return self.training.loss or loss_fn
 
     def _warm_needed(self, oracle) -> bool:
-        return (self.training.warm_start and self.model is not None and self.budget_bytes is not None
+        return (self.training.warm_start and self.model is not None
+                and (self.budget_bytes is not None or self.budget_us is not None)
                 and oracle._qx_stats.get("warm_trial_id") is None and len(oracle.trials) == 0)
 
     def _warm_values(self, x, y):
@@ -350,8 +394,11 @@ class BitWidthTuner:
         ties = [list(u.layers) for u in self.units if len(u.layers) > 1]
         start = time.perf_counter()
         try:
-            policy = auto_policy(self.model, x, y, budget=self.budget_bytes, candidates=self.space.candidates,
-                                 ties=ties, verbose=False, size=self.size)
+            parts = [p for p in (self.budget_bytes, None if self.budget_us is None else ("us", self.budget_us))
+                     if p is not None]
+            policy = auto_policy(self.model, x, y, budget=parts[0] if len(parts) == 1 else parts,
+                                 candidates=self.space.candidates, ties=ties, verbose=False, size=self.size,
+                                 latency=self.latency)
         except InfeasibleBudget as err:
             self._say(f"warm start skipped: {err}")
             return None
@@ -362,13 +409,20 @@ class BitWidthTuner:
             if bits not in u.choices:  # auto_policy always has 8; map to a candidate costing no more
                 cost = sum(layer_size(layers[n], bits, self.size) for n in u.layers)
                 fitting = [c for c in u.choices if c != FLOAT and u.costs[c] <= cost]
+                if u.us is not None:  # with a latency budget: no slower either
+                    us = sum(self.latency.layers[n][bits] for n in u.layers)
+                    fitting = [c for c in fitting if u.us[c] <= us]
                 if not fitting:
                     self._say(f"warm start skipped: auto_policy chose {bits} bits for {u.layers}, not a candidate")
                     return None
                 bits = max(fitting)
             values[u.hp] = bits
+        caps = [f"{assignment_cost(self.units, values):,}"
+                + (f" of {self.budget_bytes:,}" if self.budget_bytes is not None else "") + f" {self.unit}"]
+        if self.budget_us is not None:
+            caps.append(f"{self.predicted_us(values):,.1f} of {self.budget_us:,.1f} µs")
         self._say(f"warm start (auto_policy, {time.perf_counter() - start:.1f}s): bits {digest(self.units, values)}, "
-                  f"{assignment_cost(self.units, values):,} of {self.budget_bytes:,} {self.unit}")
+                  + ", ".join(caps))
         return values
 
     def _metrics(self):
@@ -390,7 +444,8 @@ class BitWidthTuner:
         best_text = f"{best.score:.4f}" if best is not None and best.score is not None else "-"
         warm = " (warm start: auto_policy)" if self._guard.warm and dict(
             (k, v) for k, v in trial.hyperparameters.values.items() if k in self._guard.warm) == self._guard.warm else ""
-        self._say(f"[{n}/{total}] trial {trial.trial_id} bits {last['digest']} {last['bytes']:,} B "
+        us = f"{last['us']:,.1f} µs " if last.get("us") is not None else ""
+        self._say(f"[{n}/{total}] trial {trial.trial_id} bits {last['digest']} {last['bytes']:,} B {us}"
                   f"{self.metric.name}={last['metric']:.4f} best {self.objective.name}={best_text} "
                   f"{last['seconds']:.1f}s (elapsed {elapsed:.0f}s){warm}")
 
@@ -401,9 +456,10 @@ class BitWidthTuner:
     # ---- results ------------------------------------------------------------------------
     @property
     def stats(self) -> dict:
-        """``{"rejected", "repaired", "warm_trial_id"}``: over-budget proposals the oracle
-        made (never trained), those repaired into a budget-fitting trial, and the warm start's
-        trial (the chief's / local oracle only)."""
+        """``{"rejected", "rejected_latency", "repaired", "duplicates", "warm_trial_id"}``:
+        over-budget proposals the oracle made (never trained; ``rejected_latency`` of them over the
+        latency budget), those repaired into a budget-fitting trial, and the warm start's trial
+        (the chief's / local oracle only)."""
         oracle = self._ensure_tuner().oracle
         return dict(getattr(oracle, "_qx_stats", None) or fresh_stats())
 
@@ -446,11 +502,13 @@ class BitWidthTuner:
         """A trial's :class:`Policy`; ``meta["search"]`` says trial id, metric, score and
         predicted kernel bytes."""
         policy = self._trial_policy(trial)
-        row = trial_row(trial, self.metric.name, self.units)
+        row = trial_row(trial, self.metric.name, self.units, latency=self.latency)
         policy.meta = {**policy.meta, "search": {
             "trial_id": trial.trial_id, "objective": self.objective.name, "metric": self.metric.name,
             "value": None if row["metric"] is None else float(row["metric"]),
             "score": None if trial.score is None else float(trial.score), "predicted_kernel_bytes": row["kernel_bytes"], "budget_bytes": self.budget_bytes,
+            **({} if self.latency is None else {"predicted_latency_us": row.get("predicted_us"),
+                                                 "latency_budget_us": self.budget_us}),
             "int8_kernel_bytes": self.int8_bytes,
             "hyperparameters": {k: v for k, v in trial.hyperparameters.values.items()
                                 if not k.startswith((HP_PREFIX, "tuner/"))}}}
@@ -484,7 +542,7 @@ class BitWidthTuner:
         hyperparameters (the non-bits ones), and for trained trials trial_seconds and
         qat_seconds (the quantize + compile + fit part)."""
         warm = self.stats.get("warm_trial_id")
-        return [trial_row(t, self.metric.name, self.units, warm) for _, t in sorted(read_trials(self._ensure_tuner()).items(), key=lambda kv: int(kv[0]))]
+        return [trial_row(t, self.metric.name, self.units, warm, self.latency) for _, t in sorted(read_trials(self._ensure_tuner()).items(), key=lambda kv: int(kv[0]))]
 
     def results_summary(self, num_trials: int = 10, print_fn=None) -> str:
         """Print (as keras-tuner's does) and return a Markdown table of the best ``num_trials``
@@ -493,7 +551,8 @@ class BitWidthTuner:
         if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials < 1:
             raise ValueError(f"num_trials must be a positive int, got {num_trials!r}.")
         text = format_results(rows, self.metric.name, self.objective.direction,
-                              budget_bytes=self.budget_bytes, stats=self.stats, limit=num_trials)
+                              budget_bytes=self.budget_bytes, stats=self.stats, limit=num_trials,
+                              budget_us=self.budget_us)
         if print_fn is not None:
             warn_renamed("BitWidthTuner.results_summary()", "print_fn=", "the returned text")
         (print_fn or print)(text)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from keras_qx._compat import keras
@@ -22,7 +22,8 @@ from keras_qx.quant.cost import check_size, layer_size
 from keras_qx.quant.policy import Policy, rule_matches
 from keras_qx.quant.quantizers import WEIGHT_BITS
 
-__all__ = ["SearchSpace", "SizePenalty", "TrainOptions", "FLOAT", "HP_PREFIX", "assignment_cost",
+__all__ = ["SearchSpace", "SizePenalty", "TrainOptions", "FLOAT", "HP_PREFIX", "assignment_cost", "assignment_latency",
+           "with_latency",
            "assignment_policy", "digest", "is_worker", "make_objective"]
 
 FLOAT = 32  # the choice value meaning "keep this layer float"
@@ -198,6 +199,33 @@ class _Unit:
     layers: tuple
     choices: tuple
     costs: dict = field(compare=False)
+    us: dict | None = field(default=None, compare=False)  # {choice: predicted µs}, with a latency table
+
+
+def with_latency(units, table) -> list:
+    """``units`` with each choice's predicted microseconds from a
+    :class:`~keras_qx.engine.latency.LatencyTable` (a float choice reads the table's ``None``)."""
+    out = []
+    for u in units:
+        us = {}
+        for c in u.choices:
+            width = None if c == FLOAT else c
+            missing = [m for m in u.layers if width not in table.layers.get(m, {})]
+            if missing:
+                raise ValueError(f"the latency table has no time for layer(s) {missing} at "
+                                 f"{'float' if width is None else f'{width} bits'}; measure it for this model and "
+                                 "candidates (latency_table(model, candidates)).")
+            us[c] = float(sum(table.layers[m][width] for m in u.layers))
+        out.append(replace(u, us=us))
+    return out
+
+
+def assignment_latency(units, values) -> float | None:
+    """The layers' predicted microseconds of an assignment (without the table's ``base_us``),
+    or None where the units carry no times."""
+    if not units or any(u.us is None for u in units):
+        return None
+    return float(sum(u.us[values.get(u.hp, max(u.costs))] for u in units))
 
 
 # ---- small helpers ------------------------------------------------------------------------
