@@ -338,6 +338,24 @@ def _profile_interpreter(model: bytes, num_threads: int, xnnpack: bool, shapes: 
     return interp, "xnnpack" if any(op["op_name"] == "DELEGATE" for op in details) else "builtin"
 
 
+def _median_invoke(interp, runs: int, warmup: int) -> float:
+    """The median seconds of ``runs`` invokes after ``warmup`` untimed ones, back to back (the
+    variables reset before each, untimed). Interleaving the interpreters round by round would
+    spread a shared machine's load more evenly, but measured on ai-edge-litert 2.3 it makes an
+    XNNPACK op take ~7 times longer in some processes (0.9 -> 6.6 µs, a FULLY_CONNECTED, all its
+    invokes alike: presumably XNNPACK sets up again after another runtime ran), so each is timed alone."""
+    for _ in range(warmup):
+        interp.reset_all_variables()
+        interp.invoke()
+    times = []
+    for _ in range(runs):
+        interp.reset_all_variables()
+        start = time.perf_counter()
+        interp.invoke()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def _child_profile(workdir: str, job: dict) -> None:
     """The child's side of :func:`run_profile`: every op of the main graph timed on its own (one
     single-op model per op, fed the values the whole file gives it on the sample), the whole
@@ -399,19 +417,7 @@ def _child_profile(workdir: str, job: dict) -> None:
                                               by_index)
         ops.append(interp)
         kernels.append(kernel)
-    timed = [empty, whole, *ops]
-    times = [[] for _ in timed]
-    for _ in range(warmup):
-        for interp in timed:
-            interp.reset_all_variables()
-            interp.invoke()
-    for _ in range(runs):  # round by round: the load of a shared machine falls on every op alike
-        for interp, row in zip(timed, times):
-            interp.reset_all_variables()
-            start = time.perf_counter()
-            interp.invoke()
-            row.append(time.perf_counter() - start)
-    medians = [float(np.median(row)) for row in times]
+    medians = [_median_invoke(interp, runs, warmup) for interp in (empty, whole, *ops)]
     try:
         runtime = "ai-edge-litert " + version("ai-edge-litert")
     except Exception:  # an unusual install: the package without its metadata

@@ -163,7 +163,8 @@ API_PAGES = {
             "quantize_scope", "load_model"],
     "compression": ["prune", "pruning_callbacks", "strip_pruning", "cluster", "strip_clustering"],
     "file": ["export_tflite", "ptq", "TFLiteModel", "ExportReport", "inspect_tflite", "TFLiteInfo",
-             "evaluate_tflite", "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError"],
+             "evaluate_tflite", "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError",
+             "profile_tflite", "Profile"],
     "errors": ["PolicyError", "InfeasibleBudget", "ExportError", "LengthError", "RuntimeCrash", "Keras3Error"],
 }
 

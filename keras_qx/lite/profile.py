@@ -5,15 +5,17 @@ own: the file is cut into single-op models (the op, its tensors and constants; i
 inputs become the model's inputs), fed the values the whole file gives that op on one sample
 (run once with every intermediate kept), and invoked ``warmup`` then ``runs`` times with the
 same kernel set and thread count as asked; the median is taken. The whole file and an empty
-graph (no operator: the cost of one ``invoke`` from Python) are timed the same way, round by
-round with the ops, so that the load of a shared machine falls on all alike. Each op's time is
-its median minus that invoke overhead (clipped at 0). All of it runs in a child process
-(:func:`keras_qx._runtime.run_profile`), where a native abort becomes ``RuntimeCrash``.
+graph (no operator: the cost of one ``invoke`` from Python) are timed the same way, one after
+the other. Each op's time is its median minus that invoke overhead (clipped at 0). All of it
+runs in a child process (:func:`keras_qx._runtime.run_profile`), where a native abort becomes
+``RuntimeCrash``.
 
-Measured on ai-edge-litert 2.3 (2-core VM, 1 thread): the invoke overhead is about 0.3 µs; the
-sum of the ops is within about 25% of the whole file's time less that overhead (XNNPACK: the
-ops alone each pay the delegate's own call, so the sum is higher, 7.7 vs 6.4 µs on the digits
-CNN; built-in kernels: lower, 35 vs 38 µs).
+Measured on ai-edge-litert 2.3 (2-core VM under load, 1 thread, 50 runs): the invoke overhead is
+0.3-0.4 µs. On the built-in kernels the sum of the ops is within 8% of the whole file's time
+less that overhead (digits CNN: 40-44 vs 41-45 µs). With XNNPACK each op alone pays the
+delegate's own call, which the whole file pays once a partition: the sum runs over on µs-sized
+ops (digits CNN 7.5-8.2 vs 6.1-7.0 µs; a 4-op toy 2.7-3.6 vs 2.2 µs), and a file with a built-in
+INT4 convolution came out 14% under (22.6 vs 26.2 µs).
 
 Example:
     >>> prof = qx.profile_tflite("model.tflite", x_test)      # doctest: +SKIP
