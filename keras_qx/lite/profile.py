@@ -127,32 +127,57 @@ def _constant(model, tensor) -> bool:
     return buf is not None and buf.data is not None and len(buf.data) > 0
 
 
-def _single_op_models(model) -> tuple[list, list]:
-    """``(single-op flatbuffers, their inputs as tensor indices of the file)``, one per op of the
-    main graph: the op with its own tensors, the constants' buffers only (the others emptied,
-    indices kept), the other subgraphs as they are (control flow), no signature."""
+def _code(model, op) -> int:
+    code = model.operatorCodes[op.opcodeIndex]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def _constant_dequantize(model) -> dict:
+    """``{tensor: op}`` of the main graph's tensors a DEQUANTIZE makes from a constant (float16
+    or sparse weights): XNNPACK reads those weights through it, so an op is timed with its
+    DEQUANTIZE in front (the built-in kernel dequantizes a constant once, when it prepares)."""
     schema = _schema()
     graph = model.subgraphs[0]
+    out = {}
+    for op in graph.operators:
+        if _code(model, op) == schema.BuiltinOperator.DEQUANTIZE and op.inputs is not None and \
+                all(t >= 0 and _constant(model, graph.tensors[t]) for t in op.inputs):
+            out.update({int(t): op for t in op.outputs})
+    return out
+
+
+def _single_op_models(model) -> tuple[list, list]:
+    """``(single-op flatbuffers, their inputs as tensor indices of the file)``, one per op of the
+    main graph: the op (behind the DEQUANTIZEs of its constant weights) with its own tensors,
+    the constants' buffers only (the others emptied, indices kept), the other subgraphs as they
+    are (control flow), no signature."""
+    schema = _schema()
+    graph = model.subgraphs[0]
+    made = _constant_dequantize(model)
     rest = {int(t.buffer) for g in model.subgraphs[1:] for t in g.tensors}
     rest |= {int(m.buffer) for m in model.metadata or []}
     out, inputs = [], []
     for op in graph.operators:
-        own = [int(t) for t in [*op.inputs, *op.outputs,
-                                *(op.intermediates if op.intermediates is not None else [])] if t >= 0]
+        ops = list({id(made[int(t)]): made[int(t)] for t in op.inputs if int(t) in made}.values()) + [op]
+        own = [int(t) for o in ops for t in [*o.inputs, *o.outputs,
+                                              *(o.intermediates if o.intermediates is not None else [])] if t >= 0]
         order = list(dict.fromkeys(own))
         where = {t: i for i, t in enumerate(order)}
-        feeds = list(dict.fromkeys(int(t) for t in op.inputs if t >= 0 and not _constant(model, graph.tensors[t])
-                                   and not graph.tensors[t].isVariable))
-        single = copy.copy(op)
-        single.inputs = np.array([where[int(t)] if t >= 0 else -1 for t in op.inputs], np.int32)
-        single.outputs = np.array([where[int(t)] for t in op.outputs], np.int32)
-        if op.intermediates is not None:
-            single.intermediates = np.array([where[int(t)] for t in op.intermediates], np.int32)
+        feeds = list(dict.fromkeys(int(t) for t in op.inputs if t >= 0 and int(t) not in made and not
+                                   _constant(model, graph.tensors[t]) and not graph.tensors[t].isVariable))
+        singles = []
+        for o in ops:
+            single = copy.copy(o)
+            single.inputs = np.array([where[int(t)] if t >= 0 else -1 for t in o.inputs], np.int32)
+            single.outputs = np.array([where[int(t)] for t in o.outputs], np.int32)
+            if o.intermediates is not None:
+                single.intermediates = np.array([where[int(t)] for t in o.intermediates], np.int32)
+            singles.append(single)
         sub = copy.copy(graph)
         sub.tensors = [graph.tensors[t] for t in order]
         sub.inputs = np.array([where[t] for t in feeds], np.int32)
-        sub.outputs = np.array(single.outputs, np.int32)
-        sub.operators = [single]
+        sub.outputs = np.array(singles[-1].outputs, np.int32)
+        sub.operators = singles
         keep = rest | {int(t.buffer) for t in sub.tensors}
         copy_ = copy.copy(model)
         copy_.buffers = [b if i in keep else schema.BufferT() for i, b in enumerate(model.buffers)]
@@ -280,12 +305,13 @@ def profile_tflite(tflite, x=None, *, model=None, num_threads: int = 1, xnnpack:
     op_models, op_inputs = _single_op_models(flat)
     names = _layer_names(model) if model is not None else None
     rows = []
+    made = _constant_dequantize(flat)
     for k, op in enumerate(graph.operators):
-        code = flat.operatorCodes[op.opcodeIndex]
-        kernels = [_text(graph.tensors[t].name) for t in op.inputs if t >= 0 and
+        weights = [int(made[int(t)].inputs[0]) if int(t) in made else int(t) for t in op.inputs if t >= 0]
+        kernels = [_text(graph.tensors[t].name) for t in weights if t >= 0 and
                    _constant(flat, graph.tensors[t]) and len(graph.tensors[t].shape) >= 2]
         outputs = [_text(graph.tensors[t].name) for t in op.outputs if t >= 0]
-        rows.append({"index": k, "op": _inspect._OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"),
+        rows.append({"index": k, "op": _inspect._OP_NAMES.get(_code(flat, op), "CUSTOM"),
                      "layer": _layer(kernels + outputs, names)})
     meta = run_profile(data, op_models, op_inputs, _empty_model(flat), None if x is None else _first_sample(x),
                        num_threads=num_threads, xnnpack=xnnpack, runs=runs, warmup=warmup)
