@@ -105,6 +105,8 @@ def _verify_debug(ns, tmp):
     assert ns["info"].fully_integer and len(ns["info"].int4_tensors) >= 1
     assert ns["debug"].first_divergent is None or isinstance(ns["debug"].first_divergent, str)
     assert ns["evaluation"]["accuracy"] > 0.5
+    assert [op["op"] for op in ns["prof"].ops] == ns["info"].ops and "conv1" in ns["prof"].by_layer()
+    assert (tmp / "profile.png").stat().st_size > 0
 
 
 def _troubleshooting(ns, tmp):
