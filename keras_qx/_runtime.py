@@ -359,7 +359,7 @@ def _median_invoke(interp, runs: int, warmup: int) -> float:
 def _child_profile(workdir: str, job: dict) -> None:
     """The child's side of :func:`run_profile`: every op of the main graph timed on its own (one
     single-op model per op, fed the values the whole file gives it on the sample), the whole
-    file, and an empty graph (the invoke overhead), interleaved round by round."""
+    file, and an empty graph (the invoke overhead), one after the other."""
     from importlib.metadata import version
 
     spec = job["profile"]
@@ -406,7 +406,8 @@ def _child_profile(workdir: str, job: dict) -> None:
                     for d in interpreter(empty_model, allocate=False).get_input_details()}
     empty, _ = _profile_interpreter(empty_model, threads, xnnpack, {t: v.shape for t, v in empty_values.items()},
                                     empty_values)
-    ops, kernels = [], []
+    medians = [_median_invoke(empty, runs, warmup), _median_invoke(whole, runs, warmup)]
+    kernels = []
     for k, tensors in enumerate(spec["op_inputs"]):  # the single-op copy's inputs, as tensors of the file
         with open(os.path.join(workdir, f"op{k}.tflite"), "rb") as fh:
             op_model = fh.read()
@@ -415,9 +416,9 @@ def _child_profile(workdir: str, job: dict) -> None:
         by_index = {int(d["index"]): v for d, v in zip(details, values)}
         interp, kernel = _profile_interpreter(op_model, threads, xnnpack, {t: v.shape for t, v in by_index.items()},
                                               by_index)
-        ops.append(interp)
+        medians.append(_median_invoke(interp, runs, warmup))  # one op at a time: one interpreter alive
         kernels.append(kernel)
-    medians = [_median_invoke(interp, runs, warmup) for interp in (empty, whole, *ops)]
+        del interp
     try:
         runtime = "ai-edge-litert " + version("ai-edge-litert")
     except Exception:  # an unusual install: the package without its metadata

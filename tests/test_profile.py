@@ -122,6 +122,19 @@ def test_table_dict_and_plot(files, tmp_path):
     assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out is not None
 
 
+def test_layer_names_from_tensor_names():
+    """The converter's names: a weight op's path first in a folded kernel (PTQ MobileNetV2's
+    depthwise, with its batch norm, activation and padding), the first path of an output."""
+    from keras_qx.lite.profile import OTHER, _layer
+
+    kernel = ("m/block_1_depthwise_relu/Relu6;m/block_1_depthwise_BN/FusedBatchNormV3;m/block_1_depthwise/depthwise;"
+              ";m/block_1_pad/Pad")
+    assert _layer([kernel], ["m/block_1_depthwise_relu/Relu6;m/x/y"], None) == "block_1_depthwise"
+    assert _layer([], ["m/quant_flat/Reshape;m/quant_relu/MovingAvgQuantize/FakeQuantWithMinMaxVars"], None) == "flat"
+    assert _layer([], ["m/quant_relu/Relu;m/quant_conv/Conv2D"], {"conv": "conv", "quant_conv": "conv"}) == "conv"
+    assert _layer(["arith.constant3"], ["StatefulPartitionedCall:0"], None) == OTHER
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"runs": 0}, ValueError, "runs must be at least 1, got 0"),
     ({"warmup": 1.5}, TypeError, "warmup must be an int >= 1, got 1.5"),

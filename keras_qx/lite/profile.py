@@ -221,12 +221,24 @@ def _layer_names(model) -> dict:
     return names
 
 
-def _layer(candidates: list, names: dict | None) -> str:
-    """The layer an op belongs to, from tensor names (its kernels' first, then its outputs'):
-    the op path before the first ";", split on "/". With the model's layer names, the first
-    segment that is one; without, tfmot's ``quant_`` segment (the prefix stripped), else the
-    segment after the model's name."""
-    paths = [c.split(";")[0].split("/") for c in candidates]
+_WEIGHT_OPS = ("conv", "depthwise", "matmul", "einsum", "tensordot", "embedding_lookup", "biasadd")
+
+
+def _not_weight_op(path: str) -> bool:
+    """Whether an op path (``model/conv/Conv2D``) does not end in an op that reads weights."""
+    return not any(w in path.rsplit("/", 1)[-1].lower() for w in _WEIGHT_OPS)
+
+
+def _layer(kernels: list, outputs: list, names: dict | None) -> str:
+    """The layer an op belongs to, from tensor names: each name's op paths (";"-separated) split
+    on "/"; its weights' names first, the path of a weight op first (a folded activation, batch
+    norm or padding joins it: ``relu/Relu6;bn/FusedBatchNormV3;conv/depthwise;;pad/Pad``), then
+    the others from the last; then its outputs' names, their first path first (a fused output is named
+    ``relu/Relu;conv/Conv2D``, but a RESHAPE's ``flat/Reshape;relu/FakeQuant...``). With the
+    model's layer names, the first segment that is one; without, tfmot's ``quant_`` segment (the
+    prefix stripped), else the segment after the model's name."""
+    paths = [p.split("/") for name in kernels for p in sorted(reversed(name.split(";")), key=_not_weight_op)]
+    paths += [p.split("/") for name in outputs for p in name.split(";")]
     if names is not None:
         for segments in paths:
             for segment in segments:
@@ -312,7 +324,7 @@ def profile_tflite(tflite, x=None, *, model=None, num_threads: int = 1, xnnpack:
                    _constant(flat, graph.tensors[t]) and len(graph.tensors[t].shape) >= 2]
         outputs = [_text(graph.tensors[t].name) for t in op.outputs if t >= 0]
         rows.append({"index": k, "op": _inspect._OP_NAMES.get(_code(flat, op), "CUSTOM"),
-                     "layer": _layer(kernels + outputs, names)})
+                     "layer": _layer(kernels, outputs, names)})
     meta = run_profile(data, op_models, op_inputs, _empty_model(flat), None if x is None else _first_sample(x),
                        num_threads=num_threads, xnnpack=xnnpack, runs=runs, warmup=warmup)
     overhead = meta["overhead_s"] * 1e6
