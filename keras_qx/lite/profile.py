@@ -11,8 +11,9 @@ runs in a child process (:func:`keras_qx._runtime.run_profile`), where a native 
 ``RuntimeCrash``.
 
 Measured on ai-edge-litert 2.3 (2-core VM under load, 1 thread, 50 runs): the invoke overhead is
-0.3-0.4 µs. On the built-in kernels the sum of the ops is within 8% of the whole file's time
-less that overhead (digits CNN: 40-44 vs 41-45 µs). With XNNPACK each op alone pays the
+0.3-0.5 µs. On the built-in kernels the sum of the ops came to 0.83-1.08 of the whole file's
+time less that overhead (digits CNN: 35-44 vs 39-45 µs, the lowest under the heaviest load).
+With XNNPACK each op alone pays the
 delegate's own call, which the whole file pays once a partition: the sum runs over on µs-sized
 ops (digits CNN 7.5-8.2 vs 6.1-7.0 µs; a 4-op toy 2.7-3.6 vs 2.2 µs), and a file with a built-in
 INT4 convolution came out 14% under (22.6 vs 26.2 µs).
