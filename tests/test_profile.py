@@ -110,9 +110,10 @@ def test_a_dynamic_axis_profiles_given_x(files):
         qx.profile_tflite(path, np.zeros((1, 7, 4), "float32"))
 
 
-def test_table_dict_and_plot(files, tmp_path):
-    prof = qx.profile_tflite(files["int8"][1], runs=5, warmup=2)
+def test_table_dict_and_plot(files, tmp_path, capsys):
+    prof = qx.profile_tflite(files["int8"][1], runs=5, warmup=2, verbose=1)
     table = prof.table()
+    assert capsys.readouterr().out.strip() == table.strip()     # verbose=1 prints the table, as it is
     head = table.splitlines()[0]
     for said in ("ai-edge-litert", "XNNPACK", "1 thread(s)", "5 runs after 2 warm-up", "Whole file", "sum of the ops"):
         assert said in head, head

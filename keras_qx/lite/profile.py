@@ -78,8 +78,8 @@ class Profile:
         kernels = "XNNPACK where it takes the op, else built-in" if self.delegate == "xnnpack" else "built-in"
         return (f"{self.runtime}, {kernels} kernels, {self.num_threads} thread(s); each op timed alone, median of "
                 f"{self.runs} runs after {self.warmup} warm-up, less the invoke overhead of "
-                f"{self.overhead_us:.2f} µs. Whole file {self.whole_us:.2f} µs ({self.whole_us - self.overhead_us:.2f} "
-                f"µs without the overhead); sum of the ops {self.total_us:.2f} µs.")
+                f"{self.overhead_us:.2f} µs. Whole file {self.whole_us:.2f} µs "
+                f"({self.whole_us - self.overhead_us:.2f} µs without the overhead); sum of the ops {self.total_us:.2f} µs.")
 
     def table(self) -> str:
         """A Markdown table, one row per op, under :meth:`header`."""
