@@ -30,6 +30,7 @@ from keras_qx.lite.evaluate import Evaluation, evaluate_tflite
 from keras_qx.lite.export import ExportError, ExportReport, LengthError, TFLiteModel, export_tflite
 from keras_qx.lite.fidelity import LayerComparison, LayerError, debug_tflite
 from keras_qx.lite.inspect import TFLiteInfo, inspect_tflite
+from keras_qx.lite.profile import Profile, profile_tflite
 from keras_qx.lite.ptq import ptq
 from keras_qx.qat import registry
 from keras_qx.qat.annotate import annotate
@@ -63,7 +64,7 @@ __all__ = [
     "prune", "pruning_callbacks", "strip_pruning", "cluster", "strip_clustering",
     # the file
     "export_tflite", "ptq", "TFLiteModel", "ExportReport", "inspect_tflite", "TFLiteInfo", "evaluate_tflite",
-    "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError",
+    "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError", "profile_tflite", "Profile",
     # errors (each subclasses the builtin you would catch)
     "PolicyError", "InfeasibleBudget", "ExportError", "LengthError", "RuntimeCrash", "Keras3Error",
     # modules

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Runner", "RunResult", "RuntimeCrash", "run", "interpreter", "quantize_input", "io_details",
-           "debug_interpreter", "ops_details", "dynamic_inputs", "resize_inputs", "run_tensors", "TensorsResult"]
+           "debug_interpreter", "ops_details", "dynamic_inputs", "resize_inputs", "run_tensors", "TensorsResult",
+           "run_profile"]
 
 TIMEOUT_S = 600
 
@@ -293,12 +294,151 @@ def _child_tensors(workdir: str, job: dict) -> None:
     os.replace(os.path.join(workdir, "meta.json.tmp"), os.path.join(workdir, "meta.json"))
 
 
+def _delegated_ops(details: list, n_ops: int) -> set:
+    """The indices of the file's ops (0..n_ops-1) a delegate took: each DELEGATE node replaces
+    the ops between its input and output tensors (walked back from its outputs)."""
+    producer = {int(t): int(op["index"]) for op in details if int(op["index"]) < n_ops for t in op["outputs"]}
+    inputs_of = {int(op["index"]): [int(t) for t in op["inputs"]] for op in details if int(op["index"]) < n_ops}
+    taken = set()
+    for node in details:
+        if node["op_name"] != "DELEGATE":
+            continue
+        stop = {int(t) for t in node["inputs"]}
+        todo = [int(t) for t in node["outputs"]]
+        while todo:
+            t = todo.pop()
+            k = producer.get(t)
+            if t in stop or k is None or k in taken:
+                continue
+            taken.add(k)
+            todo.extend(i for i in inputs_of[k] if i >= 0)
+    return taken
+
+
+def _profile_interpreter(model: bytes, num_threads: int, xnnpack: bool, shapes: dict, values: dict):
+    """``(interpreter, kernel)`` allocated for ``shapes`` (tensor index -> shape, resized where
+    they differ from the file's), inputs set from ``values``, run once; XNNPACK refusing the
+    graph falls back to the built-in kernels, as :class:`Runner` does."""
+    try:
+        interp = interpreter(model, num_threads, xnnpack=xnnpack, allocate=False)
+        for detail in interp.get_input_details():
+            shape = shapes[int(detail["index"])]
+            if list(detail["shape"]) != list(shape):
+                interp.resize_tensor_input(detail["index"], list(shape))
+        interp.allocate_tensors()
+        for detail in interp.get_input_details():
+            interp.set_tensor(detail["index"], values[int(detail["index"])])
+        interp.reset_all_variables()
+        interp.invoke()
+    except RuntimeError as err:
+        if not xnnpack or "XNNPACK" not in str(err).upper():
+            raise
+        return _profile_interpreter(model, num_threads, False, shapes, values)
+    details = interp._get_ops_details()
+    return interp, "xnnpack" if any(op["op_name"] == "DELEGATE" for op in details) else "builtin"
+
+
+def _median_invoke(interp, runs: int, warmup: int) -> float:
+    """The median seconds of ``runs`` invokes after ``warmup`` untimed ones, back to back (the
+    variables reset before each, untimed). Interleaving the interpreters round by round would
+    spread a shared machine's load more evenly, but measured on ai-edge-litert 2.3 it makes an
+    XNNPACK op take ~7 times longer in some processes (0.9 -> 6.6 µs, a FULLY_CONNECTED, all its
+    invokes alike: presumably XNNPACK sets up again after another runtime ran), so each is timed alone."""
+    for _ in range(warmup):
+        interp.reset_all_variables()
+        interp.invoke()
+    times = []
+    for _ in range(runs):
+        interp.reset_all_variables()
+        start = time.perf_counter()
+        interp.invoke()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _child_profile(workdir: str, job: dict) -> None:
+    """The child's side of :func:`run_profile`: every op of the main graph timed on its own (one
+    single-op model per op, fed the values the whole file gives it on the sample), the whole
+    file, and an empty graph (the invoke overhead), one after the other."""
+    from importlib.metadata import version
+
+    spec = job["profile"]
+    threads, xnnpack, runs, warmup = spec["num_threads"], spec["xnnpack"], spec["runs"], spec["warmup"]
+    with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
+        model = fh.read()
+    debug = interpreter(model, num_threads=threads, xnnpack=False, preserve_all_tensors=True, allocate=False)
+    inputs = debug.get_input_details()
+    if job["inputs"]:  # the caller's samples: the first one, checked and quantized as run() does
+        runner = Runner(model, threads)
+        names = job["inputs"]
+        arrays = [np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(len(names))]
+        xs = runner.as_inputs(dict(zip(names, arrays)) if all(names) else arrays)
+        detail_of = {int(d["index"]): d for d in runner.inputs}
+        order = [int(d["index"]) for d in runner.inputs]
+        sample = {t: quantize_input(np.asarray(xi[0])[None], detail_of[t]) for t, xi in zip(order, xs)}
+    else:  # a generated sample: int8 values over the whole range, floats in [-1, 1], integer ids 0
+        rng = np.random.default_rng(spec.get("seed", 0))
+        sample = {}
+        for d in inputs:
+            shape = [1 if i == 0 else int(s) for i, s in enumerate(d.get("shape_signature", d["shape"]))]
+            dtype = np.dtype(d["dtype"])
+            if dtype.kind == "f":
+                sample[int(d["index"])] = rng.uniform(-1, 1, shape).astype(dtype)
+            elif d["quantization"][0] and dtype.kind in "iu":
+                info = np.iinfo(dtype)
+                sample[int(d["index"])] = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+            else:
+                sample[int(d["index"])] = np.zeros(shape, dtype)
+    for d in inputs:  # the file's shapes, fixed to the sample's (batch 1, its lengths)
+        debug.resize_tensor_input(d["index"], list(sample[int(d["index"])].shape))
+    debug.allocate_tensors()
+    for d in inputs:
+        debug.set_tensor(d["index"], sample[int(d["index"])])
+    debug.reset_all_variables()
+    debug.invoke()
+    whole_values = {int(d["index"]): sample[int(d["index"])] for d in inputs}
+    whole, delegate = _profile_interpreter(model, threads, xnnpack,
+                                           {t: v.shape for t, v in whole_values.items()}, whole_values)
+    taken = _delegated_ops(whole._get_ops_details(), len(spec["op_inputs"])) if delegate == "xnnpack" else set()
+    with open(os.path.join(workdir, "empty.tflite"), "rb") as fh:
+        empty_model = fh.read()
+    empty_values = {int(d["index"]): np.zeros(d["shape"], d["dtype"])
+                    for d in interpreter(empty_model, allocate=False).get_input_details()}
+    empty, _ = _profile_interpreter(empty_model, threads, xnnpack, {t: v.shape for t, v in empty_values.items()},
+                                    empty_values)
+    medians = [_median_invoke(empty, runs, warmup), _median_invoke(whole, runs, warmup)]
+    kernels = []
+    for k, tensors in enumerate(spec["op_inputs"]):  # the single-op copy's inputs, as tensors of the file
+        with open(os.path.join(workdir, f"op{k}.tflite"), "rb") as fh:
+            op_model = fh.read()
+        values = [np.array(debug.get_tensor(t)) for t in tensors]
+        details = interpreter(op_model, allocate=False).get_input_details()
+        by_index = {int(d["index"]): v for d, v in zip(details, values)}
+        interp, kernel = _profile_interpreter(op_model, threads, xnnpack, {t: v.shape for t, v in by_index.items()},
+                                              by_index)
+        medians.append(_median_invoke(interp, runs, warmup))  # one op at a time: one interpreter alive
+        kernels.append(kernel)
+        del interp
+    try:
+        runtime = "ai-edge-litert " + version("ai-edge-litert")
+    except Exception:  # an unusual install: the package without its metadata
+        runtime = "ai-edge-litert"
+    meta = {"runtime": runtime, "delegate": delegate, "overhead_s": medians[0], "whole_s": medians[1],
+            "ops": [{"kernel": kernel, "model_kernel": "xnnpack" if k in taken else "builtin", "median_s": m}
+                    for k, (kernel, m) in enumerate(zip(kernels, medians[2:]))]}
+    with open(os.path.join(workdir, "meta.json.tmp"), "w") as fh:
+        json.dump(meta, fh)
+    os.replace(os.path.join(workdir, "meta.json.tmp"), os.path.join(workdir, "meta.json"))
+
+
 def _child(workdir: str) -> None:
     """The child's side of :func:`run`: read the job from ``workdir``, write the results there."""
     with open(os.path.join(workdir, "job.json")) as fh:
         job = json.load(fh)
     if job.get("all_tensors"):
         return _child_tensors(workdir, job)
+    if job.get("profile"):
+        return _child_profile(workdir, job)
     with open(os.path.join(workdir, "model.tflite"), "rb") as fh:
         runner = Runner(fh.read(), job["num_threads"])
     arrays = [np.load(os.path.join(workdir, f"x{i}.npy"), allow_pickle=False) for i in range(len(job["inputs"]))]
@@ -394,6 +534,30 @@ def run_tensors(model: bytes, x, timeout: float = TIMEOUT_S) -> TensorsResult:
     tensors = {int(t): {**d, "quantization": (d["quantization"][0], d["quantization"][1])}
                for t, d in meta["tensors"].items()}
     return TensorsResult(tensors, meta["ops"], meta["inputs"], meta["outputs"], values)
+
+
+def run_profile(model: bytes, op_models: list, op_inputs: list, empty_model: bytes, x=None, *, num_threads: int = 1,
+                xnnpack: bool = True, runs: int = 50, warmup: int = 10, timeout: float = TIMEOUT_S) -> dict:
+    """Time each op of ``model`` on its own in a child process (``keras_qx.lite.profile`` builds
+    the single-op copies ``op_models``, whose inputs are the file's tensors ``op_inputs``, and
+    the operator-free ``empty_model``), with the whole file and the invoke overhead. ``x``: the
+    samples as :func:`run` takes them (the first one is used); None: a generated sample.
+
+    Returns the child's figures: ``{"runtime", "delegate", "overhead_s", "whole_s", "ops": [{"kernel",
+    "model_kernel", "median_s"}, ...]}``.
+
+    Raises:
+        RuntimeCrash: the runtime aborted, crashed or hung; nothing of it reaches the caller.
+    """
+    with tempfile.TemporaryDirectory(prefix="keras_qx-profile-") as workdir:
+        for k, op_model in enumerate(op_models):
+            with open(os.path.join(workdir, f"op{k}.tflite"), "wb") as fh:
+                fh.write(bytes(op_model))
+        with open(os.path.join(workdir, "empty.tflite"), "wb") as fh:
+            fh.write(bytes(empty_model))
+        job = {"profile": {"num_threads": int(num_threads), "xnnpack": bool(xnnpack), "runs": int(runs),
+                           "warmup": int(warmup), "op_inputs": [[int(t) for t in ts] for ts in op_inputs]}}
+        return _launch(model, [] if x is None else x, job, timeout, workdir)
 
 
 def run(model: bytes, x, num_threads: int = 1, latency_runs: int = 0, timeout: float = TIMEOUT_S,

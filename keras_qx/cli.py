@@ -18,6 +18,10 @@ separated by a comma (0.6x,2ms): both hold.
         ops, INT4 tensors, sizes, each weight's zeros and distinct values
     keras-qx eval a.tflite b.tflite ... --data D.npz [--metric accuracy] [--plot roads.png]
         one table comparing the files in the runtime: metric, bytes, gzip, sparsity, latency
+    keras-qx profile model.tflite [--data D.npz] [--threads 1] [--runs 50] [--warmup 10] [--no-xnnpack]
+                     [--json profile.json] [--plot profile.png]
+        the time of each op (per layer) in the runtime, with the kernel that ran it; a file with
+        a dynamic dimension needs --data (its first x_test, or x, sample is timed)
 
 Without ``--model``, analyze, quantize and search train the digits CNN first (on four fifths of
 its training split). ``--data`` is an ``.npz`` with ``x_train, y_train, x_test, y_test`` and,
@@ -393,6 +397,27 @@ def _eval(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from keras_qx._io import write_atomic
+    from keras_qx.lite.profile import profile_tflite
+
+    x = None
+    if args.data:
+        arrays = _read_npz(args.data, ("x_test",), alternatives=("x",))
+        x = arrays.get("x_test", arrays.get("x"))
+    _say(f"profiling {args.path} ({args.warmup} warm-up and {args.runs} timed runs of each op)...")
+    result = profile_tflite(args.path, x, num_threads=args.threads, xnnpack=not args.no_xnnpack, runs=args.runs,
+                            warmup=args.warmup)
+    print(result.table())
+    if args.json:
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=2).encode())
+        _say(f"wrote {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        _say(f"wrote {args.plot}")
+    return 0
+
+
 def _model_options(parser):
     parser.add_argument("--model", help="a float model (.keras, .h5, SavedModel); default: train the digits CNN")
     parser.add_argument("--data", help=".npz with x_train, y_train, x_test, y_test and, best, x_val, y_val held out "
@@ -454,8 +479,20 @@ def main(argv=None) -> int:
     evaluate.add_argument("--threads", type=int, default=1, help="interpreter threads")
     evaluate.add_argument("--plot", help="write a size-vs-metric plot (PNG) here")
     evaluate.set_defaults(func=_eval)
+    profile = sub.add_parser("profile", help="time each op of a .tflite file in the runtime, per layer")
+    profile.add_argument("path", metavar="FILE", help="a .tflite file")
+    profile.add_argument("--data", help=".npz with x_test (or x): its first sample is timed; default a generated "
+                         "sample (needed for a file with a dynamic dimension)")
+    profile.add_argument("--threads", type=int, default=1, help="interpreter threads")
+    profile.add_argument("--runs", type=int, default=50, help="timed runs of each op (the median is kept)")
+    profile.add_argument("--warmup", type=int, default=10, help="untimed runs of each op first")
+    profile.add_argument("--no-xnnpack", action="store_true", help="built-in kernels only (default: XNNPACK where "
+                         "it takes the op, as the runtime does)")
+    profile.add_argument("--json", help="write the profile as JSON here")
+    profile.add_argument("--plot", help="write a time-per-layer plot (PNG) here")
+    profile.set_defaults(func=_profile)
     args = parser.parse_args(argv)
-    for name in ("epochs", "qat_epochs", "top", "trials", "latency_runs", "threads"):
+    for name in ("epochs", "qat_epochs", "top", "trials", "latency_runs", "threads", "runs", "warmup"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "policy", None) and not os.path.isfile(args.policy):

@@ -15,7 +15,7 @@ OLD_NAMES = {"data", "budget_bytes", "compression", "avg_bits", "representative_
              "model_bytes_or_path", "tflite_model", "train_data", "test_data", "representative", "print_fn"}
 PRINT_FN_ALLOWED = {"summary"}  # Keras has Model.summary(print_fn=...)
 RESULTS = [qx.SensitivityReport, qx.ParetoResult, qx.Comparison, qx.Evaluation, qx.TFLiteModel, qx.TFLiteInfo,
-           qx.ExportReport, qx.LayerComparison, qx.GzipPrediction]
+           qx.ExportReport, qx.LayerComparison, qx.GzipPrediction, qx.Profile]
 
 
 def _public_callables():
@@ -62,7 +62,7 @@ def test_one_candidates_default_and_seed_default():
 
 
 def test_file_argument_is_tflite():
-    for fn in (qx.inspect_tflite, qx.evaluate_tflite, qx.debug_tflite):
+    for fn in (qx.inspect_tflite, qx.evaluate_tflite, qx.debug_tflite, qx.profile_tflite):
         assert "tflite" in inspect.signature(inspect.unwrap(fn)).parameters, fn
 
 

@@ -109,6 +109,8 @@ def _verify_debug(ns, tmp):
     assert ns["info"].fully_integer and len(ns["info"].int4_tensors) >= 1
     assert ns["debug"].first_divergent is None or isinstance(ns["debug"].first_divergent, str)
     assert ns["evaluation"]["accuracy"] > 0.5
+    assert [op["op"] for op in ns["prof"].ops] == ns["info"].ops and "conv1" in ns["prof"].by_layer()
+    assert (tmp / "profile.png").stat().st_size > 0
 
 
 def _troubleshooting(ns, tmp):
@@ -167,7 +169,8 @@ API_PAGES = {
             "quantize_scope", "load_model"],
     "compression": ["prune", "pruning_callbacks", "strip_pruning", "cluster", "strip_clustering"],
     "file": ["export_tflite", "ptq", "TFLiteModel", "ExportReport", "inspect_tflite", "TFLiteInfo",
-             "evaluate_tflite", "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError"],
+             "evaluate_tflite", "Evaluation", "compare", "Comparison", "debug_tflite", "LayerComparison", "LayerError",
+             "profile_tflite", "Profile"],
     "errors": ["PolicyError", "InfeasibleBudget", "ExportError", "LengthError", "RuntimeCrash", "Keras3Error"],
 }
 

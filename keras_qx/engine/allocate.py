@@ -488,7 +488,13 @@ def check_latency_table(latency, where: str):
     return latency
 
 
-def measured_latency(model, candidates, latency, where: str):
+def _layer_time(latency, name: str, bits: dict) -> float:
+    """One layer's predicted µs in the file of ``bits`` (the cache regime of that file)."""
+    full = {n: bits.get(n, 8) for n in latency.layers}
+    return float(latency.layer_us(name, bits[name], latency.cold_fraction(latency.weight_bytes(full))))
+
+
+def measured_latency(model, candidates, latency, where: str, x=None):
     """The latency table to plan with: ``latency`` if given, else measured by
     ``keras_qx.engine.latency.latency_table`` at the candidates (and 8 bits)."""
     check_latency_table(latency, where)
@@ -497,7 +503,7 @@ def measured_latency(model, candidates, latency, where: str):
     from keras_qx.engine import latency as latency_module
 
     widths = tuple(sorted({*candidates, 8}))
-    return check_latency_table(latency_module.latency_table(model, widths), where)
+    return check_latency_table(latency_module.latency_table(model, widths, x=x), where)
 
 
 def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), keep: Sequence[str] = (),
@@ -554,17 +560,37 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
                         f"{type(report).__name__}.")
     if budget_us is not None:  # measured (if need be) before the sensitivity: a failure costs less
         latency = measured_latency(model, report.candidates if report is not None else candidates, latency,
-                                   "qx.auto_policy()")
+                                   "qx.auto_policy()", x=x if x is not None else data)
     if report is None:
         x, y = legacy_xy("qx.auto_policy()", x, y, len(model.inputs), data)
         report = sensitivity(model, x, y, candidates, method=method, verbose=verbose, **sensitivity_kwargs)
     missing = [n for n in names if n not in report.damage]
     if missing:
         raise ValueError(f"the sensitivity report lacks layer(s) {missing}; it was made for another model.")
-    options = {n: layer_options(l, report, 8 if n in keep else None, size, latency) for n, l in zip(names, layers)}
     tie_groups = find_ties(model) if ties == "auto" else list(ties or [])
     base_us = float(latency.base_us) if latency is not None else 0.0
-    result = allocate(options, budget, tie_groups, size=size, budget_us=budget_us, base_us=base_us)
+    result, options, failure = None, None, None
+    # The time is additive within a cache regime (LatencyTable.regimes): solve each under its
+    # weight byte cap and keep the least damaging allocation.
+    for cap, times in (latency.regimes() if budget_us is not None else [(None, None)]):
+        if cap is not None and size != "kernel":
+            continue  # the cap counts stored bytes: with a gzip budget, plan on the bounding regime only
+        table = None if latency is None else latency if times is None else latency.additive(cap)
+        opts = {n: layer_options(l, report, 8 if n in keep else None, size, table) for n, l in zip(names, layers)}
+        cap_bytes = budget if cap is None else cap if budget is None else min(budget, cap)
+        try:
+            found = allocate(opts, cap_bytes, tie_groups, size=size, budget_us=budget_us, base_us=base_us)
+        except InfeasibleBudget as err:
+            failure = err
+            continue
+        if result is None or found.damage < result.damage - 1e-12:
+            result, options = found, opts
+    if result is None:
+        raise failure
+    if latency is not None:  # the time of the chosen files by the full model, not a regime's bound
+        result.latency_us = float(latency.total_us(result.bits))
+        options = {n: {**options[n], result.bits[n]: (*options[n][result.bits[n]][:2],
+                                                       _layer_time(latency, n, result.bits))} for n in options}
     int8 = total_size(layers, 8, size)
     meta = {
         "size": size, "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,

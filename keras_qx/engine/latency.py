@@ -83,19 +83,30 @@ class LatencyTable:
         return self.base_us + sum(self.layer_us(n, b, fraction) for n, b in full.items())
 
     def regimes(self, levels: int = 4) -> list:
-        """``[(weight byte cap or None, {layer: {bits: µs}})]``: additive tables, each exact (an upper
-        bound) for files within its cap; an allocation under a latency budget solves each with its
-        cap as an extra byte budget and keeps the best (the time is not additive across the cache
-        boundary, within a regime it is bounded by one)."""
+        """``[(weight byte cap or None, {layer: {bits: µs}})]``: additive tables, each an upper bound
+        of :meth:`total_us` for the files within its cap (the last, capped by nothing, for every
+        file up to all layers at their widest). Across the cache boundary the time is not
+        additive; an allocation under a latency budget solves each regime with its cap as an extra
+        byte budget and keeps the best."""
+        widest = sum(max(t.values()) for t in self.kernel_bytes.values()) if self.kernel_bytes else 0
         if not self.l2_bytes or not self.cold:
             return [(None, self.layers)]
-        caps = [self.l2_bytes / 2 + 1.5 * self.l2_bytes * k / levels for k in range(levels)] + [None]
-        out = []
-        for cap in caps:
-            fraction = 1.0 if cap is None else self.cold_fraction(cap)
-            out.append((None if cap is None else int(cap),
-                        {n: {b: self.layer_us(n, b, fraction) for b in t} for n, t in self.layers.items()}))
-        return out
+        caps = [int(self.l2_bytes / 2 + 1.5 * self.l2_bytes * k / levels) for k in range(levels)]
+        out = [(cap, self._at(self.cold_fraction(cap))) for cap in caps if cap < widest]
+        return out + [(None, self._at(self.cold_fraction(widest)))]
+
+    def _at(self, fraction: float) -> dict:
+        return {n: {b: self.layer_us(n, b, fraction) for b in t} for n, t in self.layers.items()}
+
+    def additive(self, max_bytes: int | None = None) -> "LatencyTable":
+        """This table made additive for files of at most ``max_bytes`` weight bytes (None: any):
+        each layer's time at the regime bounding them (:meth:`regimes`), for a search that adds
+        times up as it adds bytes."""
+        regimes = self.regimes()
+        times = next((t for cap, t in regimes if cap is not None and max_bytes is not None and max_bytes <= cap),
+                     regimes[-1][1])
+        return LatencyTable(base_us=self.base_us, layers=times, num_threads=self.num_threads, runtime=self.runtime,
+                            kernel_bytes=self.kernel_bytes)
 
     def to_dict(self) -> dict:
         key = lambda b: _FLOAT if b is None else str(b)  # noqa: E731

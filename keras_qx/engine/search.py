@@ -189,7 +189,9 @@ class BitWidthTuner:
                     f"{self.space.candidates} takes {minimum:,} {self.unit}. Raise the budget or add "
                     "smaller candidates.", self.budget_bytes, minimum)
             if self.budget_us is not None or latency is not None:
-                self.latency = measured_latency(model, self.space.candidates, latency, "BitWidthTuner()")
+                # a search adds times as it adds bytes: the table's bound for files within the byte budget
+                self.latency = measured_latency(model, self.space.candidates, latency, "BitWidthTuner()").additive(
+                    self.budget_bytes if self.size == "kernel" else None)
                 self.units = with_latency(self.units, self.latency)
                 fastest = self.latency.base_us + sum(min(u.us.values()) for u in self.units)
                 if self.budget_us is not None and fastest > self.budget_us:
