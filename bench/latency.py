@@ -31,7 +31,7 @@ from keras_qx._seed import seeded  # noqa: E402
 from keras_qx.engine.latency import _export, _sample, _time_file, latency_table, predict_latency  # noqa: E402
 from keras_qx.engine.sensitivity import quantizable_layers  # noqa: E402
 
-CACHE = os.path.join(HERE, "results", "latency_cache.json")
+CACHE = os.environ.get("KERAS_QX_BENCH_CACHE", os.path.join(HERE, "results", "latency_cache.json"))
 RUNS = 300
 L = keras.layers
 

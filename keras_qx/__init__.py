@@ -21,7 +21,8 @@ from keras_qx._runtime import RuntimeCrash
 from keras_qx.compress.cluster import cluster, strip_clustering
 from keras_qx.compress.prune import prune, pruning_callbacks, strip_pruning
 from keras_qx.engine.allocate import InfeasibleBudget, auto_policy
-from keras_qx.engine.latency import LatencyPrediction, LatencyTable, latency_table, predict_latency
+from keras_qx.engine.latency import (LatencyPrediction, LatencyTable, export_latency_files, latency_table,
+                                     predict_latency)
 from keras_qx.engine.pareto import ParetoResult, pareto
 from keras_qx.engine.search import BitWidthTuner
 from keras_qx.engine.sensitivity import SensitivityReport, sensitivity
@@ -56,7 +57,7 @@ __all__ = [
     "Policy", "LayerSpec", "annotate", "register_layer",
     # choosing bits
     "sensitivity", "SensitivityReport", "auto_policy", "BitWidthTuner", "pareto", "ParetoResult",
-    "latency_table", "LatencyTable", "predict_latency", "LatencyPrediction",
+    "latency_table", "LatencyTable", "predict_latency", "LatencyPrediction", "export_latency_files",
     # QAT
     "quantize", "calibrate", "uncalibrated_ranges", "summary", "predict_gzip_bytes", "GzipPrediction",
     "quantize_scope", "load_model",

@@ -39,7 +39,7 @@ CASES = [(cls, cfg) for cls in configs.ALL_CONFIGS for cfg in SAMPLES[cls]]
 IDS = [f"{cls.__name__}-{i}" for cls in configs.ALL_CONFIGS for i in range(len(SAMPLES[cls]))]
 
 # __init__ arguments that get_config() folds into the serialized quantizers.
-FOLDED = {"weight_bits", "activation_bits", "per_channel", "channel_axis", "full_range"}
+FOLDED = {"weight_bits", "activation_bits", "per_channel", "channel_axis", "full_range", "pack"}
 
 
 def test_every_config_class_has_samples():

@@ -113,6 +113,12 @@ def _verify_debug(ns, tmp):
     assert (tmp / "profile.png").stat().st_size > 0
 
 
+def _latency(ns, tmp):
+    assert (tmp / "latency.json").stat().st_size > 0
+    assert set(ns["table"].layers) == {"conv1", "conv2", "out"}
+    assert ns["int4"].total_us > ns["int8"].total_us      # INT4 convolutions are slower here
+
+
 def _troubleshooting(ns, tmp):
     assert "never seen data" in ns["not_calibrated"]
     assert "smallest possible" in ns["too_small"]
@@ -132,6 +138,7 @@ PAGE_CHECKS = {
     "guides/keras3.md": _keras3,
     "guides/custom-layers.md": _custom_layers,
     "guides/verify-debug.md": _verify_debug,
+    "guides/latency.md": _latency,
     "guides/troubleshooting.md": _troubleshooting,
     "guides/cli.md": _cli,
 }
@@ -164,7 +171,8 @@ def test_every_python_block_compiles(page):
 
 API_PAGES = {
     "policy": ["Policy", "LayerSpec", "annotate", "register_layer"],
-    "choosing-bits": ["sensitivity", "SensitivityReport", "auto_policy", "BitWidthTuner", "pareto", "ParetoResult"],
+    "choosing-bits": ["sensitivity", "SensitivityReport", "auto_policy", "BitWidthTuner", "pareto", "ParetoResult",
+                      "latency_table", "LatencyTable", "predict_latency", "LatencyPrediction", "export_latency_files"],
     "qat": ["quantize", "calibrate", "uncalibrated_ranges", "summary", "predict_gzip_bytes", "GzipPrediction",
             "quantize_scope", "load_model"],
     "compression": ["prune", "pruning_callbacks", "strip_pruning", "cluster", "strip_clustering"],

@@ -1,6 +1,7 @@
 """The latency model (issue 20): per-layer times measured in the runtime, cached, and summed
 into a prediction that the measured file agrees with."""
 import json
+import os
 import statistics
 
 import numpy as np
@@ -122,3 +123,28 @@ def test_unreadable_cache_warns_and_is_rewritten(tmp_path):
     store.put("a", [1.0, 2.0])
     store.save()
     assert json.loads(cache.read_text()) == {"key": {"a": [1.0, 2.0]}}
+
+
+@pytest.mark.slow
+def test_times_measured_on_another_device_are_read_back(tmp_path):
+    """export_latency_files writes what a table times; timings of those files (as a phone's
+    benchmark tool gives them) make the table without timing anything here."""
+    inputs = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="out")(L.Flatten()(x)))
+    paths = latency.export_latency_files(model, tmp_path / "files", (4, 8))
+    # conv and out at INT4 and int8 each, and the model
+    assert len(paths) == 5 and all(p.endswith(".tflite") for p in paths)
+    for path in paths:
+        data = open(path, "rb").read()
+        assert data[4:8] == b"TFL3"
+    timings = {os.path.basename(p): 10.0 * (i + 1) for i, p in enumerate(paths)}
+    (tmp_path / "phone.json").write_text(json.dumps(timings))
+    table = latency_table(model, (4, 8), timings=tmp_path / "phone.json")
+    got = sorted(us for t in table.layers.values() for us in t.values())
+    assert got == [10.0, 20.0, 30.0, 40.0]
+    assert table.total_us({}) == pytest.approx(50.0)  # the whole int8 file's time
+    assert table.cold == table.layers and table.l2_bytes == 0
+    del timings[os.path.basename(paths[0])]
+    with pytest.raises(ValueError, match="the timings lack .*tflite"):
+        latency_table(model, (4, 8), timings=timings)

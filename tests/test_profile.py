@@ -9,17 +9,9 @@ import pytest
 
 import keras_qx as qx
 from keras_qx._compat import keras
+from tests.conftest import tiny_model
 
 L = keras.layers
-
-
-def _conv_dense(name):
-    inputs = keras.Input((8, 8, 1), name="image")
-    x = L.Conv2D(4, 3, name="conv")(inputs)
-    x = L.ReLU(name="relu")(x)
-    x = L.Flatten(name="flat")(x)
-    x = L.Dense(8, activation="relu", name="fc")(x)
-    return keras.Model(inputs, L.Dense(3, name="out")(x), name=name)
 
 
 def _export(model, policy, x):
@@ -37,7 +29,7 @@ def files(tmp_path_factory):
     out, folder = {}, tmp_path_factory.mktemp("profile")
     x = rng.random((32, 8, 8, 1)).astype("float32")
     for kind, policy in (("int8", None), ("int4", {"rules": [{"type": "Conv2D", "weight_bits": 4}]})):
-        qat, tfl = _export(_conv_dense(f"net_{kind}"), policy, x)
+        qat, tfl = _export(tiny_model(f"net_{kind}"), policy, x)
         (folder / f"{kind}.tflite").write_bytes(tfl)
         out[kind] = (qat, folder / f"{kind}.tflite", x)
     inputs = keras.Input((None, 3), name="series")

@@ -35,8 +35,8 @@ import numpy as np
 from keras_qx._compat import keras
 from keras_qx._io import write_atomic
 
-__all__ = ["LatencyTable", "LatencyPrediction", "latency_table", "predict_latency", "default_cache",
-           "runtime_key"]
+__all__ = ["LatencyTable", "LatencyPrediction", "latency_table", "predict_latency", "export_latency_files",
+           "default_cache", "runtime_key", "l2_bytes"]
 
 RUNS = 200  # timed invocations per file (after 10 warm-up ones)
 _FLOAT = "float"  # the JSON key of a layer kept float
@@ -332,8 +332,112 @@ def _lengths(model, x) -> list | None:
     return lengths
 
 
+def _check_runs(num_threads, runs) -> None:
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}.")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 5:
+        raise ValueError(f"runs must be an int >= 5 (timed invocations per file), got {runs!r}.")
+
+
+def _plan(model, candidates, x):
+    """``(model, [(layer, shapes, {bits: storage})], model signature, lengths)``: what a latency
+    table times (each layer at each width as the file stores it, and the int8 model)."""
+    from keras_qx.engine.sensitivity import quantizable_layers
+    from keras_qx.quant.cost import storage_bits
+    from keras_qx.rewrite.flatten import flatten_nested
+    from keras_qx.rewrite.keras3 import as_tf_keras
+
+    bits_all = sorted({int(b) for b in candidates} | {8})
+    model = as_tf_keras(model)
+    flat = flatten_nested(model, copies=False)
+    lengths = _lengths(model, x)
+    plan = []
+    for layer in quantizable_layers(model):
+        shapes = [_fixed(s, lengths) for s in _node_shapes(flat, layer)]
+        if any(s is None for s in shapes):
+            raise ValueError(f"layer {layer.name!r} takes inputs of a dynamic length {_node_shapes(flat, layer)}: pass "
+                             "x (samples of the length the file will run at) to time it.")
+        plan.append((layer, shapes, {b: storage_bits(layer, b) for b in bits_all}))
+    signature = "model:" + hashlib.sha1(json.dumps(
+        [_signature(l, s, 8) for l, s, _ in plan] + [model.name, len(flat.layers)]).encode()).hexdigest()[:16]
+    return model, plan, signature, lengths
+
+
+def _layer_file(layer, shapes, bits):
+    """``(file, first sample)``: ``layer`` alone at ``bits``, int8 in and out."""
+    single = _one_layer(layer, shapes)
+    samples = [np.concatenate([_sample(s, layer, np.random.default_rng(i)) for i in range(8)]) for s in shapes]
+    data = _export(single, {single.layers[-1].name: bits}, samples if len(samples) > 1 else samples[0])
+    first = [s[:1] for s in samples]
+    return data, first if len(first) > 1 else first[0]
+
+
+def _model_file(model, lengths):
+    """``(file, first sample)``: the whole model at uniform int8."""
+    samples = []
+    for t in model.inputs:
+        fake = keras.layers.Embedding(2, 1) if t.dtype.is_integer else None
+        shape = _fixed(tuple(t.shape), lengths)
+        samples.append(np.concatenate([_sample(shape, fake, np.random.default_rng(i)) for i in range(8)]))
+    data = _export(model, {}, samples if len(samples) > 1 else samples[0])
+    first = [s[:1] for s in samples]
+    return data, first if len(first) > 1 else first[0]
+
+
+def _file_name(signature: str) -> str:
+    return signature.replace(":", "-") + ".tflite"
+
+
+def export_latency_files(model, directory, candidates=(2, 4, 8), *, x=None, verbose: int = 0) -> list:
+    """Write the files a :func:`latency_table` times (each quantizable layer alone at each width,
+    and the whole int8 model) to ``directory``, to time them on the device the model will run
+    on; read the times back with ``latency_table(model, candidates, timings=...)``.
+
+    Each file is named after what it holds (``layer-<hash>-Conv2D-4.tflite``, ``model-<hash>.tflite``);
+    the timings are ``{file name: microseconds}`` (e.g. the average LiteRT's ``benchmark_model
+    --graph=FILE --num_threads=1`` prints, in µs). Returns the paths written.
+
+    Example:
+        >>> paths = qx.export_latency_files(model, "latency_files")    # doctest: +SKIP
+    """
+    from keras_qx._deprecation import check_verbose
+
+    verbose = check_verbose(verbose, "export_latency_files()")
+    model, plan, model_signature, lengths = _plan(model, candidates, x)
+    os.makedirs(directory, exist_ok=True)
+    jobs = [(_signature(layer, shapes, storage), layer, shapes, min(b for b, s in storages.items() if s == storage))
+            for layer, shapes, storages in plan for storage in sorted(set(storages.values()), reverse=True)]
+    say, paths = _say(verbose), []
+    for i, (signature, layer, shapes, bits) in enumerate(jobs, 1):
+        path = os.path.join(directory, _file_name(signature))
+        write_atomic(path, bytes(_layer_file(layer, shapes, bits)[0]))
+        paths.append(path)
+        say(i, len(jobs) + 1, layer.name)
+    path = os.path.join(directory, _file_name(model_signature))
+    write_atomic(path, bytes(_model_file(model, lengths)[0]))
+    say(len(jobs) + 1, len(jobs) + 1, "whole model")
+    return paths + [path]
+
+
+def _read_timings(timings) -> dict:
+    """``{signature: µs}`` from ``{file name: µs}`` (a dict, or a JSON file of one)."""
+    where = "timings"
+    if isinstance(timings, (str, os.PathLike)):
+        where = repr(os.fspath(timings))
+        try:
+            with open(timings) as fh:
+                timings = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the timings {where}: {err}. Give a JSON object {{file name: microseconds}}.") \
+                from None
+    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in timings.values()):
+        raise ValueError(f"{where} must map the file names export_latency_files wrote to microseconds (numbers >= 0).")
+    return {os.path.basename(k)[:-len(".tflite")].replace("-", ":") if k.endswith(".tflite") else k: float(v)
+            for k, v in timings.items()}
+
+
 def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, cache=None, runs: int = RUNS,
-                  verbose: int = 0) -> LatencyTable:
+                  timings=None, verbose: int = 0) -> LatencyTable:
     """The :class:`LatencyTable` of ``model``'s quantizable layers at ``candidates`` (and 8 bits),
     measured on this machine's runtime or read from the cache.
 
@@ -345,47 +449,49 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
         num_threads: the runtime's threads (part of the cache key).
         cache: the cache file (default :func:`default_cache`); ``False``: none.
         runs: timed invocations per file.
+        timings: times measured on another device, ``{file name: µs}`` (a dict or a JSON file)
+            for the files :func:`export_latency_files` wrote: nothing is timed here (each layer's
+            time is taken as warm; the cache is not used).
         verbose: 0 silent, 1 a progress bar on stderr.
 
     Example:
         >>> latency_table(model, (4, 8)).table()                     # doctest: +SKIP
     """
     from keras_qx._deprecation import check_verbose
-    from keras_qx.engine.sensitivity import quantizable_layers
-    from keras_qx.quant.cost import kernel_bytes, storage_bits
-    from keras_qx.rewrite.flatten import flatten_nested
-    from keras_qx.rewrite.keras3 import as_tf_keras
+    from keras_qx.quant.cost import kernel_bytes
 
     verbose = check_verbose(verbose, "latency_table()")
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}.")
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 5:
-        raise ValueError(f"runs must be an int >= 5 (timed invocations per file), got {runs!r}.")
-    bits_all = sorted({int(b) for b in candidates} | {8})
-    model = as_tf_keras(model)
-    layers = quantizable_layers(model)
-    flat = flatten_nested(model, copies=False)
-    lengths = _lengths(model, x)
-    key = runtime_key(num_threads)
-    store = _Cache(cache, key)
+    _check_runs(num_threads, runs)
+    model, plan, model_signature, lengths = _plan(model, candidates, x)
+    if timings is not None:
+        imported = _read_timings(timings)
+        key, store, l2 = f"timings {timings if isinstance(timings, (str, os.PathLike)) else '(given)'}", None, 0
 
-    def measured(signature, measure):
-        us = store.get(signature)
-        if us is None:
-            store.put(signature, measure())
-            us = store.get(signature)  # as rounded in the file: a cached table equals a fresh one
-        return us
+        needed = [_signature(l, sh, st) for l, sh, sts in plan for st in set(sts.values())] + [model_signature]
+        missing = [_file_name(n) for n in needed if n not in imported]
+        if missing:
+            raise ValueError(f"the timings lack {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                             f"({len(missing)} of {len(needed)} files): time every file "
+                             "export_latency_files(model, directory, candidates) wrote for this model.")
+
+        def measured(signature, measure):
+            if signature == "overhead":
+                return 0.0
+            us = imported[signature]
+            return [us, us] if signature.startswith("layer:") else us
+    else:
+        key = runtime_key(num_threads)
+        store, l2 = _Cache(cache, key), l2_bytes()
+
+        def measured(signature, measure):
+            us = store.get(signature)
+            if us is None:
+                store.put(signature, measure())
+                us = store.get(signature)  # as rounded in the file: a cached table equals a fresh one
+            return us
 
     overhead = measured("overhead", lambda: _overhead_us(num_threads, runs))
-    plan = []  # (layer, shapes, {bits: storage})
-    for layer in layers:
-        shapes = [_fixed(s, lengths) for s in _node_shapes(flat, layer)]
-        if any(s is None for s in shapes):
-            raise ValueError(f"layer {layer.name!r} takes inputs of a dynamic length {_node_shapes(flat, layer)}: pass "
-                             "x (samples of the length the file will run at) to time it.")
-        plan.append((layer, shapes, {b: storage_bits(layer, b) for b in bits_all}))
     todo = sum(len(set(st.values())) for _, _, st in plan) + 1
-    l2 = l2_bytes()
     flush = 2 * l2 if l2 else 0
     say = _say(verbose)
     done, warm, cold, sizes = 0, {}, {}, {}
@@ -395,12 +501,7 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
             bits = min(b for b, s in storages.items() if s == storage)
 
             def measure(layer=layer, shapes=shapes, bits=bits):
-                single = _one_layer(layer, shapes)
-                samples = [np.concatenate([_sample(s, layer, np.random.default_rng(i)) for i in range(8)])
-                           for s in shapes]
-                data = _export(single, {single.layers[-1].name: bits}, samples if len(samples) > 1 else samples[0])
-                first = [s[:1] for s in samples]
-                first = first if len(first) > 1 else first[0]
+                data, first = _layer_file(layer, shapes, bits)
                 return [max(_time_file(data, first, num_threads, runs, f) - overhead, 0.0) for f in (0, flush)]
 
             try:
@@ -417,23 +518,15 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
             warm[layer.name] = {b: times[s][0] for b, s in storages.items()}
             cold[layer.name] = {b: times[s][1] for b, s in storages.items()}
             sizes[layer.name] = {b: kernel_bytes(layer, b) for b in storages}
-    model_signature = "model:" + hashlib.sha1(json.dumps(
-        [_signature(l, s, 8) for l, s, _ in plan] + [model.name, len(flat.layers)]).encode()).hexdigest()[:16]
 
     def whole():
-        shapes = [_fixed(tuple(t.shape), lengths) for t in model.inputs]
-        samples = []
-        for t, s in zip(model.inputs, shapes):
-            feeds_embedding = t.dtype.is_integer
-            fake = keras.layers.Embedding(2, 1) if feeds_embedding else None
-            samples.append(np.concatenate([_sample(s, fake, np.random.default_rng(i)) for i in range(8)]))
-        data = _export(model, {}, samples if len(samples) > 1 else samples[0])
-        first = [s[:1] for s in samples]
-        return _time_file(data, first if len(first) > 1 else first[0], num_threads, runs)
+        data, first = _model_file(model, lengths)
+        return _time_file(data, first, num_threads, runs)
 
     int8_us = measured(model_signature, whole)
     say(todo, todo, "whole model")
-    store.save()
+    if store is not None:
+        store.save()
     table = LatencyTable(base_us=0.0, layers=warm, num_threads=num_threads, runtime=key, cold=cold,
                          kernel_bytes=sizes, l2_bytes=l2)
     table.base_us = int8_us - table.total_us({})  # the rest: what the int8 file takes beyond its layers
@@ -462,7 +555,8 @@ def predict_latency(model, policy=None, *, x=None, num_threads: int = 1, cache=N
     bits = {}
     for layer in quantizable_layers(model):
         spec = specs.get(layer.name)
-        bits[layer.name] = None if spec is None or not spec.quantize else spec.weight_bits
+        # "pack": false stores a sub-byte kernel on an int8 carrier: it runs as an int8 layer
+        bits[layer.name] = None if spec is None or not spec.quantize else spec.weight_bits if spec.pack else 8
     needed = sorted({b for b in bits.values() if b is not None} | {8})
     if table is None:
         table = latency_table(model, needed, x=x, num_threads=num_threads, cache=cache, verbose=verbose)

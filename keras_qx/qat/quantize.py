@@ -273,9 +273,10 @@ class _PreservingRegistry(PolicyQuantizeRegistry):
             if table is not None:
                 config.weight_quantizer = ClusterWeightQuantizer(q.bits, q.per_channel, q.channel_axis, *table,
                                                                  preserve_sparsity=self.preserve_sparsity,
-                                                                 full_range=q.full_range)
+                                                                 full_range=q.full_range, pack=q.pack)
             elif self.preserve_sparsity:
-                config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis, q.full_range)
+                config.weight_quantizer = SparseWeightQuantizer(q.bits, q.per_channel, q.channel_axis, q.full_range,
+                                                                q.pack)
         return config
 
 
@@ -340,7 +341,8 @@ def _clamp_to_exportable(model, specs):
         inner = _inner(layer)
         spec = specs.get(inner.name)
         if spec and spec.quantize and _int8_only(inner, spec.weight_bits):
-            specs[inner.name] = LayerSpec(8, spec.activation_bits, True, spec.source + ", int8: exporter")
+            specs[inner.name] = LayerSpec(8, spec.activation_bits, True, spec.source + ", int8: exporter",
+                                              spec.pack)
             clamped[inner.name] = type(inner).__name__
     if clamped:
         warnings.warn(

@@ -119,6 +119,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 channel_axis=kind.channel_axis,
                 quantize_activation=quantize_activation,
                 full_range=full_range_for(spec.weight_bits, kind.int2_export),
+                pack=spec.pack,
             )
         if quantize_activation and known is not None and known.kind == QUANTIZED and not known.quantize_output:
             return input_grid_config(spec.activation_bits)  # same-scale pooling: the output on its input's grid

@@ -48,7 +48,8 @@ def layer_costs(qat_model) -> list[tuple[LayerCost, int | None]]:
                 a_bits = 8
             attrs = getattr(config, "weight_attrs", None) or []
             kernels = [v for v, _, _ in getattr(layer, "_weight_vars", [])]
-            cost = layer_cost(inner, w_bits, dict(zip(attrs, kernels)) if len(attrs) == len(kernels) else None)
+            packed = getattr(getattr(config, "weight_quantizer", None), "pack", True)
+            cost = layer_cost(inner, w_bits, dict(zip(attrs, kernels)) if len(attrs) == len(kernels) else None, packed)
         elif isinstance(layer, keras.layers.InputLayer) or not layer.weights:
             continue
         else:  # kept float

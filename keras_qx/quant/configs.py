@@ -95,7 +95,7 @@ class KernelQuantizeConfig(_Config):
     Args:
         weight_attrs: names of the kernel attributes (``["kernel"]``, ``["depthwise_kernel"]``).
         weight_bits / activation_bits: bit widths; ignored where a quantizer is passed.
-        per_channel, channel_axis, full_range: see :class:`~keras_qx.quant.quantizers.WeightQuantizer`.
+        per_channel, channel_axis, full_range, pack: see :class:`~keras_qx.quant.quantizers.WeightQuantizer`.
         quantize_activation: fake-quantize the layer's fused activation output.
         weight_quantizer / activation_quantizer: explicit quantizers.
         pinned: which of ``"weight_bits"``/``"activation_bits"`` were set by the user
@@ -116,9 +116,11 @@ class KernelQuantizeConfig(_Config):
         activation_quantizer: ActivationQuantizer | None = None,
         pinned: Sequence[str] = (),
         full_range: bool | None = None,
+        pack: bool = True,
     ):
         self.weight_attrs = list(weight_attrs)
-        self.weight_quantizer = weight_quantizer or WeightQuantizer(weight_bits, per_channel, channel_axis, full_range)
+        self.weight_quantizer = weight_quantizer or WeightQuantizer(weight_bits, per_channel, channel_axis, full_range,
+                                                                    pack)
         self.activation_quantizer = activation_quantizer or ActivationQuantizer(activation_bits)
         self.quantize_activation = bool(quantize_activation)
         self.pinned = list(pinned)

@@ -41,11 +41,14 @@ SIZE_UNITS = {"kernel": "kernel bytes", "gzip": "gzip'd kernel bytes"}  # for me
 FLOAT_BITS = 32
 
 
-def storage_bits(layer, weight_bits: int | None) -> int:
-    """Bits one kernel value of ``layer`` takes in the file at ``weight_bits`` (None: float)."""
+def storage_bits(layer, weight_bits: int | None, pack: bool = True) -> int:
+    """Bits one kernel value of ``layer`` takes in the file at ``weight_bits`` (None: float;
+    ``pack=False``: a sub-byte kernel on an int8 carrier, the policy's ``"pack": false``)."""
     kind = kernel_kind(layer)
     if weight_bits is None or (kind is not None and not kind.integer_export):
         return FLOAT_BITS
+    if not pack:
+        return 8
     if kind is not None and kind.int2_export and weight_bits <= 2:
         return 2
     if kind is not None and kind.int4_export and weight_bits <= 4:
@@ -65,8 +68,8 @@ def bias_params(layer) -> int:
     return int(bias.shape.num_elements()) if bias is not None else 0
 
 
-def kernel_bytes(layer, weight_bits: int | None) -> int:
-    return math.ceil(kernel_params(layer) * storage_bits(layer, weight_bits) / 8)
+def kernel_bytes(layer, weight_bits: int | None, pack: bool = True) -> int:
+    return math.ceil(kernel_params(layer) * storage_bits(layer, weight_bits, pack) / 8)
 
 
 def total_kernel_bytes(layers, weight_bits: int | None = 8) -> int:
@@ -101,7 +104,7 @@ class LayerCost:
         return 4 * self.params
 
 
-def layer_cost(layer, weight_bits: int | None, values=None) -> LayerCost:
+def layer_cost(layer, weight_bits: int | None, values=None, pack: bool = True) -> LayerCost:
     """Cost of ``layer`` (a float layer, built) with kernels at ``weight_bits`` (``values``: its
     kernels' float values by attribute, where the layer does not hold them, as in a QAT model)."""
     biases = bias_params(layer)
@@ -110,10 +113,10 @@ def layer_cost(layer, weight_bits: int | None, values=None) -> LayerCost:
         type=type(layer).__name__,
         weight_bits=weight_bits,
         params=kernel_params(layer) + biases,
-        kernel_bytes=kernel_bytes(layer, weight_bits),
+        kernel_bytes=kernel_bytes(layer, weight_bits, pack),
         bias_bytes=4 * biases,
-        storage_bits=storage_bits(layer, weight_bits),
-        gzip_bytes=kernel_gzip_bytes(layer, weight_bits, values),
+        storage_bits=storage_bits(layer, weight_bits, pack),
+        gzip_bytes=kernel_gzip_bytes(layer, weight_bits, values, pack),
     )
 
 
@@ -175,7 +178,7 @@ def kernel_values(layer, attr: str, values=None) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def stored_kernel(layer, attr: str, weight_bits: int, values=None) -> np.ndarray:
+def stored_kernel(layer, attr: str, weight_bits: int, values=None, pack: bool = True) -> np.ndarray:
     """The integers the TFLite file stores for ``layer``'s kernel ``attr`` at ``weight_bits``, in
     file order: the weight quantizer's integers. A kernel under 4 bits reaches the converter on
     the INT4 grid of its own step (``WeightQuantizer._on_int4_grid``), so an INT4 or INT2 file
@@ -186,8 +189,8 @@ def stored_kernel(layer, attr: str, weight_bits: int, values=None) -> np.ndarray
     full = full_range_for(weight_bits, getattr(kernel_kind(layer), "int2_export", False))
     ints = quantized_kernel(kernel_values(layer, attr, values), weight_bits, per_channel, axis, full)
     file_values, file_axis = _file_layout(layer, attr, ints.astype(np.float32))
-    if weight_bits < 4 and storage_bits(layer, weight_bits) <= 4:
-        return file_values.astype(np.int32)
+    if (weight_bits < 4 and storage_bits(layer, weight_bits) <= 4) or (not pack and weight_bits < 8):
+        return file_values.astype(np.int32)  # the trained integers, packed or on the int8 carrier
     levels = 2 ** (storage_bits(layer, weight_bits) - 1) - 1
     bound = max_abs(file_values, file_axis)
     scale = np.where(bound > 0, bound / levels, 1.0)
@@ -226,6 +229,9 @@ _DEFLATE = (0.013, 0.085, 0.155, 0.368, 0.715, 1.339, 1.971, 2.533, 3.121, 3.651
             5.964, 6.2, 6.65, 7.07, 7.56, 8.03)
 
 
+_pack = pack  # for functions whose ``pack`` argument (packed or on an int8 carrier) shadows it
+
+
 def deflate_bytes(data) -> float:
     """Predicted gzip -9 bytes of ``data`` (uint8 array) from its byte histogram alone: the
     order-0 entropy, corrected by the measured curve of deflate's overhead at that entropy.
@@ -243,7 +249,7 @@ def deflate_bytes(data) -> float:
     return data.size * float(np.interp(entropy, _ENTROPY, _DEFLATE)) / 8
 
 
-def kernel_gzip_bytes(layer, weight_bits: int | None, values=None) -> int:
+def kernel_gzip_bytes(layer, weight_bits: int | None, values=None, pack: bool = True) -> int:
     """Predicted gzip'd bytes of ``layer``'s kernels in the file at ``weight_bits`` (None: float),
     from the layer's current weights (numpy only; cheap enough to call per layer per candidate).
 
@@ -255,15 +261,16 @@ def kernel_gzip_bytes(layer, weight_bits: int | None, values=None) -> int:
     kind = kernel_kind(layer)
     if kind is None:
         return 0
-    bits = storage_bits(layer, weight_bits)
-    if bits == 8:
+    bits = storage_bits(layer, weight_bits, pack)
+    if storage_bits(layer, weight_bits) == 8:
         weight_bits = 8  # kinds stored only as int8 train at 8 bits (keras_qx.qat.quantize clamps them)
+        pack = True
     total = 0.0
     for attr in kind.weight_attrs:
         if bits == FLOAT_BITS:
-            stored = pack(kernel_values(layer, attr, values), FLOAT_BITS)
+            stored = _pack(kernel_values(layer, attr, values), FLOAT_BITS)
         else:
-            stored = pack(stored_kernel(layer, attr, weight_bits, values), bits)
+            stored = _pack(stored_kernel(layer, attr, weight_bits, values, pack), bits)
         total += deflate_bytes(stored)
     return int(round(total))
 

@@ -30,7 +30,7 @@ from keras_qx.quant.quantizers import ACTIVATION_BITS, WEIGHT_BITS, check_bits
 
 __all__ = ["Policy", "LayerSpec", "PolicyError", "rule_matches", "layer_type_names", "known_type_names"]
 
-_FIELDS = ("weight_bits", "activation_bits", "quantize")
+_FIELDS = ("weight_bits", "activation_bits", "quantize", "pack")
 _RULE_KEYS = ("type", "match") + _FIELDS
 _TOP_KEYS = ("default", "rules", "layers", "meta")
 
@@ -47,6 +47,7 @@ class LayerSpec:
     activation_bits: int = 8
     quantize: bool = True
     source: str = "default"
+    pack: bool = True  # sub-byte kernels packed (INT4/INT2); False: on an int8 carrier, for speed
 
     def updated(self, fields: Mapping[str, Any], source: str) -> "LayerSpec":
         values = {k: fields[k] for k in _FIELDS if k in fields}
@@ -72,6 +73,9 @@ def _check_fields(entry: Mapping[str, Any], where: str, allowed: Iterable[str]) 
         raise PolicyError(str(err)) from None
     if "quantize" in out and not isinstance(out["quantize"], bool):
         raise PolicyError(f"{where}: quantize must be true or false, got {out['quantize']!r}.")
+    if "pack" in out and not isinstance(out["pack"], bool):
+        raise PolicyError(f"{where}: pack must be true (sub-byte kernels packed as INT4/INT2) or false (stored "
+                          f"as int8, for speed), got {out['pack']!r}.")
     return out
 
 
@@ -115,7 +119,8 @@ class Policy:
     """Per-layer bit widths as data. See the module docstring for the schema.
 
     Args:
-        default: fields for every layer (``weight_bits``, ``activation_bits``, ``quantize``).
+        default: fields for every layer (``weight_bits``, ``activation_bits``, ``quantize``, ``pack``:
+            false stores a sub-byte kernel as int8, for speed where the packed kernel is slow).
         rules: list of ``{"type": ..., "match": ..., <fields>}``; later rules win.
         layers: ``{layer_name: <fields>}``; wins over everything.
         meta: free-form JSON-able notes (``auto_policy`` puts its reasoning here).

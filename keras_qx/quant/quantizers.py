@@ -169,6 +169,10 @@ class WeightQuantizer(_Quantizer):
             None: True at 2 bits, else False. ``qx.quantize`` uses it at 2 bits for kernels that
             become FULLY_CONNECTED (Dense, EinsumDense; bench/results/int2.md: MNIST-1D CNN with a
             2-bit fc1 94% against 77% on the narrow grid) and keeps the narrow grid elsewhere.
+        pack: store a kernel under 8 bits packed (INT4, INT2) where the runtime takes it (True),
+            or on an int8 carrier (False: the trained integers at the same step, int8 bytes, and
+            int8 speed where the packed kernel is slow, e.g. INT4 convolutions, which XNNPACK
+            does not take; the policy's ``"pack": false``).
 
     Example:
         >>> q = WeightQuantizer(4)
@@ -176,8 +180,12 @@ class WeightQuantizer(_Quantizer):
         (4, True)
     """
 
-    def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1, full_range: bool | None = None):
+    def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1, full_range: bool | None = None,
+                 pack: bool = True):
         self.bits = check_bits(bits, "weight bits")
+        if not isinstance(pack, bool):
+            raise TypeError(f"WeightQuantizer(pack=...) must be True or False, got {pack!r}.")
+        self.pack = pack
         self.per_channel = bool(per_channel)
         self.channel_axis = int(channel_axis)
         self.full_range = self.bits == 2 if full_range is None else bool(full_range)
@@ -233,10 +241,10 @@ class WeightQuantizer(_Quantizer):
         shape = x.shape
         if self.per_channel and shape.rank not in (2, 4):  # tfmot handles rank 2 and 4 only
             x = tf.reshape(x, (1, 1, -1, shape[-1]))
-        if exporting() and self.bits < 4 and not getattr(self, "_lookup_table", False):
-            x = self._on_int4_grid(x, weights)
-        elif exporting() and self.bits < 8 and getattr(self, "_lookup_table", False):
+        if exporting() and self.bits < 8 and (getattr(self, "_lookup_table", False) or not self.pack):
             x = self._on_int4_grid(x, weights, carrier_bits=8)
+        elif exporting() and self.bits < 4:
+            x = self._on_int4_grid(x, weights)
         elif self.full_range:
             x = self._full_range(x, training, weights)
         else:
@@ -296,11 +304,15 @@ class WeightQuantizer(_Quantizer):
         return self._fake_quant(x, -top * step, top * step, num_bits=carrier_bits, narrow_range=True)
 
     def get_config(self):
-        return {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis,
-                "full_range": self.full_range}
+        config = {"bits": self.bits, "per_channel": self.per_channel, "channel_axis": self.channel_axis,
+                  "full_range": self.full_range}
+        if not self.pack:  # (only when set: configs of subclasses and older releases stay as they were)
+            config["pack"] = False
+        return config
 
     def __repr__(self):
         grid = ", full_range=True" if self.full_range else ""
+        grid += "" if self.pack else ", pack=False"
         return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel}{grid})"
 
 
@@ -363,8 +375,9 @@ class ClusterWeightQuantizer(WeightQuantizer):
     """
 
     def __init__(self, bits: int = 8, per_channel: bool = True, channel_axis: int = -1, clusters: int = 16,
-                 cluster_axis: int | None = None, preserve_sparsity: bool = False, full_range: bool | None = None):
-        super().__init__(bits, per_channel, channel_axis, full_range)
+                 cluster_axis: int | None = None, preserve_sparsity: bool = False, full_range: bool | None = None,
+                 pack: bool = True):
+        super().__init__(bits, per_channel, channel_axis, full_range, pack)
         if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 1:
             raise ValueError(f"ClusterWeightQuantizer(clusters=...) must be a positive integer, got {clusters!r}.")
         self.clusters = int(clusters)
