@@ -339,3 +339,9 @@ def test_pareto_rows_carry_the_predicted_time():
     table = result.table()
     assert "| predicted µs |" in table.splitlines()[0] and "**60us** (60.0 µs)" in table
     assert "uniform within budget: W8" in table  # 56 µs
+    ax = result.plot(x="latency")
+    auto = next(l for l in ax.lines if l.get_label() == "auto_policy")
+    assert list(auto.get_xdata()) == sorted(r["predicted_us"] for r in result.rows if r["kind"] == "auto")
+    assert [l.get_xdata()[0] for l in ax.lines if l.get_linestyle() == "--"] == [60.0]  # the latency budget
+    with pytest.raises(ValueError, match="x must be"):
+        result.plot(x="time")

@@ -176,35 +176,44 @@ class ParetoResult:
                 "seconds": self.seconds,
                 "sensitivity": self.report.to_dict() if self.report is not None else None}
 
-    def plot(self, path=None, ax=None):
-        """Accuracy vs kernel bytes: auto line, uniform squares, random grey dots, budget lines."""
+    def plot(self, path=None, ax=None, x: str = "bytes"):
+        """Accuracy vs kernel bytes (``x="bytes"``) or vs predicted latency (``x="latency"``, for a
+        sweep with a latency table): auto line, uniform squares, random grey dots, budget lines."""
         from keras_qx._plot import axes, finish
 
+        if x not in ("bytes", "latency"):
+            raise ValueError(f"x must be \"bytes\" or \"latency\", got {x!r}.")
+        key, cap_key = ("kernel_bytes", "budget_bytes") if x == "bytes" else ("predicted_us", "budget_us")
+        rows = [r for r in self.rows if r.get(key) is not None]
+        if x == "latency" and not rows:
+            raise ValueError("this sweep has no predicted latencies: run qx.pareto with a latency budget "
+                             "(budgets=(\"0.6x\", \"1ms\")) or latency=a LatencyTable.")
         fig, ax = axes(ax, figsize=(7, 4.5))
         import matplotlib.ticker
-        rand = [r for r in self.rows if r["kind"] == "random"]
+        rand = [r for r in rows if r["kind"] == "random"]
         if rand:
-            ax.scatter([r["kernel_bytes"] for r in rand], [100 * r["accuracy"] for r in rand], s=12,
+            ax.scatter([r[key] for r in rand], [100 * r["accuracy"] for r in rand], s=12,
                        color="0.6", label="random mixes", zorder=2)
-        auto = sorted((r for r in self.rows if r["kind"] == "auto"), key=lambda r: r["kernel_bytes"])
+        auto = sorted((r for r in rows if r["kind"] == "auto"), key=lambda r: r[key])
         if auto:
-            ax.plot([r["kernel_bytes"] for r in auto], [100 * r["accuracy"] for r in auto], "o-",
+            ax.plot([r[key] for r in auto], [100 * r["accuracy"] for r in auto], "o-",
                     color="C0", label="auto_policy", zorder=3)
-        uniform = [r for r in self.rows if r["kind"] == "uniform"]
+        uniform = [r for r in rows if r["kind"] == "uniform"]
         if uniform:
-            ax.scatter([r["kernel_bytes"] for r in uniform], [100 * r["accuracy"] for r in uniform], marker="s",
+            ax.scatter([r[key] for r in uniform], [100 * r["accuracy"] for r in uniform], marker="s",
                        s=45, color="C3", label="uniform", zorder=4)
             for r in uniform:
-                ax.annotate(r["label"], (r["kernel_bytes"], 100 * r["accuracy"]), textcoords="offset points",
+                ax.annotate(r["label"], (r[key], 100 * r["accuracy"]), textcoords="offset points",
                             xytext=(5, 5), fontsize=8)
-        caps = sorted({r["budget_bytes"] for r in self.rows if r["budget_bytes"] is not None})
+        caps = sorted({r[cap_key] for r in self.rows if r.get(cap_key) is not None})
         for i, cap in enumerate(caps):
             ax.axvline(cap, linestyle="--", color="0.75", linewidth=1, zorder=1,
                        label="budgets" if i == 0 else None)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-        ax.set_xlabel("kernel bytes in the TFLite file")
+        ax.set_xlabel("kernel bytes in the TFLite file" if x == "bytes" else "predicted latency (µs)")
         ax.set_ylabel("TFLite test accuracy (%)")
-        ax.set_title(f"Accuracy vs size (int8 = {self.int8_kernel_bytes:,} kernel bytes)")
+        ax.set_title(f"Accuracy vs size (int8 = {self.int8_kernel_bytes:,} kernel bytes)" if x == "bytes"
+                     else "Accuracy vs predicted latency")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         finish(fig, path)
