@@ -8,6 +8,19 @@ import pytest
 from keras_qx._compat import keras
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Latency tables measured by the tests go to a scratch cache, not the user's ~/.cache."""
+    path = str(tmp_path_factory.mktemp("keras_qx_cache") / "latency.json")
+    old = os.environ.get("KERAS_QX_CACHE")
+    os.environ["KERAS_QX_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("KERAS_QX_CACHE", None)
+    else:
+        os.environ["KERAS_QX_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras():
     keras.backend.clear_session()
