@@ -30,23 +30,13 @@ import keras_qx as qx  # noqa: E402
 from keras_qx._compat import keras  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx._seed import seeded  # noqa: E402
-from keras_qx.data import digits_cnn, load_digits, load_mnist1d  # noqa: E402
+from keras_qx.data import digits_cnn, load_digits  # noqa: E402
 from keras_qx.engine.latency import _time_file  # noqa: E402
 from keras_qx.engine.sensitivity import quantizable_layers  # noqa: E402
 
 CACHE = os.environ.get("KERAS_QX_BENCH_CACHE", os.path.join(HERE, "results", "latency_cache.json"))
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 L = keras.layers
-
-
-def mnist1d_mlp(seed: int = 0):
-    with seeded(seed):
-        inputs = keras.Input((40, 1), name="signal")
-        x = L.Flatten(name="flatten")(inputs)
-        x = L.Dense(512, activation="relu", name="fc1")(x)
-        x = L.Dense(1024, activation="relu", name="fc2")(x)
-        x = L.Dense(1024, activation="relu", name="fc3")(x)
-        return keras.Model(inputs, L.Dense(10, name="logits")(x), name="mnist1d_mlp")
 
 
 def load_digits32():
