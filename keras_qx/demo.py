@@ -14,7 +14,7 @@ import time
 from keras_qx._compat import keras
 from keras_qx._seed import seeded
 from keras_qx.data import digits_cnn, load_digits
-from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget
+from keras_qx.engine.allocate import auto_policy, budget_from, parse_budget, split_budget
 from keras_qx.engine.sensitivity import quantizable_layers
 from keras_qx.lite.convert import convert, converter_for
 from keras_qx.lite.evaluate import evaluate_tflite
@@ -68,7 +68,9 @@ def run_demo(epochs: int = 20, qat_epochs: int = 4, out_dir: str | None = None, 
 def _run_demo(epochs, qat_epochs, out_dir, policy, budget, seed, print_fn) -> list[dict]:
     say = print_fn or (lambda *_: None)
     if policy is None:
-        parse_budget(budget)  # a bad budget fails before training
+        if split_budget(budget)[1] is not None:  # a bad budget fails before training
+            raise ValueError(f"the demo takes a size budget, got {budget!r}; for a latency budget run "
+                             "keras-qx quantize --budget 0.6x,2ms (on the demo's model by default).")
     else:
         policy = Policy.coerce(policy)  # and so does a bad policy
     model, ((x_train, y_train), (x_test, y_test)) = train_digits(epochs, seed, lambda s: say(s if s.startswith(" ") else "[1/4] " + s))

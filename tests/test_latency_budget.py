@@ -345,3 +345,12 @@ def test_pareto_rows_carry_the_predicted_time():
     assert [l.get_xdata()[0] for l in ax.lines if l.get_linestyle() == "--"] == [60.0]  # the latency budget
     with pytest.raises(ValueError, match="x must be"):
         result.plot(x="time")
+
+
+def test_demo_refuses_a_latency_budget_before_training():
+    from keras_qx.demo import run_demo
+
+    with pytest.raises(ValueError, match="the demo takes a size budget.*keras-qx quantize --budget 0.6x,2ms"):
+        run_demo(budget="2ms", print_fn=None)
+    with pytest.raises(ValueError, match="budget must be"):
+        run_demo(budget="fast", print_fn=None)
