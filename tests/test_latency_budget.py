@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import compile_classifier, tiny_model
+import keras_qx as qx
 from keras_qx._compat import keras, keras_tuner
 from keras_qx.engine import latency as latency_module
 from keras_qx.engine.allocate import (InfeasibleBudget, allocate, auto_policy, budget_label, parse_budget,
@@ -354,3 +355,31 @@ def test_demo_refuses_a_latency_budget_before_training():
         run_demo(budget="2ms", print_fn=None)
     with pytest.raises(ValueError, match="budget must be"):
         run_demo(budget="fast", print_fn=None)
+
+
+def test_gzip_and_latency_budgets_offer_kernels_on_an_int8_carrier():
+    """Under a gzip'd-size budget a sub-byte kernel on an int8 carrier ("pack": false) costs about
+    the download of its b-bit values at int8 speed: with a latency cap the engine picks it for the
+    layer whose packed kernel is slow (fc: 25 µs at INT4 against 10 µs at int8 here)."""
+    from keras_qx.engine.allocate import layer_options
+
+    model = tiny_model()
+    report = _tiny_report(model)
+    fc = model.get_layer("fc")
+    options = layer_options(fc, report, None, "gzip", TABLE, carried=True)
+    assert options[-4][1] == options[4][1] and options[-4][2] == TABLE.layers["fc"][8]  # 4 bits' damage, int8 time
+    assert options[4][0] < options[-4][0] < options[8][0]  # gzip'd: between INT4 and int8 values
+    by_size = auto_policy(model, report=report, budget="0.6x", size="gzip", latency=TABLE, verbose=0)
+    assert by_size.layers["fc"] == {"weight_bits": 4}  # packed: smallest download, 71 µs
+    fast = auto_policy(model, report=report, budget=["0.6x", "58us"], size="gzip", latency=TABLE, verbose=0)
+    meta = fast.meta["auto_policy"]
+    assert fast.layers["fc"] == {"weight_bits": 4, "pack": False}
+    assert meta["layers"]["fc"]["pack"] is False and meta["layers"]["fc"]["bits"] == 4
+    assert meta["predicted_latency_us"] == pytest.approx(TABLE.total_us({"conv": 8, "fc": 8, "out": 8}))
+    assert meta["predicted_latency_us"] <= 58
+    assert meta["predicted_kernel_bytes"] <= meta["budget_bytes"]
+    # the policy quantizes: the fc kernel trains at 4 bits on the int8 carrier
+    qat = qx.quantize(model, fast)
+    wrapper = next(l for l in qat.layers if getattr(getattr(l, "layer", None), "name", None) == "fc")
+    q = wrapper.quantize_config.weight_quantizer
+    assert (q.bits, q.pack) == (4, False)

@@ -30,7 +30,8 @@ from keras_qx._graph import inbound_layers
 from keras_qx._deprecation import check_verbose, warn_renamed
 from keras_qx._io import legacy_xy
 from keras_qx.quant.kinds import kernel_kind
-from keras_qx.quant.cost import SIZE_UNITS, check_size, kernel_params, layer_size, total_size
+from keras_qx.quant.cost import (SIZE_UNITS, check_size, kernel_bytes, kernel_gzip_bytes, kernel_params, layer_size,
+                               storage_bits, total_size)
 from keras_qx.quant.policy import Policy, PolicyError
 from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, sensitivity
 from keras_qx.rewrite.keras3 import as_tf_keras
@@ -250,7 +251,7 @@ def allocate_milp(options: Mapping[str, Mapping[int, tuple]], budget_bytes: int 
 
 
 def layer_options(layer, report: SensitivityReport, only: int | None = None, size: str = "kernel",
-                  latency=None) -> dict:
+                  latency=None, carried: bool = False) -> dict:
     """``{bits: (kernel bytes, damage)}`` for one layer (``size="gzip"``: predicted gzip'd kernel bytes);
     with ``latency`` (a :class:`~keras_qx.engine.latency.LatencyTable`), ``(bytes, damage, µs)``.
 
@@ -284,6 +285,15 @@ def layer_options(layer, report: SensitivityReport, only: int | None = None, siz
             raise ValueError(f"the latency table has no time for layer {layer.name!r} at {b} bits (it has "
                              f"{sorted(latency.layers.get(layer.name, {}), key=str)}); measure it for this model "
                              f"and candidates: latency_table(model, candidates={tuple(report.candidates)}).")
+    if carried and times is not None and math.isfinite(times[8]):
+        # -b: b-bit values on an int8 carrier (the policy's "pack": false): b bits' damage, int8's
+        # time, and (gzip'd) bytes of b-bit values; kept where nothing else is as good in all three
+        for b in bits_all:
+            if b < 8 and storage_bits(layer, b) < 8:
+                option = (kernel_gzip_bytes(layer, b, pack=False) if size == "gzip" else kernel_bytes(layer, b, False),
+                          damage[b], times[8])
+                if not any(all(o[i] <= option[i] for i in range(3)) for o in options.values()):
+                    options[-b] = option
     return options
 
 
@@ -572,11 +582,15 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
     result, options, failure = None, None, None
     # The time is additive within a cache regime (LatencyTable.regimes): solve each under its
     # weight byte cap and keep the least damaging allocation.
+    # A gzip budget with a latency cap also offers each sub-byte width on an int8 carrier (the key
+    # -b; "pack": false): about the download of b-bit values at int8 speed.
+    carried = size == "gzip" and budget_us is not None
     for cap, times in (latency.regimes() if budget_us is not None else [(None, None)]):
         if cap is not None and size != "kernel":
             continue  # the cap counts stored bytes: with a gzip budget, plan on the bounding regime only
         table = None if latency is None else latency if times is None else latency.additive(cap)
-        opts = {n: layer_options(l, report, 8 if n in keep else None, size, table) for n, l in zip(names, layers)}
+        opts = {n: layer_options(l, report, 8 if n in keep else None, size, table, carried)
+                for n, l in zip(names, layers)}
         cap_bytes = budget if cap is None else cap if budget is None else min(budget, cap)
         try:
             found = allocate(opts, cap_bytes, tie_groups, size=size, budget_us=budget_us, base_us=base_us)
@@ -587,17 +601,19 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
             result, options = found, opts
     if result is None:
         raise failure
+    timed = {n: 8 if b < 0 else b for n, b in result.bits.items()}  # a carried kernel runs as int8
     if latency is not None:  # the time of the chosen files by the full model, not a regime's bound
-        result.latency_us = float(latency.total_us(result.bits))
+        result.latency_us = float(latency.total_us(timed))
         options = {n: {**options[n], result.bits[n]: (*options[n][result.bits[n]][:2],
-                                                       _layer_time(latency, n, result.bits))} for n in options}
+                                                       _layer_time(latency, n, timed))} for n in options}
     int8 = total_size(layers, 8, size)
     meta = {
         "size": size, "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,
         "predicted_kernel_bytes": result.kernel_bytes, "int8_kernel_bytes": int8,
         "predicted_damage": result.damage, "resolution_bytes": result.resolution_bytes,
         "ties": tie_groups, "keep": list(keep),
-        "layers": {n: {"bits": b, "kernel_bytes": options[n][b][0], "damage": report.damage[n].get(b)}
+        "layers": {n: {"bits": abs(b), "kernel_bytes": options[n][b][0], "damage": report.damage[n].get(abs(b)),
+                       **({"pack": False} if b < 0 else {})}
                    for n, b in result.bits.items()},
     }
     if latency is not None:
@@ -606,4 +622,7 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
                      "latency_num_threads": latency.num_threads})
         for n, b in result.bits.items():
             meta["layers"][n]["latency_us"] = options[n][b][2]
+    if any(b < 0 for b in result.bits.values()):
+        return Policy(layers={n: {"weight_bits": abs(b), **({"pack": False} if b < 0 else {})}
+                              for n, b in result.bits.items()}, meta={"auto_policy": meta})
     return Policy.from_bits(result.bits, meta={"auto_policy": meta})
