@@ -30,6 +30,7 @@ import keras_qx as qx  # noqa: E402
 from keras_qx._compat import keras  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx._seed import seeded  # noqa: E402
+from bench.latency import conv_net  # noqa: E402
 from keras_qx.data import digits_cnn, load_digits  # noqa: E402
 from keras_qx.engine.latency import _time_file  # noqa: E402
 from keras_qx.engine.sensitivity import quantizable_layers  # noqa: E402
@@ -47,18 +48,8 @@ def load_digits32():
 
 
 def conv32(seed: int = 0):
-    """A 32x32 CNN of 3x3 convolutions (32-128 filters): 87% of its kernel bytes in convolutions."""
-    with seeded(seed):
-        inputs = keras.Input((32, 32, 1), name="image")
-        x = L.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
-        x = L.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(x)
-        x = L.MaxPooling2D(name="pool1")(x)
-        x = L.Conv2D(128, 3, padding="same", activation="relu", name="conv3")(x)
-        x = L.MaxPooling2D(name="pool2")(x)
-        x = L.Conv2D(128, 3, padding="same", activation="relu", name="conv4")(x)
-        x = L.GlobalAveragePooling2D(name="gap")(x)
-        x = L.Dense(256, activation="relu", name="fc1")(x)
-        return keras.Model(inputs, L.Dense(10, name="logits")(x), name="conv32")
+    """bench/latency.py's 32x32 CNN on one channel: 87% of its kernel bytes in convolutions."""
+    return conv_net(seed, channels=1, name="conv32")
 
 
 CASES = {
