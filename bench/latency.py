@@ -28,7 +28,7 @@ import keras_qx as qx  # noqa: E402
 from keras_qx._compat import keras  # noqa: E402
 from keras_qx._io import write_atomic  # noqa: E402
 from keras_qx._seed import seeded  # noqa: E402
-from keras_qx.engine.latency import _export, _sample, _time_file, latency_table, predict_latency  # noqa: E402
+from keras_qx.engine.latency import _exported, _model_inputs, _time_file, latency_table, predict_latency  # noqa: E402
 from keras_qx.engine.sensitivity import quantizable_layers  # noqa: E402
 
 CACHE = os.environ.get("KERAS_QX_BENCH_CACHE", os.path.join(HERE, "results", "latency_cache.json"))
@@ -75,19 +75,9 @@ def models():
     }
 
 
-def samples(model, n: int = 8):
-    out = []
-    for t in model.inputs:
-        shape = (1, *[int(d) for d in t.shape[1:]])
-        fake = L.Embedding(2, 1) if t.dtype.is_integer else None
-        out.append(np.concatenate([_sample(shape, fake, np.random.default_rng(i)) for i in range(n)]))
-    return out if len(out) > 1 else out[0]
-
-
-def measured_us(model, bits, x) -> float:
-    data = _export(model, bits, x)
-    first = [xi[:1] for xi in x] if isinstance(x, list) else x[:1]
-    return _time_file(data, first, 1, RUNS)
+def measured_us(model, bits, samples) -> float:
+    """The file of ``model`` at ``bits``, calibrated on ``samples``, timed as the table's files are."""
+    return _time_file(*_exported(model, bits, samples), 1, RUNS)
 
 
 def policies(model, mixes: int, seed: int = 0):
@@ -110,7 +100,7 @@ def main(argv=None) -> int:
     rows, summary = [], []
     for name in args.models.split(","):
         model = builders[name]()
-        x = samples(model)
+        x = _model_inputs(model)
         start = time.perf_counter()
         table = latency_table(model, (2, 4, 8), x=x, cache=args.cache, verbose=1)
         table_s = time.perf_counter() - start

@@ -338,22 +338,34 @@ def _profile_interpreter(model: bytes, num_threads: int, xnnpack: bool, shapes: 
     return interp, "xnnpack" if any(op["op_name"] == "DELEGATE" for op in details) else "builtin"
 
 
-def _median_invoke(interp, runs: int, warmup: int) -> float:
-    """The median seconds of ``runs`` invokes after ``warmup`` untimed ones, back to back (the
-    variables reset before each, untimed). Interleaving the interpreters round by round would
-    spread a shared machine's load more evenly, but measured on ai-edge-litert 2.3 it makes an
-    XNNPACK op take ~7 times longer in some processes (0.9 -> 6.6 µs, a FULLY_CONNECTED, all its
-    invokes alike: presumably XNNPACK sets up again after another runtime ran), so each is timed alone."""
+def _invoke_times(interp, runs: int, warmup: int, flush_bytes: int = 0) -> list:
+    """The seconds of ``runs`` invokes of ``interp`` (inputs already set) after ``warmup`` untimed
+    ones, back to back, the variables reset before each (untimed). ``flush_bytes``: a buffer that
+    size is written between the timed runs (untimed), so the model's weights come from beyond the
+    caches it evicts, as in a larger model.
+
+    Interleaving interpreters round by round would spread a shared machine's load more evenly,
+    but measured on ai-edge-litert 2.3 it makes an XNNPACK op take ~7 times longer in some
+    processes (0.9 -> 6.6 µs, a FULLY_CONNECTED, all its invokes alike: presumably XNNPACK sets up
+    again after another runtime ran), so each interpreter is timed alone."""
+    scratch = np.zeros(int(flush_bytes), np.uint8)
     for _ in range(warmup):
         interp.reset_all_variables()
         interp.invoke()
     times = []
     for _ in range(runs):
         interp.reset_all_variables()
+        if scratch.size:
+            scratch += 1
         start = time.perf_counter()
         interp.invoke()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def _median_invoke(interp, runs: int, warmup: int) -> float:
+    """The median seconds of :func:`_invoke_times`."""
+    return float(np.median(_invoke_times(interp, runs, warmup)))
 
 
 def _child_profile(workdir: str, job: dict) -> None:
@@ -449,19 +461,8 @@ def _child(workdir: str) -> None:
     n = len(xs[0])
     if job.get("invoke_only"):  # the runtime's own time: inputs set once, invoke() alone timed
         runner.invoke_all([xi[0] for xi in xs])
-        interp = runner.interpreter
-        for _ in range(min(10, job["latency_runs"])):  # warm-up
-            interp.invoke()
-        # flush_bytes: a buffer that size is written between timed runs (untimed), so the
-        # model's weights come from beyond the caches it evicts, as in a larger model
-        scratch = np.zeros(int(job.get("flush_bytes", 0)), np.uint8)
-        times = []
-        for _ in range(job["latency_runs"]):
-            if scratch.size:
-                scratch += 1
-            start = time.perf_counter()
-            interp.invoke()
-            times.append(time.perf_counter() - start)
+        times = _invoke_times(runner.interpreter, job["latency_runs"], min(10, job["latency_runs"]),
+                              job.get("flush_bytes", 0))
     else:
         for i in range(min(10, job["latency_runs"])):  # warm-up
             runner.invoke_all([xi[i % n] for xi in xs])

@@ -228,7 +228,7 @@ def _analyze(args) -> int:
 
 def _quantize(args) -> int:
     from keras_qx._compat import keras
-    from keras_qx.engine.allocate import auto_policy, budget_from, split_budget
+    from keras_qx.engine.allocate import auto_policy, budget_from, join_budget, split_budget
     from keras_qx.quant.cost import SIZE_UNITS
     from keras_qx.lite.evaluate import evaluate_tflite
     from keras_qx._io import write_atomic
@@ -246,9 +246,7 @@ def _quantize(args) -> int:
     report = sensitivity(model, *data.val, args.candidates, method=args.method, verbose=1)
     if budget_us is not None:
         _say("latency table (each layer at each width, this machine's runtime)...")
-    parts = [p for p in (budget, None if budget_us is None else ("us", budget_us)) if p is not None]
-    policy = auto_policy(model, report=report, budget=parts[0] if len(parts) == 1 else parts, keep=args.keep,
-                         size=args.size)
+    policy = auto_policy(model, report=report, budget=join_budget(budget, budget_us), keep=args.keep, size=args.size)
     meta = policy.meta["auto_policy"]
     _say(f"allocation: {_predicted(meta['predicted_kernel_bytes'], budget, unit, meta)}; QAT {args.qat_epochs} "
          "epochs...")

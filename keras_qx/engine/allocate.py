@@ -37,7 +37,7 @@ from keras_qx.engine.sensitivity import SensitivityReport, quantizable_layers, s
 from keras_qx.rewrite.keras3 import as_tf_keras
 
 __all__ = ["Allocation", "InfeasibleBudget", "allocate", "allocate_milp", "auto_policy", "find_ties", "budget_from",
-           "parse_budget", "split_budget", "budget_label", "legacy_budget", "BUDGET_HELP", "layer_options",
+           "parse_budget", "split_budget", "join_budget", "budget_label", "legacy_budget", "BUDGET_HELP", "layer_options",
            "choice_units", "check_keep", "check_latency_table"]
 
 
@@ -426,6 +426,20 @@ def split_budget(value, name: str = "budget") -> tuple:
     return size, latency
 
 
+def join_budget(size_bytes: int | None, budget_us: float | None):
+    """The budget of a bytes cap and a latency cap (either None where absent), as
+    :func:`parse_budget` reads it: ``60000``, ``("us", 2000.0)``, or a list of both.
+
+    Example:
+        >>> join_budget(60000, None), join_budget(60000, 2000.0)
+        (60000, [60000, ('us', 2000.0)])
+    """
+    parts = [p for p in (size_bytes, None if budget_us is None else ("us", budget_us)) if p is not None]
+    if not parts:
+        raise ValueError(f"a budget is needed: {BUDGET_HELP}.")
+    return parts[0] if len(parts) == 1 else parts
+
+
 def budget_label(value) -> str:
     """A budget as text in its own syntax: ``"0.6x"``, ``"60,000 B"``, ``"2ms"``, ``"0.6x,2ms"``."""
     size, us = split_budget(value)
@@ -496,12 +510,6 @@ def check_latency_table(latency, where: str):
         raise TypeError(f"{where}: latency must be a LatencyTable (keras_qx.engine.latency.latency_table(model, "
                         f"candidates) measures one) or None, got {type(latency).__name__}.")
     return latency
-
-
-def _layer_time(latency, name: str, bits: dict) -> float:
-    """One layer's predicted µs in the file of ``bits`` (the cache regime of that file)."""
-    full = {n: bits.get(n, 8) for n in latency.layers}
-    return float(latency.layer_us(name, bits[name], latency.cold_fraction(latency.weight_bytes(full))))
 
 
 def measured_latency(model, candidates, latency, where: str, x=None):
@@ -588,7 +596,7 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
     for cap, times in (latency.regimes() if budget_us is not None else [(None, None)]):
         if cap is not None and size != "kernel":
             continue  # the cap counts stored bytes: with a gzip budget, plan on the bounding regime only
-        table = None if latency is None else latency if times is None else latency.additive(cap)
+        table = None if latency is None else latency if times is None else latency.with_layers(times)
         opts = {n: layer_options(l, report, 8 if n in keep else None, size, table, carried)
                 for n, l in zip(names, layers)}
         cap_bytes = budget if cap is None else cap if budget is None else min(budget, cap)
@@ -603,9 +611,10 @@ def auto_policy(model, x=None, y=None, *, budget=None, candidates=(2, 4, 8), kee
         raise failure
     timed = {n: 8 if b < 0 else b for n, b in result.bits.items()}  # a carried kernel runs as int8
     if latency is not None:  # the time of the chosen files by the full model, not a regime's bound
-        result.latency_us = float(latency.total_us(timed))
-        options = {n: {**options[n], result.bits[n]: (*options[n][result.bits[n]][:2],
-                                                       _layer_time(latency, n, timed))} for n in options}
+        times = latency.layer_times(timed)
+        result.latency_us = float(latency.base_us + sum(times.values()))
+        options = {n: {**options[n], result.bits[n]: (*options[n][result.bits[n]][:2], float(times[n]))}
+                   for n in options}
     int8 = total_size(layers, 8, size)
     meta = {
         "size": size, "method": report.method, "candidates": list(report.candidates), "budget_bytes": budget,

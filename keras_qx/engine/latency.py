@@ -25,8 +25,6 @@ import json
 import os
 import platform
 import statistics
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,6 +32,7 @@ import numpy as np
 
 from keras_qx._compat import keras
 from keras_qx._io import write_atomic
+from keras_qx.engine.sensitivity import _progress
 
 __all__ = ["LatencyTable", "LatencyPrediction", "latency_table", "predict_latency", "export_latency_files",
            "default_cache", "runtime_key", "l2_bytes"]
@@ -75,12 +74,17 @@ class LatencyTable:
     def weight_bytes(self, bits: dict) -> int:
         return sum(self.kernel_bytes.get(n, {}).get(b, 0) for n, b in bits.items())
 
+    def layer_times(self, bits: dict) -> dict:
+        """``{layer: µs}`` of each timed layer in the file whose layers have ``bits`` ({layer: bits};
+        layers not named at 8), at that file's cache regime (its weight bytes)."""
+        full = {n: bits.get(n, 8) for n in self.layers}
+        fraction = self.cold_fraction(self.weight_bytes(full))
+        return {n: self.layer_us(n, b, fraction) for n, b in full.items()}
+
     def total_us(self, bits: dict) -> float:
         """Predicted microseconds of the file whose layers have ``bits`` ({layer: bits}; layers
         not named at 8)."""
-        full = {n: bits.get(n, 8) for n in self.layers}
-        fraction = self.cold_fraction(self.weight_bytes(full))
-        return self.base_us + sum(self.layer_us(n, b, fraction) for n, b in full.items())
+        return self.base_us + sum(self.layer_times(bits).values())
 
     def regimes(self, levels: int = 4) -> list:
         """``[(weight byte cap or None, {layer: {bits: µs}})]``: additive tables, each an upper bound
@@ -105,6 +109,10 @@ class LatencyTable:
         regimes = self.regimes()
         times = next((t for cap, t in regimes if cap is not None and max_bytes is not None and max_bytes <= cap),
                      regimes[-1][1])
+        return self.with_layers(times)
+
+    def with_layers(self, times: dict) -> "LatencyTable":
+        """This table with the additive per-layer ``times`` of one regime (no cache model)."""
         return LatencyTable(base_us=self.base_us, layers=times, num_threads=self.num_threads, runtime=self.runtime,
                             kernel_bytes=self.kernel_bytes)
 
@@ -259,11 +267,23 @@ def _signature(layer, shapes, storage) -> str:
     return "layer:" + hashlib.sha1(text.encode()).hexdigest()[:16] + f":{type(layer).__name__}:{storage}"
 
 
-def _sample(shape, layer=None, rng=None) -> np.ndarray:
-    rng = rng or np.random.default_rng(0)
-    if isinstance(layer, keras.layers.Embedding):
-        return rng.integers(0, layer.input_dim, size=shape).astype(np.int32)
-    return rng.normal(size=shape).astype(np.float32)
+def _random_inputs(shapes, ids=None) -> list:
+    """Eight random samples (seeds 0-7) for each of ``shapes`` (batch axis 1): N(0, 1) floats, or
+    int32 token ids below ``ids[i]`` where that is not None."""
+    ids = ids or [None] * len(shapes)
+    out = []
+    for shape, count in zip(shapes, ids):
+        rngs = [np.random.default_rng(i) for i in range(8)]
+        out.append(np.concatenate([r.integers(0, count, size=shape).astype(np.int32) if count is not None
+                                   else r.normal(size=shape).astype(np.float32) for r in rngs]))
+    return out
+
+
+def _model_inputs(model, lengths=None) -> list:
+    """:func:`_random_inputs` for ``model``'s inputs, dynamic dimensions at ``lengths``: what its
+    int8 file is timed on (an integer input takes ids 0 and 1, valid for any Embedding)."""
+    return _random_inputs([_fixed(tuple(t.shape), lengths) for t in model.inputs],
+                          [2 if t.dtype.is_integer else None for t in model.inputs])
 
 
 def _time_file(data: bytes, x, num_threads: int, runs: int, flush_bytes: int = 0) -> float:
@@ -288,6 +308,14 @@ def _export(model, bits, x) -> bytes:
     return data
 
 
+def _exported(model, bits, samples) -> tuple:
+    """``(file, first sample)``: :func:`_export` of ``model`` calibrated on ``samples`` (one array
+    per input), and their first sample, as :func:`_time_file` takes it."""
+    data = _export(model, bits, samples if len(samples) > 1 else samples[0])
+    first = [s[:1] for s in samples]
+    return data, first if len(first) > 1 else first[0]
+
+
 def _overhead_us(num_threads: int, runs: int) -> float:
     """The runtime's per-invoke time on a file of one trivial op (a float ReLU on 4 values)."""
     from keras_qx._compat import tf
@@ -307,18 +335,6 @@ def _one_layer(layer, shapes) -> keras.Model:
     if layer.get_weights():
         clone.set_weights(layer.get_weights())
     return keras.Model(inputs, out)
-
-
-def _say(verbose: int):
-    start = time.perf_counter()
-
-    def say(i, total, what):
-        if verbose:
-            done = int(30 * i / max(total, 1))
-            sys.stderr.write(f"\rlatency [{'=' * done}{'.' * (30 - done)}] {i}/{total} {what[:40]:40s} "
-                             f"{time.perf_counter() - start:.1f}s" + ("\n" if i == total else ""))
-            sys.stderr.flush()
-    return say
 
 
 def _lengths(model, x) -> list | None:
@@ -363,25 +379,22 @@ def _plan(model, candidates, x):
     return model, plan, signature, lengths
 
 
+def _stored_widths(storages: dict) -> list:
+    """``[(storage bits, the narrowest width stored so)]`` of ``{bits: storage bits}``, widest
+    storage first: one file each (a 2-bit convolution is the INT4 one)."""
+    return [(s, min(b for b, t in storages.items() if t == s)) for s in sorted(set(storages.values()), reverse=True)]
+
+
 def _layer_file(layer, shapes, bits):
     """``(file, first sample)``: ``layer`` alone at ``bits``, int8 in and out."""
     single = _one_layer(layer, shapes)
-    samples = [np.concatenate([_sample(s, layer, np.random.default_rng(i)) for i in range(8)]) for s in shapes]
-    data = _export(single, {single.layers[-1].name: bits}, samples if len(samples) > 1 else samples[0])
-    first = [s[:1] for s in samples]
-    return data, first if len(first) > 1 else first[0]
+    ids = [layer.input_dim if isinstance(layer, keras.layers.Embedding) else None] * len(shapes)
+    return _exported(single, {single.layers[-1].name: bits}, _random_inputs(shapes, ids))
 
 
 def _model_file(model, lengths):
     """``(file, first sample)``: the whole model at uniform int8."""
-    samples = []
-    for t in model.inputs:
-        fake = keras.layers.Embedding(2, 1) if t.dtype.is_integer else None
-        shape = _fixed(tuple(t.shape), lengths)
-        samples.append(np.concatenate([_sample(shape, fake, np.random.default_rng(i)) for i in range(8)]))
-    data = _export(model, {}, samples if len(samples) > 1 else samples[0])
-    first = [s[:1] for s in samples]
-    return data, first if len(first) > 1 else first[0]
+    return _exported(model, {}, _model_inputs(model, lengths))
 
 
 def _file_name(signature: str) -> str:
@@ -405,17 +418,17 @@ def export_latency_files(model, directory, candidates=(2, 4, 8), *, x=None, verb
     verbose = check_verbose(verbose, "export_latency_files()")
     model, plan, model_signature, lengths = _plan(model, candidates, x)
     os.makedirs(directory, exist_ok=True)
-    jobs = [(_signature(layer, shapes, storage), layer, shapes, min(b for b, s in storages.items() if s == storage))
-            for layer, shapes, storages in plan for storage in sorted(set(storages.values()), reverse=True)]
-    say, paths = _say(verbose), []
+    jobs = [(_signature(layer, shapes, storage), layer, shapes, bits)
+            for layer, shapes, storages in plan for storage, bits in _stored_widths(storages)]
+    say, paths = _progress(len(jobs) + 1, verbose, "latency"), []
     for i, (signature, layer, shapes, bits) in enumerate(jobs, 1):
         path = os.path.join(directory, _file_name(signature))
         write_atomic(path, bytes(_layer_file(layer, shapes, bits)[0]))
         paths.append(path)
-        say(i, len(jobs) + 1, layer.name)
+        say(i, layer.name)
     path = os.path.join(directory, _file_name(model_signature))
     write_atomic(path, bytes(_model_file(model, lengths)[0]))
-    say(len(jobs) + 1, len(jobs) + 1, "whole model")
+    say(len(jobs) + 1, "whole model")
     return paths + [path]
 
 
@@ -467,7 +480,7 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
         imported = _read_timings(timings)
         key, store, l2 = f"timings {timings if isinstance(timings, (str, os.PathLike)) else '(given)'}", None, 0
 
-        needed = [_signature(l, sh, st) for l, sh, sts in plan for st in set(sts.values())] + [model_signature]
+        needed = [_signature(l, sh, st) for l, sh, sts in plan for st, _ in _stored_widths(sts)] + [model_signature]
         missing = [_file_name(n) for n in needed if n not in imported]
         if missing:
             raise ValueError(f"the timings lack {missing[:3]}{' ...' if len(missing) > 3 else ''} "
@@ -491,14 +504,13 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
             return us
 
     overhead = measured("overhead", lambda: _overhead_us(num_threads, runs))
-    todo = sum(len(set(st.values())) for _, _, st in plan) + 1
+    todo = sum(len(_stored_widths(st)) for _, _, st in plan) + 1
     flush = 2 * l2 if l2 else 0
-    say = _say(verbose)
+    say = _progress(todo, verbose, "latency")
     done, warm, cold, sizes = 0, {}, {}, {}
     for layer, shapes, storages in plan:
         times = {}
-        for storage in sorted(set(storages.values()), reverse=True):
-            bits = min(b for b, s in storages.items() if s == storage)
+        for storage, bits in _stored_widths(storages):
 
             def measure(layer=layer, shapes=shapes, bits=bits):
                 data, first = _layer_file(layer, shapes, bits)
@@ -513,7 +525,7 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
                 times = None
                 break
             done += 1
-            say(done, todo, layer.name)
+            say(done, layer.name)
         if times is not None:
             warm[layer.name] = {b: times[s][0] for b, s in storages.items()}
             cold[layer.name] = {b: times[s][1] for b, s in storages.items()}
@@ -524,7 +536,7 @@ def latency_table(model, candidates=(2, 4, 8), *, x=None, num_threads: int = 1, 
         return _time_file(data, first, num_threads, runs)
 
     int8_us = measured(model_signature, whole)
-    say(todo, todo, "whole model")
+    say(todo, "whole model")
     if store is not None:
         store.save()
     table = LatencyTable(base_us=0.0, layers=warm, num_threads=num_threads, runtime=key, cold=cold,
@@ -560,14 +572,11 @@ def predict_latency(model, policy=None, *, x=None, num_threads: int = 1, cache=N
     needed = sorted({b for b in bits.values() if b is not None} | {8})
     if table is None:
         table = latency_table(model, needed, x=x, num_threads=num_threads, cache=cache, verbose=verbose)
-    rows = {}
-    known = {n: (8 if b is None else b) for n, b in bits.items() if n in table.layers}
-    fraction = table.cold_fraction(table.weight_bytes(known))
-    for name, b in bits.items():
-        if name in table.layers:
-            if b is None:
-                raise ValueError(f"layer {name!r} is kept float by the policy: the latency model times integer "
-                                 "layers only; predict with it quantized, or measure the file (qx.profile_tflite).")
-            rows[name] = (b, table.layer_us(name, b, fraction))
+    floats = [n for n, b in bits.items() if b is None and n in table.layers]
+    if floats:
+        raise ValueError(f"layer {floats[0]!r} is kept float by the policy: the latency model times integer "
+                         "layers only; predict with it quantized, or measure the file (qx.profile_tflite).")
+    times = table.layer_times(bits)
+    rows = {name: (b, times[name]) for name, b in bits.items() if name in table.layers}
     total = table.base_us + sum(us for _, us in rows.values())
     return LatencyPrediction(total_us=total, base_us=table.base_us, layers=rows, runtime=table.runtime)

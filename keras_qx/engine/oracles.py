@@ -10,6 +10,7 @@ import random
 import warnings
 
 from keras_qx._compat import keras_tuner as _keras_tuner
+from keras_qx.engine.search_space import assignment_latency
 
 __all__ = ["BudgetGuard", "budgeted", "bits_bayesian_class", "fresh_stats", "POOL_LIMIT", "REDRAWS"]
 
@@ -34,7 +35,7 @@ class BudgetGuard:
         if self.budget is not None and total > self.budget:
             excess += (total - self.budget) / max(self.budget, 1)
         if self.latency_cap is not None:
-            us = sum(u.us[values.get(u.hp, max(u.costs))] for u in units)
+            us = assignment_latency(units, values)
             if us > self.latency_cap:
                 excess += (us - self.latency_cap) / max(self.latency_cap, 1e-9)
         return excess
@@ -43,7 +44,7 @@ class BudgetGuard:
         total, units = self.cost_fn(values)
         if total is None or self.latency_cap is None:
             return False
-        return sum(u.us[values.get(u.hp, max(u.costs))] for u in units) > self.latency_cap
+        return assignment_latency(units, values) > self.latency_cap
 
     def fits(self, values) -> bool:
         total, units = self.cost_fn(values)

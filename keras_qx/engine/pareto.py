@@ -25,7 +25,7 @@ from keras_qx._deprecation import check_verbose, say as say_for, warn_renamed
 from keras_qx._io import legacy_xy
 from keras_qx.engine.allocate import (BUDGET_HELP, InfeasibleBudget, auto_policy, budget_from, budget_label, check_keep,
                                       check_latency_table, choice_units, find_ties, layer_options, measured_latency,
-                                      parse_budget, split_budget)
+                                      join_budget, split_budget, _predicted_us)
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
 from keras_qx.lite.evaluate import evaluate_tflite
 from keras_qx.lite.export import ExportError, export_tflite
@@ -241,7 +241,7 @@ def _random_mix(rng, units, options, budget: int | None, seen: set, budget_us: f
         if budget is not None and cost > budget:
             continue
         if budget_us is not None:
-            us = base_us + sum(options[n][b][2] for n, b in choice.items())
+            us = _predicted_us(options, choice, base_us)
             if us > budget_us:
                 continue
             if budget is None:
@@ -281,9 +281,8 @@ def _plan(model, layers, report, budgets, uniform, keep, random_mixes, seed, say
         size_budget, cap_us = split_budget(budget)
         cap = None if size_budget is None else budget_from(layers, size_budget, size)
         label = _budget_label(budget)
-        parts = [p for p in (cap, None if cap_us is None else ("us", cap_us)) if p is not None]
         try:
-            policy = auto_policy(model, report=report, budget=parts[0] if len(parts) == 1 else parts, keep=keep,
+            policy = auto_policy(model, report=report, budget=join_budget(cap, cap_us), keep=keep,
                                  verbose=0, size=size, latency=latency)
         except InfeasibleBudget as err:
             skipped.append((budget, str(err)))

@@ -50,8 +50,8 @@ from keras_qx.rewrite.keras3 import as_tf_keras
 from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import check_inputs, count_samples, head_samples, is_stream, model_input_specs
 from keras_qx._deprecation import check_verbose, say, warn_renamed
-from keras_qx.engine.allocate import (InfeasibleBudget, auto_policy, budget_from, check_latency_table, legacy_budget,
-                                      measured_latency, split_budget)
+from keras_qx.engine.allocate import (InfeasibleBudget, auto_policy, budget_from, check_latency_table, join_budget,
+                                      legacy_budget, measured_latency, split_budget)
 from keras_qx.engine.sensitivity import check_targets, infer_loss, quantizable_layers
 from keras_qx.qat.quantize import quantize
 from keras_qx.quant.cost import SIZE_UNITS, check_size, layer_size, total_size
@@ -396,9 +396,7 @@ class BitWidthTuner:
         ties = [list(u.layers) for u in self.units if len(u.layers) > 1]
         start = time.perf_counter()
         try:
-            parts = [p for p in (self.budget_bytes, None if self.budget_us is None else ("us", self.budget_us))
-                     if p is not None]
-            policy = auto_policy(self.model, x, y, budget=parts[0] if len(parts) == 1 else parts,
+            policy = auto_policy(self.model, x, y, budget=join_budget(self.budget_bytes, self.budget_us),
                                  candidates=self.space.candidates, ties=ties, verbose=False, size=self.size,
                                  latency=self.latency)
         except InfeasibleBudget as err:

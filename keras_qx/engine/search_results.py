@@ -23,8 +23,9 @@ def trial_row(trial, metric_name: str, units=None, warm_id=None, latency=None) -
     extra = {}
     if latency is not None:
         us = metrics.get_last_value("predicted_us") if metrics.exists("predicted_us") else None
-        if us is None and units is not None and assignment_latency(units, values) is not None:
-            us = latency.base_us + assignment_latency(units, values)
+        layers_us = None if us is not None or units is None else assignment_latency(units, values)
+        if layers_us is not None:
+            us = latency.base_us + layers_us
         extra["predicted_us"] = None if us is None else float(us)
     return {"trial_id": trial.trial_id, "status": trial.status, "bits": bits,
             "kernel_bytes": int(size) if size is not None else None, "metric": metric,

@@ -287,14 +287,16 @@ class SensitivityReport:
         return ax
 
 
-def _progress(total: int, verbose: bool):
-    """A one-line progress bar on stderr (stdout stays for results)."""
+def _progress(total: int, verbose: bool, label: str = "sensitivity"):
+    """A one-line progress bar on stderr (stdout stays for results): ``step(i)`` after the i-th of
+    ``total`` steps, ``step(i, what)`` naming it."""
     start = time.perf_counter()
 
-    def step(i):
+    def step(i, what: str = ""):
         if verbose:
-            done = int(30 * i / total)
-            sys.stderr.write(f"\rsensitivity [{'=' * done}{'.' * (30 - done)}] {i}/{total} "
+            done = int(30 * i / max(total, 1))
+            shown = f"{what[:40]:40s} " if what else ""
+            sys.stderr.write(f"\r{label} [{'=' * done}{'.' * (30 - done)}] {i}/{total} {shown}"
                              f"{time.perf_counter() - start:.1f}s" + ("\n" if i == total else ""))
             sys.stderr.flush()
     return step

@@ -17,7 +17,7 @@ from keras_qx._compat import keras_tuner as _keras_tuner
 from keras_qx._io import write_atomic
 from keras_qx.qat.quantize import quantize
 from keras_qx.quant.policy import Policy
-from keras_qx.engine.search_space import assignment_cost, assignment_latency, assignment_policy, digest
+from keras_qx.engine.search_space import assignment_cost, assignment_policy, digest
 
 __all__ = ["WEIGHTS_FILE", "POLICY_FILE", "tuner_class", "run_trial", "save_trial", "load_trial_policy",
            "trial_seed", "trial_callbacks", "read_trials"]
@@ -82,7 +82,7 @@ def run_trial(search, tuner, trial) -> dict:
     if search.budget_bytes is not None and size > search.budget_bytes:  # never train over budget
         raise kt.errors.FailedTrialError(f"assignment takes {size:,} {search.unit}, over the budget "
                                          f"{search.budget_bytes:,}; not trained.")
-    us = None if search.latency is None else search.latency.base_us + assignment_latency(units, values)
+    us = search.predicted_us(values)
     if search.budget_us is not None and us > search.budget_us:  # nor over the latency budget
         raise kt.errors.FailedTrialError(f"assignment takes a predicted {us:,.1f} µs, over the latency budget "
                                          f"{search.budget_us:,.1f} µs; not trained.")

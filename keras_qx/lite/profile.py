@@ -34,7 +34,8 @@ from keras_qx._deprecation import check_verbose
 from keras_qx._plot import axes, finish
 from keras_qx._runtime import run_profile
 from keras_qx.lite import inspect as _inspect
-from keras_qx.lite.inspect import _schema, _text, inspect_tflite, read_model
+from keras_qx.lite.inspect import _constant, _schema, _text, inspect_tflite, read_model
+from keras_qx.lite.tables import _code
 
 __all__ = ["Profile", "profile_tflite"]
 
@@ -121,16 +122,6 @@ def _count(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}; e.g. {name}=10.")
     return int(value)
-
-
-def _constant(model, tensor) -> bool:
-    buf = model.buffers[tensor.buffer] if tensor.buffer < len(model.buffers) else None
-    return buf is not None and buf.data is not None and len(buf.data) > 0
-
-
-def _code(model, op) -> int:
-    code = model.operatorCodes[op.opcodeIndex]
-    return max(code.builtinCode, code.deprecatedBuiltinCode)
 
 
 def _constant_dequantize(model) -> dict:
