@@ -383,3 +383,21 @@ def test_gzip_and_latency_budgets_offer_kernels_on_an_int8_carrier():
     wrapper = next(l for l in qat.layers if getattr(getattr(l, "layer", None), "name", None) == "fc")
     q = wrapper.quantize_config.weight_quantizer
     assert (q.bits, q.pack) == (4, False)
+
+
+def test_latency_only_random_mix_keeps_drawing_on_time():
+    """A latency budget alone windows the draws on time, every draw: the bytes of later draws are
+    never compared with the microseconds of the cap (they once were, after the first fitting draw,
+    so a new assignment behind a seen one was never found)."""
+    from keras_qx.engine.pareto import WINDOW, _random_mix
+
+    options = {"a": {4: (5000, 0.2, 10.0), 8: (10000, 0.0, 12.0)},
+               "b": {4: (5000, 0.2, 10.0), 8: (10000, 0.0, 12.0)}}
+    units = [(["a"], [4, 8]), (["b"], [4, 8])]
+    every = [{"a": a, "b": b} for a in (4, 8) for b in (4, 8)]
+    in_window = [v for v in every if 5.0 + sum(options[n][b][2] for n, b in v.items()) >= WINDOW * 30.0]
+    assert len(in_window) == 3  # all but 4/4 (25 µs)
+    for new in in_window:
+        seen = {tuple(sorted(v.items())) for v in every if v != new}
+        found = _random_mix(np.random.default_rng(0), units, options, None, seen, budget_us=30.0, base_us=5.0)
+        assert found is not None and found[0] == new and found[2], (new, found)

@@ -240,13 +240,15 @@ def _random_mix(rng, units, options, budget: int | None, seen: set, budget_us: f
         cost = sum(options[n][b][0] for n, b in choice.items())
         if budget is not None and cost > budget:
             continue
+        window, cap = cost, budget
         if budget_us is not None:
             us = _predicted_us(options, choice, base_us)
             if us > budget_us:
                 continue
             if budget is None:
-                cost, budget = us, budget_us  # the window on time
-        slot = (cost >= WINDOW * (budget if budget is not None else budget_us), tuple(sorted(choice.items())) not in seen)
+                window, cap = us, budget_us  # the window on time
+        cost = window
+        slot = (cost >= WINDOW * cap, tuple(sorted(choice.items())) not in seen)
         if slot == (True, True):
             return choice, cost, True
         if slot not in best or cost > best[slot][1]:
