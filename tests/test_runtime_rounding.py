@@ -1,12 +1,14 @@
 """Where the TFLite runtime rounds its own way, and what QAT simulates there.
 
-* int8 ``MEAN`` (``GlobalAveragePooling2D``): XNNPACK rounds the mean to nearest, as QAT does;
+* int8 ``MEAN`` (``GlobalAveragePooling2D``): XNNPACK rounds the mean to nearest (halfway values
+  to even, which QAT now does too);
   the built-in kernel (``optimized_integer_ops::Mean``), on an output scale of its own, rounds the
   zero-point term apart from the sum (``round(sum * M) + z_out - round(z_in * s_in / s_out)``) and
   lands one step up on a share of the values. On its input's scale both round to nearest, so a
   squeeze-excite squeeze now keeps its input's grid (:class:`InputGridQuantizer`).
 * int8 ``AVERAGE_POOL_2D`` computes onto its input's grid (the converter requires one scale):
-  QAT now rounds the average onto that grid instead of keeping the exact average.
+  QAT now rounds the average onto that grid instead of keeping the exact average (halfway
+  values away from zero, as both kernel sets do).
 """
 import numpy as np
 import pytest
@@ -132,3 +134,61 @@ def test_squeeze_excite_file_agrees_with_qat_where_the_runtime_rounds_its_own_wa
     # before: squeeze own mean ~0.1-0.4 (one step up), pool own mean 0.25 / max 0.5
     for err in (squeeze, pool):
         assert err.own_mean_steps < 0.02 and err.own_max_steps <= 1.0 + 1e-3, cmp.lines()
+
+
+def _grid_file_and_simulation(op, in_range, shape, ties):
+    """The TFLite file of fake-quant -> ``op`` (MEAN over the spatial axes, or a 2x2 average
+    pool) -> fake-quant on the input's range, and the same graph with :class:`InputGridQuantizer`
+    as QAT runs it."""
+    def average(x):
+        if op == "mean":
+            return tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        return tf.nn.avg_pool2d(x, 2, 2, "VALID")
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
+    def plain(x):
+        x = tf.quantization.fake_quant_with_min_max_args(x, *in_range)
+        return tf.quantization.fake_quant_with_min_max_args(average(x), *in_range)
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
+    def simulated(x):
+        return InputGridQuantizer(ties)(average(tf.quantization.fake_quant_with_min_max_args(x, *in_range)), False, {})
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([plain.get_concrete_function()], plain)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    return conv.convert(), simulated
+
+
+@pytest.mark.parametrize("op, ties, kernels", [("mean", "even", (True,)), ("pool", "away", (True, False))])
+@pytest.mark.parametrize("in_range", [(-0.37, 5.0), (-3.0, 0.5), (-1.0, 1.3)])
+def test_halfway_averages_round_as_the_runtime_does(op, ties, kernels, in_range):
+    """A 2x2 average lands halfway between grid points on a quarter of its values: QAT rounds
+    them as the runtime's kernel does (int8 MEAN under XNNPACK: to even; AVERAGE_POOL_2D, both
+    kernel sets: away from zero), on the int8 value the file holds, for even and odd zero
+    points. The fake-quant's own rule (half up) misses half of those ties."""
+    from keras_qx._runtime import interpreter
+
+    shape = (1, 2, 2, 64) if op == "mean" else (1, 4, 4, 64)
+    data, simulated = _grid_file_and_simulation(op, in_range, shape, ties)
+    rng = np.random.default_rng(0)
+    for xnnpack in kernels:
+        it = interpreter(data, xnnpack=xnnpack)
+        di, do = it.get_input_details()[0], it.get_output_details()[0]
+        (scale, zero), (out_scale, out_zero) = di["quantization"], do["quantization"]
+        assert (scale, zero) == (out_scale, out_zero)
+        up = _grid_file_and_simulation(op, in_range, shape, "up")[1]
+        ties_seen = missed_by_up = 0
+        for _ in range(10):
+            q = rng.integers(-128, 128, shape).astype(np.int8)
+            it.set_tensor(di["index"], q)
+            it.invoke()
+            got = it.get_tensor(do["index"]).astype(np.int64)
+            x = tf.constant((q.astype(np.float32) - zero) * scale)
+            sim = np.round(simulated(x).numpy() / scale + zero).astype(np.int64)
+            np.testing.assert_array_equal(sim, got)
+            exact = (tf.reduce_mean(x, axis=[1, 2], keepdims=True) if op == "mean" else
+                     tf.nn.avg_pool2d(x, 2, 2, "VALID")).numpy() / scale + zero
+            ties_seen += int((np.abs(exact - np.floor(exact) - 0.5) < 1e-3).sum())
+            missed_by_up += int((np.round(up(x).numpy() / scale + zero) != got).sum())
+        assert ties_seen > 100 and missed_by_up > 30, (ties_seen, missed_by_up)

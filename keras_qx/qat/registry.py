@@ -122,7 +122,7 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
                 pack=spec.pack,
             )
         if quantize_activation and known is not None and known.kind == QUANTIZED and not known.quantize_output:
-            return input_grid_config(spec.activation_bits)  # same-scale pooling: the output on its input's grid
+            return input_grid_config(spec.activation_bits, ties="away")  # same-scale pooling: AVERAGE_POOL_2D
         if not quantize_activation or (known is not None and not (known.kind == QUANTIZED and known.quantize_output)):
             return NoOpQuantizeConfig()  # pass-through, identity
         if issubclass(cls, (_L.Activation, _L.Softmax)):
@@ -151,17 +151,18 @@ class PolicyQuantizeRegistry(tfmot_quantize_registry.QuantizeRegistry):
             )
         config = self.config_for(layer.name, type(layer), symbol=getattr(layer, "symbol", None))
         if type(config) is OutputQuantizeConfig and squeezes_onto_input_grid(layer):
-            return input_grid_config(self.spec(layer.name).activation_bits)
+            return input_grid_config(self.spec(layer.name).activation_bits, ties="even")  # XNNPACK's MEAN
         if type(config) is OutputQuantizeConfig and getattr(layer, "symbol", None) == "math.rsqrt":
             # rsqrt of 0 (a variance on its zero point) is inf: the runtime answers its range's top
             return OutputQuantizeConfig(activation_quantizer=TopClampQuantizer(config.activation_bits))
         return config
 
 
-def input_grid_config(activation_bits: int | None = 8):
+def input_grid_config(activation_bits: int | None = 8, ties: str = "up"):
     """The output on its input's grid (:class:`~keras_qx.quant.quantizers.InputGridQuantizer`,
-    whose bits are the input's): for ops the runtime computes onto their input's scale."""
-    return OutputQuantizeConfig(activation_quantizer=InputGridQuantizer())
+    whose bits are the input's, halfway averages rounded by ``ties``): for ops the runtime
+    computes onto their input's scale."""
+    return OutputQuantizeConfig(activation_quantizer=InputGridQuantizer(ties))
 
 
 def squeezes_onto_input_grid(layer) -> bool:

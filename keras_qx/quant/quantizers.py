@@ -502,20 +502,33 @@ class InputGridQuantizer(_Quantizer):
     grid, where a layer without an output quantizer trains on the exact average), and the
     squeeze-excite ``MEAN`` (``GlobalAveragePooling2D`` feeding a 1x1 conv): on its input's grid
     the built-in int8 MEAN kernel rounds as XNNPACK does (to nearest); on a grid of its own it
-    rounds the zero-point term apart from the sum (``round(sum * M) - round(z_in * s_in /
-    s_out)``), one step up on 13% of values in tests/test_runtime_rounding.py, where XNNPACK and
-    QAT round once. In the exported graph it is a fake-quant with the input's own range
-    variables, so the converter gives the op's output the input's scale and zero point.
+    rounds the zero-point term apart (``round(sum * M) - round(z_in * s_in / s_out)``), one step
+    up on 13% of values in tests/test_runtime_rounding.py, where XNNPACK and QAT round once. In
+    the exported graph it is a fake-quant with the input's own range variables, so the converter
+    gives the op's output the input's scale and zero point.
+
+    Args:
+        ties: how an average exactly halfway between two grid points rounds, on the int8 value
+            ``q`` the file holds, as the runtime does (measured, tests/test_runtime_rounding.py):
+            ``"even"`` (XNNPACK's int8 MEAN), ``"away"`` (from zero: int8 AVERAGE_POOL_2D, both
+            kernel sets), ``"up"`` (fake-quant's own rounding). A 2x2 average is a tie on a
+            quarter of its values, so the rule matters in small feature maps.
 
     Where no grid is found (an eager call; a graph where another op stands between) the output is
     left as it is, as before.
 
     Example:
-        >>> InputGridQuantizer().get_config()
-        {}
+        >>> InputGridQuantizer("even").get_config()
+        {'ties': 'even'}
     """
 
     bits = 8
+    TIES = ("up", "even", "away")
+
+    def __init__(self, ties: str = "up"):
+        if ties not in self.TIES:
+            raise ValueError(f"InputGridQuantizer(ties=...) must be one of {self.TIES}, got {ties!r}.")
+        self.ties = ties
 
     def build(self, tensor_shape, name, layer):
         return {}
@@ -526,16 +539,38 @@ class InputGridQuantizer(_Quantizer):
             return inputs
         low, high, num_bits, narrow_range = grid
         if isinstance(low, float):
-            return tf.quantization.fake_quant_with_min_max_args(inputs, low, high, num_bits=num_bits,
-                                                                narrow_range=narrow_range)
-        return tf.quantization.fake_quant_with_min_max_vars(inputs, low, high, num_bits=num_bits,
-                                                            narrow_range=narrow_range)
+            y = tf.quantization.fake_quant_with_min_max_args(inputs, low, high, num_bits=num_bits,
+                                                             narrow_range=narrow_range)
+        else:
+            y = tf.quantization.fake_quant_with_min_max_vars(inputs, low, high, num_bits=num_bits,
+                                                             narrow_range=narrow_range)
+        if self.ties == "up" or exporting():  # the file: the converter reads the plain fake-quant
+            return y
+        return y + tf.stop_gradient(self._ties_rounded(inputs, low, high, num_bits, narrow_range) - y)
+
+    def _ties_rounded(self, x, low, high, num_bits, narrow_range):
+        """The fake-quant's grid (its zero point nudged as TensorFlow nudges it) with halfway
+        values rounded by ``self.ties`` on the int8 value ``q``."""
+        qmin, qmax = (1 if narrow_range else 0), 2 ** num_bits - 1
+        low, high = tf.cast(low, tf.float32), tf.cast(high, tf.float32)
+        scale = (high - low) / (qmax - qmin)
+        zero = tf.clip_by_value(tf.floor(qmin - low / scale + 0.5), qmin, qmax)  # TensorFlow's nudge (low <= 0)
+        nudged_low = (qmin - zero) * scale
+        offset = qmin - 2 ** (num_bits - 1)  # k grid index -> q = k + offset
+        t = (tf.clip_by_value(x, nudged_low, (qmax - zero) * scale) - nudged_low) / scale + offset
+        tie = tf.abs(t - tf.floor(t) - 0.5) < 1e-3  # float32 averages of grid values miss 0.5 by ~1e-5
+        if self.ties == "even":
+            at_tie = tf.floor(t) + tf.math.floormod(tf.floor(t), 2.0)
+        else:
+            at_tie = tf.where(t >= 0, tf.floor(t) + 1.0, tf.floor(t))
+        q = tf.where(tie, at_tie, tf.floor(t + 0.5))
+        return (q - offset) * scale + nudged_low
 
     def get_config(self):
-        return {}
+        return {} if self.ties == "up" else {"ties": self.ties}
 
     def __repr__(self):
-        return "InputGridQuantizer()"
+        return "InputGridQuantizer()" if self.ties == "up" else f"InputGridQuantizer(ties={self.ties!r})"
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
