@@ -179,3 +179,28 @@ def test_lstm_bits_come_from_the_policy_or_an_annotation():
     assert isinstance(wrapper.quantize_config, LSTMQuantizeConfig) and wrapper.quantize_config.weight_bits == 4
     with pytest.raises(ValueError, match="rnn.*output scale.*drop activation_bits"):
         qx.annotate(L.LSTM(4, name="rnn"), activation_bits=8)
+
+
+def test_an_lstm_merged_by_concatenate_fails_with_the_fix_named_and_the_fix_works(rng):
+    """The converter cannot requantize a QAT-trained integer LSTM's output onto a Concatenate's
+    scale ("Failed to duplicate values for the stateful op", TF 2.21): the ExportError names the
+    policy that leaves the LSTM to the converter, and with it the file exports, verified, the
+    LSTM still integer (quantized by the converter from the representative data)."""
+    x = rng.normal(size=(32, 12, 4)).astype("float32")
+
+    def model():
+        seq = keras.Input((12, 4))
+        h = L.LSTM(8, name="lstm")(seq)
+        return keras.Model(seq, L.Dense(3)(L.Concatenate()([h, L.Dense(8, name="side")(h)])))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = qx.calibrate(qx.quantize(model()), x)
+        with pytest.raises(qx.ExportError, match=r"stateful op.*Leave that LSTM to the converter.*policy "
+                                                 r"\{'layers': \{'<lstm name>': \{'quantize': False\}\}\}"):
+            qx.export_tflite(qat, x)
+        keras.backend.clear_session()
+        qat = qx.calibrate(qx.quantize(model(), {"layers": {"lstm": {"quantize": False}}}), x)
+        tfl = qx.export_tflite(qat, x)
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in tfl.report.info.ops and tfl.report.info.fully_integer
+    assert tfl.report.mean_error_steps <= 1.0 and tfl.report.max_error_steps <= 4 + 1e-3

@@ -64,6 +64,15 @@ def converter_for(model, batch=None, lengths=None):
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete], owner)
 
 
+# converter messages with a known cause -> the fix, appended to the ExportError
+_CONVERTER_FIXES = {
+    "stateful op": "A QAT-trained integer LSTM whose output is merged with other tensors (a Concatenate) cannot "
+                   "take the merge's scale: the converter cannot requantize the LSTM's output state (TF 2.21). Leave "
+                   "that LSTM to the converter, which then quantizes it from the representative data: policy "
+                   "{'layers': {'<lstm name>': {'quantize': False}}}",
+}
+
+
 def convert(converter, run=None) -> tuple[bytes, float]:
     """Run ``converter`` (or ``run()``, another way of converting with it): ``(flatbuffer,
     seconds)``; the converter's many error types become ExportError."""
@@ -78,7 +87,9 @@ def convert(converter, run=None) -> tuple[bytes, float]:
         found = [re.sub(r'^loc\(".*?"\): ', "", l.split("error: ", 1)[1].strip())
                  for l in logged[0].splitlines() if "error: " in l]
         detail = "; ".join(dict.fromkeys(e for e in found if e not in first))[:800]
-        raise ExportError(f"TFLite conversion failed: {first[:500]}" + (f" (converter: {detail})" if detail else "")) from err
+        hint = next((fix for key, fix in _CONVERTER_FIXES.items() if key in first or key in detail), "")
+        raise ExportError(f"TFLite conversion failed: {first[:500]}" + (f" (converter: {detail})" if detail else "")
+                          + (f". {hint}" if hint else "")) from err
     return data, time.perf_counter() - start
 
 
