@@ -47,15 +47,17 @@ def test_dense_kernel_on_grid_with_lower_output_error(bits, rng):
     inputs = keras.Input((24,))
     model = keras.Model(inputs, keras.layers.Dense(6, name="fc")(inputs))
     # correlated inputs: where GPTQ's error feedback has something to work with
-    x = (rng.normal(size=(300, 8)) @ rng.normal(size=(8, 24)) + 0.3 * rng.normal(size=(300, 24))).astype("float32")
+    mix = rng.normal(size=(8, 24))
+    x, held_out = ((rng.normal(size=(n, 8)) @ mix + 0.3 * rng.normal(size=(n, 24))).astype("float32") for n in (300, 300))
     w = model.get_layer("fc").kernel.numpy()
     qat = qx.calibrate(qx.quantize(model, _uniform(bits)), x, batch_size=64, weights="gptq")
     ints, step, limits = _on_grid(qat, "quant_fc")
     assert qat.get_layer("quant_fc")._weight_vars[0][1].full_range == (bits == 2)
-    X = _layer_input(qat, "quant_fc", x).astype(np.float64)
-    gptq_err = np.sum((X @ w - X @ (ints * step)) ** 2)
-    rtn_err = np.sum((X @ w - X @ _nearest(w, step, limits)) ** 2)
-    assert gptq_err < rtn_err * (0.9 if bits < 8 else 1.0), (gptq_err, rtn_err)
+    for data in (x, held_out):   # on the calibration data, and on samples it never saw
+        X = _layer_input(qat, "quant_fc", data).astype(np.float64)
+        gptq_err = np.sum((X @ w - X @ (ints * step)) ** 2)
+        rtn_err = np.sum((X @ w - X @ _nearest(w, step, limits)) ** 2)
+        assert gptq_err < rtn_err * (0.9 if bits < 8 else 1.0), (gptq_err, rtn_err)
 
 
 def test_gptq_round_matches_nearest_on_independent_inputs():
@@ -108,21 +110,27 @@ def _small_model():
     return keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
 
 
-def test_the_file_holds_the_gptq_integers(rng):
+@pytest.mark.parametrize("bits", [4, 2])
+def test_the_file_holds_the_gptq_integers(bits, rng):
+    """4 bits: INT4 tensors; 2 bits: the conv's narrow {-1, 0, 1} in INT4, the Dense kernels'
+    {-2..1} in INT2 (keras_qx.lite.int2)."""
     x = rng.random((128, 8, 8, 1)).astype("float32")
     model = _small_model()
     floats = {name: model.get_layer(name).kernel.numpy() for name in ("conv", "fc", "logits")}
-    qat = qx.calibrate(qx.quantize(model, _uniform(4)), x, weights="gptq")
+    qat = qx.calibrate(qx.quantize(model, _uniform(bits)), x, weights="gptq")
     assert [l.name for l in gptq_layers(qat)] == ["quant_conv", "quant_fc", "quant_logits"]  # not the depthwise
     tfl = qx.export_tflite(qat, x[:64], min_agreement=0.8)
-    assert tfl.report.mean_error_steps <= 0.5, tfl.report.lines()   # as QAT-trained files (tests/test_int2.py)
+    # as QAT-trained files (tests/test_int2.py); at 2 bits round-to-nearest's file is at 0.75 too (measured)
+    assert tfl.report.mean_error_steps <= (0.5 if bits == 4 else 1.0), tfl.report.lines()
     schema = tflite_schema()
     file = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytes(tfl), 0))
     graph, moved = file.subgraphs[0], 0
     for name in ("conv", "fc", "logits"):
         (tensor,) = [t for t in graph.tensors if f"quant_{name}/" in t.name.decode().split(";")[0]
-                     and t.type == schema.TensorType.INT4]
-        stored = tensor_values(file.buffers[tensor.buffer].data, "INT4", tensor.shape).reshape(tensor.shape)
+                     and t.type in (schema.TensorType.INT4, schema.TensorType.INT2)]
+        packed = "INT4" if tensor.type == schema.TensorType.INT4 else "INT2"
+        assert packed == ("INT2" if bits == 2 and name != "conv" else "INT4"), name
+        stored = tensor_values(file.buffers[tensor.buffer].data, packed, tensor.shape).reshape(tensor.shape)
         ints, step, limits = _on_grid(qat, f"quant_{name}")
         np.testing.assert_array_equal(stored, np.moveaxis(ints, -1, 0), err_msg=name)  # the file's (out, ..., in)
         scales = np.ravel(tensor.quantization.scale)

@@ -179,5 +179,5 @@ def run_gptq(qat_model, xs: list, batch_size: int, verbose: int = 0) -> dict:
         if verbose:
             gptq_err, rtn_err = errors[layer.name]
             print(f"gptq {index}/{len(layers)} {layer.name}: {w.shape[0]} inputs x {w.shape[1]} outputs, "
-                  f"{quantizer.bits}-bit, output error {gptq_err:.4g} (nearest {rtn_err:.4g})", flush=True)
+                  f"{quantizer.bits}-bit, output error on x {gptq_err:.4g} (nearest {rtn_err:.4g})", flush=True)
     return errors
