@@ -88,7 +88,7 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, lowest: int
     """
     W = np.array(w, np.float64).T  # (outputs, inputs): GPTQ's rows
     H = np.array(hessian, np.float64)
-    step64 = np.asarray(step, np.float64)[:, None]
+    step64 = np.asarray(step, np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -98,8 +98,8 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, lowest: int
     mean_diag = float(np.mean(np.diag(H)))
     for attempt in range(8):  # more dampening where the Hessian is near singular
         try:
-            L = np.linalg.cholesky(H + (damp * 10 ** attempt) * mean_diag * np.eye(n))
-            Hinv = np.linalg.cholesky(np.linalg.inv(L).T @ np.linalg.inv(L)).T  # upper Cholesky factor of H^-1
+            L_inv = np.linalg.inv(np.linalg.cholesky(H + (damp * 10 ** attempt) * mean_diag * np.eye(n)))
+            Hinv = np.linalg.cholesky(L_inv.T @ L_inv).T  # the upper Cholesky factor of H^-1
             break
         except np.linalg.LinAlgError:
             continue
@@ -112,9 +112,9 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, lowest: int
         Err1 = np.zeros_like(W1)
         for i in range(i2 - i1):
             col = W1[:, i]
-            ints = np.clip(np.floor(col / step64[:, 0] + 0.5), lowest, highest)
+            ints = np.clip(np.floor(col / step64 + 0.5), lowest, highest)
             Q[:, i1 + i] = ints
-            err = (col - ints * step64[:, 0]) / Hinv1[i, i]
+            err = (col - ints * step64) / Hinv1[i, i]
             W1[:, i:] -= np.outer(err, Hinv1[i, i:])
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
