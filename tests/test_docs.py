@@ -54,6 +54,7 @@ def _policies(ns, tmp):
     assert spec("fc").weight_bits == 4 and spec("logits").weight_bits == 8
     assert len(ns["tfl"].report.info.int4_tensors) >= 1          # 4-bit kernels packed INT4
     assert ns["calibrated"].report.info.fully_integer
+    assert ns["rounded"].report.info.fully_integer and len(ns["rounded"].report.info.int4_tensors) >= 2
 
 
 def _choosing_bits(ns, tmp):

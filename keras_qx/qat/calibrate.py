@@ -5,7 +5,8 @@ input), and training moves them only by a moving average (0.1% a step), so a mod
 and exported at once, or after a few steps, gives a useless file. ``calibrate`` runs the data
 through the model with every activation quantizer observing instead of quantizing (weights
 stay quantized) and sets each range to the observed min/max, as the post-training converter
-does; training can go on from there.
+does; training can go on from there. ``weights="gptq"`` also rounds the kernels GPTQ-style
+(:mod:`keras_qx.qat.gptq`) instead of to nearest.
 
 Example:
     >>> import numpy as np, keras_qx as qx
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from keras_qx._deprecation import check_verbose
 from keras_qx._graph import activation_sites, check_model, is_quantized_layer
 from keras_qx._io import check_inputs, model_input_specs
+from keras_qx.qat.gptq import run_gptq
 from keras_qx.qat.quantize import _init_weight_ranges
 from keras_qx.quant.quantizers import FixedRangeQuantizer
 
@@ -60,7 +63,10 @@ def _get(holder, key):
     return holder[key] if isinstance(holder, list) else getattr(holder, key)
 
 
-def calibrate(qat_model, x, batch_size: int = 64):
+WEIGHT_ROUNDING = ("nearest", "gptq")
+
+
+def calibrate(qat_model, x, batch_size: int = 64, *, weights: str = "nearest", verbose: int = 0):
     """Set every activation range of ``qat_model`` from samples ``x`` (in place; returns it).
 
     Args:
@@ -68,12 +74,30 @@ def calibrate(qat_model, x, batch_size: int = 64):
         x: samples shaped like the model input (a list, or a dict by input name, for several
             inputs); 100-500 typical training samples are enough.
         batch_size: samples per forward pass.
+        weights: how kernels land on their grid. ``"nearest"``: each weight rounds to its nearest
+            level, as QAT and the exporter do. ``"gptq"``: the quantized Dense, Conv1D and
+            Conv2D kernels are rounded GPTQ-style (:mod:`keras_qx.qat.gptq`: layer by layer, the
+            rounding error of each input column moved onto the others by the inverse Hessian of
+            the layer's output error on ``x``), on the same grid (the step of each range
+            variable), so the file holds exactly those integers; a lower-bit model without
+            training keeps more of the float accuracy. Other kernels (DepthwiseConv, EinsumDense
+            and attention projections, Embedding, LSTM gates, grouped or transposed convs,
+            pruned or clustered kernels, a layer called twice) keep round-to-nearest.
+        verbose: 0 silent, 1 (or 2) a line per layer GPTQ rounds.
 
     Returns:
         ``qat_model``, whose ranges now cover the values ``x`` produces at every quantized
-        tensor (weight ranges are reset from the current weights too).
+        tensor (weight ranges are reset from the current weights too, before GPTQ).
+
+    Example:
+        >>> qat = qx.calibrate(qx.quantize(model, {"default": {"weight_bits": 4}}), x_train[:256],
+        ...                    weights="gptq")      # doctest: +SKIP
     """
     check_model(qat_model, "qat_model")
+    if not isinstance(weights, str) or weights not in WEIGHT_ROUNDING:
+        raise ValueError(f"calibrate(weights=...) must be one of {', '.join(map(repr, WEIGHT_ROUNDING))}, "
+                         f"got {weights!r}.")
+    verbose = check_verbose(verbose, "calibrate")
     if not any(is_quantized_layer(l) for l in qat_model.layers):
         raise ValueError(f"qat_model {qat_model.name!r} has no quantized layers; pass the model returned by "
                          "qx.quantize().")
@@ -81,6 +105,17 @@ def calibrate(qat_model, x, batch_size: int = 64):
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
     xs = check_inputs(x, model_input_specs(qat_model), "x")
     _init_weight_ranges(qat_model)
+    _observe_ranges(qat_model, xs, int(batch_size))
+    if weights == "gptq":
+        # Each layer's input as the quantized model computes it needs the ranges above; the
+        # ranges are then observed again on the rounded model (weight ranges stay: they are the grid).
+        run_gptq(qat_model, xs, int(batch_size), verbose=verbose)
+        _observe_ranges(qat_model, xs, int(batch_size))
+    return qat_model
+
+
+def _observe_ranges(qat_model, xs: list, batch_size: int) -> None:
+    """Every activation range of ``qat_model`` set to what ``xs`` produces there."""
     sites = _sites(qat_model)
     seen: dict = {}
     originals = [_get(holder, key) for _, holder, key, _ in sites]
@@ -88,8 +123,8 @@ def calibrate(qat_model, x, batch_size: int = 64):
         for (_, holder, key, _), quantizer in zip(sites, originals):
             if not isinstance(_get(holder, key), _Observer):
                 _swap(holder, key, _Observer(quantizer, seen))
-        for start in range(0, len(xs[0]), int(batch_size)):
-            batch = [xi[start:start + int(batch_size)] for xi in xs]
+        for start in range(0, len(xs[0]), batch_size):
+            batch = [xi[start:start + batch_size] for xi in xs]
             qat_model(batch if len(batch) > 1 else batch[0], training=False)
     finally:
         for (_, holder, key, _), quantizer in zip(sites, originals):
@@ -103,7 +138,6 @@ def calibrate(qat_model, x, batch_size: int = 64):
             hi = lo + 1e-6  # a constant-zero tensor: any small range represents it exactly
         qvars["min_var"].assign(np.full(qvars["min_var"].shape, lo, np.float32))
         qvars["max_var"].assign(np.full(qvars["max_var"].shape, hi, np.float32))
-    return qat_model
 
 
 def uncalibrated_ranges(qat_model) -> list[str]:
