@@ -217,6 +217,23 @@ def test_hessian_trace_matches_exact(rng):
         assert all(a > b for a, b in zip(d, d[1:]))
 
 
+def test_hessian_traces_summed_over_batches_equal_the_whole_sample(rng):
+    """The HVP runs batch by batch (memory of one batch); the mean loss's Hessian is the
+    sample-weighted mean of the batches' ones, so any batching gives the same trace for the same
+    probes (uneven last batch included)."""
+    from keras_qx.engine.sensitivity import _hessian_traces
+
+    model = _dense_model()
+    x = rng.normal(size=(50, 6)).astype("float32")
+    y = rng.normal(size=(50, 3)).astype("float32")
+    layers = [model.get_layer("d1"), model.get_layer("d2")]
+    loss = keras.losses.MeanSquaredError(reduction="none")
+    whole = _hessian_traces(model, layers, loss, x, y, probes=3, seed=1, batch_size=50)
+    for batch_size in (8, 32):
+        batched = _hessian_traces(model, layers, loss, x, y, probes=3, seed=1, batch_size=batch_size)
+        assert batched == pytest.approx(whole, rel=1e-4), batch_size
+
+
 def test_hessian_deterministic_by_seed(rng):
     model = _dense_model()
     x = rng.normal(size=(32, 6)).astype("float32")

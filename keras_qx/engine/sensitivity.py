@@ -316,27 +316,37 @@ def _loss_evaluator(model, loss_fn, x, y, batch_size):
     return mean_loss
 
 
-def _hessian_traces(model, layers, loss_fn, x, y, probes: int, seed: int) -> dict:
-    """Hutchinson estimate of tr(H) of the loss w.r.t. each layer's kernels."""
+def _hessian_traces(model, layers, loss_fn, x, y, probes: int, seed: int, batch_size: int = 32) -> dict:
+    """Hutchinson estimate of tr(H) of the loss w.r.t. each layer's kernels.
+
+    The mean loss's Hessian is the sample-weighted mean of the batches' Hessians, so each probe's
+    ``v^T H v`` is summed over batches of ``batch_size``: the double backward pass holds one
+    batch's activations, not the whole sample's (108M-parameter encoder, 64 samples: see
+    bench/results/scale.md). Probes are drawn in the graph (stateless, from ``seed``), not copied
+    in from the host."""
     kernels = [k for l in layers for k in _kernels(l)]
     owner = [l.name for l in layers for _ in _kernels(l)]
-    rng = np.random.default_rng(seed)
     traces = {l.name: 0.0 for l in layers}
-    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    batches = [(tf.convert_to_tensor(x[i:i + batch_size]), tf.convert_to_tensor(y[i:i + batch_size]))
+               for i in range(0, len(x), batch_size)]
 
-    @tf.function
-    def v_hessian_v(vs):
+    @tf.function(reduce_retracing=True)
+    def v_hessian_v(xb, yb, probe):
+        vs = [tf.sign(tf.random.stateless_uniform(k.shape, seed=tf.stack([probe, i]), minval=-1.0, maxval=1.0))
+              for i, k in enumerate(kernels)]
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
-                loss = tf.reduce_mean(loss_fn(y, model(x, training=False)))
+                loss = tf.reduce_mean(loss_fn(yb, model(xb, training=False)))
             grads = inner.gradient(loss, kernels)
             gv = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vs)])
         return [tf.reduce_sum(hv * v) for hv, v in zip(outer.gradient(gv, kernels), vs)]
 
-    for _ in range(probes):
-        vs = [tf.constant(rng.choice([-1.0, 1.0], size=k.shape).astype("float32")) for k in kernels]
-        for name, value in zip(owner, v_hessian_v(vs)):
-            traces[name] += float(value) / probes
+    for p in range(probes):
+        probe = tf.constant((seed * 1000003 + p) % 2 ** 31, tf.int32)
+        for xb, yb in batches:
+            weight = len(xb) / len(x) / probes
+            for name, value in zip(owner, v_hessian_v(xb, yb, probe)):
+                traces[name] += float(value) * weight
     return traces
 
 
