@@ -176,8 +176,55 @@ def measure(name: str, args) -> dict:
             break
     proc.join(timeout=60)
     if rows["stopped"] is None and "file" not in rows:
-        rows["stopped"] = f"the process ended (exit code {proc.exitcode}) after {', '.join(s for s in STEPS if s in rows)}"
+        ran = [s for s in STEPS if s in rows]
+        during = next((s for s in STEPS[STEPS.index(ran[-1]) + 1:] if not (args.skip_sensitivity and s in (
+            "sensitivity", "auto_policy"))), "?") if ran else "build"
+        rows["stopped"] = (f"stopped by the memory guard ({args.guard_gb:g} GB) in {during}" if proc.exitcode == 3
+                           else f"the process ended (exit code {proc.exitcode}) in {during}")
     return rows
+
+
+def check_sensitivity(blocks: int = 4, width: int = 128, samples: int = 128, probes: int = 4) -> dict:
+    """The Hutchinson ("hessian") sensitivity against the exact one ("loss": each layer rounded
+    alone, the loss measured again over the samples) on a small encoder of the same shape,
+    trained on a task it can learn (random weights and labels give the exact method noise):
+    Spearman rank correlation of the damages over (layer, width), the seconds of each, and the
+    bits ``auto_policy`` picks at 0.4x from each report."""
+    import warnings
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    import keras_qx as qx
+    from keras_qx._compat import keras
+
+    model = encoder(blocks, width, 4, 2000)
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    rng = np.random.default_rng(1)
+    x_all = rng.integers(0, 2000, (2048 + samples, SEQ)).astype("int32")
+    count = (x_all < 600).sum(1)  # a bag-of-tokens task the pooled encoder can learn: how many ids < 600
+    y_all = np.digitize(count, np.quantile(count, [0.25, 0.5, 0.75]))
+    fit = model.fit(x_all[:2048], y_all[:2048], epochs=4, batch_size=64, verbose=0)
+    x, y = x_all[2048:], y_all[2048:]
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("loss", "hessian"):
+            start = time.perf_counter()
+            report = qx.sensitivity(model, x, y, method=method, hessian_probes=probes, verbose=0)
+            out[method] = {"seconds": time.perf_counter() - start, "report": report,
+                           "policy": qx.auto_policy(model, budget="0.4x", report=report, verbose=0)}
+    keys = [(n, b) for n in out["loss"]["report"].damage for b in out["loss"]["report"].candidates]
+    exact = [out["loss"]["report"].damage[n][b] for n, b in keys]
+    estimate = [out["hessian"]["report"].damage[n][b] for n, b in keys]
+    bits = {m: {n: e.get("weight_bits", 8) for n, e in out[m]["policy"].to_dict()["layers"].items()} for m in out}
+    same = sum(bits["loss"][n] == bits["hessian"].get(n) for n in bits["loss"])
+    return {"model": f"{blocks} x {width}", "params": int(model.count_params()), "samples": samples,
+            "train_accuracy": float(fit.history["accuracy"][-1]),
+            "spearman": float(spearmanr(exact, estimate)[0]), "pairs": len(keys),
+            "loss_s": out["loss"]["seconds"], "hessian_s": out["hessian"]["seconds"],
+            "same_bits": f"{same}/{len(bits['loss'])}"}
 
 
 def table(results: dict) -> str:
@@ -199,6 +246,16 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_text(check) -> str:
+    if not check:
+        return ""
+    return (f"\n\nThe estimate against the exact sensitivity (`--check-sensitivity`; a {check['model']} encoder, "
+            f"{check['params'] / 1e6:.1f} M parameters, trained 4 epochs on a bag-of-tokens task to "
+            f"{100 * check['train_accuracy']:.0f}% train accuracy; {check['samples']} held-out samples, 4 probes): Spearman "
+            f"{check['spearman']:.2f} over {check['pairs']} (layer, width) damages; {check['hessian_s']:.1f} s against "
+            f"{check['loss_s']:.1f} s; auto_policy at 0.4x gives the same bits on {check['same_bits']} layers.")
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="23M,108M,334M", help=f"comma-separated, of {', '.join(SIZES)}")
@@ -208,6 +265,8 @@ def main(argv=None) -> str:
     parser.add_argument("--verify", type=int, default=VERIFY, help=f"samples export verifies on (default {VERIFY})")
     parser.add_argument("--guard-gb", type=float, default=21.0, help="memory guard (default 21 GB)")
     parser.add_argument("--time-limit", type=float, default=3600.0, help="seconds per size (default 3600)")
+    parser.add_argument("--check-sensitivity", action="store_true",
+                        help="also: the hessian estimate against the exact sensitivity on a small encoder")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "scale.md"))
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -220,16 +279,23 @@ def main(argv=None) -> str:
         results[name] = measure(name, args)
     text = table(results)
     print(text)
+    check = None
+    if args.check_sensitivity:
+        check = check_sensitivity()
+        print(check)
     from keras_qx._io import write_atomic
 
     raw = os.path.splitext(args.out)[0] + ".json"
     old = json.load(open(raw)) if os.path.exists(raw) else {}
     old.update(results)
+    if check is not None:
+        old["_sensitivity_check"] = check
     write_atomic(raw, json.dumps(old, indent=1).encode())
     import tensorflow as tf
 
     doc = (f"# Transformer-size encoders, step by step (issue 21)\n\n`bench/scale.py`: {__doc__.splitlines()[0]}\n\n"
            + table({k: old[k] for k in SIZES if k in old})
+           + _check_text(old.get("_sensitivity_check"))
            + f"\n\nCells: seconds / peak resident GB of the step. Sensitivity: {args.sensitivity_samples} samples, "
              f"{args.probes} Hutchinson probes, candidates 2/4/8; auto_policy at 0.4x of the int8 kernel bytes. "
              f"Export verified on {args.verify} samples (`min_agreement=0.0`: untrained random encoders have no "
