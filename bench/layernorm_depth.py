@@ -29,22 +29,24 @@ import numpy as np  # noqa: E402
 SEQ, VOCAB, CLASSES, SAMPLES = 16, 64, 4, 32
 
 
-def encoder(blocks: int, width: int, seed: int = 0):
-    """The encoder stack described above (tf_keras functional model)."""
+def encoder(blocks: int, width: int, seed: int = 0, *, heads: int = 2, vocab: int = VOCAB, ff: int = 2,
+            seq: int = SEQ, name: str | None = None):
+    """The encoder stack described above (tf_keras functional model); ``heads``, ``vocab``, the
+    feed-forward width ``ff * width`` and the length ``seq`` as bench/scale.py sizes them."""
     from keras_qx._compat import keras
 
     L = keras.layers
     keras.utils.set_random_seed(seed)
-    ids = keras.Input((SEQ,), dtype="int32", name="ids")
-    x = L.Embedding(VOCAB, width, name="embed")(ids)
+    ids = keras.Input((seq,), dtype="int32", name="ids")
+    x = L.Embedding(vocab, width, name="embed")(ids)
     for b in range(blocks):
-        a = L.MultiHeadAttention(num_heads=2, key_dim=width // 2, name=f"mha{b}")(x, x)
+        a = L.MultiHeadAttention(num_heads=heads, key_dim=width // heads, name=f"mha{b}")(x, x)
         x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, a]))
-        f = L.Dense(2 * width, activation="gelu", name=f"ff{b}a")(x)
+        f = L.Dense(ff * width, activation="gelu", name=f"ff{b}a")(x)
         f = L.Dense(width, name=f"ff{b}b")(f)
         x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, f]))
     x = L.GlobalAveragePooling1D(name="pool")(x)
-    return keras.Model(ids, L.Dense(CLASSES, name="head")(x), name=f"encoder{blocks}")
+    return keras.Model(ids, L.Dense(CLASSES, name="head")(x), name=name or f"encoder{blocks}")
 
 
 def measure(blocks: int, width: int, decompose: bool = True, seed: int = 0) -> dict:

@@ -30,6 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # bench/layernorm_depth.py: the encoder
 
 SEQ, CLASSES, SAMPLES, VERIFY = 32, 4, 32, 16
 # name -> (blocks, width, heads, vocabulary)
@@ -43,21 +44,11 @@ STEPS = ("build", "sensitivity", "auto_policy", "quantize", "calibrate", "export
 
 
 def encoder(blocks: int, width: int, heads: int, vocab: int, seed: int = 0):
-    """The encoder of the module docstring (a tf_keras functional model)."""
-    from keras_qx._compat import keras
+    """The encoder of the module docstring (a tf_keras functional model): bench/layernorm_depth.py's
+    stack at this bench's sizes."""
+    from layernorm_depth import encoder as stack
 
-    L = keras.layers
-    keras.utils.set_random_seed(seed)
-    ids = keras.Input((SEQ,), dtype="int32", name="ids")
-    x = L.Embedding(vocab, width, name="embed")(ids)
-    for b in range(blocks):
-        a = L.MultiHeadAttention(num_heads=heads, key_dim=width // heads, name=f"mha{b}")(x, x)
-        x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, a]))
-        f = L.Dense(4 * width, activation="gelu", name=f"ff{b}a")(x)
-        f = L.Dense(width, name=f"ff{b}b")(f)
-        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, f]))
-    x = L.GlobalAveragePooling1D(name="pool")(x)
-    return keras.Model(ids, L.Dense(CLASSES, name="head")(x), name=f"encoder_{blocks}x{width}")
+    return stack(blocks, width, seed, heads=heads, vocab=vocab, ff=4, seq=SEQ, name=f"encoder_{blocks}x{width}")
 
 
 def _status(key: str) -> float:
