@@ -49,9 +49,11 @@ def encoder(blocks: int, width: int, seed: int = 0, *, heads: int = 2, vocab: in
     return keras.Model(ids, L.Dense(CLASSES, name="head")(x), name=name or f"encoder{blocks}")
 
 
-def measure(blocks: int, width: int, decompose: bool = True, seed: int = 0) -> dict:
+def measure(blocks: int, width: int, decompose: bool = True, seed: int = 0, kernels: bool = False) -> dict:
     """``{"mean", "max", "ops", "seconds"}`` of one encoder stack, LayerNormalization decomposed
-    (the default) or kept whole (``decompose=False``: the simulation before issue 18)."""
+    (the default) or kept whole (``decompose=False``: the simulation before issue 18);
+    ``kernels``: also ``"kernels"``, the same file run by the built-in int8 kernels against its
+    XNNPACK run (mean, max output steps): how far two correct runtimes of one file drift apart."""
     import keras_qx as qx
     from keras_qx._compat import keras
     from keras_qx.rewrite import flatten
@@ -71,15 +73,33 @@ def measure(blocks: int, width: int, decompose: bool = True, seed: int = 0) -> d
     finally:
         flatten._plain_layer_norm = plain
     report = tfl.report
-    return {"mean": float(report.mean_error_steps), "max": float(report.max_error_steps),
-            "ops": len(report.info.ops), "seconds": time.perf_counter() - start}
+    out = {"mean": float(report.mean_error_steps), "max": float(report.max_error_steps),
+           "ops": len(report.info.ops), "seconds": time.perf_counter() - start}
+    if kernels:
+        from coverage import _kernels_apart
+        from keras_qx.lite.inspect import TFLiteRunner
+
+        runner = TFLiteRunner(bytes(tfl))
+        out["kernels"] = _kernels_apart(bytes(tfl), x, runner.predict(x), runner.output_step)
+    return out
 
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 6, 12])
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--kernels", action="store_true",
+                        help="decomposed only, beside the same file on the built-in kernels vs XNNPACK")
     args = parser.parse_args(argv)
+    if args.kernels:
+        lines = ["| blocks | file vs QAT model: mean | max | built-in vs XNNPACK, same file: mean | max | seconds |",
+                 "|---:|---:|---:|---:|---:|---:|"]
+        for blocks in args.depths:
+            r = measure(blocks, args.width, kernels=True)
+            lines.append(f"| {blocks} | {r['mean']:.2f} | {r['max']:.0f} | {r['kernels'][0]:.2f} | "
+                         f"{r['kernels'][1]:.0f} | {r['seconds']:.0f} |")
+            print(lines[-1], flush=True)
+        return "\n".join(lines)
     lines = [f"Encoder stacks of width {args.width}, calibrated on {SAMPLES} samples: |file - QAT model| "
              "in output steps (mean / max over the samples' logits).", "",
              "| blocks | LN whole (before): mean | max | LN decomposed (now): mean | max | file ops now | seconds |",
