@@ -189,6 +189,29 @@ def test_quantize_without_x_val_says_the_test_split_chose(tmp_path, capsys, floa
 
 
 @pytest.mark.slow
+def test_quantize_with_gptq_and_no_qat_writes_the_calibrated_file(tmp_path, capsys, float_model):
+    """--weights gptq --qat-epochs 0: the file from calibration alone, its kernels GPTQ-rounded
+    (the file's Dense kernels are integers on the QAT model's grid), and the report says so;
+    --qat-epochs below 0 is refused, 0 only for quantize."""
+    import numpy as np
+
+    (x, y), (xt, yt) = _task(128, 1), _task(64, 3)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, x_val=xt[:32], y_val=yt[:32])
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(float_model), "--data", str(tmp_path / "d.npz"), "--budget", "0.6x",
+                 "--candidates", "4,8", "--weights", "gptq", "--qat-epochs", "0", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "calibrate (GPTQ, 128 samples), no QAT (--qat-epochs 0)" in captured.err
+    report = (out / "report.md").read_text()
+    assert "with GPTQ rounding, then no QAT (--qat-epochs 0)." in report
+    accuracy = float(report.split("accuracy ")[1].split("%")[0]) / 100
+    assert accuracy >= 0.8, report  # the float model separates the task; calibration alone keeps it
+    for argv, least in ((["quantize", "--budget", "0.6x", "--qat-epochs", "-1"], 0), (["demo", "--qat-epochs", "0"], 1)):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and f"--qat-epochs must be at least {least}" in capsys.readouterr().err
+
+
 def test_quantize_with_a_latency_budget_reports_the_predicted_time(tmp_path, capsys, monkeypatch, float_model):
     """--budget 0.9x,60us: the allocation meets both caps against the latency table (a hand-made
     one here: the measurement is tested on its own), and the report prints the predicted time."""
