@@ -1,8 +1,8 @@
 """GPTQ rounding without training (issue 21) against round-to-nearest and against QAT.
 
-Two float models, each trained once: the MNIST-1D CNN (``keras_qx.data.mnist1d_cnn``) and a text
+Three float models, each trained once: the MNIST-1D CNN (``keras_qx.data.mnist1d_cnn``), a text
 classifier (Embedding(10,000, 32) -> GlobalAveragePooling1D -> Dense(64, relu) -> Dense(4) on a
-synthetic keyword task). Each at uniform 4-bit and 2-bit weights and at the mixed policy
+synthetic keyword task) and a one-block transformer on the same task (:func:`transformer_model`). Each at uniform 4-bit and 2-bit weights and at the mixed policy
 ``qx.auto_policy(..., budget="0.3x")``, three ways to the file: ``qx.calibrate`` on 256 samples
 (round-to-nearest), ``qx.calibrate(..., weights="gptq")`` on the same 256 samples, and
 calibrate + 3 QAT epochs (Adam 1e-4). Every accuracy is the exported file's, in the TFLite
@@ -64,6 +64,20 @@ def text_model(seed: int = 0):
         return keras.Model(ids, keras.layers.Dense(CLASSES, name="logits")(h), name="text")
 
 
+def transformer_model(seed: int = 0):
+    """The text task through one encoder block: Embedding(10,000, 32) -> MultiHeadAttention (2
+    heads) + Add + LayerNormalization -> Dense(64, relu) -> Dense(32) + Add + LayerNormalization
+    -> pooling -> Dense(4). GPTQ rounds its attention projections and feed-forward (EinsumDense)."""
+    L = keras.layers
+    with seeded(seed):
+        ids = keras.Input((LENGTH,), dtype="int32", name="ids")
+        x = L.Embedding(VOCAB, 32, name="emb")(ids)
+        x = L.LayerNormalization(name="ln1")(L.Add()([x, L.MultiHeadAttention(2, 16, name="mha")(x, x)]))
+        f = L.Dense(32, name="ff2")(L.Dense(64, activation="relu", name="ff1")(x))
+        x = L.GlobalAveragePooling1D(name="pool")(L.LayerNormalization(name="ln2")(L.Add()([x, f])))
+        return keras.Model(ids, L.Dense(CLASSES, name="logits")(x), name="text_transformer")
+
+
 def _file_accuracy(qat, x, xt, yt):
     tfl = qx.export_tflite(qat, x[:200], min_agreement=0.5)
     return qx.evaluate_tflite(tfl, xt, yt)["accuracy"], len(tfl)
@@ -102,6 +116,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|"]
     lines += rows_for("mnist1d_cnn", mnist1d_cnn(0), load_mnist1d(), epochs=30)
     lines += rows_for("text (Embedding 10k x 32)", text_model(0), text_data(0), epochs=5)
+    lines += rows_for("text transformer (1 block, 32 wide)", transformer_model(0), text_data(0), epochs=5)
     import tf_keras
     import tensorflow_model_optimization as tfmot
     lines += [
@@ -112,7 +127,8 @@ def main() -> int:
         "MNIST-1D's 1,000 test signals (the CNN trained 30 float epochs, Adam 2e-3), and 1,000 held-out samples of "
         "the text task (4,000 training samples of 32 token ids, about 30% of them from 400 keywords of class "
         "id % 4, half of those of the sample's class; 5 float epochs). Mixed: `qx.auto_policy(model, x[:512], y[:512], "
-        "budget=\"0.3x\")`. GPTQ rounds the Dense and Conv1D kernels; the Embedding table keeps round-to-nearest.",
+        "budget=\"0.3x\")`. GPTQ rounds the Dense and Conv1D kernels and the transformer's attention projections and "
+        "feed-forward (EinsumDense); the Embedding table keeps round-to-nearest.",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs (a 2-core VM shared with other jobs); Python "
         f"{platform.python_version()}, TF {tf.__version__}, tf_keras {tf_keras.__version__}, tfmot "
         f"{tfmot.__version__}; {time.perf_counter() - start:.0f} s. Rerun: `python bench/gptq.py`",

@@ -152,3 +152,36 @@ def test_verbose_prints_a_line_per_layer(rng, capsys):
     qx.calibrate(qx.quantize(_small_model(), _uniform(4)), x, weights="gptq", verbose=1)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("gptq ")]
     assert [l.split()[2].rstrip(":") for l in lines] == ["quant_conv", "quant_fc", "quant_logits"]
+
+
+def test_transformer_projections_and_feed_forward_are_gptq_rounded(rng):
+    """EinsumDense kernels that contract the input's trailing axes: the attention's query / key /
+    value (abc,cde->abde: one axis), its output (abcd,cde->abe: two) and the feed-forward Dense on
+    sequences (abc,cz->abz). Each lands on its grid with a lower output error than
+    round-to-nearest's, on the layer's own einsum; the file exports faithful."""
+    from keras_qx._compat import tf
+
+    ids = keras.Input((12,), dtype="int32")
+    x = keras.layers.Embedding(100, 16, name="emb")(ids)
+    a = keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x)
+    x = keras.layers.Add()([x, a])
+    x = keras.layers.Dense(32, activation="relu", name="ff")(x)
+    model = keras.Model(ids, keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D()(x)))
+    samples = rng.integers(0, 100, (128, 12)).astype("int32")
+    floats = {l.name: [w.numpy() for w in l.weights] for l in model.layers}
+    qat = qx.calibrate(qx.quantize(model, _uniform(4)), samples, weights="gptq")
+    names = [l.name for l in gptq_layers(qat)]
+    for part in ("mha_query", "mha_key", "mha_value", "mha_output", "ff"):
+        assert f"quant_{part}" in names, names
+    kernels = {"mha_query": floats["mha"][0], "mha_key": floats["mha"][2], "mha_value": floats["mha"][4],
+               "mha_output": floats["mha"][6], "ff": floats["ff"][0]}
+    for part, w in kernels.items():
+        layer = qat.get_layer(f"quant_{part}")
+        ints, step, limits = _on_grid(qat, f"quant_{part}")
+        X = tf.constant(_layer_input(qat, f"quant_{part}", samples))
+        einsum = lambda k: tf.einsum(layer.layer.equation, X, tf.constant(k, tf.float32)).numpy()  # noqa: E731
+        gptq_err = np.sum((einsum(w) - einsum(ints * step)) ** 2)
+        rtn_err = np.sum((einsum(w) - einsum(_nearest(w, step, limits))) ** 2)
+        assert gptq_err < 0.95 * rtn_err, (part, gptq_err, rtn_err)
+    tfl = qx.export_tflite(qat, samples[:64], min_agreement=0.0)
+    assert tfl.report.mean_error_steps <= 1.0 and tfl.report.info.fully_integer, tfl.report.lines()

@@ -75,13 +75,14 @@ def calibrate(qat_model, x, batch_size: int = 64, *, weights: str = "nearest", v
             inputs); 100-500 typical training samples are enough.
         batch_size: samples per forward pass.
         weights: how kernels land on their grid. ``"nearest"``: each weight rounds to its nearest
-            level, as QAT and the exporter do. ``"gptq"``: the quantized Dense, Conv1D and
-            Conv2D kernels are rounded GPTQ-style (:mod:`keras_qx.qat.gptq`: layer by layer, the
+            level, as QAT and the exporter do. ``"gptq"``: the quantized Dense, Conv1D, Conv2D
+            and EinsumDense (a transformer's feed-forward and attention projections) kernels
+            are rounded GPTQ-style (:mod:`keras_qx.qat.gptq`: layer by layer, the
             rounding error of each input column moved onto the others by the inverse Hessian of
             the layer's output error on ``x``), on the same grid (the step of each range
             variable), so the file holds exactly those integers; a lower-bit model without
             training keeps more of the float accuracy. Other kernels (DepthwiseConv, EinsumDense
-            and attention projections, Embedding, LSTM gates, grouped or transposed convs,
+            that contracts other than the input's trailing axes, Embedding, LSTM gates, grouped or transposed convs,
             pruned or clustered kernels, a layer called twice) keep round-to-nearest.
         verbose: 0 silent, 1 (or 2) a line per layer GPTQ rounds.
 

@@ -1,4 +1,4 @@
-"""GPTQ rounding: a QAT model's Dense / Conv1D / Conv2D kernels rounded onto their grid by
+"""GPTQ rounding: a QAT model's Dense / Conv1D / Conv2D / EinsumDense kernels rounded onto their grid by
 second-order error feedback (Frantar et al., 2022), layer by layer, from a few hundred samples.
 
 Round-to-nearest rounds every weight on its own. GPTQ rounds a kernel's input columns one after
@@ -30,8 +30,29 @@ from keras_qx.quant.quantizers import WeightQuantizer
 __all__ = ["gptq_layers", "gptq_round", "run_gptq"]
 
 _L = keras.layers
-_KINDS = (_L.Dense, _L.Conv1D, _L.Conv2D)  # kernel_kind's layer_type: exactly these, not their subclasses
+_KINDS = (_L.Dense, _L.Conv1D, _L.Conv2D, _L.EinsumDense)  # kernel_kind's layer_type: exactly these
 BLOCK = 128
+
+
+def einsum_contracted(layer) -> int | None:
+    """How many leading kernel axes an ``EinsumDense`` contracts with its input's trailing axes
+    (a Dense on sequences ``abc,cz->abz``: 1; an attention output ``abcd,cde->abe``: 2), or None
+    where the contraction is another shape (GPTQ then leaves the layer to round-to-nearest)."""
+    equation = getattr(layer, "equation", None)
+    if not isinstance(equation, str) or "..." in equation:
+        return None
+    try:
+        lhs, out = equation.replace(" ", "").split("->")
+        x_spec, k_spec = lhs.split(",")
+    except ValueError:
+        return None
+    contracted = [c for c in k_spec if c in x_spec and c not in out]
+    n = len(contracted)
+    if not n or x_spec[-n:] != "".join(contracted) or k_spec[:n] != "".join(contracted):
+        return None
+    if any(c in x_spec for c in k_spec[n:]):  # a kernel axis shared with the input but kept: not a matmul
+        return None
+    return n
 
 
 def _kernel_site(layer):
@@ -49,15 +70,27 @@ def _kernel_site(layer):
         return None
     weight, quantizer, qvars = sites[0]
     # Pruned / clustered / gate quantizers keep their own constraints: round-to-nearest for them.
-    rank = {_L.Dense: 2, _L.Conv1D: 3, _L.Conv2D: 4}[kind.layer_type]
-    if type(quantizer) is not WeightQuantizer or not qvars or len(weight.shape) != rank:
+    if type(quantizer) is not WeightQuantizer or not qvars:
         return None
-    return weight, quantizer, qvars
+    if kind.layer_type is _L.EinsumDense:
+        return (weight, quantizer, qvars) if einsum_contracted(inner) else None
+    rank = {_L.Dense: 2, _L.Conv1D: 3, _L.Conv2D: 4}[kind.layer_type]
+    return (weight, quantizer, qvars) if len(weight.shape) == rank else None
+
+
+def _inputs_of(layer, kernel_shape) -> int:
+    """The kernel's input size: the rows of its ``(inputs, outputs)`` matrix."""
+    inner = layer.layer
+    if isinstance(inner, _L.EinsumDense):
+        return int(np.prod(kernel_shape[:einsum_contracted(inner)]))
+    return int(np.prod(kernel_shape[:-1]))
 
 
 def gptq_layers(qat_model) -> list:
     """The layers of ``qat_model`` whose kernels GPTQ rounds (in topological order): quantized
-    Dense, Conv1D and Conv2D (one call each, groups=1, channels last, plain ``WeightQuantizer``)."""
+    Dense, Conv1D and Conv2D (one call each, groups=1, channels last, plain ``WeightQuantizer``)
+    and EinsumDense whose kernel contracts the input's trailing axes (a transformer's
+    feed-forward and attention projections, :func:`einsum_contracted`)."""
     return [layer for layer in qat_model.layers if _kernel_site(layer) is not None]
 
 
@@ -137,6 +170,9 @@ def _patches(layer, x: tf.Tensor) -> np.ndarray:
         sizes, strides, rates = (1, inner.kernel_size[0]), (1, inner.strides[0]), (1, inner.dilation_rate[0])
     elif isinstance(inner, _L.Conv2D):
         padding, sizes, strides, rates = inner.padding, inner.kernel_size, inner.strides, inner.dilation_rate
+    elif isinstance(inner, _L.EinsumDense):
+        n = einsum_contracted(inner)
+        return x.numpy().reshape(-1, int(np.prod(x.shape[-n:])))
     else:
         return x.numpy().reshape(-1, x.shape[-1])
     patches = tf.image.extract_patches(x, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1],
@@ -162,7 +198,7 @@ def run_gptq(qat_model, xs: list, batch_size: int, verbose: int = 0) -> dict:
         weight, quantizer, qvars = _kernel_site(layer)
         inputs = keras.Model(qat_model.inputs, layer.input)
         kernel = weight.numpy()
-        w = kernel.reshape(-1, kernel.shape[-1])
+        w = kernel.reshape(_inputs_of(layer, kernel.shape), -1)
         hessian, rows = np.zeros((w.shape[0], w.shape[0])), 0
         for start in range(0, len(xs[0]), batch_size):
             batch = [xi[start:start + batch_size] for xi in xs]
