@@ -250,10 +250,11 @@ def _quantize(args) -> int:
     policy = auto_policy(model, report=report, budget=join_budget(budget, budget_us), keep=args.keep, size=args.size)
     meta = policy.meta["auto_policy"]
     rounding = "GPTQ" if args.weights == "gptq" else "round-to-nearest"
+    calib = x[:256]
     _say(f"allocation: {_predicted(meta['predicted_kernel_bytes'], budget, unit, meta)}; calibrate "
-         f"({rounding}, {min(len(x), 256)} samples)" + (f", QAT {args.qat_epochs} epochs..." if args.qat_epochs else
-                                                        ", no QAT (--qat-epochs 0)..."))
-    qat = calibrate(quantize(model, policy), x[:256], weights=args.weights)
+         f"({rounding}, {len(calib)} samples)" + (f", QAT {args.qat_epochs} epochs..." if args.qat_epochs else
+                                                  ", no QAT (--qat-epochs 0)..."))
+    qat = calibrate(quantize(model, policy), calib, weights=args.weights)
     if args.qat_epochs:
         qat.compile(keras.optimizers.Adam(1e-4), infer_loss(model, y), metrics=["accuracy"])
         qat.fit(x, y, epochs=args.qat_epochs, batch_size=64, verbose=0)
@@ -268,7 +269,7 @@ def _quantize(args) -> int:
              f"{result['size_bytes']:,} bytes ({result['gzip_bytes']:,} gzipped), median latency "
              f"{result['latency_ms']:.3f} ms.", "",
              data.describe() + " The sensitivity (damage below) was measured there.", "",
-             f"Weights: calibrated on {min(len(x), 256)} training samples with {rounding} rounding, then "
+             f"Weights: calibrated on {len(calib)} training samples with {rounding} rounding, then "
              + (f"{args.qat_epochs} QAT epoch(s)." if args.qat_epochs else "no QAT (--qat-epochs 0)."), "",
              f"| layer | bits | {unit} | damage |", "|---|---|---|---|"]
     if budget_us is not None:

@@ -7,6 +7,7 @@ import keras_qx as qx
 from keras_qx._compat import keras, tflite_schema
 from keras_qx.lite.inspect import tensor_values
 from keras_qx.qat.gptq import _patches, gptq_layers, gptq_round
+from keras_qx.quant.quantizers import grid_limits
 
 
 def _uniform(bits):
@@ -16,8 +17,7 @@ def _uniform(bits):
 def _site(qat, name):
     weight, quantizer, qvars = qat.get_layer(name)._weight_vars[0]
     step = quantizer.step_for(qvars["min_var"].numpy(), qvars["max_var"].numpy())
-    half = 2 ** (quantizer.bits - 1)
-    limits = (-half if quantizer.full_range else 1 - half, half - 1)
+    limits = grid_limits(quantizer.bits, quantizer.full_range)
     return weight, quantizer, qvars, np.asarray(step, np.float32), limits
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from keras_qx._compat import keras, tf
 from keras_qx._graph import is_quantized_layer
 from keras_qx.quant.kinds import kernel_kind
-from keras_qx.quant.quantizers import WeightQuantizer
+from keras_qx.quant.quantizers import WeightQuantizer, grid_limits
 
 __all__ = ["gptq_layers", "gptq_round", "run_gptq"]
 
@@ -101,9 +101,8 @@ def grid_of(quantizer: WeightQuantizer, qvars: dict, channels: int) -> tuple[np.
     high = np.asarray(qvars["max_var"].numpy(), np.float32)
     step = np.asarray(quantizer.step_for(low, high), np.float32)
     step = np.where(step > 0, step, np.float32(1)).astype(np.float32)
-    half = 2 ** (quantizer.bits - 1)
-    lowest = -half if quantizer.full_range else 1 - half
-    return np.broadcast_to(step.reshape(-1), (channels,)).astype(np.float32), lowest, half - 1
+    return (np.broadcast_to(step.reshape(-1), (channels,)).astype(np.float32),
+            *grid_limits(quantizer.bits, quantizer.full_range))
 
 
 def gptq_round(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, lowest: int, highest: int,

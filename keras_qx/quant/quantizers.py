@@ -41,6 +41,7 @@ __all__ = [
     "full_range_for",
     "max_abs",
     "grid_integers",
+    "grid_limits",
     "check_bits",
     "get",
     "serialize",
@@ -88,6 +89,18 @@ def full_range_for(bits: int, int2_export: bool) -> bool:
     return bits == 2 and bool(int2_export)
 
 
+def grid_limits(bits: int, full_range: bool = False) -> tuple[int, int]:
+    """``(lowest, highest)`` integer of a ``bits``-bit weight grid: narrow ``-(2**(b-1) - 1)
+    .. 2**(b-1) - 1``, or the two's-complement ``-2**(b-1) .. 2**(b-1) - 1`` (``full_range``).
+
+    Example:
+        >>> grid_limits(4), grid_limits(2, full_range=True)
+        ((-7, 7), (-2, 1))
+    """
+    half = 2 ** (bits - 1)
+    return (-half, half - 1) if full_range else (1 - half, half - 1)
+
+
 def grid_integers(values, bits: int, per_channel: bool = False, channel_axis: int = -1,
                   full_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Numpy twin of :class:`WeightQuantizer` with its range at the values' largest magnitude
@@ -105,7 +118,7 @@ def grid_integers(values, bits: int, per_channel: bool = False, channel_axis: in
     values = np.asarray(values, dtype=np.float32)
     half = 2 ** (bits - 1)
     bound = max_abs(values, channel_axis if per_channel else None).astype(np.float32)
-    lowest, highest = (-half, half - 1) if full_range else (1 - half, half - 1)
+    lowest, highest = grid_limits(bits, full_range)
     high = (bound * np.float32((half - 1) / half)).astype(np.float32) if full_range else bound
     step = np.where(bound > 0, (high + bound) / np.float32(highest - lowest), np.float32(1)).astype(np.float32)
     nudged_min = (np.float32(lowest) * step).astype(np.float32)
@@ -293,11 +306,11 @@ class WeightQuantizer(_Quantizer):
         the int8 carrier the file holds the trained integers as int8 at step s, and
         :mod:`keras_qx.lite.tables` packs them as INT4 or INT2 after conversion."""
         low, high = weights["min_var"], weights["max_var"]
-        half = 2 ** (self.bits - 1)
+        lowest, highest = grid_limits(self.bits, self.full_range)
         if self.full_range:
-            step, lowest, highest = (high - low) / (2 ** self.bits - 1), -half, half - 1
+            step = (high - low) / (2 ** self.bits - 1)
         else:
-            step, lowest, highest = tf.maximum(tf.abs(low), tf.abs(high)) / (half - 1), 1 - half, half - 1
+            step = tf.maximum(tf.abs(low), tf.abs(high)) / highest
         step = tf.where(step > 0, step, 1.0)
         x = tf.clip_by_value(tf.floor(x / step + 0.5), lowest, highest) * step
         top = 2 ** (carrier_bits - 1) - 1
