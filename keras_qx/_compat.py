@@ -255,6 +255,35 @@ def tflite_model_bytes(model) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def tflite_int8_io(data: bytes) -> bytes:
+    """A converted file with its float32 inputs and outputs made int8 (integer inputs stay), as
+    the converter does for ``inference_input_type = tf.int8`` after calibrating."""
+    from tensorflow.lite.python.util import modify_model_io_type
+
+    return bytes(modify_model_io_type(data, tf.int8, tf.int8))
+
+
+def tflite_deduplicate(data: bytes) -> bytes:
+    """The converter's last step: identical read-only buffers shared."""
+    from tensorflow.lite.python.convert import deduplicate_readonly_buffers
+
+    return bytes(deduplicate_readonly_buffers(data))
+
+
+@contextlib.contextmanager
+def tflite_buffers_kept_apart():
+    """While converting: the converter does not share identical buffers (stand-ins rounding to
+    the same integers would share one; :mod:`keras_qx.lite.light` writes each, then shares with :func:`tflite_deduplicate`)."""
+    from tensorflow.lite.python import lite
+
+    saved = lite._deduplicate_readonly_buffers
+    lite._deduplicate_readonly_buffers = lambda model: model
+    try:
+        yield
+    finally:
+        lite._deduplicate_readonly_buffers = saved
+
+
 def tf_symbol(name: str):
     """The TF API symbol named ``name`` (``"math.multiply"``), or None."""
     from tensorflow.python.util.tf_export import get_symbol_from_name

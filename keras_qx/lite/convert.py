@@ -15,8 +15,11 @@ import warnings
 
 import numpy as np
 
-from keras_qx._compat import keras, tf, tflite_model_bytes, tflite_model_object, tflite_schema
+from keras_qx._compat import (keras, tf, tflite_buffers_kept_apart, tflite_deduplicate, tflite_int8_io,
+                              tflite_model_bytes, tflite_model_object, tflite_schema)
 from keras_qx._graph import is_quantized_layer
+from keras_qx.lite import light
+from keras_qx.lite.inspect import inspect_tflite
 from keras_qx.lite.int2 import to_int2
 from keras_qx.lite.tables import pack_tables
 from keras_qx.quant.configs import KeptFloatQuantizeConfig
@@ -43,7 +46,7 @@ def dynamic_dims(model) -> dict:
     return {t.name.split(":")[0]: tuple(t.shape[1:]) for t in model.inputs if None in tuple(t.shape[1:])}
 
 
-def converter_for(model, batch=None, lengths=None):
+def converter_for(model, batch=None, lengths=None, stand_ins=()):
     """A ``TFLiteConverter`` for ``model``'s inference function.
 
     Converting one traced ``tf.function`` gives the same flatbuffer as ``from_keras_model``
@@ -51,15 +54,17 @@ def converter_for(model, batch=None, lengths=None):
     the convert time: 87 s vs 17 s for the small EfficientNetV2 of tests/families.py, measured).
     ``batch``: a fixed batch size; None: 1 where :func:`needs_static_batch`, else any.
     ``lengths``: one shape without the batch axis per input, fixing the model's ``None`` time
-    or spatial dimensions; None keeps them dynamic (-1 in the file's shape signature)."""
+    or spatial dimensions; None keeps them dynamic (-1 in the file's shape signature).
+    ``stand_ins``: kernel variables traced as constants (:mod:`keras_qx.lite.light`)."""
     batch = batch or (1 if needs_static_batch(model) else None)
     shapes = [tuple(t.shape[1:]) if lengths is None else tuple(lengths[i]) for i, t in enumerate(model.inputs)]
     specs = [tf.TensorSpec((batch, *shape), t.dtype, name=t.name.split(":")[0])
              for t, shape in zip(model.inputs, shapes)]
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
     owner = tf.Module()
-    owner.variables_ = list(model.variables)  # the converter saves these, not the Keras layers
-    with export_trace():  # quantizers the converter must not see as fake-quant ops step aside
+    light = {id(v) for v in stand_ins}
+    owner.variables_ = [v for v in model.variables if id(v) not in light]  # the converter saves these
+    with export_trace(stand_ins):  # quantizers the converter must not see as fake-quant ops step aside
         concrete = fn.get_concrete_function(*specs)
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete], owner)
 
@@ -174,6 +179,12 @@ def _convert_qat(qat_model, samples: list, int8_io: bool) -> tuple[bytes, float]
 
 def _convert_qat_at(qat_model, samples: list, int8_io: bool, lengths) -> tuple[bytes, float]:
     floats = kept_float_layers(qat_model)
+    sites = [] if floats else light.stand_ins(qat_model)
+    if sites:
+        start = time.perf_counter()
+        data = _convert_light(qat_model, sites, int8_io, lengths)
+        if data is not None:
+            return data, time.perf_counter() - start
     converter = converter_for(qat_model, batch=1 if floats else None, lengths=lengths)  # kept-float layers may be recurrent
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if not floats:
@@ -192,6 +203,28 @@ def _convert_qat_at(qat_model, samples: list, int8_io: bool, lengths) -> tuple[b
                       "input and output are float32 too (int8 I/O would quantize them). Quantize every "
                       "layer for int8 I/O.", stacklevel=4)
     return convert(converter)
+
+
+def _convert_light(qat_model, sites: list, int8_io: bool | None, lengths) -> bytes | None:
+    """The file of :func:`_convert_qat_at` from a graph without the ``sites``' kernels
+    (:mod:`keras_qx.lite.light`), or None where that path does not give a fully integer file.
+    Without a representative dataset: calibration would run the stand-ins (and convert the
+    model a second time, its peak memory); the QAT model's ranges are all the file needs, its
+    float input and output made int8 after conversion."""
+    converter = converter_for(qat_model, lengths=lengths, stand_ins=[site.weight for site in sites])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    try:
+        with tflite_buffers_kept_apart():
+            data, _ = convert(converter)
+    except ExportError:
+        return None
+    del converter
+    if int8_io is not False:
+        data = tflite_int8_io(data)
+    if not inspect_tflite(data).fully_integer:
+        return None
+    data = light.write_stand_ins(fix_lstm_bias_scales(data)[0], sites)
+    return None if data is None else tflite_deduplicate(data)
 
 
 # UNIDIRECTIONAL_SEQUENCE_LSTM operands: input 0, input-to-gate weights 1-4, gate biases 12-15 (i, f, c, o).

@@ -30,6 +30,7 @@ import copy
 import numpy as np
 
 from keras_qx._compat import tflite_model_bytes, tflite_model_object, tflite_schema
+from keras_qx.lite.edit import builtin_code, drop_unused_buffers, new_buffer
 from keras_qx.lite.inspect import read_model, tensor_values
 from keras_qx.quant.cost import pack
 
@@ -91,8 +92,7 @@ def to_int2(model_or_path, *, rescale_bias: bool = True) -> tuple[bytes, list[st
                     users.setdefault(int(index), []).append((op, pos))
         done: set[int] = set()
         for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) != fc or op.inputs is None or len(op.inputs) < 2:
+            if builtin_code(model, op) != fc or op.inputs is None or len(op.inputs) < 2:
                 continue
             index = int(op.inputs[1])
             if index in done or index < 0:
@@ -105,7 +105,7 @@ def to_int2(model_or_path, *, rescale_bias: bool = True) -> tuple[bytes, list[st
             values = tensor_values(model.buffers[filt.buffer].data, "INT4", filt.shape).astype(np.int64)
             groups = len(factors)
             units = (values.reshape(groups, -1) // factors[:, None]).ravel()
-            filt.buffer = _new_buffer(model, schema, pack_int2(units))
+            filt.buffer = new_buffer(model, schema, pack_int2(units))
             filt.type = schema.TensorType.INT2
             filt.quantization.scale = (np.asarray(filt.quantization.scale, np.float64) * factors).astype(np.float32)
             filt.quantization.min = filt.quantization.max = None
@@ -123,7 +123,7 @@ def to_int2(model_or_path, *, rescale_bias: bool = True) -> tuple[bytes, list[st
             renamed.append(filt.name.decode() if isinstance(filt.name, bytes) else str(filt.name))
     if not renamed:
         return data, []
-    _drop_unused_buffers(model)
+    drop_unused_buffers(model)
     return tflite_model_bytes(model), renamed
 
 
@@ -137,8 +137,7 @@ def _plan(model, graph, index: int, users: dict, fc: int, schema) -> np.ndarray 
     if q.zeroPoint is not None and np.any(np.asarray(q.zeroPoint) != 0):
         return None
     for user, pos in users.get(index, []):
-        code = model.operatorCodes[user.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) != fc or pos != 1:
+        if builtin_code(model, user) != fc or pos != 1:
             return None  # shared with another op or slot: leave it to the converter's layout
         if graph.tensors[user.inputs[0]].type != schema.TensorType.INT8:
             return None  # the runtime unpacks INT2 only next to int8 activations
@@ -152,11 +151,6 @@ def _plan(model, graph, index: int, users: dict, fc: int, schema) -> np.ndarray 
     return _factors(values, groups)
 
 
-def _new_buffer(model, schema, raw: bytes) -> int:
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(raw, np.uint8)
-    model.buffers.append(buffer)
-    return len(model.buffers) - 1
 
 
 def _rescale_bias(model, graph, index: int, factors: np.ndarray, schema, in_place: bool) -> int:
@@ -173,27 +167,8 @@ def _rescale_bias(model, graph, index: int, factors: np.ndarray, schema, in_plac
     bias.quantization = copy.copy(old.quantization)
     scales = np.asarray(old.quantization.scale, np.float64)
     bias.quantization.scale = (scales * (per if scales.size == values.size else factors[:1])).astype(np.float32)
-    bias.buffer = _new_buffer(model, schema, np.round(values / per).astype(np.int32).tobytes())
+    bias.buffer = new_buffer(model, schema, np.round(values / per).astype(np.int32).tobytes())
     if in_place:
         return index
     graph.tensors.append(bias)
     return len(graph.tensors) - 1
-
-
-def _drop_unused_buffers(model) -> None:
-    """Remove buffers no tensor or metadata refers to (buffer 0, the empty one, stays)."""
-    used = {0}
-    for graph in model.subgraphs:
-        used.update(int(t.buffer) for t in graph.tensors)
-    used.update(int(m.buffer) for m in (model.metadata or []))
-    used.update(int(b) for b in (model.metadataBuffer if model.metadataBuffer is not None else []))
-    keep = sorted(b for b in used if b < len(model.buffers))
-    where = {old: new for new, old in enumerate(keep)}
-    model.buffers = [model.buffers[b] for b in keep]
-    for graph in model.subgraphs:
-        for t in graph.tensors:
-            t.buffer = where[int(t.buffer)]
-    for m in model.metadata or []:
-        m.buffer = where[int(m.buffer)]
-    if model.metadataBuffer is not None:
-        model.metadataBuffer = [where[int(b)] for b in model.metadataBuffer]

@@ -35,7 +35,7 @@ from keras_qx._plot import axes, finish
 from keras_qx._runtime import run_profile
 from keras_qx.lite import inspect as _inspect
 from keras_qx.lite.inspect import _constant, _schema, _text, inspect_tflite, read_model
-from keras_qx.lite.tables import _code
+from keras_qx.lite.edit import builtin_code
 
 __all__ = ["Profile", "profile_tflite"]
 
@@ -132,7 +132,7 @@ def _constant_dequantize(model) -> dict:
     graph = model.subgraphs[0]
     out = {}
     for op in graph.operators:
-        if _code(model, op) == schema.BuiltinOperator.DEQUANTIZE and op.inputs is not None and \
+        if builtin_code(model, op) == schema.BuiltinOperator.DEQUANTIZE and op.inputs is not None and \
                 all(t >= 0 and _constant(model, graph.tensors[t]) for t in op.inputs):
             out.update({int(t): op for t in op.outputs})
     return out
@@ -315,7 +315,7 @@ def profile_tflite(tflite, x=None, *, model=None, num_threads: int = 1, xnnpack:
         kernels = [_text(graph.tensors[t].name) for t in weights if t >= 0 and
                    _constant(flat, graph.tensors[t]) and len(graph.tensors[t].shape) >= 2]
         outputs = [_text(graph.tensors[t].name) for t in op.outputs if t >= 0]
-        rows.append({"index": k, "op": _inspect._OP_NAMES.get(_code(flat, op), "CUSTOM"),
+        rows.append({"index": k, "op": _inspect._OP_NAMES.get(builtin_code(flat, op), "CUSTOM"),
                      "layer": _layer(kernels, outputs, names)})
     meta = run_profile(data, op_models, op_inputs, _empty_model(flat), None if x is None else _first_sample(x),
                        num_threads=num_threads, xnnpack=xnnpack, runs=runs, warmup=warmup)

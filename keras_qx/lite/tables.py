@@ -32,17 +32,13 @@ import numpy as np
 
 from keras_qx._compat import tflite_model_bytes, tflite_model_object, tflite_schema
 from keras_qx.lite.inspect import read_model
-from keras_qx.lite.int2 import INT2_RANGE, _drop_unused_buffers, _new_buffer
+from keras_qx.lite.edit import builtin_code, drop_unused_buffers, new_buffer
+from keras_qx.lite.int2 import INT2_RANGE
 from keras_qx.quant.cost import pack
 
 __all__ = ["INT4_RANGE", "pack_tables"]
 
 INT4_RANGE = (-7, 7)  # the narrow grid a 3- or 4-bit table is trained on
-
-
-def _code(model, op) -> int:
-    code = model.operatorCodes[op.opcodeIndex]
-    return max(code.builtinCode, code.deprecatedBuiltinCode)
 
 
 def _opcode_index(model, schema, builtin: int) -> int:
@@ -88,7 +84,7 @@ def pack_tables(model_or_path, *, int2: bool = True) -> tuple[bytes, dict]:
                 if index >= 0:
                     users.setdefault(int(index), []).append((op, pos))
         for index in sorted({int(op.inputs[0]) for op in graph.operators
-                             if _code(model, op) == gather and op.inputs is not None and len(op.inputs) >= 2}):
+                             if builtin_code(model, op) == gather and op.inputs is not None and len(op.inputs) >= 2}):
             values = _table_values(model, graph, index, users, schema)
             if values is None:
                 continue
@@ -99,13 +95,13 @@ def pack_tables(model_or_path, *, int2: bool = True) -> tuple[bytes, dict]:
             two_bit = int2 and values.min() >= INT2_RANGE[0] and values.max() <= INT2_RANGE[1]
             for op in gathers:
                 _to_embedding_lookup(model, graph, op, schema)
-            table.buffer = _new_buffer(model, schema, pack(values, 2 if two_bit else 4).tobytes())
+            table.buffer = new_buffer(model, schema, pack(values, 2 if two_bit else 4).tobytes())
             table.type = schema.TensorType.INT2 if two_bit else schema.TensorType.INT4
             table.quantization.min = table.quantization.max = None
             packed[_name(table)] = "INT2" if two_bit else "INT4"
     if not packed:
         return data, {}
-    _drop_unused_buffers(model)
+    drop_unused_buffers(model)
     return tflite_model_bytes(model), packed
 
 
@@ -119,7 +115,7 @@ def _table_values(model, graph, index: int, users: dict, schema) -> np.ndarray |
     if q.zeroPoint is not None and np.any(np.asarray(q.zeroPoint) != 0):
         return None
     for op, pos in users.get(index, []):
-        if _code(model, op) != schema.BuiltinOperator.GATHER or pos != 0:
+        if builtin_code(model, op) != schema.BuiltinOperator.GATHER or pos != 0:
             return None  # read by another op: leave it int8
         options = op.builtinOptions
         if options is not None and (int(getattr(options, "axis", 0)) != 0 or int(getattr(options, "batchDims", 0)) != 0):

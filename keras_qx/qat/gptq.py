@@ -55,7 +55,7 @@ def einsum_contracted(layer) -> int | None:
     return n
 
 
-def _kernel_site(layer):
+def kernel_site(layer):
     """``(kernel variable, quantizer, range vars)`` of a wrapper GPTQ can round, else None."""
     inner = getattr(layer, "layer", None)
     if not is_quantized_layer(layer) or inner is None:
@@ -91,7 +91,7 @@ def gptq_layers(qat_model) -> list:
     Dense, Conv1D and Conv2D (one call each, groups=1, channels last, plain ``WeightQuantizer``)
     and EinsumDense whose kernel contracts the input's trailing axes (a transformer's
     feed-forward and attention projections, :func:`einsum_contracted`)."""
-    return [layer for layer in qat_model.layers if _kernel_site(layer) is not None]
+    return [layer for layer in qat_model.layers if kernel_site(layer) is not None]
 
 
 def grid_of(quantizer: WeightQuantizer, qvars: dict, channels: int) -> tuple[np.ndarray, int, int]:
@@ -194,7 +194,7 @@ def run_gptq(qat_model, xs: list, batch_size: int, verbose: int = 0) -> dict:
     layers = gptq_layers(qat_model)
     errors = {}
     for index, layer in enumerate(layers, 1):
-        weight, quantizer, qvars = _kernel_site(layer)
+        weight, quantizer, qvars = kernel_site(layer)
         inputs = keras.Model(qat_model.inputs, layer.input)
         kernel = weight.numpy()
         w = kernel.reshape(_inputs_of(layer, kernel.shape), -1)

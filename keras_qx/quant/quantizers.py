@@ -52,21 +52,25 @@ WEIGHT_BITS = range(2, 9)
 ACTIVATION_BITS = range(2, 17)
 
 _EXPORTING = contextvars.ContextVar("keras_qx_exporting", default=False)
+_STAND_INS = contextvars.ContextVar("keras_qx_stand_ins", default={})
 
 
 @contextlib.contextmanager
-def export_trace():
+def export_trace(stand_ins=()):
     """While the exporter traces a model for the converter: quantizers that must not appear as
     fake-quant ops in the converted graph (:class:`GateWeightQuantizer`) give the converter what
-    it needs instead.
+    it needs instead; a :class:`WeightQuantizer` given one of the ``stand_ins`` variables
+    quantizes a constant of its shape in its place (a tiny value, one for each) (:mod:`keras_qx.lite.light` writes the integers).
 
-    The flag lives in a ``ContextVar``: it holds in this thread (or asyncio task) for the block
-    only, so a model trained or called elsewhere meanwhile is unaffected, and it is reset on the
+    The flags live in ``ContextVar``s: they hold in this thread (or asyncio task) for the block
+    only, so a model trained or called elsewhere meanwhile is unaffected, and are reset on the
     way out, an exception included."""
     token = _EXPORTING.set(True)
+    stand_in_token = _STAND_INS.set({id(v): i for i, v in enumerate(stand_ins)})
     try:
         yield
     finally:
+        _STAND_INS.reset(stand_in_token)
         _EXPORTING.reset(token)
 
 
@@ -249,6 +253,10 @@ class WeightQuantizer(_Quantizer):
         return perm
 
     def __call__(self, inputs, training, weights, **kwargs):
+        stand_in = _STAND_INS.get().get(id(inputs)) if exporting() else None
+        if stand_in is not None:  # a Fill, no weight data in the graph; a value of its own, or the
+            # converter merges the layers it makes identical (the attention's key and value)
+            inputs = tf.fill(inputs.shape, tf.constant((stand_in + 1) * 2.0 ** -20, inputs.dtype))
         perm = self._perm(inputs.shape.rank)
         x = tf.transpose(inputs, perm) if perm else inputs
         shape = x.shape

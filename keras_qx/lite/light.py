@@ -1,0 +1,120 @@
+"""Export without the big float kernels in the converter ("light" conversion).
+
+The TFLite converter holds several float copies of every weight at once: the traced graph's
+constants, their MLIR form, the quantized copy, the flatbuffer. On top of the QAT model that is
+about 5.6 copies (measured on the 108 M encoder of bench/scale.py), so a 1 B-parameter model
+cannot be exported on a 24 GB machine. For the kernels whose place in the file is known (the
+FULLY_CONNECTED filters of Dense and EinsumDense layers), the exporter instead traces a stand-in
+(a Fill of a tiny value, one for each kernel: no weight data in the graph), lets the converter
+quantize it at the kernel's own scale (its fake-quant's range variables), and then writes the
+kernel's integers,
+rounded here as the fake-quant rounds them, into buffers of their own. The result is byte
+for byte the file the converter writes from the real kernels (tests/test_light_export.py); where a
+stand-in's tensor cannot be found in the file, the exporter converts the plain way.
+
+Example:
+    >>> import numpy as np
+    >>> ints = np.arange(6).reshape(2, 3)          # a Dense kernel's integers (inputs, outputs)
+    >>> fc_layout(ints, contracted=1).tolist()     # the FULLY_CONNECTED filter: (outputs, inputs)
+    [[0, 3], [1, 4], [2, 5]]
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+
+from keras_qx._compat import keras, tflite_model_bytes, tflite_model_object, tflite_schema
+from keras_qx.lite.inspect import _text
+from keras_qx.lite.edit import builtin_code, drop_unused_buffers, new_buffer
+from keras_qx.quant.cost import pack
+from keras_qx.qat.gptq import einsum_contracted, grid_of, kernel_site
+
+__all__ = ["MIN_ELEMENTS", "StandIn", "stand_ins", "fc_layout", "write_stand_ins"]
+
+# Models whose stand-in kernels hold fewer weights than this export the plain way: below it the
+# converter's copies fit anywhere, and the plain path is the one every other test exercises.
+MIN_ELEMENTS = 2 ** 24
+
+
+class StandIn:
+    """One kernel traced as zeros: its wrapper layer, variable, quantizer and range variables,
+    and how many leading kernel axes its FULLY_CONNECTED filter contracts."""
+
+    def __init__(self, layer, weight, quantizer, qvars, contracted: int):
+        self.layer, self.weight, self.quantizer, self.qvars = layer, weight, quantizer, qvars
+        self.contracted = contracted
+
+    def integers(self) -> np.ndarray:
+        """The kernel's integers (its own shape), rounded as the fake-quant rounds them."""
+        w = self.weight.numpy()
+        step, lowest, highest = grid_of(self.quantizer, self.qvars, int(w.shape[-1]))
+        return np.clip(np.floor(w / step + np.float32(0.5)), lowest, highest).astype(np.int8)
+
+
+def stand_ins(qat_model, min_elements: int | None = None) -> list[StandIn]:
+    """The kernels of ``qat_model`` to trace as zeros: Dense and EinsumDense kernels that become
+    FULLY_CONNECTED filters (as :func:`keras_qx.qat.gptq.kernel_site` finds them, output channels
+    last); none when together they hold fewer than ``min_elements`` (default :data:`MIN_ELEMENTS`)."""
+    found = []
+    for layer in qat_model.layers:
+        site = kernel_site(layer)
+        if site is None:
+            continue
+        weight, quantizer, qvars = site
+        inner = layer.layer
+        if isinstance(inner, keras.layers.EinsumDense):
+            contracted = einsum_contracted(inner)
+        elif isinstance(inner, keras.layers.Dense) and len(weight.shape) == 2:
+            contracted = 1
+        else:
+            continue
+        if quantizer.per_channel and quantizer.channel_axis % len(weight.shape) != len(weight.shape) - 1:
+            continue
+        found.append(StandIn(layer, weight, quantizer, qvars, contracted))
+    total = sum(int(np.prod(s.weight.shape)) for s in found)
+    return found if total >= (MIN_ELEMENTS if min_elements is None else min_elements) else []
+
+
+def fc_layout(ints: np.ndarray, contracted: int) -> np.ndarray:
+    """A kernel as its FULLY_CONNECTED filter: the contracted (input) axes flattened last,
+    ``(outputs, inputs)`` (measured: Dense, the attention projections, a feed-forward EinsumDense)."""
+    rows = int(np.prod(ints.shape[:contracted]))
+    return ints.reshape(rows, -1).T
+
+
+def write_stand_ins(data: bytes, sites: list[StandIn]) -> bytes | None:
+    """``data`` (converted with stand-ins) with each kernel's integers in the filter of its
+    FULLY_CONNECTED op, each filter a tensor and buffer of its own (the converter merges
+    stand-ins that quantize to the same integers at the same scale), or None where a layer has
+    not exactly one FULLY_CONNECTED op (found by its output's name, else its filter's: a
+    model's output is named by its signature) with a filter of the
+    expected shape and type."""
+    schema = tflite_schema()
+    bits = {schema.TensorType.INT8: 8, schema.TensorType.INT4: 4}
+    model = tflite_model_object(data)
+    fc_ops = [(graph, op) for graph in model.subgraphs for op in graph.operators or []
+              if builtin_code(model, op) == schema.BuiltinOperator.FULLY_CONNECTED and op.inputs is not None
+              and len(op.inputs) > 1]
+    claimed = set()
+    for site in sites:
+        own = re.compile(rf"(^|/){re.escape(site.layer.name)}/")
+        found = ([(g, op) for g, op in fc_ops if own.search(_text(g.tensors[op.outputs[0]].name).split(";")[0])]
+                 or [(g, op) for g, op in fc_ops if own.search(_text(g.tensors[op.inputs[1]].name).split(";")[0])])
+        filt = fc_layout(site.integers(), site.contracted)
+        if len(found) != 1:
+            return None
+        graph, op = found[0]
+        index = int(op.inputs[1])
+        tensor = graph.tensors[index]
+        if tensor.type not in bits or tuple(int(d) for d in tensor.shape) != filt.shape:
+            return None
+        if (id(graph), index) in claimed or sum(int(o.inputs[1]) == index for g, o in fc_ops if g is graph) > 1:
+            tensor = copy.deepcopy(tensor)
+            graph.tensors.append(tensor)
+            op.inputs[1] = index = len(graph.tensors) - 1
+        claimed.add((id(graph), index))
+        tensor.buffer = new_buffer(model, schema, pack(filt, bits[tensor.type]).tobytes())
+    drop_unused_buffers(model)
+    return tflite_model_bytes(model)
