@@ -177,7 +177,7 @@ def measure(name: str, args) -> dict:
             rows["stopped"] = row["note"]
         else:
             rows[label] = row
-            print(f"  {name} {label}: {row['seconds']:.1f} s, peak {row['peak_gb']:.2f} GB", flush=True)
+            print(f"  {name} {label}: {row['seconds']:.1f} s, peak {row['peak_gb']:.2f} GB, after {row['rss_gb']:.2f} GB", flush=True)
         if label == "file":
             break
     proc.join(timeout=60)

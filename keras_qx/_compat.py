@@ -255,6 +255,42 @@ def tflite_model_bytes(model) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+@contextlib.contextmanager
+def quantize_apply_in_place(model):
+    """While tfmot's ``quantize_apply(model, ...)`` runs: its first step, a clone of ``model`` with
+    its weights so that nothing it does can change them, hands back ``model`` itself. That clone is
+    a full copy of the weights, plus a numpy copy while setting them; tfmot's transformer then
+    builds every layer anew from the config anyway, reading the weights only. For a model the
+    caller built for the call (``qx.quantize``'s annotated copy)."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize as tfmot_quantize
+
+    real = tfmot_quantize.keras
+
+    class _Models:
+        def __getattr__(self, name):
+            return getattr(real.models, name)
+
+        @staticmethod
+        def clone_model(to_clone, *args, **kwargs):
+            return to_clone if to_clone is model and not args and not kwargs else \
+                real.models.clone_model(to_clone, *args, **kwargs)
+
+    class _Keras:
+        models = _Models()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    model.get_weights = lambda: None  # the clone's set_weights(model.get_weights()): nothing to copy
+    model.set_weights = lambda weights: None
+    tfmot_quantize.keras = _Keras()
+    try:
+        yield
+    finally:
+        tfmot_quantize.keras = real
+        del model.get_weights, model.set_weights
+
+
 def tflite_int8_io(data: bytes) -> bytes:
     """A converted file with its float32 inputs and outputs made int8 (integer inputs stay), as
     the converter does for ``inference_input_type = tf.int8`` after calibrating."""

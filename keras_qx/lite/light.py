@@ -5,12 +5,13 @@ constants, their MLIR form, the quantized copy, the flatbuffer. On top of the QA
 about 5.6 copies (measured on the 108 M encoder of bench/scale.py), so a 1 B-parameter model
 cannot be exported on a 24 GB machine. For the kernels whose place in the file is known (the
 FULLY_CONNECTED filters of Dense and EinsumDense layers), the exporter instead traces a stand-in
-(a Fill of a tiny value, one for each kernel: no weight data in the graph), lets the converter
-quantize it at the kernel's own scale (its fake-quant's range variables), and then writes the
-kernel's integers,
-rounded here as the fake-quant rounds them, into buffers of their own. The result is byte
-for byte the file the converter writes from the real kernels (tests/test_light_export.py); where a
-stand-in's tensor cannot be found in the file, the exporter converts the plain way.
+(a Fill of one level of its grid, no weight data in the graph; the next kernel the next level,
+or the converter merges kernels it finds identical), lets the converter quantize it at the
+kernel's own scale (its fake-quant's range variables), converts without a representative
+dataset (calibration would run the stand-ins), and then writes the kernel's integers, rounded here
+as the fake-quant rounds them, into filter tensors and buffers of their own. The file runs exactly as the
+one converted from the real kernels, filter for filter (tests/test_light_export.py); where a
+filter cannot be found in the file, or it is not fully integer, the exporter converts the plain way.
 
 Example:
     >>> import numpy as np

@@ -11,7 +11,7 @@ import dataclasses
 import warnings
 from typing import Any
 
-from keras_qx._compat import keras, quantize_annotate, tf, tfmot
+from keras_qx._compat import keras, quantize_annotate, quantize_apply_in_place, tf, tfmot
 from keras_qx._graph import check_float_model, check_model
 from keras_qx.qat.annotate import annotation_fields
 from keras_qx.quant.kinds import FLOAT, REFUSED, kernel_kind, treatment
@@ -249,7 +249,7 @@ def _apply(model, annotated, registry):
     # tfmot rebuilds the model from its config: make the model's own layer classes resolvable
     # (custom layers need no registration).
     own_classes = {type(_inner(l)).__name__: type(_inner(l)) for l in model.layers}
-    with quantize_scope(own_classes):
+    with quantize_scope(own_classes), quantize_apply_in_place(annotated):
         qat = tfmot.quantization.keras.quantize_apply(annotated, PolicyQuantizeScheme(registry))
     init_cluster_tables(qat)
     refresh_normalization(qat)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import collections
 from typing import Mapping
 
+import numpy as np
+
 from keras_qx._compat import (
     default_8bit_quantize_configs,
     default_8bit_quantize_layout_transform,
@@ -352,15 +354,36 @@ class _ReferencingTransformer(model_transformer.ModelTransformer):
     model, not numpy copies of them: tfmot's takes two copies of every weight (a map by name and
     one by position) next to the old and the new model (measured: peak memory 6.5 float copies of
     the weights in ``qx.quantize`` on the 108 M encoder of bench/scale.py). A transform reading a
-    weight gets the variable, which numpy reads as an array; the new model's weights are set
-    from the variables one layer at a time."""
+    weight gets a :class:`_WeightRef`, which numpy reads as an array; the new model's weights are
+    set from them one layer at a time."""
 
     def _get_keras_layer_weights(self, keras_layer):
-        weights = collections.OrderedDict((self._weight_name(w.name), w) for w in keras_layer.weights)
+        weights = collections.OrderedDict((self._weight_name(w.name), _WeightRef(w)) for w in keras_layer.weights)
         return weights if len(weights) == len(keras_layer.weights) else None
 
     def _get_keras_layer_names_and_weights(self, keras_layer):
-        return [(w.name, w) for w in keras_layer.weights]
+        return [(w.name, _WeightRef(w)) for w in keras_layer.weights]
+
+
+class _WeightRef:
+    """A weight variable as tfmot's transformer uses a numpy weight: read as an array when asked
+    (``np.asarray``, ``==``), shared, not copied, when its layer node is copied."""
+
+    def __init__(self, variable):
+        self.variable = variable
+        self.shape, self.dtype = tuple(variable.shape), variable.dtype.as_numpy_dtype
+
+    def __array__(self, dtype=None, copy=None):
+        value = np.asarray(self.variable.numpy())  # a scalar variable reads as a numpy scalar
+        return value if dtype is None else value.astype(dtype)
+
+    def __eq__(self, other):
+        return np.asarray(self) == np.asarray(other)
+
+    __hash__ = None
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class PolicyQuantizeScheme(tfmot_quantize_scheme.QuantizeScheme):

@@ -60,7 +60,7 @@ def export_trace(stand_ins=()):
     """While the exporter traces a model for the converter: quantizers that must not appear as
     fake-quant ops in the converted graph (:class:`GateWeightQuantizer`) give the converter what
     it needs instead; a :class:`WeightQuantizer` given one of the ``stand_ins`` variables
-    quantizes a constant of its shape in its place (a tiny value, one for each) (:mod:`keras_qx.lite.light` writes the integers).
+    quantizes a constant of its shape in its place (:meth:`WeightQuantizer._stand_in_value`) (:mod:`keras_qx.lite.light` writes the integers).
 
     The flags live in ``ContextVar``s: they hold in this thread (or asyncio task) for the block
     only, so a model trained or called elsewhere meanwhile is unaffected, and are reset on the
@@ -254,9 +254,8 @@ class WeightQuantizer(_Quantizer):
 
     def __call__(self, inputs, training, weights, **kwargs):
         stand_in = _STAND_INS.get().get(id(inputs)) if exporting() else None
-        if stand_in is not None:  # a Fill, no weight data in the graph; a value of its own, or the
-            # converter merges the layers it makes identical (the attention's key and value)
-            inputs = tf.fill(inputs.shape, tf.constant((stand_in + 1) * 2.0 ** -20, inputs.dtype))
+        if stand_in is not None:  # a Fill: no weight data in the graph
+            inputs = tf.fill(inputs.shape, self._stand_in_value(stand_in, weights))
         perm = self._perm(inputs.shape.rank)
         x = tf.transpose(inputs, perm) if perm else inputs
         shape = x.shape
@@ -282,6 +281,17 @@ class WeightQuantizer(_Quantizer):
         if x.shape.rank != shape.rank:
             x = tf.reshape(x, shape)
         return tf.transpose(x, perm) if perm else x
+
+    def _stand_in_value(self, index: int, weights):
+        """The value the ``index``-th stand-in kernel is filled with: a level of the grid other than
+        0, the next stand-in the next level (1, -1, 2, -2, ...), so that kernels the converter
+        would find identical after rounding (an attention's query, key and value: same input,
+        same shape, often the same scale) stay apart; it merges identical ops."""
+        lowest, highest = grid_limits(self.bits, self.full_range)
+        levels = [k for j in range(1, highest - lowest + 1) for k in (j, -j) if lowest <= k <= highest]
+        low, high = weights["min_var"], weights["max_var"]
+        step = (high - low) / (2 ** self.bits - 1) if self.full_range else tf.maximum(tf.abs(low), tf.abs(high)) / highest
+        return levels[index % len(levels)] * tf.reduce_max(step)
 
     def _full_range(self, x, training, weights):
         low, high = weights["min_var"], weights["max_var"]
