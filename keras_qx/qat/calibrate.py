@@ -37,14 +37,16 @@ class _Observer:
     """Stands in for an activation quantizer: passes values through and records their range
     per range variable (one quantizer may serve a pre- and a post-activation range)."""
 
-    def __init__(self, quantizer, seen: dict):
-        self.quantizer, self.seen = quantizer, seen
+    def __init__(self, quantizer, seen: dict, layer=None):
+        self.quantizer, self.seen, self.layer = quantizer, seen, layer
 
     def __call__(self, inputs, training, weights, **kwargs):
         key = id(weights["min_var"])
         lo, hi = float(np.min(inputs)), float(np.max(inputs))
         old = self.seen.get(key, (lo, hi))
         self.seen[key] = (min(old[0], lo), max(old[1], hi))
+        if self.layer is not None:  # its activations come after its weights: done with them
+            _release_quantized_weights(self.layer)
         return inputs
 
 
@@ -112,22 +114,23 @@ def calibrate(qat_model, x, batch_size: int = 64, *, weights: str = "nearest", v
         # ranges are then observed again on the rounded model (weight ranges stay: they are the grid).
         run_gptq(qat_model, xs, int(batch_size), verbose=verbose)
         _observe_ranges(qat_model, xs, int(batch_size))
-    _release_quantized_weights(qat_model)
+    for layer in qat_model.layers:
+        _release_quantized_weights(layer)
     return qat_model
 
 
-def _release_quantized_weights(qat_model) -> None:
-    """Point each quantized layer's weights back at their variables, as after building. An eager
-    call of a tfmot wrapper leaves its fake-quantized weights, a float copy of every kernel, set
-    on the inner layer until the next call (measured: one copy of the weights still resident after
-    calibrating the 334M encoder of bench/scale.py)."""
-    for layer in qat_model.layers:
-        sites = getattr(layer, "_weight_vars", None)
-        if is_quantized_layer(layer) and sites:
-            try:
-                layer.quantize_config.set_quantize_weights(layer.layer, [w for w, _, _ in sites])
-            except (ValueError, TypeError, AttributeError):
-                pass  # a config whose weights are not plain attributes: the next call replaces them
+def _release_quantized_weights(layer) -> None:
+    """Point a quantized layer's weights back at their variables, as after building. An eager
+    call of a tfmot wrapper leaves its fake-quantized weights, a float copy of its kernel, set on
+    the inner layer until the next call: a whole model's worth after a forward pass (measured:
+    one copy of the weights still resident after calibrating the 334M encoder of
+    bench/scale.py, and one more at the peak)."""
+    sites = getattr(layer, "_weight_vars", None)
+    if is_quantized_layer(layer) and sites:
+        try:
+            layer.quantize_config.set_quantize_weights(layer.layer, [w for w, _, _ in sites])
+        except (ValueError, TypeError, AttributeError):
+            pass  # a config whose weights are not plain attributes: the next call replaces them
 
 
 def _observe_ranges(qat_model, xs: list, batch_size: int) -> None:
@@ -135,10 +138,11 @@ def _observe_ranges(qat_model, xs: list, batch_size: int) -> None:
     sites = _sites(qat_model)
     seen: dict = {}
     originals = [_get(holder, key) for _, holder, key, _ in sites]
+    layers = {l.name: l for l in qat_model.layers}
     try:
-        for (_, holder, key, _), quantizer in zip(sites, originals):
+        for (name, holder, key, _), quantizer in zip(sites, originals):
             if not isinstance(_get(holder, key), _Observer):
-                _swap(holder, key, _Observer(quantizer, seen))
+                _swap(holder, key, _Observer(quantizer, seen, layers.get(name)))
         for start in range(0, len(xs[0]), batch_size):
             batch = [xi[start:start + batch_size] for xi in xs]
             qat_model(batch if len(batch) > 1 else batch[0], training=False)
