@@ -5,6 +5,8 @@ import re
 import warnings
 
 import numpy as np
+import pytest
+
 import keras_qx as qx
 from keras_qx._compat import keras, tflite_model_object, tflite_schema
 from keras_qx.lite import convert, light
@@ -53,6 +55,12 @@ def _fc_filters(data: bytes) -> dict:
     return out
 
 
+def _calibrated(model, x, policy=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qx.calibrate(qx.quantize(model, policy), x)
+
+
 def _both(qat, x, monkeypatch):
     """(file the plain way, file the light way, the stand-ins the light way wrote)."""
     with warnings.catch_warnings():
@@ -76,9 +84,7 @@ def test_encoder_file_runs_as_the_plain_one(rng, monkeypatch):
     model = _encoder()
     x = rng.integers(0, 300, (48, 12)).astype("int32")
     policy = {"layers": {"ff_a": {"weight_bits": 4}, "ff_b": {"weight_bits": 2}, "mha": {"weight_bits": 4}}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qat = qx.calibrate(qx.quantize(model, policy), x)
+    qat = _calibrated(model, x, policy)
     plain, tfl, written = _both(qat, x, monkeypatch)
     assert written == [(7, True)]  # query, key, value, output, ff_a, ff_b, head: all written
     assert tfl.report.mean_error_steps <= 1.0  # verified against the QAT model on export
@@ -94,9 +100,7 @@ def test_encoder_file_runs_as_the_plain_one(rng, monkeypatch):
 def test_variable_length_model_runs_as_the_plain_one_at_two_lengths(rng, monkeypatch):
     model = _variable_length()
     x = rng.normal(size=(64, 20, 6)).astype("float32")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qat = qx.calibrate(qx.quantize(model, {"layers": {"fc": {"weight_bits": 4}}}), x)
+    qat = _calibrated(model, x, {"layers": {"fc": {"weight_bits": 4}}})
     plain, tfl, written = _both(qat, x, monkeypatch)
     assert written == [(3, True)]
     assert _fc_filters(bytes(tfl)) == _fc_filters(plain)
@@ -106,11 +110,8 @@ def test_variable_length_model_runs_as_the_plain_one_at_two_lengths(rng, monkeyp
 
 
 def test_the_traced_graph_holds_no_stand_in_kernel(rng):
-    model = _encoder()
     x = rng.integers(0, 300, (16, 12)).astype("int32")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qat = qx.calibrate(qx.quantize(model), x)
+    qat = _calibrated(_encoder(), x)
     sites = light.stand_ins(qat, min_elements=0)
     kernels = [s.weight for s in sites]
     converter = convert.converter_for(qat, stand_ins=kernels)
@@ -132,12 +133,36 @@ def test_small_models_convert_the_plain_way(rng):
 
 
 def test_a_filter_not_found_gives_none(rng):
-    model = _encoder()
     x = rng.integers(0, 300, (16, 12)).astype("int32")
+    qat = _calibrated(_encoder(), x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qat = qx.calibrate(qx.quantize(model), x)
         data = bytes(qx.export_tflite(qat, x, min_agreement=0.0))
     site = light.stand_ins(qat, min_elements=0)[0]
     site.layer = type("Renamed", (), {"name": "no_such_layer"})()
     assert light.write_stand_ins(data, [site]) is None
+
+
+@pytest.mark.slow
+def test_a_model_over_the_threshold_exports_light_by_default(rng, monkeypatch):
+    """No threshold lowered: 17 M FULLY_CONNECTED weights take the light path, and the file
+    is verified against the QAT model on export."""
+    inputs = keras.Input((256,))
+    x = L.Dense(4096, activation="relu", name="wide")(inputs)
+    x = L.Dense(4096, activation="relu", name="wider")(x)
+    model = keras.Model(inputs, L.Dense(8, name="out")(x), name="wide_mlp")
+    x_data = rng.normal(size=(32, 256)).astype("float32")
+    qat = _calibrated(model, x_data, {"layers": {"wider": {"weight_bits": 4}}})
+    assert sum(int(np.prod(s.weight.shape)) for s in light.stand_ins(qat)) >= light.MIN_ELEMENTS
+    written = []
+    original = light.write_stand_ins
+    monkeypatch.setattr(light, "write_stand_ins", lambda data, sites: written.append(1) or original(data, sites))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tfl = qx.export_tflite(qat, x_data, min_agreement=0.9)
+    assert written == [1]
+    assert tfl.report.info.fully_integer and tfl.report.mean_error_steps <= 1.0
+    filters = _fc_filters(bytes(tfl))
+    schema = tflite_schema()
+    assert filters["wider"][2] == schema.TensorType.INT4 and filters["wide"][2] == schema.TensorType.INT8
+    assert len(filters["wider"][0]) == 4096 * 4096 // 2  # packed two a byte

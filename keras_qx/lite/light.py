@@ -8,10 +8,11 @@ FULLY_CONNECTED filters of Dense and EinsumDense layers), the exporter instead t
 (a Fill of one level of its grid, no weight data in the graph; the next kernel the next level,
 or the converter merges kernels it finds identical), lets the converter quantize it at the
 kernel's own scale (its fake-quant's range variables), converts without a representative
-dataset (calibration would run the stand-ins), and then writes the kernel's integers, rounded here
-as the fake-quant rounds them, into filter tensors and buffers of their own. The file runs exactly as the
-one converted from the real kernels, filter for filter (tests/test_light_export.py); where a
-filter cannot be found in the file, or it is not fully integer, the exporter converts the plain way.
+dataset (calibration would run the stand-ins), and then writes the kernel's integers, computed by
+TensorFlow's own fake-quant as the converter folds it, into filter tensors and buffers of their
+own. The file runs exactly as the one converted from the real kernels, filter for filter
+(tests/test_light_export.py); where a filter cannot be found in the file, or it is not fully
+integer, the exporter converts the plain way.
 
 Example:
     >>> import numpy as np
@@ -31,6 +32,7 @@ from keras_qx.lite.inspect import _text
 from keras_qx.lite.edit import builtin_code, drop_unused_buffers, new_buffer
 from keras_qx.quant.cost import pack
 from keras_qx.qat.gptq import einsum_contracted, grid_of, kernel_site
+from keras_qx.quant.quantizers import export_trace
 
 __all__ = ["MIN_ELEMENTS", "StandIn", "stand_ins", "fc_layout", "write_stand_ins"]
 
@@ -48,10 +50,13 @@ class StandIn:
         self.contracted = contracted
 
     def integers(self) -> np.ndarray:
-        """The kernel's integers (its own shape), rounded as the fake-quant rounds them."""
-        w = self.weight.numpy()
-        step, lowest, highest = grid_of(self.quantizer, self.qvars, int(w.shape[-1]))
-        return np.clip(np.floor(w / step + np.float32(0.5)), lowest, highest).astype(np.int8)
+        """The kernel's integers (its own shape) as the converter stores them: TensorFlow's own
+        fake-quant of the kernel, as the exporter traces it, divided by the grid step (numpy's
+        float32 arithmetic rounds values a hair from a half differently: measured, 1 in 65536)."""
+        with export_trace():
+            values = self.quantizer(self.weight, False, self.qvars).numpy()
+        step, lowest, highest = grid_of(self.quantizer, self.qvars, int(values.shape[-1]))
+        return np.clip(np.round(values / step), lowest, highest).astype(np.int8)
 
 
 def stand_ins(qat_model, min_elements: int | None = None) -> list[StandIn]:
@@ -103,9 +108,9 @@ def write_stand_ins(data: bytes, sites: list[StandIn]) -> bytes | None:
         own = re.compile(rf"(^|/){re.escape(site.layer.name)}/")
         found = ([(g, op) for g, op in fc_ops if own.search(_text(g.tensors[op.outputs[0]].name).split(";")[0])]
                  or [(g, op) for g, op in fc_ops if own.search(_text(g.tensors[op.inputs[1]].name).split(";")[0])])
-        filt = fc_layout(site.integers(), site.contracted)
         if len(found) != 1:
             return None
+        filt = fc_layout(site.integers(), site.contracted)
         graph, op = found[0]
         index = int(op.inputs[1])
         tensor = graph.tensors[index]
