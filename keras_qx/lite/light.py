@@ -59,6 +59,22 @@ class StandIn:
         return np.clip(np.round(values / step), lowest, highest).astype(np.int8)
 
 
+    def stored_as(self, tensor, schema) -> bool:
+        """Whether the converter quantized ``tensor`` (this kernel's filter) as the fake-quant asks:
+        INT4 below 8 bits where packed, else INT8, at the grid step, zero point 0. Where it folded
+        the fake-quant away first (measured on 768 x 3072 feed-forward kernels at 2 and 4 bits), it
+        quantized the stand-in on its own (INT8, per channel) and the integers cannot go there."""
+        q = self.quantizer
+        packed = q.bits < 8 and q.pack
+        if tensor.type != (schema.TensorType.INT4 if packed else schema.TensorType.INT8) or tensor.quantization is None:
+            return False
+        scales = np.asarray(tensor.quantization.scale if tensor.quantization.scale is not None else [], np.float64)
+        zeros = np.asarray(tensor.quantization.zeroPoint if tensor.quantization.zeroPoint is not None else [0])
+        step = grid_of(q, self.qvars, int(self.weight.shape[-1]))[0]
+        expected = step[:1] if not q.per_channel else step
+        return scales.shape == expected.shape and bool(np.allclose(scales, expected, rtol=1e-5)) and not zeros.any()
+
+
 def stand_ins(qat_model, min_elements: int | None = None) -> list[StandIn]:
     """The kernels of ``qat_model`` to trace as zeros: Dense and EinsumDense kernels that become
     FULLY_CONNECTED filters (as :func:`keras_qx.qat.gptq.kernel_site` finds them, output channels
@@ -95,8 +111,8 @@ def write_stand_ins(data: bytes, sites: list[StandIn]) -> bytes | None:
     FULLY_CONNECTED op, each filter a tensor and buffer of its own (the converter merges
     stand-ins that quantize to the same integers at the same scale), or None where a layer has
     not exactly one FULLY_CONNECTED op (found by its output's name, else its filter's: a
-    model's output is named by its signature) with a filter of the
-    expected shape and type."""
+    model's output is named by its signature) with a filter of the expected shape, type and
+    scale (:meth:`StandIn.stored_as`)."""
     schema = tflite_schema()
     bits = {schema.TensorType.INT8: 8, schema.TensorType.INT4: 4}
     model = tflite_model_object(data)
@@ -114,7 +130,7 @@ def write_stand_ins(data: bytes, sites: list[StandIn]) -> bytes | None:
         graph, op = found[0]
         index = int(op.inputs[1])
         tensor = graph.tensors[index]
-        if tensor.type not in bits or tuple(int(d) for d in tensor.shape) != filt.shape:
+        if tuple(int(d) for d in tensor.shape) != filt.shape or not site.stored_as(tensor, schema):
             return None
         if (id(graph), index) in claimed or sum(int(o.inputs[1]) == index for g, o in fc_ops if g is graph) > 1:
             tensor = copy.deepcopy(tensor)
