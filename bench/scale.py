@@ -14,13 +14,14 @@ time limit; its row says where.
 
 Run: python bench/scale.py                      (23M, 108M, 334M; ~15 min on 2 cores)
      python bench/scale.py --sizes 23M --skip-sensitivity
-     python bench/scale.py --sizes 1B --guard-gb 20 (the 1B encoder; see bench/results/scale.md)
+     python bench/scale.py --sizes 1B --skip-sensitivity --guard-gb 23 (the 1B encoder, about 7 min)
 Writes bench/results/scale.md (the sizes run).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -62,8 +63,10 @@ def _status(key: str) -> float:
 
 
 def _trim() -> None:
-    """Give the C heap's free pages back to the system (glibc), so the resident size counts what
-    is held."""
+    """Collect Python's cyclic garbage (a Keras model is full of cycles: a deleted one waits for
+    the collector, which runs on object counts, not bytes) and give the C heap's free pages back to
+    the system (glibc), so the resident size counts what is held."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -307,7 +310,9 @@ def main(argv=None) -> str:
              f"Export verified on {args.verify} samples (`min_agreement=0.0`: untrained random encoders have no "
              "decisive top-1; the error in output steps is the check). Machine: "
              f"{platform.platform()}, {os.cpu_count()} CPUs, TF {tf.__version__}, Python {platform.python_version()}.\n"
-             "Rerun: `python bench/scale.py --sizes 23M,108M,334M` (one size: `--sizes 108M`).\n")
+             "Rerun: `python bench/scale.py --sizes 23M,108M,334M` (one size: `--sizes 108M`); the 1B encoder: "
+             "`python bench/scale.py --sizes 1B --skip-sensitivity --guard-gb 23`. Run with `TF_ENABLE_ONEDNN_OPTS=0` "
+             "(set by the bench), Python's garbage collected and the C heap trimmed before each step.\n")
     write_atomic(args.out, doc.encode())
     return text
 

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
 from typing import Any
 
@@ -149,7 +150,10 @@ def quantize(model, policy: Any = None, *, simulate_only: bool = False, preserve
         specs = _clamp_to_exportable(model, specs)
     registry = _registry(model, specs, policy, preserve_sparsity, preserve_clusters)
     _check_supported(model, specs, registry)
-    return _apply(model, _annotated(model, specs), registry)
+    qat = _apply(model, _annotated(model, specs), registry)
+    del model
+    gc.collect()  # the models built on the way are cyclic garbage holding weights: free them now
+    return qat
 
 
 # ---- the steps of quantize -------------------------------------------------------------------
