@@ -62,8 +62,8 @@ def converter_for(model, batch=None, lengths=None, stand_ins=()):
              for t, shape in zip(model.inputs, shapes)]
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
     owner = tf.Module()
-    light = {id(v) for v in stand_ins}
-    owner.variables_ = [v for v in model.variables if id(v) not in light]  # the converter saves these
+    traced_as_constants = {id(v) for v in stand_ins}
+    owner.variables_ = [v for v in model.variables if id(v) not in traced_as_constants]  # the converter saves these
     with export_trace(stand_ins):  # quantizers the converter must not see as fake-quant ops step aside
         concrete = fn.get_concrete_function(*specs)
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete], owner)

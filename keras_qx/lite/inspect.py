@@ -16,6 +16,7 @@ import numpy as np
 from keras_qx._compat import tflite_schema
 from keras_qx._deprecation import renamed_args
 from keras_qx._runtime import Runner
+from keras_qx.lite.edit import builtin_code
 
 __all__ = ["TFLiteInfo", "WeightStats", "inspect_tflite", "TFLiteRunner", "read_model", "tensor_values"]
 
@@ -225,8 +226,7 @@ def inspect_tflite(tflite) -> TFLiteInfo:
                 info.weight_stats.append(_stats(data, model.buffers[tensor.buffer], type_name, shape,
                                                 _channel_axis(tensor, shape)))
         for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            opname = _OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+            opname = _OP_NAMES.get(builtin_code(model, op), "CUSTOM")
             info.ops.append(opname)
             if opname in _EDGE_OPS or op.inputs is None:
                 continue

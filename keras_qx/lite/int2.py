@@ -151,8 +151,6 @@ def _plan(model, graph, index: int, users: dict, fc: int, schema) -> np.ndarray 
     return _factors(values, groups)
 
 
-
-
 def _rescale_bias(model, graph, index: int, factors: np.ndarray, schema, in_place: bool) -> int:
     """Store int32 bias tensor ``index`` in steps ``factors`` times larger (values divided,
     scales multiplied): in place, or as a new tensor (its other users keep the old one).

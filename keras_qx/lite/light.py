@@ -42,7 +42,7 @@ MIN_ELEMENTS = 2 ** 24
 
 
 class StandIn:
-    """One kernel traced as zeros: its wrapper layer, variable, quantizer and range variables,
+    """One kernel traced as a stand-in: its wrapper layer, variable, quantizer and range variables,
     and how many leading kernel axes its FULLY_CONNECTED filter contracts."""
 
     def __init__(self, layer, weight, quantizer, qvars, contracted: int):
@@ -57,7 +57,6 @@ class StandIn:
             values = self.quantizer(self.weight, False, self.qvars).numpy()
         step, lowest, highest = grid_of(self.quantizer, self.qvars, int(values.shape[-1]))
         return np.clip(np.round(values / step), lowest, highest).astype(np.int8)
-
 
     def stored_as(self, tensor, schema) -> bool:
         """Whether the converter quantized ``tensor`` (this kernel's filter) as the fake-quant asks:
@@ -76,7 +75,7 @@ class StandIn:
 
 
 def stand_ins(qat_model, min_elements: int | None = None) -> list[StandIn]:
-    """The kernels of ``qat_model`` to trace as zeros: Dense and EinsumDense kernels that become
+    """The kernels of ``qat_model`` to trace as stand-ins: Dense and EinsumDense kernels that become
     FULLY_CONNECTED filters (as :func:`keras_qx.qat.gptq.kernel_site` finds them, output channels
     last); none when together they hold fewer than ``min_elements`` (default :data:`MIN_ELEMENTS`)."""
     found = []

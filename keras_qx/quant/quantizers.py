@@ -60,7 +60,8 @@ def export_trace(stand_ins=()):
     """While the exporter traces a model for the converter: quantizers that must not appear as
     fake-quant ops in the converted graph (:class:`GateWeightQuantizer`) give the converter what
     it needs instead; a :class:`WeightQuantizer` given one of the ``stand_ins`` variables
-    quantizes a constant of its shape in its place (:meth:`WeightQuantizer._stand_in_value`) (:mod:`keras_qx.lite.light` writes the integers).
+    quantizes a constant of its shape in its place (:meth:`WeightQuantizer._stand_in_value`;
+    :mod:`keras_qx.lite.light` writes the integers into the file).
 
     The flags live in ``ContextVar``s: they hold in this thread (or asyncio task) for the block
     only, so a model trained or called elsewhere meanwhile is unaffected, and are reset on the
@@ -289,9 +290,15 @@ class WeightQuantizer(_Quantizer):
         same shape, often the same scale) stay apart; it merges identical ops."""
         lowest, highest = grid_limits(self.bits, self.full_range)
         levels = [k for j in range(1, highest - lowest + 1) for k in (j, -j) if lowest <= k <= highest]
+        return levels[index % len(levels)] * tf.reduce_max(self._step(weights))
+
+    def _step(self, weights):
+        """The grid step at the range variables (a tensor; per channel where they are):
+        :meth:`step_for` in graph ops."""
         low, high = weights["min_var"], weights["max_var"]
-        step = (high - low) / (2 ** self.bits - 1) if self.full_range else tf.maximum(tf.abs(low), tf.abs(high)) / highest
-        return levels[index % len(levels)] * tf.reduce_max(step)
+        if self.full_range:
+            return (high - low) / (2 ** self.bits - 1)
+        return tf.maximum(tf.abs(low), tf.abs(high)) / grid_limits(self.bits)[1]
 
     def _full_range(self, x, training, weights):
         low, high = weights["min_var"], weights["max_var"]
@@ -323,12 +330,8 @@ class WeightQuantizer(_Quantizer):
         op failed to verify that input and output must have same element type", measured); on
         the int8 carrier the file holds the trained integers as int8 at step s, and
         :mod:`keras_qx.lite.tables` packs them as INT4 or INT2 after conversion."""
-        low, high = weights["min_var"], weights["max_var"]
         lowest, highest = grid_limits(self.bits, self.full_range)
-        if self.full_range:
-            step = (high - low) / (2 ** self.bits - 1)
-        else:
-            step = tf.maximum(tf.abs(low), tf.abs(high)) / highest
+        step = self._step(weights)
         step = tf.where(step > 0, step, 1.0)
         x = tf.clip_by_value(tf.floor(x / step + 0.5), lowest, highest) * step
         top = 2 ** (carrier_bits - 1) - 1
